@@ -1,0 +1,427 @@
+"""The reference implementation of one writable Lamina image.
+
+Every structure comes from `lamina.spec.structures`, every place from
+`lamina.spec.layout`, and every ordering of writes and fsyncs from
+`lamina.spec.protocol`; this module adds only the working state (which maps
+are loaded, which clusters are dirty) and the guest-facing API.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator
+
+import attrs
+
+from lamina.spec.errors import ImageClosed, InvalidArgument, OutOfBounds, ReadOnlyImage
+from lamina.spec.layout import (
+    CLUSTERS_PER_REGION,
+    DEFAULT_CLUSTER_BITS,
+    MAX_INTENTS,
+    ROOT_SIZE,
+    SECTOR_SIZE,
+    Geometry,
+    check_virtual_size,
+    cluster_size_to_bits,
+)
+from lamina.spec.protocol import (
+    cluster_crc,
+    commit_maps,
+    read_map_copies,
+    read_root_copies,
+    reconcile_region,
+    recover,
+    write_root,
+)
+from lamina.spec.regionmap import RegionMap, zero_absent
+from lamina.spec.replication import select_map, select_root
+from lamina.spec.storage import File, Storage
+from lamina.spec.structures import KNOWN_AUTOCLEAR_FEATURES, Root, encode_root
+
+from .osfile import OsStorage
+
+
+@attrs.frozen
+class Extent:
+    """A run of guest bytes with one state, as `lamina map` reports it."""
+
+    start: int
+    length: int
+    data: bool  # present in this image's file
+    offset: int | None  # file offset of the bytes when present
+
+
+@attrs.frozen
+class MetadataRegion:
+    """A metadata structure's place in the file, as `lamina map --metadata` reports it."""
+
+    offset: int
+    length: int
+    kind: str  # "root" or "map"
+    copy: int  # 0 (A) or 1 (B)
+    region: int | None = None
+
+
+class Image:
+    """A Lamina image opened for guest I/O.  Use `Image.create` or `Image.open`."""
+
+    def __init__(self, path: str, file: File, root: Root, root_best: int, writable: bool) -> None:
+        self.path = path
+        self._file: File | None = file
+        self._root = root
+        self._root_best = root_best
+        self._writable = writable
+        self._maps: dict[int, RegionMap] = {}
+        self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
+        self._unsynced = False
+
+    # ----------------------------------------------------------------- life cycle
+    @classmethod
+    def create(cls, path: str, virtual_size: int, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
+               storage: Storage | None = None) -> "Image":
+        """Create an image atomically: it appears complete under `path`, or not at all."""
+        storage = storage or OsStorage()
+        check_virtual_size(virtual_size)
+        bits = cluster_size_to_bits(cluster_size)
+        if storage.exists(path):
+            raise InvalidArgument(f"{path}: already exists")
+        root = Root(cluster_bits=bits, virtual_size=virtual_size, image_uuid=uuid.uuid4().bytes)
+        temporary = f"{path}.creating"
+        file = storage.create(temporary)
+        try:
+            file.truncate(root.geometry.file_length)
+            for slot in (0, 1):
+                file.pwrite(slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=slot)))
+            file.fsync()
+        except BaseException:
+            file.close()
+            storage.unlink(temporary)
+            raise
+        file.close()
+        storage.rename(temporary, path)
+        storage.fsync_dir(os.path.dirname(path))
+        return cls.open(path, storage=storage)
+
+    @classmethod
+    def open(cls, path: str, readonly: bool = False, storage: Storage | None = None) -> "Image":
+        """Open an image; a writable open recovers it from any crash first (no repair pass needed)."""
+        storage = storage or OsStorage()
+        file = storage.open(path, writable=not readonly)
+        try:
+            if readonly:
+                selection = select_root(read_root_copies(file))
+                assert selection.value is not None
+                return cls(path, file, selection.value, selection.slot, False)
+            recovered = recover(file)
+            image = cls(path, file, recovered.root, recovered.root_best_slot, True)
+            unknown = recovered.root.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0)
+            if unknown:
+                image._write_root(autoclear_features=recovered.root.autoclear_features & ~unknown)
+            return image
+        except BaseException:
+            file.close()
+            raise
+
+    def close(self) -> None:
+        """Flush, empty the intent list, and make both root copies durable."""
+        if self._file is None:
+            return
+        try:
+            if self._writable:
+                self.flush()
+                if self._root.intents:
+                    self._write_root(intents=())
+                if self._unsynced:
+                    self._file.fsync()
+                    self._unsynced = False
+        finally:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def root(self) -> Root:
+        return self._root
+
+    @property
+    def geometry(self) -> Geometry:
+        return self._root.geometry
+
+    @property
+    def virtual_size(self) -> int:
+        return self._root.virtual_size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.geometry.cluster_size
+
+    @property
+    def file(self) -> File:
+        if self._file is None:
+            raise ImageClosed(f"{self.path}: image is closed")
+        return self._file
+
+    # ----------------------------------------------------------------- guest I/O
+    def read(self, offset: int, length: int) -> bytes:
+        """The guest's bytes at [offset, offset+length); absent sectors read as zero."""
+        self._check_range(offset, length)
+        g = self.geometry
+        out = bytearray(length)
+        pos, end = offset, offset + length
+        while pos < end:
+            region = g.region_of(pos)
+            stop = min(end, (region + 1) * g.region_span)
+            m = self._map(region)
+            if m is not None and m.any_present():
+                data = self.file.pread(g.guest_to_file(pos), stop - pos).ljust(stop - pos, b"\0")
+                out[pos - offset : stop - offset] = self._mask_absent(m, pos, data)
+            pos = stop
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write guest bytes; unaligned edges are merged with the sectors around them."""
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if not data:
+            return
+        head = offset % SECTOR_SIZE
+        tail = (offset + len(data)) % SECTOR_SIZE
+        if head or tail:
+            start = offset - head
+            end = offset + len(data) + (SECTOR_SIZE - tail if tail else 0)
+            buf = bytearray(end - start)
+            buf[:SECTOR_SIZE] = self.read(start, SECTOR_SIZE)
+            buf[-SECTOR_SIZE:] = self.read(end - SECTOR_SIZE, SECTOR_SIZE)
+            buf[head : head + len(data)] = data
+            offset, data = start, bytes(buf)
+        self._for_each_region(offset, len(data), lambda pos, stop: self._write_segment(pos, data[pos - offset : stop - offset]))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zero, freeing whole sectors of the file (format v1: same as discard)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        start = -(-offset // SECTOR_SIZE) * SECTOR_SIZE
+        end = (offset + length) // SECTOR_SIZE * SECTOR_SIZE
+        if start >= end:
+            self.write(offset, bytes(length))
+            return
+        if start > offset:
+            self.write(offset, bytes(start - offset))
+        if offset + length > end:
+            self.write(end, bytes(offset + length - end))
+        self._for_each_region(start, end - start, self._zero_segment)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop a range; it reads as zero afterwards."""
+        self.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        """Make every write so far durable: checksum dirty clusters, then commit their maps."""
+        self._check_open()
+        if not self._writable:
+            return
+        if not self._dirty:
+            if self._unsynced:
+                self.file.fsync()
+                self._unsynced = False
+            return
+        g = self.geometry
+        spc = g.sectors_per_cluster
+        maps = []
+        for region, clusters in sorted(self._dirty.items()):
+            m = self._maps[region]
+            for c in clusters:
+                mask = m.cluster_mask(c)
+                if mask:
+                    data = self.file.pread(g.cluster_file_offset(region * CLUSTERS_PER_REGION + c), g.cluster_size)
+                    m.data_crcs[c] = cluster_crc(zero_absent(data.ljust(g.cluster_size, b"\0"), mask, spc), mask)
+                else:
+                    m.data_crcs[c] = 0
+            maps.append(m)
+        commit_maps(self.file, g, maps, self._root.image_uuid)
+        self._unsynced = True
+        self._dirty.clear()
+
+    def resize(self, virtual_size: int) -> None:
+        """Grow or shrink the guest disk; the root write that records the new size is the switch."""
+        self._check_writable()
+        check_virtual_size(virtual_size)
+        self.flush()
+        old = self.geometry
+        new = old.with_virtual_size(virtual_size)
+        if virtual_size >= old.virtual_size:
+            self.file.truncate(new.file_length)
+            self._unsynced = True
+            self._write_root(virtual_size=virtual_size)
+            return
+        last = virtual_size // new.region_span if virtual_size % new.region_span else None
+        intents = (last,) if last is not None else ()
+        self._write_root(virtual_size=virtual_size, intents=intents)
+        self._maps = {r: m for r, m in self._maps.items() if r < new.num_regions}
+        self.file.truncate(new.file_length)
+        if last is not None:
+            m = self._map(last, for_write=True)
+            reconcile_region(self.file, new, m)
+            commit_maps(self.file, new, [m], self._root.image_uuid)
+        self._unsynced = True
+
+    # ----------------------------------------------------------------- inspection
+    def extents(self) -> Iterator[Extent]:
+        """Runs of present and absent guest sectors, merged, in guest order."""
+        g = self.geometry
+        spc = g.sectors_per_cluster
+        run: list = [0, 0, False]
+
+        def emit(start: int, length: int, data: bool) -> Iterator[Extent]:
+            if run[1] and run[2] == data and run[0] + run[1] == start and (
+                    not data or g.guest_to_file(start) == g.guest_to_file(run[0]) + run[1]):
+                run[1] += length
+                return
+            if run[1]:
+                yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
+            run[:] = [start, length, data]
+
+        for region in range(g.num_regions):
+            base = region * g.region_span
+            span = min(g.region_span, g.virtual_size - base)
+            m = self._map(region)
+            if m is None or not m.any_present():
+                yield from emit(base, span, False)
+                continue
+            for c in range(-(-span // g.cluster_size)):
+                mask = m.cluster_mask(c)
+                limit = min(spc, (span - c * g.cluster_size) // SECTOR_SIZE)
+                k = 0
+                while k < limit:
+                    bit = mask >> k & 1
+                    j = k
+                    while j < limit and (mask >> j & 1) == bit:
+                        j += 1
+                    yield from emit(base + (c * spc + k) * SECTOR_SIZE, (j - k) * SECTOR_SIZE, bool(bit))
+                    k = j
+        if run[1]:
+            yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
+
+    def metadata_regions(self) -> list[MetadataRegion]:
+        """Every metadata structure in the file: both root copies and both copies of each written map."""
+        g = self.geometry
+        out = [MetadataRegion(slot * ROOT_SIZE, ROOT_SIZE, "root", slot) for slot in (0, 1)]
+        for region in range(g.num_regions):
+            if self._map(region) is None:
+                continue
+            for slot in (0, 1):
+                out.append(MetadataRegion(g.map_copy_offset(region, slot), g.map_used_length, "map", slot, region))
+        return out
+
+    # ----------------------------------------------------------------- internals
+    def _check_open(self) -> None:
+        if self._file is None:
+            raise ImageClosed(f"{self.path}: image is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self._writable:
+            raise ReadOnlyImage(f"{self.path}: opened read-only")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        self._check_open()
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise OutOfBounds(
+                f"{self.path}: request at offset {offset}, length {length} reaches past the virtual size {self.virtual_size}"
+            )
+
+    def _map(self, region: int, for_write: bool = False) -> RegionMap | None:
+        """A region's working map; never-written regions are not cached, so memory follows allocation."""
+        m = self._maps.get(region)
+        if m is not None:
+            return m
+        g = self.geometry
+        chosen = select_map(read_map_copies(self.file, g, region), g, region, self._root.image_uuid)
+        if chosen.value is None and not for_write:
+            return None
+        m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
+        self._maps[region] = m
+        return m
+
+    def _mask_absent(self, m: RegionMap, pos: int, data: bytes) -> bytes:
+        """Zero the bytes of absent sectors in a run read from one region's file range."""
+        g = self.geometry
+        spc = g.sectors_per_cluster
+        full = (1 << spc) - 1
+        out: bytearray | None = None
+        base = m.region * g.region_span
+        c_first = (pos - base) // g.cluster_size
+        c_last = (pos - base + len(data) - 1) // g.cluster_size
+        for c in range(c_first, c_last + 1):
+            mask = m.cluster_mask(c)
+            if mask == full:
+                continue
+            if out is None:
+                out = bytearray(data)
+            cluster_start = base + c * g.cluster_size
+            for k in range(spc):
+                if not mask >> k & 1:
+                    lo = max(pos, cluster_start + k * SECTOR_SIZE) - pos
+                    hi = min(pos + len(data), cluster_start + (k + 1) * SECTOR_SIZE) - pos
+                    if lo < hi:
+                        out[lo:hi] = bytes(hi - lo)
+        return data if out is None else bytes(out)
+
+    def _for_each_region(self, offset: int, length: int, action) -> None:
+        """Run `action(pos, stop)` per region piece, after the pieces' regions are in the intent list."""
+        g = self.geometry
+        pieces = []
+        pos, end = offset, offset + length
+        while pos < end:
+            stop = min(end, (g.region_of(pos) + 1) * g.region_span)
+            pieces.append((pos, stop))
+            pos = stop
+        batch = MAX_INTENTS // 2
+        for i in range(0, len(pieces), batch):
+            group = pieces[i : i + batch]
+            self._ensure_intents({g.region_of(p) for p, _ in group})
+            for p, s in group:
+                action(p, s)
+
+    def _ensure_intents(self, regions: set[int]) -> None:
+        """Rule 1 of the protocol: a region is in the durable intent list before its first write."""
+        missing = regions - set(self._root.intents)
+        if not missing:
+            return
+        wanted = set(self._dirty) | regions
+        if len(wanted) > MAX_INTENTS:
+            self.flush()
+            wanted = set(regions)
+        self._write_root(intents=tuple(sorted(wanted)))
+
+    def _write_root(self, **changes: object) -> None:
+        root = attrs.evolve(self._root, generation=self._root.generation + 1, **changes)
+        self._root_best = write_root(self.file, root, self._root_best, self._unsynced)
+        self._root = root
+        self._unsynced = True
+
+    def _mark(self, pos: int, stop: int, present: bool) -> None:
+        g = self.geometry
+        region = g.region_of(pos)
+        m = self._map(region, for_write=True)
+        assert m is not None
+        base = region * g.region_span
+        m.set_sectors((pos - base) // SECTOR_SIZE, (stop - pos) // SECTOR_SIZE, present)
+        clusters = self._dirty.setdefault(region, set())
+        clusters.update(range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1))
+
+    def _write_segment(self, pos: int, data: bytes) -> None:
+        self.file.pwrite(self.geometry.guest_to_file(pos), data)
+        self._unsynced = True
+        self._mark(pos, pos + len(data), True)
+
+    def _zero_segment(self, pos: int, stop: int) -> None:
+        self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
+        self._unsynced = True
+        self._mark(pos, stop, False)

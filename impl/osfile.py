@@ -1,0 +1,136 @@
+"""The operating system's backend of the storage interface (C1)."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from lamina.spec.errors import ImageTooLarge, InvalidArgument, LaminaError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class StorageError(LaminaError):
+    """The host refused an operation on an image file."""
+
+
+def _host_error(exc: OSError, what: str, path: str) -> LaminaError:
+    if exc.errno == errno.EFBIG:
+        return ImageTooLarge(f"{path}: the host file system cannot hold a file this large ({what})")
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"{path}: no space left on the host file system ({what})")
+    return StorageError(f"{path}: {what}: {exc.strerror}")
+
+
+class OsFile:
+    """A file on the host, through positional system calls."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._punch_supported = True
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                done = os.pwrite(self._fd, view, offset)
+                view, offset = view[done:], offset + done
+        except OSError as exc:
+            raise _host_error(exc, f"write of {len(data)} bytes at {offset}", self.path) from None
+
+    def truncate(self, length: int) -> None:
+        try:
+            os.ftruncate(self._fd, length)
+        except OSError as exc:
+            raise _host_error(exc, f"set length to {length}", self.path) from None
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        if self._punch_supported:
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if _libc.fallocate(self._fd, mode, offset, length) == 0:
+                return
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise StorageError(f"{self.path}: punch hole at {offset}+{length}: {os.strerror(ctypes.get_errno())}")
+            self._punch_supported = False
+        end = min(offset + length, self.size())
+        while offset < end:
+            step = min(end - offset, 1 << 20)
+            self.pwrite(offset, bytes(step))
+            offset += step
+
+    def fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self._fd).st_blocks * 512
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        extents = []
+        end = self.size()
+        offset = 0
+        while offset < end:
+            try:
+                start = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            stop = os.lseek(self._fd, start, os.SEEK_HOLE)
+            extents.append((start, stop - start))
+            offset = stop
+        return extents
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class OsStorage:
+    """Files and directories of the host."""
+
+    def open(self, path: str, writable: bool) -> OsFile:
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot open: {exc.strerror}") from None
+        if not os.path.isfile(path):
+            os.close(fd)
+            raise InvalidArgument(f"{path}: not a regular file")
+        return OsFile(path, fd)
+
+    def create(self, path: str) -> OsFile:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot create: {exc.strerror}") from None
+        return OsFile(path, fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

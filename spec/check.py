@@ -1,0 +1,213 @@
+"""`check`: the spec applied to the bytes of an image (S3).
+
+It reads an image only through the storage interface and judges it by the
+format's rules alone, so it works on images written by any implementation.
+
+Invariants of a well-formed image at rest:
+
+- I1 both root copies verify and carry the same version;
+- I2 the file is exactly `Geometry.file_length` bytes long;
+- I3 every region holding any byte has two valid map copies of one version
+  (a region never written has two holes);
+- I4 no sector at or past the virtual size is present;
+- I5 every cluster with a present sector matches its recorded CRC32C, and a
+  cluster with none records 0;
+- I6 every byte that no present sector or used map length accounts for is
+  zero (otherwise it is leaked space);
+- I7 the intent list is empty (after a crash it is not, and the regions it
+  lists are exempt from I3, I5 and I6 until recovery reconciles them).
+"""
+from __future__ import annotations
+
+import bisect
+
+import attrs
+
+from .errors import FormatError
+from .layout import CLUSTERS_PER_REGION, ROOT_AREA_SIZE, ROOT_SIZE, SECTOR_SIZE, Geometry
+from .protocol import cluster_crc, read_map_copies, read_root_copies
+from .regionmap import RegionMap, absent_runs, zero_absent
+from .replication import select_map, select_root
+from .storage import File
+from .structures import Root
+
+CORRUPTION = "corruption"
+LEAK = "leak"
+PENDING = "pending"
+
+
+@attrs.frozen
+class Finding:
+    """One thing `check` found: how bad, what, where, and how `--repair` mends it (None: it cannot)."""
+
+    severity: str  # CORRUPTION, LEAK or PENDING
+    kind: str
+    message: str
+    repair: tuple | None = None  # ("root-copy", slot) | ("map-copy", region, slot) | ("punch", off, len) | ("truncate", len) | ("recover",)
+    guest_range: tuple[int, int] | None = None  # (offset, length)
+
+    def to_json(self) -> dict:
+        out = {"severity": self.severity, "kind": self.kind, "message": self.message,
+               "repairable": self.repair is not None}
+        if self.guest_range:
+            out["guest_offset"], out["guest_length"] = self.guest_range
+        return out
+
+
+@attrs.frozen
+class CheckReport:
+    findings: tuple[Finding, ...]
+    root: Root | None
+    regions_checked: int = 0
+    clusters_checked: int = 0
+    completed: bool = True
+
+    @property
+    def corruptions(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == CORRUPTION]
+
+    @property
+    def leaks(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == LEAK]
+
+    @property
+    def pending(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == PENDING]
+
+    @property
+    def exit_code(self) -> int:
+        """As `qemu-img check`: 0 clean, 1 not completed, 2 corruption, 3 leaks only."""
+        if not self.completed:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def to_json(self) -> dict:
+        return {
+            "completed": self.completed,
+            "corruptions": len(self.corruptions),
+            "leaks": len(self.leaks),
+            "pending_recovery": len(self.pending),
+            "regions_checked": self.regions_checked,
+            "clusters_checked": self.clusters_checked,
+            "findings": [f.to_json() for f in self.findings],
+            "exit_code": self.exit_code,
+        }
+
+
+def _regions_with_bytes(file: File, geometry: Geometry, extents: list[tuple[int, int]], findings: list[Finding]) -> set[int]:
+    """Regions that hold any allocated byte; bytes elsewhere are leaks."""
+    regions: set[int] = set()
+    start, stride, end = geometry.first_region_offset, geometry.region_stride, geometry.file_length
+    for offset, length in extents:
+        stop = offset + length
+        if offset < start and stop > ROOT_AREA_SIZE:
+            lo, hi = max(offset, ROOT_AREA_SIZE), min(stop, start)
+            if any(file.pread(lo, hi - lo)):
+                findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes in the root area padding at file offset {lo}",
+                                        ("punch", lo, hi - lo)))
+        if stop > start and offset < end:
+            first = (max(offset, start) - start) // stride
+            last = (min(stop, end) - 1 - start) // stride
+            regions.update(range(first, last + 1))
+    return regions
+
+
+def check_root(file: File, findings: list[Finding]) -> Root:
+    """I1: the current root; a differing twin is a repairable corruption."""
+    selection = select_root(read_root_copies(file))
+    for p in selection.problems:
+        findings.append(Finding(CORRUPTION, "root-copy", p.message, ("root-copy", p.slot)))
+    assert selection.value is not None
+    return selection.value
+
+
+def _overlaps(extents: list[tuple[int, int]], offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) meets any allocated extent (extents sorted by offset)."""
+    i = bisect.bisect_right(extents, (offset + length,)) - 1
+    return i >= 0 and extents[i][0] + extents[i][1] > offset
+
+
+def check_region(file: File, geometry: Geometry, root: Root, region: int, extents: list[tuple[int, int]],
+                 findings: list[Finding]) -> int:
+    """I3-I6 for one region; returns the number of data clusters verified."""
+    pending = region in root.intents
+    span = (region * geometry.region_span, min(geometry.region_span, geometry.virtual_size - region * geometry.region_span))
+    try:
+        chosen = select_map(read_map_copies(file, geometry, region), geometry, region, root.image_uuid)
+    except FormatError as exc:
+        findings.append(Finding(CORRUPTION, "map-unrecoverable", str(exc), None, span))
+        return 0
+    for p in chosen.problems:
+        severity = PENDING if pending else CORRUPTION
+        findings.append(Finding(severity, "map-copy", p.message, None if pending else ("map-copy", region, p.slot)))
+    m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
+    for slot in (0, 1):
+        pad = geometry.map_copy_offset(region, slot) + geometry.map_used_length
+        tail = geometry.cluster_size - geometry.map_used_length
+        if any(file.pread(pad, tail)):
+            findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes after map copy {'AB'[slot]} of region {region} at file offset {pad}",
+                                    ("punch", pad, tail)))
+    spc, size = geometry.sectors_per_cluster, geometry.cluster_size
+    verified = 0
+    for c in range(CLUSTERS_PER_REGION):
+        cluster = region * CLUSTERS_PER_REGION + c
+        guest = cluster * size
+        offset = geometry.cluster_file_offset(cluster)
+        inside = max(0, min(spc, (geometry.virtual_size - guest) // SECTOR_SIZE))
+        mask = m.cluster_mask(c)
+        if mask >> inside:
+            findings.append(Finding(CORRUPTION, "map-invariant",
+                                    f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"))
+            mask &= (1 << inside) - 1
+        if not mask and not m.data_crcs[c] and not _overlaps(extents, offset, size):
+            continue
+        data = file.pread(offset, size).ljust(size, b"\0")
+        if not mask and not any(data) and not m.data_crcs[c]:
+            continue
+        leaked = [(s, n) for s, n in absent_runs(mask, spc) if any(data[s * SECTOR_SIZE : (s + n) * SECTOR_SIZE])]
+        if pending:
+            if leaked:
+                findings.append(Finding(PENDING, "unflushed-bytes", f"cluster {cluster} holds bytes of an unflushed write; recovery punches them"))
+            continue
+        for s, n in leaked:
+            findings.append(Finding(LEAK, "leaked-bytes",
+                                    f"non-zero bytes in absent sectors of cluster {cluster} (guest offset {guest + s * SECTOR_SIZE}, {n * SECTOR_SIZE} bytes, file offset {offset + s * SECTOR_SIZE})",
+                                    ("punch", offset + s * SECTOR_SIZE, n * SECTOR_SIZE), (guest + s * SECTOR_SIZE, n * SECTOR_SIZE)))
+        expected = cluster_crc(zero_absent(data, mask, spc), mask)
+        verified += 1
+        if expected != m.data_crcs[c]:
+            length = min(size, geometry.virtual_size - guest) if guest < geometry.virtual_size else size
+            findings.append(Finding(CORRUPTION, "data-checksum",
+                                    f"data of guest range [{guest}, {guest + length}) (cluster {cluster}, file offset {offset}) does not match its CRC32C",
+                                    None, (guest, length)))
+    return verified
+
+
+def check_image(file: File) -> CheckReport:
+    """Judge an image against the invariants I1-I7; never raises for a damaged image."""
+    findings: list[Finding] = []
+    try:
+        root = check_root(file, findings)
+    except FormatError as exc:
+        return CheckReport((Finding(CORRUPTION, "root-unrecoverable", str(exc)),), None, completed=False)
+    geometry = root.geometry
+    actual = file.size()
+    if actual > geometry.file_length:
+        findings.append(Finding(LEAK, "file-length", f"file is {actual} bytes, {actual - geometry.file_length} past its end at {geometry.file_length}",
+                                ("truncate", geometry.file_length)))
+    elif actual < geometry.file_length:
+        findings.append(Finding(CORRUPTION, "file-length", f"file is {actual} bytes, shorter than its {geometry.file_length}",
+                                ("truncate", geometry.file_length)))
+    if root.intents:
+        findings.append(Finding(PENDING, "intents", f"{len(root.intents)} regions have unflushed writes from an unclean shutdown; opening the image for writing recovers them",
+                                ("recover",)))
+    extents = sorted(file.data_extents())
+    regions = _regions_with_bytes(file, geometry, extents, findings) | set(root.intents)
+    clusters = 0
+    for region in sorted(regions):
+        clusters += check_region(file, geometry, root, region, extents, findings)
+    return CheckReport(tuple(findings), root, len(regions), clusters)

@@ -1,0 +1,143 @@
+"""Where everything lives in an image file: constants and the geometry functions.
+
+An image file is a root area followed by regions.  A region is one cluster
+holding map copy A, `CLUSTERS_PER_REGION` data clusters that hold the guest's
+bytes at fixed places (identity mapping within the region), and one cluster
+holding map copy B:
+
+    [root A][root B] (padded to a cluster)
+    region 0: [map A][data cluster 0 .. 127][map B]
+    region 1: [map A][data cluster 128 .. 255][map B]
+    ...
+
+Data never moves once written; unwritten clusters are holes; nothing is
+allocated, so nothing can leak from an allocator.
+"""
+from __future__ import annotations
+
+import attrs
+
+from .errors import ImageTooLarge, InvalidArgument
+from .units import ClusterIndex, FileOffset, GuestOffset, RegionIndex, Slot
+
+FORMAT_VERSION = 1
+SECTOR_SIZE = 512
+MIN_CLUSTER_BITS = 12  # (= 4 KiB)
+MAX_CLUSTER_BITS = 21  # (= 2 MiB)
+DEFAULT_CLUSTER_BITS = 16  # (= 64 KiB)
+CLUSTERS_PER_REGION = 128
+REGION_STRIDE_CLUSTERS = CLUSTERS_PER_REGION + 2  # (= 130: map A, the data clusters, map B)
+ROOT_SIZE = 4096
+ROOT_SLOTS = 2
+ROOT_AREA_SIZE = ROOT_SIZE * ROOT_SLOTS  # (= 8192)
+MAX_VIRTUAL_SIZE = 1 << 50  # (= 1 PiB)
+MAX_INTENTS = 960
+MAP_HEADER_SIZE = 64
+MAP_CRCS_OFFSET = MAP_HEADER_SIZE  # (= 64)
+MAP_BITMAP_OFFSET = MAP_CRCS_OFFSET + 4 * CLUSTERS_PER_REGION  # (= 576)
+ZERO_SECTOR = bytes(SECTOR_SIZE)
+
+
+def cluster_size_to_bits(cluster_size: int) -> int:
+    """The log2 of a cluster size, refusing sizes the format does not admit."""
+    bits = cluster_size.bit_length() - 1
+    if cluster_size <= 0 or (1 << bits) != cluster_size or not (
+        MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS
+    ):
+        raise InvalidArgument(
+            f"cluster size {cluster_size} is not a power of two from "
+            f"{1 << MIN_CLUSTER_BITS} to {1 << MAX_CLUSTER_BITS} bytes"
+        )
+    return bits
+
+
+def check_virtual_size(virtual_size: int) -> None:
+    """Refuse virtual sizes the format does not admit."""
+    if virtual_size < 0 or virtual_size % SECTOR_SIZE:
+        raise InvalidArgument(f"virtual size {virtual_size} is not a multiple of {SECTOR_SIZE} bytes")
+    if virtual_size > MAX_VIRTUAL_SIZE:
+        raise ImageTooLarge(
+            f"virtual size {virtual_size} exceeds the format's maximum of {MAX_VIRTUAL_SIZE} bytes (1 PiB)"
+        )
+
+
+@attrs.frozen
+class Geometry:
+    """The fixed places of an image with a given cluster size and virtual size."""
+
+    cluster_bits: int
+    virtual_size: int
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def sectors_per_cluster(self) -> int:
+        return self.cluster_size // SECTOR_SIZE
+
+    @property
+    def region_span(self) -> int:
+        """Guest bytes described by one region's map."""
+        return CLUSTERS_PER_REGION * self.cluster_size
+
+    @property
+    def region_stride(self) -> int:
+        """File bytes one region occupies: both map clusters and its data clusters."""
+        return REGION_STRIDE_CLUSTERS * self.cluster_size
+
+    @property
+    def first_region_offset(self) -> FileOffset:
+        """The root area, rounded up to a whole cluster so that data clusters stay aligned."""
+        return FileOffset(max(ROOT_AREA_SIZE, self.cluster_size))
+
+    @property
+    def num_regions(self) -> int:
+        return -(-self.virtual_size // self.region_span)
+
+    @property
+    def num_clusters(self) -> int:
+        return -(-self.virtual_size // self.cluster_size)
+
+    @property
+    def file_length(self) -> int:
+        """The exact length of a well-formed image file."""
+        return self.first_region_offset + self.num_regions * self.region_stride
+
+    @property
+    def map_bitmap_size(self) -> int:
+        """Bytes of the presence bitmap: one bit per guest sector of the region (= cluster_size / 32)."""
+        return CLUSTERS_PER_REGION * self.sectors_per_cluster // 8
+
+    @property
+    def map_used_length(self) -> int:
+        """Bytes of a map copy that carry meaning; the rest of its cluster stays a hole."""
+        return MAP_BITMAP_OFFSET + self.map_bitmap_size
+
+    def region_offset(self, region: RegionIndex) -> FileOffset:
+        return FileOffset(self.first_region_offset + region * self.region_stride)
+
+    def map_copy_offset(self, region: RegionIndex, slot: Slot) -> FileOffset:
+        """Copy A opens the region, copy B closes it: a region's data lies between its two copies."""
+        last = REGION_STRIDE_CLUSTERS - 1
+        return FileOffset(self.region_offset(region) + slot * last * self.cluster_size)
+
+    def region_data_offset(self, region: RegionIndex) -> FileOffset:
+        return FileOffset(self.region_offset(region) + self.cluster_size)
+
+    def region_of(self, offset: GuestOffset) -> RegionIndex:
+        return RegionIndex(offset // self.region_span)
+
+    def cluster_of(self, offset: GuestOffset) -> ClusterIndex:
+        return ClusterIndex(offset // self.cluster_size)
+
+    def guest_to_file(self, offset: GuestOffset) -> FileOffset:
+        """The fixed file offset that holds a guest byte when the sector is present."""
+        region, within = divmod(offset, self.region_span)
+        return FileOffset(self.region_data_offset(RegionIndex(region)) + within)
+
+    def cluster_file_offset(self, cluster: ClusterIndex) -> FileOffset:
+        return self.guest_to_file(GuestOffset(cluster * self.cluster_size))
+
+    def with_virtual_size(self, virtual_size: int) -> "Geometry":
+        return Geometry(self.cluster_bits, virtual_size)

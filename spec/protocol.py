@@ -1,0 +1,136 @@
+"""The commit protocol and recovery: the order of writes and fsyncs (R5, R7).
+
+Three rules carry every guarantee:
+
+1. **Intent before data.**  Before the first write into a region since its
+   last commit, the region is listed in the root's write-intent list, and that
+   root is durable.  Only listed regions can hold data that disagrees with
+   their map's checksums, uncommitted bytes in absent sectors, or a map copy
+   being written; recovery looks at those regions and nowhere else.
+2. **One copy at a time.**  A new version of a replicated structure (root or
+   map) is written first to the slot that does *not* hold the durable current
+   copy, fsynced, and only then to the other slot.  A crash at any instant
+   leaves at least one valid copy of the old or the new version.
+3. **Barrier before the root.**  Every root write is preceded by an fsync of
+   all earlier writes, so a root that drops a region from the intent list is
+   never durable before that region's map copies are.
+
+A guest flush therefore costs two fsyncs (data, then the first map copies);
+the second copies become durable at the next fsync, and the regions stay in
+the intent list until a later root write, which costs one more.
+"""
+from __future__ import annotations
+
+import attrs
+import crc32c
+
+from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, SECTOR_SIZE, Geometry
+from .regionmap import RegionMap, absent_runs, zero_absent
+from .replication import select_map, select_root
+from .storage import File
+from .structures import Root, encode_map_copy, encode_root
+
+
+def read_root_copies(file: File) -> list[bytes]:
+    return [file.pread(slot * ROOT_SIZE, ROOT_SIZE) for slot in (0, 1)]
+
+
+def read_map_copies(file: File, geometry: Geometry, region: int) -> list[bytes]:
+    return [file.pread(geometry.map_copy_offset(region, slot), geometry.map_used_length) for slot in (0, 1)]
+
+
+def write_root(file: File, root: Root, best_slot: int, unsynced: bool) -> int:
+    """Write both copies of a new root version (rules 2 and 3); return the new best slot.
+
+    The second copy is left unsynced: the next fsync, which rule 3 puts before
+    any later root write, makes it durable.
+    """
+    if unsynced:
+        file.fsync()
+    first = 1 - best_slot
+    file.pwrite(first * ROOT_SIZE, encode_root(attrs.evolve(root, slot=first)))
+    file.fsync()
+    file.pwrite(best_slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=best_slot)))
+    return first
+
+
+def commit_maps(file: File, geometry: Geometry, maps: list[RegionMap], image_uuid: bytes) -> None:
+    """Commit new versions of region maps whose data has been written (rule 2).
+
+    fsync (the data, and second copies of the previous commit); first copies;
+    fsync; second copies, left unsynced.
+    """
+    file.fsync()
+    if not maps:
+        return
+    for m in maps:
+        m.generation += 1
+        first = 1 - m.best_slot
+        file.pwrite(geometry.map_copy_offset(m.region, first), encode_map_copy(m.to_copy(first, image_uuid), geometry))
+    file.fsync()
+    for m in maps:
+        second = m.best_slot
+        file.pwrite(geometry.map_copy_offset(m.region, second), encode_map_copy(m.to_copy(second, image_uuid), geometry))
+        m.best_slot = 1 - second
+
+
+def cluster_crc(data: bytes, mask: int) -> int:
+    """The checksum a map records for a data cluster: 0 when no sector is present."""
+    return crc32c.crc32c(data) if mask else 0
+
+
+def reconcile_region(file: File, geometry: Geometry, m: RegionMap) -> None:
+    """Make a region listed in the intent list agree with its data again.
+
+    An unflushed write may have left any sector old or new: present sectors
+    keep what the file holds (their checksum is recomputed); absent sectors
+    that received bytes are punched back to holes (the write did not happen);
+    sectors past the virtual size are dropped.
+    """
+    spc = geometry.sectors_per_cluster
+    size = geometry.cluster_size
+    first_cluster = m.region * CLUSTERS_PER_REGION
+    for c in range(CLUSTERS_PER_REGION):
+        guest = (first_cluster + c) * size
+        sectors_inside = max(0, min(spc, (geometry.virtual_size - guest) // SECTOR_SIZE))
+        mask = m.cluster_mask(c) & ((1 << sectors_inside) - 1)
+        m.set_cluster_mask(c, mask)
+        offset = geometry.cluster_file_offset(first_cluster + c)
+        data = file.pread(offset, size).ljust(size, b"\0")
+        for start, count in absent_runs(mask, spc):
+            if any(data[start * SECTOR_SIZE : (start + count) * SECTOR_SIZE]):
+                file.punch_hole(offset + start * SECTOR_SIZE, count * SECTOR_SIZE)
+        m.data_crcs[c] = cluster_crc(zero_absent(data, mask, spc), mask)
+
+
+@attrs.frozen
+class Recovered:
+    root: Root
+    root_best_slot: int
+
+
+def recover(file: File) -> Recovered:
+    """Bring an image to a clean state after any crash; idempotent, so a crash inside it is harmless.
+
+    The intent list is only emptied by the final root write, after every
+    reconciled map is durable in at least one copy.
+    """
+    selection = select_root(read_root_copies(file))
+    root = selection.value
+    assert root is not None
+    best = selection.slot
+    geometry = root.geometry
+    if file.size() != geometry.file_length:
+        file.truncate(geometry.file_length)
+    maps = []
+    for region in root.intents:
+        chosen = select_map(read_map_copies(file, geometry, region), geometry, region, root.image_uuid)
+        m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
+        reconcile_region(file, geometry, m)
+        maps.append(m)
+    commit_maps(file, geometry, maps, root.image_uuid)
+    if root.intents or selection.problems:
+        root = attrs.evolve(root, intents=(), generation=root.generation + 1)
+        best = write_root(file, root, best, unsynced=True)
+    file.fsync()
+    return Recovered(root, best)

@@ -1,0 +1,92 @@
+"""The working form of one region's map, shared by the spec's protocol and `impl/`.
+
+A `MapCopy` is what sits on disk; a `RegionMap` is the same content made
+mutable, plus the slot that holds its durable current copy (the commit
+protocol never writes that slot first).
+"""
+from __future__ import annotations
+
+from array import array
+
+import attrs
+
+from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, Geometry
+from .structures import MapCopy
+
+
+@attrs.define
+class RegionMap:
+    region: int
+    generation: int  # generation of the last committed version (0: never written)
+    data_crcs: array  # one u32 per data cluster
+    present: bytearray  # one bit per guest sector of the region, LSB first
+    best_slot: int  # the slot holding the durable current copy; written second
+    sectors_per_cluster: int
+
+    @classmethod
+    def empty(cls, geometry: Geometry, region: int) -> "RegionMap":
+        return cls(region, 0, array("I", [0] * CLUSTERS_PER_REGION),
+                   bytearray(geometry.map_bitmap_size), 0, geometry.sectors_per_cluster)
+
+    @classmethod
+    def from_copy(cls, copy: MapCopy | None, geometry: Geometry, region: int, slot: int) -> "RegionMap":
+        if copy is None:
+            return cls.empty(geometry, region)
+        return cls(region, copy.generation, array("I", copy.data_crcs), bytearray(copy.present), slot,
+                   geometry.sectors_per_cluster)
+
+    def to_copy(self, slot: int, image_uuid: bytes) -> MapCopy:
+        return MapCopy(region=self.region, slot=slot, generation=self.generation, image_uuid=image_uuid,
+                       data_crcs=tuple(self.data_crcs), present=bytes(self.present))
+
+    def cluster_mask(self, cluster: int) -> int:
+        """Presence bits of one data cluster of the region (bit j = sector j of the cluster)."""
+        width = self.sectors_per_cluster // 8
+        return int.from_bytes(self.present[cluster * width : (cluster + 1) * width], "little")
+
+    def set_cluster_mask(self, cluster: int, mask: int) -> None:
+        width = self.sectors_per_cluster // 8
+        self.present[cluster * width : (cluster + 1) * width] = mask.to_bytes(width, "little")
+
+    def set_sectors(self, first: int, count: int, value: bool) -> None:
+        """Set or clear the presence of `count` sectors from region sector `first`."""
+        spc = self.sectors_per_cluster
+        end = first + count
+        while first < end:
+            cluster, lo = divmod(first, spc)
+            hi = min(spc, lo + end - first)
+            mask = ((1 << (hi - lo)) - 1) << lo
+            old = self.cluster_mask(cluster)
+            self.set_cluster_mask(cluster, old | mask if value else old & ~mask)
+            first += hi - lo
+
+    def any_present(self) -> bool:
+        return any(self.present)
+
+
+def absent_runs(mask: int, sectors: int) -> list[tuple[int, int]]:
+    """(first sector, count) of each run of clear bits in a cluster's presence mask."""
+    runs = []
+    k = 0
+    while k < sectors:
+        if mask >> k & 1:
+            k += 1
+            continue
+        start = k
+        while k < sectors and not mask >> k & 1:
+            k += 1
+        runs.append((start, k - start))
+    return runs
+
+
+def zero_absent(data: bytes, mask: int, sectors: int) -> bytes:
+    """A cluster's bytes with every absent sector read as zero (what the guest sees)."""
+    full = (1 << sectors) - 1
+    if mask == full:
+        return data
+    if mask == 0:
+        return bytes(len(data))
+    out = bytearray(data)
+    for start, count in absent_runs(mask, sectors):
+        out[start * SECTOR_SIZE : (start + count) * SECTOR_SIZE] = bytes(count * SECTOR_SIZE)
+    return bytes(out)

@@ -1,0 +1,51 @@
+"""`check --repair`: mend what `check` found, never touching the only good copy of anything.
+
+Order: recovery first (it reconciles regions in the intent list and leaves
+both root copies current); then each damaged copy is rewritten from its valid
+twin, one write at a time followed by an fsync; leaks are punched last.  Every
+step is idempotent, so a crash during repair is repaired by running it again.
+Data whose checksum fails cannot be repaired (format v1 keeps one copy of
+data); it stays reported by guest range.
+"""
+from __future__ import annotations
+
+import attrs
+
+from .check import CheckReport, check_image
+from .layout import ROOT_SIZE
+from .protocol import read_map_copies, read_root_copies, recover
+from .replication import select_map, select_root
+from .storage import File
+from .structures import encode_map_copy, encode_root
+
+
+def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
+    """Repair what can be repaired; return the reports before and after."""
+    before = check_image(file)
+    if not before.completed:
+        return before, before
+    recover(file)
+    root = select_root(read_root_copies(file)).value
+    assert root is not None
+    geometry = root.geometry
+    for finding in check_image(file).findings:
+        action = finding.repair
+        if action is None:
+            continue
+        if action[0] == "root-copy":
+            slot = action[1]
+            file.pwrite(slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=slot)))
+        elif action[0] == "map-copy":
+            region, slot = action[1], action[2]
+            good = select_map(read_map_copies(file, geometry, region), geometry, region, root.image_uuid).value
+            if good is not None:
+                copy = attrs.evolve(good, slot=slot)
+                file.pwrite(geometry.map_copy_offset(region, slot), encode_map_copy(copy, geometry))
+            else:
+                file.punch_hole(geometry.map_copy_offset(region, slot), geometry.map_used_length)
+        elif action[0] == "punch":
+            file.punch_hole(action[1], action[2])
+        elif action[0] == "truncate":
+            file.truncate(action[1])
+        file.fsync()
+    return before, check_image(file)

@@ -1,0 +1,51 @@
+"""The one storage interface everything goes through (C1).
+
+`impl/` and the spec's `check` only ever touch an image through these
+methods, so the crash simulator can put a recording backend in place of the
+operating system's and replay any prefix, subset or tear of the operations.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class File(Protocol):
+    """An open file: positional I/O, sparse-file operations and durability."""
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Bytes at [offset, offset+length); short only at end of file (holes read as zero)."""
+
+    def pwrite(self, offset: int, data: bytes) -> None: ...
+
+    def truncate(self, length: int) -> None: ...
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Make the range read as zero and free whole blocks of it; the length is kept."""
+
+    def fsync(self) -> None:
+        """Make every earlier operation on this file durable."""
+
+    def size(self) -> int: ...
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of the ranges that may hold data; everything else is a hole."""
+
+    def close(self) -> None: ...
+
+
+class Storage(Protocol):
+    """A directory tree of files: open, create, and the namespace operations."""
+
+    def open(self, path: str, writable: bool) -> File: ...
+
+    def create(self, path: str) -> File:
+        """Create a new empty file; fail if it exists."""
+
+    def rename(self, src: str, dst: str) -> None: ...
+
+    def unlink(self, path: str) -> None: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def fsync_dir(self, path: str) -> None:
+        """Make creates, renames and unlinks in the directory `path` durable."""
