@@ -1,0 +1,104 @@
+"""Copying guest contents between raw files and Lamina images, keeping holes and zeroes sparse."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+from lamina.spec.errors import InvalidArgument
+from lamina.spec.structures import ROOT_MAGIC
+
+from .image import Image
+from .osfile import OsStorage
+
+CHUNK = 1 << 20
+
+
+def detect_format(path: str) -> str:
+    """`lamina` when the file starts with a root copy's magic, else `raw`."""
+    with open(path, "rb") as f:
+        return "lamina" if f.read(len(ROOT_MAGIC)) == ROOT_MAGIC else "raw"
+
+
+class RawSource:
+    """A raw file read through the storage interface, so its holes are seen as holes."""
+
+    def __init__(self, path: str) -> None:
+        self._file = OsStorage().open(path, writable=False)
+        self.virtual_size = self._file.size()
+
+    def data_ranges(self) -> Iterator[tuple[int, int]]:
+        yield from self._file.data_extents()
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._file.pread(offset, length).ljust(length, b"\0")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class LaminaSource:
+    def __init__(self, path: str) -> None:
+        self._image = Image.open(path, readonly=True)
+        self.virtual_size = self._image.virtual_size
+
+    def data_ranges(self) -> Iterator[tuple[int, int]]:
+        for extent in self._image.extents():
+            if extent.data:
+                yield extent.start, extent.length
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._image.read(offset, length)
+
+    def close(self) -> None:
+        self._image.close()
+
+
+def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | None = None,
+            cluster_size: int = 1 << 16, progress: Callable[[int], None] | None = None) -> int:
+    """Copy the guest contents of `src` into a new `dst`; return the bytes of data written.
+
+    Only ranges that hold data are read, and chunks that are all zero are not
+    written, so holes and zeroes stay holes.
+    """
+    src_format = src_format or detect_format(src)
+    if src_format not in ("raw", "lamina") or dst_format not in ("raw", "lamina"):
+        raise InvalidArgument(f"formats must be raw or lamina, not {src_format!r} -> {dst_format!r}")
+    if os.path.lexists(dst):
+        raise InvalidArgument(f"{dst}: already exists")
+    source = RawSource(src) if src_format == "raw" else LaminaSource(src)
+    written = 0
+    try:
+        size = source.virtual_size
+        if dst_format == "lamina":
+            # A raw file's last partial sector reads as zero-padded, as qemu-img rounds it.
+            target = Image.create(dst, -(-size // 512) * 512, cluster_size)
+            write, finish = target.write, target.close
+        else:
+            raw = open(dst, "xb")
+            raw.truncate(size)
+
+            def write(offset: int, data: bytes) -> None:
+                os.pwrite(raw.fileno(), data, offset)
+
+            def finish() -> None:
+                raw.flush()
+                os.fsync(raw.fileno())
+                raw.close()
+        try:
+            for start, length in source.data_ranges():
+                end = min(start + length, size)
+                pos = start
+                while pos < end:
+                    step = min(CHUNK - pos % CHUNK, end - pos)
+                    data = source.read(pos, step)
+                    if any(data):
+                        write(pos, data)
+                        written += step
+                    if progress:
+                        progress(step)
+                    pos += step
+        finally:
+            finish()
+    finally:
+        source.close()
+    return written

@@ -1,0 +1,124 @@
+"""`lamina io`: a qemu-io-like command runner over an open image.
+
+Commands (offsets and lengths accept k/M/G suffixes):
+
+    read [-P PATTERN] [-v] OFFSET LENGTH   read; with -P, fail unless every byte equals PATTERN
+    write [-P PATTERN] [-z] [-u] OFFSET LENGTH
+                                           write PATTERN (default 0xcd) bytes, or zeroes with -z
+    discard OFFSET LENGTH                  drop a range (reads zero afterwards)
+    flush                                  make every write so far durable
+    truncate SIZE                          resize the guest disk
+    info                                   print the virtual and cluster size
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from typing import TextIO
+
+from lamina.spec.errors import InvalidArgument, PatternMismatch
+
+from .image import Image
+from .sizes import format_size, parse_size
+
+DEFAULT_PATTERN = 0xCD
+
+
+def _parse_pattern(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise InvalidArgument(f"invalid pattern {text!r}: expected a byte such as 0xab") from None
+    if not 0 <= value <= 0xFF:
+        raise InvalidArgument(f"invalid pattern {text!r}: a pattern is one byte, 0 to 0xff")
+    return value
+
+
+def _split(args: list[str], flags: str, valued: str) -> tuple[dict[str, str | bool], list[str]]:
+    """Single-letter options as qemu-io takes them: `-P 0xab`, `-z`."""
+    opts: dict[str, str | bool] = {}
+    rest = []
+    it = iter(args)
+    for arg in it:
+        if arg.startswith("-") and len(arg) == 2 and arg[1] in flags + valued:
+            if arg[1] in valued:
+                value = next(it, None)
+                if value is None:
+                    raise InvalidArgument(f"option {arg} needs a value")
+                opts[arg[1]] = value
+            else:
+                opts[arg[1]] = True
+        else:
+            rest.append(arg)
+    return opts, rest
+
+
+def _range(rest: list[str], command: str) -> tuple[int, int]:
+    if len(rest) != 2:
+        raise InvalidArgument(f"{command}: expected OFFSET LENGTH, got {' '.join(rest) or 'nothing'}")
+    return parse_size(rest[0], "offset"), parse_size(rest[1], "length")
+
+
+def _done(out: TextIO, verb: str, length: int, offset: int, started: float) -> None:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    out.write(f"{verb} {length}/{length} bytes at offset {offset}\n")
+    out.write(f"{format_size(length)}, 1 ops; {elapsed:.4f} sec "
+              f"({format_size(int(length / elapsed))}/sec and {1 / elapsed:.2f} ops/sec)\n")
+
+
+def _hexdump(out: TextIO, offset: int, data: bytes) -> None:
+    for i in range(0, len(data), 16):
+        row = data[i : i + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        out.write(f"{offset + i:08x}:  {' '.join(f'{b:02x}' for b in row):<47}  {text}\n")
+
+
+def run_command(image: Image, line: str, out: TextIO) -> None:
+    """Run one qemu-io-style command line against `image`."""
+    words = shlex.split(line)
+    if not words:
+        return
+    name, args = words[0], words[1:]
+    started = time.perf_counter()
+    if name == "read":
+        opts, rest = _split(args, "v", "P")
+        offset, length = _range(rest, name)
+        data = image.read(offset, length)
+        if "P" in opts:
+            pattern = _parse_pattern(str(opts["P"]))
+            bad = next((i for i, b in enumerate(data) if b != pattern), None)
+            if bad is not None:
+                raise PatternMismatch(
+                    f"Pattern verification failed at offset {offset + bad}, {length - bad} bytes "
+                    f"(expected {pattern:#04x}, found {data[bad]:#04x})")
+        if opts.get("v"):
+            _hexdump(out, offset, data)
+        _done(out, "read", length, offset, started)
+    elif name == "write":
+        opts, rest = _split(args, "zu", "P")
+        offset, length = _range(rest, name)
+        if opts.get("z"):
+            image.write_zeroes(offset, length)
+        elif opts.get("u"):
+            raise InvalidArgument("write: -u (unmap) goes with -z")
+        else:
+            pattern = _parse_pattern(str(opts["P"])) if "P" in opts else DEFAULT_PATTERN
+            image.write(offset, bytes([pattern]) * length)
+        _done(out, "wrote", length, offset, started)
+    elif name == "discard":
+        offset, length = _range(args, name)
+        image.discard(offset, length)
+        _done(out, "discard", length, offset, started)
+    elif name == "flush":
+        if args:
+            raise InvalidArgument("flush takes no arguments")
+        image.flush()
+    elif name == "truncate":
+        if len(args) != 1:
+            raise InvalidArgument("truncate: expected SIZE")
+        image.resize(parse_size(args[0]))
+    elif name == "info":
+        out.write(f"virtual size: {image.virtual_size}\ncluster size: {image.cluster_size}\n")
+    else:
+        raise InvalidArgument(f"unknown command {name!r}; known: read, write, discard, flush, truncate, info")
+
