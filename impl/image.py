@@ -21,6 +21,7 @@ from lamina.spec.layout import (
     ROOT_SIZE,
     SECTOR_SIZE,
     Geometry,
+    allocated_regions,
     check_virtual_size,
     cluster_size_to_bits,
 )
@@ -267,7 +268,7 @@ class Image:
         self.file.truncate(new.file_length)
         if last is not None:
             m = self._map(last, for_write=True)
-            reconcile_region(self.file, new, m)
+            reconcile_region(self.file, new, m, sorted(self.file.data_extents()))
             commit_maps(self.file, new, [m], self._root.image_uuid)
         self._unsynced = True
 
@@ -287,13 +288,16 @@ class Image:
                 yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
             run[:] = [start, length, data]
 
-        for region in range(g.num_regions):
+        end = 0
+        for region in self._regions_in_use():
             base = region * g.region_span
             span = min(g.region_span, g.virtual_size - base)
             m = self._map(region)
             if m is None or not m.any_present():
-                yield from emit(base, span, False)
                 continue
+            if base > end:
+                yield from emit(end, base - end, False)
+            end = base + span
             for c in range(-(-span // g.cluster_size)):
                 mask = m.cluster_mask(c)
                 limit = min(spc, (span - c * g.cluster_size) // SECTOR_SIZE)
@@ -305,14 +309,21 @@ class Image:
                         j += 1
                     yield from emit(base + (c * spc + k) * SECTOR_SIZE, (j - k) * SECTOR_SIZE, bool(bit))
                     k = j
+        if g.virtual_size > end:
+            yield from emit(end, g.virtual_size - end, False)
         if run[1]:
             yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
+
+    def _regions_in_use(self) -> list[int]:
+        """Regions with allocated bytes on disk or a working map in memory."""
+        on_disk = allocated_regions(sorted(self.file.data_extents()), self.geometry)
+        return sorted(set(on_disk) | set(self._maps))
 
     def metadata_regions(self) -> list[MetadataRegion]:
         """Every metadata structure in the file: both root copies and both copies of each written map."""
         g = self.geometry
         out = [MetadataRegion(slot * ROOT_SIZE, ROOT_SIZE, "root", slot) for slot in (0, 1)]
-        for region in range(g.num_regions):
+        for region in self._regions_in_use():
             if self._map(region) is None:
                 continue
             for slot in (0, 1):

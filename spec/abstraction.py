@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE
+from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, allocated_regions
 from .model import Disk
 from .protocol import read_map_copies, read_root_copies
 from .regionmap import RegionMap
@@ -24,7 +24,7 @@ def abstract_image(file: File) -> Disk:
     assert root is not None
     g = root.geometry
     sectors: dict[int, bytes] = {}
-    for region in range(g.num_regions):
+    for region in allocated_regions(sorted(file.data_extents()), g):
         chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
         if chosen.value is None:
             continue

@@ -19,12 +19,10 @@ Invariants of a well-formed image at rest:
 """
 from __future__ import annotations
 
-import bisect
-
 import attrs
 
 from .errors import FormatError
-from .layout import CLUSTERS_PER_REGION, ROOT_AREA_SIZE, ROOT_SIZE, SECTOR_SIZE, Geometry
+from .layout import CLUSTERS_PER_REGION, ROOT_AREA_SIZE, SECTOR_SIZE, Geometry, allocated_regions, overlaps
 from .protocol import cluster_crc, read_map_copies, read_root_copies
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
@@ -98,22 +96,12 @@ class CheckReport:
         }
 
 
-def _regions_with_bytes(file: File, geometry: Geometry, extents: list[tuple[int, int]], findings: list[Finding]) -> set[int]:
-    """Regions that hold any allocated byte; bytes elsewhere are leaks."""
-    regions: set[int] = set()
-    start, stride, end = geometry.first_region_offset, geometry.region_stride, geometry.file_length
-    for offset, length in extents:
-        stop = offset + length
-        if offset < start and stop > ROOT_AREA_SIZE:
-            lo, hi = max(offset, ROOT_AREA_SIZE), min(stop, start)
-            if any(file.pread(lo, hi - lo)):
-                findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes in the root area padding at file offset {lo}",
-                                        ("punch", lo, hi - lo)))
-        if stop > start and offset < end:
-            first = (max(offset, start) - start) // stride
-            last = (min(stop, end) - 1 - start) // stride
-            regions.update(range(first, last + 1))
-    return regions
+def _check_root_padding(file: File, geometry: Geometry, extents: list[tuple[int, int]], findings: list[Finding]) -> None:
+    """I6 for the bytes between the root copies and the first region."""
+    lo, hi = ROOT_AREA_SIZE, geometry.first_region_offset
+    if hi > lo and overlaps(extents, lo, hi - lo) and any(file.pread(lo, hi - lo)):
+        findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes in the root area padding at file offset {lo}",
+                                ("punch", lo, hi - lo)))
 
 
 def check_root(file: File, findings: list[Finding]) -> Root:
@@ -123,12 +111,6 @@ def check_root(file: File, findings: list[Finding]) -> Root:
         findings.append(Finding(CORRUPTION, "root-copy", p.message, ("root-copy", p.slot)))
     assert selection.value is not None
     return selection.value
-
-
-def _overlaps(extents: list[tuple[int, int]], offset: int, length: int) -> bool:
-    """Whether [offset, offset+length) meets any allocated extent (extents sorted by offset)."""
-    i = bisect.bisect_right(extents, (offset + length,)) - 1
-    return i >= 0 and extents[i][0] + extents[i][1] > offset
 
 
 def check_region(file: File, geometry: Geometry, root: Root, region: int, extents: list[tuple[int, int]],
@@ -163,7 +145,7 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
             findings.append(Finding(CORRUPTION, "map-invariant",
                                     f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"))
             mask &= (1 << inside) - 1
-        if not mask and not m.data_crcs[c] and not _overlaps(extents, offset, size):
+        if not mask and not m.data_crcs[c] and not overlaps(extents, offset, size):
             continue
         data = file.pread(offset, size).ljust(size, b"\0")
         if not mask and not any(data) and not m.data_crcs[c]:
@@ -206,7 +188,8 @@ def check_image(file: File) -> CheckReport:
         findings.append(Finding(PENDING, "intents", f"{len(root.intents)} regions have unflushed writes from an unclean shutdown; opening the image for writing recovers them",
                                 ("recover",)))
     extents = sorted(file.data_extents())
-    regions = _regions_with_bytes(file, geometry, extents, findings) | set(root.intents)
+    _check_root_padding(file, geometry, extents, findings)
+    regions = set(allocated_regions(extents, geometry)) | set(root.intents)
     clusters = 0
     for region in sorted(regions):
         clusters += check_region(file, geometry, root, region, extents, findings)

@@ -15,6 +15,8 @@ allocated, so nothing can leak from an allocator.
 """
 from __future__ import annotations
 
+import bisect
+
 import attrs
 
 from .errors import ImageTooLarge, InvalidArgument
@@ -141,3 +143,24 @@ class Geometry:
 
     def with_virtual_size(self, virtual_size: int) -> "Geometry":
         return Geometry(self.cluster_bits, virtual_size)
+
+
+def overlaps(extents: list[tuple[int, int]], offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) meets any of the sorted, disjoint (offset, length) extents."""
+    i = bisect.bisect_right(extents, (offset + length,)) - 1
+    return i >= 0 and extents[i][0] + extents[i][1] > offset
+
+
+def allocated_regions(extents: list[tuple[int, int]], geometry: Geometry) -> list[int]:
+    """Regions of the file holding any allocated byte: the only ones that can be other than empty.
+
+    Visiting these instead of every region keeps every whole-image walk
+    proportional to what is allocated, however large the virtual size.
+    """
+    regions: set[int] = set()
+    start, stride, end = geometry.first_region_offset, geometry.region_stride, geometry.file_length
+    for offset, length in extents:
+        stop = min(offset + length, end)
+        if stop > start and offset < end:
+            regions.update(range((max(offset, start) - start) // stride, (stop - 1 - start) // stride + 1))
+    return sorted(regions)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import attrs
 import crc32c
 
-from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, SECTOR_SIZE, Geometry
+from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, SECTOR_SIZE, Geometry, overlaps
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
@@ -79,7 +79,7 @@ def cluster_crc(data: bytes, mask: int) -> int:
     return crc32c.crc32c(data) if mask else 0
 
 
-def reconcile_region(file: File, geometry: Geometry, m: RegionMap) -> None:
+def reconcile_region(file: File, geometry: Geometry, m: RegionMap, extents: list[tuple[int, int]]) -> None:
     """Make a region listed in the intent list agree with its data again.
 
     An unflushed write may have left any sector old or new: present sectors
@@ -96,6 +96,9 @@ def reconcile_region(file: File, geometry: Geometry, m: RegionMap) -> None:
         mask = m.cluster_mask(c) & ((1 << sectors_inside) - 1)
         m.set_cluster_mask(c, mask)
         offset = geometry.cluster_file_offset(first_cluster + c)
+        if not mask and not overlaps(extents, offset, size):
+            m.data_crcs[c] = 0
+            continue
         data = file.pread(offset, size).ljust(size, b"\0")
         for start, count in absent_runs(mask, spc):
             if any(data[start * SECTOR_SIZE : (start + count) * SECTOR_SIZE]):
@@ -123,10 +126,11 @@ def recover(file: File) -> Recovered:
     if file.size() != geometry.file_length:
         file.truncate(geometry.file_length)
     maps = []
+    extents = sorted(file.data_extents())
     for region in root.intents:
         chosen = select_map(read_map_copies(file, geometry, region), geometry, region, root.image_uuid)
         m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
-        reconcile_region(file, geometry, m)
+        reconcile_region(file, geometry, m, extents)
         maps.append(m)
     commit_maps(file, geometry, maps, root.image_uuid)
     if root.intents or selection.problems:
