@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["resize"] and argv[-1][:1] == "-" and argv[-1][1:2].isdigit():
+        argv.insert(len(argv) - 1, "--")  # `resize IMG -1G` shrinks, as with qemu-img
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
