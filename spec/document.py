@@ -1,0 +1,88 @@
+"""Generate `spec/FORMAT.md` from its prose template and the spec's declarations.
+
+The field tables, the constants and the list of proved properties are
+rendered from the same objects that encode, decode and validate, so the
+document cannot drift from the code: a test regenerates it and compares.
+
+    python -m lamina.spec.document          # print the document
+    python -m lamina.spec.document --write  # rewrite spec/FORMAT.md
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from . import layout, structures
+from .declare import markdown_table
+
+HERE = Path(__file__).parent
+TEMPLATE = HERE / "FORMAT.in.md"
+OUTPUT = HERE / "FORMAT.md"
+EXT4_MAX_FILE = (1 << 44) - 4096  # ext4 with 4 KiB blocks: 16 TiB minus one block
+
+
+def constants_table() -> str:
+    """Every constant of `spec/layout.py` with its value."""
+    rows = ["| constant | value |", "|---|---:|"]
+    for name in ("FORMAT_VERSION", "SECTOR_SIZE", "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "DEFAULT_CLUSTER_BITS",
+                 "CLUSTERS_PER_REGION", "REGION_STRIDE_CLUSTERS", "ROOT_SIZE", "ROOT_SLOTS", "ROOT_AREA_SIZE",
+                 "MAX_VIRTUAL_SIZE", "MAX_INTENTS", "MAP_HEADER_SIZE", "MAP_CRCS_OFFSET", "MAP_BITMAP_OFFSET"):
+        rows.append(f"| `{name}` | {getattr(layout, name)} |")
+    return "\n".join(rows)
+
+
+def max_virtual_size_for_file_limit(cluster_bits: int, file_limit: int) -> int:
+    """The largest virtual size whose image file fits under a host's file-size limit."""
+    g = layout.Geometry(cluster_bits, 0)
+    regions = (file_limit - g.first_region_offset) // g.region_stride
+    return min(layout.MAX_VIRTUAL_SIZE, regions * g.region_span)
+
+
+def geometry_table() -> str:
+    """Per cluster size: region span, map copy length, metadata share, and the ext4 limit."""
+    rows = ["| cluster size | region span | map copy (used bytes) | map bytes per guest byte | largest virtual size on ext4 |",
+            "|---:|---:|---:|---:|---:|"]
+    for bits in range(layout.MIN_CLUSTER_BITS, layout.MAX_CLUSTER_BITS + 1):
+        g = layout.Geometry(bits, 0)
+        limit = max_virtual_size_for_file_limit(bits, EXT4_MAX_FILE)
+        rows.append(f"| {g.cluster_size >> 10} KiB | {g.region_span >> 20 if g.region_span >= 1 << 20 else g.region_span >> 10}"
+                    f" {'MiB' if g.region_span >= 1 << 20 else 'KiB'} | {g.map_used_length} | "
+                    f"{2 * g.map_used_length / g.region_span:.4%} | {limit} ({limit / (1 << 40):.2f} TiB) |")
+    return "\n".join(rows)
+
+
+def proofs_table() -> str:
+    try:
+        from .proofs import properties_markdown  # type: ignore[attr-defined]
+    except ImportError:
+        return "_The proofs package does not list its properties yet._"
+    return properties_markdown()
+
+
+PLACEHOLDERS = {
+    "fields:Root": lambda: markdown_table(structures.Root),
+    "fields:MapCopy": lambda: markdown_table(structures.MapCopy),
+    "constants": constants_table,
+    "geometry": geometry_table,
+    "proofs": proofs_table,
+}
+
+
+def render() -> str:
+    """The format document: the template with every `{{placeholder}}` rendered."""
+    text = TEMPLATE.read_text()
+    return re.sub(r"\{\{([\w:]+)\}\}", lambda m: PLACEHOLDERS[m.group(1)](), text)
+
+
+def main(argv: list[str]) -> int:
+    document = render()
+    if "--write" in argv:
+        OUTPUT.write_text(document)
+    else:
+        sys.stdout.write(document)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
