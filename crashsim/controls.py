@@ -1,0 +1,188 @@
+"""Negative controls: deliberately broken variants of the implementation (checkers with teeth).
+
+Each variant breaks one rule of `spec/protocol.py` by patching names in
+`lamina.impl.image` for the duration of a `variant(...)` block; `spec/` and
+`impl/` are never edited, and the spec's `check` stays the real one.  The
+manifest `CONTROLS` says, per variant, which rule it breaks, the model and
+workload that must catch it, and the expected result.  CI asserts each
+`expected: fails` variant is caught with a shrunk, replayable trace.
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+from typing import Callable, Iterator
+
+import attrs
+
+import lamina.impl.image as image_module
+from lamina.spec import protocol
+from lamina.spec.layout import ROOT_SIZE
+from lamina.spec.regionmap import RegionMap
+from lamina.spec.replication import Selection, select_map, select_root
+from lamina.spec.structures import MAP_CRC_OFFSET, ROOT_CRC_OFFSET, encode_map_copy, encode_root, structure_crc
+
+from .errors import UnknownControl
+
+
+@attrs.frozen
+class Control:
+    name: str
+    breaks: str  # the rule of spec/protocol.py it breaks
+    model: str  # the persistence model that must catch it
+    workload: str
+    expected: str  # "fails": the simulator must report a failing state
+    patches: Callable[[], dict[str, object]] = attrs.field(repr=False)
+
+
+# ------------------------------------------------------------------ broken commits
+def _commit_maps_skip_data_fsync(file, geometry, maps, image_uuid) -> None:
+    """commit_maps without the fsync that orders data (and earlier second copies) before first copies."""
+    if not maps:
+        file.fsync()
+        return
+    for m in maps:
+        m.generation += 1
+        file.pwrite(geometry.map_copy_offset(m.region, 1 - m.best_slot), encode_map_copy(m.to_copy(1 - m.best_slot, image_uuid), geometry))
+    file.fsync()
+    for m in maps:
+        file.pwrite(geometry.map_copy_offset(m.region, m.best_slot), encode_map_copy(m.to_copy(m.best_slot, image_uuid), geometry))
+        m.best_slot = 1 - m.best_slot
+
+
+def _commit_maps_skip_copy_fsync(file, geometry, maps, image_uuid) -> None:
+    """commit_maps that writes both copies with no fsync between them (breaks rule 2)."""
+    file.fsync()
+    for m in maps:
+        m.generation += 1
+        for slot in (1 - m.best_slot, m.best_slot):
+            file.pwrite(geometry.map_copy_offset(m.region, slot), encode_map_copy(m.to_copy(slot, image_uuid), geometry))
+        m.best_slot = 1 - m.best_slot
+
+
+def _commit_maps_current_slot_first(file, geometry, maps, image_uuid) -> None:
+    """commit_maps that overwrites the slot holding the durable current copy first, before any fsync."""
+    for m in maps:
+        m.generation += 1
+        file.pwrite(geometry.map_copy_offset(m.region, m.best_slot), encode_map_copy(m.to_copy(m.best_slot, image_uuid), geometry))
+    file.fsync()
+    for m in maps:
+        file.pwrite(geometry.map_copy_offset(m.region, 1 - m.best_slot), encode_map_copy(m.to_copy(1 - m.best_slot, image_uuid), geometry))
+    if not maps:
+        file.fsync()
+
+
+def _write_root_skip_copy_fsync(file, root, best_slot, unsynced) -> int:
+    """write_root with no fsync between the two root copies (breaks rule 2 for the root)."""
+    if unsynced:
+        file.fsync()
+    first = 1 - best_slot
+    file.pwrite(first * ROOT_SIZE, encode_root(attrs.evolve(root, slot=first)))
+    file.pwrite(best_slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=best_slot)))
+    return first
+
+
+def _write_root_no_barrier(file, root, best_slot, unsynced) -> int:
+    """write_root without the fsync before it (breaks rule 3: the root may overtake data and maps)."""
+    first = 1 - best_slot
+    file.pwrite(first * ROOT_SIZE, encode_root(attrs.evolve(root, slot=first)))
+    file.fsync()
+    file.pwrite(best_slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=best_slot)))
+    return first
+
+
+# ------------------------------------------------------------------ broken recovery
+def _with_fixed_crc(raw: bytes, crc_offset: int, used: int) -> bytes:
+    """The copy as if its CRC matched: what a reader that never verifies checksums sees."""
+    buf = bytearray(raw)
+    struct.pack_into("<I", buf, crc_offset, structure_crc(buf[:used], crc_offset))
+    return bytes(buf)
+
+
+def _trusting_select_root(copies: list[bytes]) -> Selection:
+    return select_root([_with_fixed_crc(c, ROOT_CRC_OFFSET, ROOT_SIZE) if c[:8] == b"\x8aLAMINA\n" else c for c in copies])
+
+
+def _trusting_select_map(copies, geometry, region, image_uuid) -> Selection:
+    fixed = [_with_fixed_crc(c, MAP_CRC_OFFSET, geometry.map_used_length) if c[:8] == b"\x8aLAMMAP\n" else c for c in copies]
+    return select_map(fixed, geometry, region, image_uuid)
+
+
+def _recover_variant(trust: bool = False, reconcile: bool = True):
+    """spec.protocol.recover with one rule broken: checksums not verified, or regions not reconciled."""
+    pick_root = _trusting_select_root if trust else select_root
+    pick_map = _trusting_select_map if trust else select_map
+
+    def recover(file):
+        selection = pick_root(protocol.read_root_copies(file))
+        root, best = selection.value, selection.slot
+        geometry = root.geometry
+        if file.size() != geometry.file_length:
+            file.truncate(geometry.file_length)
+        maps = []
+        for region in root.intents:
+            chosen = pick_map(protocol.read_map_copies(file, geometry, region), geometry, region, root.image_uuid)
+            m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
+            if reconcile:
+                protocol.reconcile_region(file, geometry, m)
+            maps.append(m)
+        protocol.commit_maps(file, geometry, maps, root.image_uuid)
+        if root.intents or selection.problems:
+            root = attrs.evolve(root, intents=(), generation=root.generation + 1)
+            best = protocol.write_root(file, root, best, unsynced=True)
+        file.fsync()
+        return protocol.Recovered(root, best)
+
+    return recover
+
+
+def _skip_intents(self, regions) -> None:
+    """Image._ensure_intents that never lists a region (breaks rule 1: intent before data)."""
+
+
+CONTROLS: dict[str, Control] = {c.name: c for c in [
+    Control("skip-intent", "rule 1: a region is in the durable intent list before its first write",
+            "strict", "allocate", "fails", lambda: {"Image._ensure_intents": _skip_intents}),
+    Control("skip-map-copy-fsync", "rule 2: fsync between the first and the second map copy",
+            "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_skip_copy_fsync}),
+    Control("map-current-slot-first", "rule 2: never write the slot holding the durable current copy first",
+            "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_current_slot_first}),
+    Control("skip-root-copy-fsync", "rule 2 for the root: fsync between the two root copies",
+            "torn", "allocate", "fails", lambda: {"write_root": _write_root_skip_copy_fsync}),
+    Control("root-without-barrier", "rule 3: every root write is preceded by an fsync of all earlier writes",
+            "reorder", "multi-region", "fails", lambda: {"write_root": _write_root_no_barrier}),
+    Control("trust-unverified-copy", "R7: recovery takes only a copy whose CRC32C verifies",
+            "torn", "allocate", "fails", lambda: {"recover": _recover_variant(trust=True)}),
+    Control("no-reconcile", "recovery reconciles every region in the intent list",
+            "reorder", "overwrite", "fails", lambda: {"recover": _recover_variant(reconcile=False)}),
+    Control("skip-data-fsync", "commit_maps' first fsync (data and earlier second copies before first copies)",
+            "reorder+torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_skip_data_fsync}),
+]}
+
+
+def get_control(name: str) -> Control:
+    if name not in CONTROLS:
+        raise UnknownControl(f"no negative control named {name!r}; known: {', '.join(CONTROLS)}")
+    return CONTROLS[name]
+
+
+@contextlib.contextmanager
+def variant(name: str | None) -> Iterator[None]:
+    """Patch `lamina.impl.image` with a broken variant for the duration of the block (None: no change)."""
+    if name is None:
+        yield
+        return
+    patches = get_control(name).patches()
+    saved: list[tuple[object, str, object]] = []
+    try:
+        for dotted, value in patches.items():
+            owner: object = image_module
+            *path, attr = dotted.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            saved.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, value)
+        yield
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)

@@ -1,0 +1,289 @@
+"""The recording, simulating backend of the storage interface (C1).
+
+Files live in memory as sparse dicts of immutable 4 KiB blocks, so copying a
+whole durable state is copying a small dict of references (copy-on-write):
+that is what makes thousands of crash states per second possible.  Every
+mutating call is appended to a `Trace` as an `Op`, with its data, so that any
+prefix, subset or tear of the operations can be materialised again later.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+BLOCK = 4096
+ZERO_BLOCK = bytes(BLOCK)
+
+# Operation kinds.  Data operations name an inode; namespace operations a directory.
+PWRITE = "pwrite"
+TRUNCATE = "truncate"
+PUNCH = "punch"
+FSYNC = "fsync"
+CREATE = "create"
+RENAME = "rename"
+UNLINK = "unlink"
+FSYNC_DIR = "fsync_dir"
+DATA_KINDS = frozenset({PWRITE, TRUNCATE, PUNCH})
+NAMESPACE_KINDS = frozenset({CREATE, RENAME, UNLINK})
+
+
+class Op(NamedTuple):
+    """One recorded storage operation.  `target` is an inode (data ops) or a directory (namespace ops)."""
+
+    kind: str
+    target: int | str
+    offset: int = 0  # pwrite/punch offset, truncate length
+    length: int = 0  # punch length
+    data: bytes = b""  # pwrite data
+    path: str = ""  # create/unlink path, rename source
+    path2: str = ""  # rename destination
+    inode: int = 0  # create: the new inode
+
+
+class FileData:
+    """One inode's bytes: a sparse dict of whole blocks plus the file length."""
+
+    __slots__ = ("blocks", "size")
+
+    def __init__(self, blocks: dict[int, bytes] | None = None, size: int = 0) -> None:
+        self.blocks = {} if blocks is None else blocks
+        self.size = size
+
+    def copy(self) -> "FileData":
+        return FileData(dict(self.blocks), self.size)
+
+    def key(self) -> tuple:
+        """A hashable identity of the contents (block bytes hash once and are shared)."""
+        return (self.size, tuple(sorted(self.blocks.items())))
+
+    def pread(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        blocks = self.blocks
+        if first == last:
+            b = blocks.get(first)
+            if b is None:
+                return bytes(end - offset)
+            lo = offset - first * BLOCK
+            return b[lo : lo + end - offset]
+        parts = [blocks.get(i, ZERO_BLOCK) for i in range(first, last + 1)]
+        joined = b"".join(parts)
+        lo = offset - first * BLOCK
+        return joined[lo : lo + end - offset]
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        if not data:
+            return
+        end = offset + len(data)
+        blocks = self.blocks
+        pos = offset
+        view = memoryview(data)
+        while pos < end:
+            index, within = divmod(pos, BLOCK)
+            take = min(BLOCK - within, end - pos)
+            chunk = view[pos - offset : pos - offset + take]
+            if take == BLOCK:
+                blocks[index] = bytes(chunk)
+            else:
+                old = blocks.get(index)
+                buf = bytearray(ZERO_BLOCK if old is None else old)
+                buf[within : within + take] = chunk
+                blocks[index] = bytes(buf)
+            pos += take
+        if end > self.size:
+            self.size = end
+
+    def truncate(self, length: int) -> None:
+        if length < self.size:
+            blocks = self.blocks
+            keep = -(-length // BLOCK)
+            for index in [i for i in blocks if i >= keep]:
+                del blocks[index]
+            within = length % BLOCK
+            if within and (keep - 1) in blocks:
+                b = blocks[keep - 1]
+                blocks[keep - 1] = b[:within] + bytes(BLOCK - within)
+        self.size = length
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        end = min(offset + length, self.size)
+        pos = offset
+        blocks = self.blocks
+        while pos < end:
+            index, within = divmod(pos, BLOCK)
+            take = min(BLOCK - within, end - pos)
+            if index in blocks:
+                if take == BLOCK:
+                    del blocks[index]
+                else:
+                    b = blocks[index]
+                    blocks[index] = b[:within] + bytes(take) + b[within + take :]
+            pos += take
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        out: list[list[int]] = []
+        for index in sorted(self.blocks):
+            start = index * BLOCK
+            if start >= self.size:
+                break
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1][1] += BLOCK
+            else:
+                out.append([start, BLOCK])
+        if out and out[-1][0] + out[-1][1] > self.size:
+            out[-1][1] = self.size - out[-1][0]
+        return [(a, b) for a, b in out]
+
+
+class DiskState:
+    """A whole simulated directory tree: names to inodes, inodes to contents."""
+
+    __slots__ = ("names", "files", "next_inode")
+
+    def __init__(self, names: dict[str, int] | None = None, files: dict[int, FileData] | None = None,
+                 next_inode: int = 1) -> None:
+        self.names = {} if names is None else names
+        self.files = {} if files is None else files
+        self.next_inode = next_inode
+
+    def copy(self) -> "DiskState":
+        return DiskState(dict(self.names), {i: f.copy() for i, f in self.files.items()}, self.next_inode)
+
+    def key(self) -> tuple:
+        """Hashable identity of everything a reader could observe."""
+        return (tuple(sorted(self.names.items())), tuple((i, self.files[i].key()) for i in sorted(self.files)))
+
+    def apply(self, op: Op) -> None:
+        """Apply one operation as if it had reached the disk whole."""
+        kind = op.kind
+        if kind in DATA_KINDS:
+            f = self.files.get(op.target)
+            if f is None:  # its create did not persist: the inode exists, unnamed
+                f = self.files[op.target] = FileData()
+            if kind == PWRITE:
+                f.pwrite(op.offset, op.data)
+            elif kind == PUNCH:
+                f.punch_hole(op.offset, op.length)
+            else:
+                f.truncate(op.offset)
+        elif kind == CREATE:
+            self.names[op.path] = op.inode
+            self.files.setdefault(op.inode, FileData())
+            self.next_inode = max(self.next_inode, op.inode + 1)
+        elif kind == RENAME:
+            if op.path in self.names:
+                self.names[op.path2] = self.names.pop(op.path)
+        elif kind == UNLINK:
+            self.names.pop(op.path, None)
+
+
+class Trace:
+    """The operations recorded so far, in issue order."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+class MemFile:
+    """An open in-memory file; records every mutation when its storage records."""
+
+    __slots__ = ("_storage", "_data", "inode", "path", "writable")
+
+    def __init__(self, storage: "MemStorage", inode: int, path: str, writable: bool) -> None:
+        self._storage = storage
+        self._data = storage.state.files[inode]
+        self.inode = inode
+        self.path = path
+        self.writable = writable
+
+    def _record(self, op: Op) -> None:
+        self._storage.record(op)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._data.pread(offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self._check_writable()
+        data = bytes(data)
+        self._record(Op(PWRITE, self.inode, offset, len(data), data))
+        self._data.pwrite(offset, data)
+
+    def truncate(self, length: int) -> None:
+        self._check_writable()
+        self._record(Op(TRUNCATE, self.inode, length))
+        self._data.truncate(length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self._check_writable()
+        if length <= 0:
+            return
+        self._record(Op(PUNCH, self.inode, offset, length))
+        self._data.punch_hole(offset, length)
+
+    def fsync(self) -> None:
+        self._record(Op(FSYNC, self.inode))
+
+    def size(self) -> int:
+        return self._data.size
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        return self._data.data_extents()
+
+    def close(self) -> None:
+        pass
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise PermissionError(f"{self.path}: opened read-only")
+
+
+class MemStorage:
+    """The storage interface over a `DiskState`; records into `trace` when one is attached."""
+
+    def __init__(self, state: DiskState | None = None, trace: Trace | None = None) -> None:
+        self.state = DiskState() if state is None else state
+        self.trace = trace
+
+    def record(self, op: Op) -> None:
+        if self.trace is not None:
+            self.trace.ops.append(op)
+
+    def open(self, path: str, writable: bool) -> MemFile:
+        from lamina.crashsim.errors import CrashsimError
+
+        inode = self.state.names.get(path)
+        if inode is None:
+            raise CrashsimError(f"{path}: cannot open: no such file in the simulated directory")
+        return MemFile(self, inode, path, writable)
+
+    def create(self, path: str) -> MemFile:
+        from lamina.crashsim.errors import CrashsimError
+
+        if path in self.state.names:
+            raise CrashsimError(f"{path}: cannot create: file exists")
+        inode = self.state.next_inode
+        op = Op(CREATE, os.path.dirname(path), path=path, inode=inode)
+        self.record(op)
+        self.state.apply(op)
+        return MemFile(self, inode, path, True)
+
+    def rename(self, src: str, dst: str) -> None:
+        op = Op(RENAME, os.path.dirname(dst), path=src, path2=dst)
+        self.record(op)
+        self.state.apply(op)
+
+    def unlink(self, path: str) -> None:
+        op = Op(UNLINK, os.path.dirname(path), path=path)
+        self.record(op)
+        self.state.apply(op)
+
+    def exists(self, path: str) -> bool:
+        return path in self.state.names
+
+    def fsync_dir(self, path: str) -> None:
+        self.record(Op(FSYNC_DIR, path))

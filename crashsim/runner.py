@@ -1,0 +1,348 @@
+"""Explore the crash states of workloads under persistence models, shrink failures, replay plans.
+
+The unit of parallel work is one (workload, model) task: it records the
+workload, explores its states and returns a picklable `TaskResult`, so any
+`concurrent.futures.Executor` can run tasks (a process pool by default).
+"""
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Callable, Iterable
+
+import attrs
+
+from .errors import BadPlan
+from lamina.spec.layout import CLUSTERS_PER_REGION, REGION_STRIDE_CLUSTERS, ROOT_AREA_SIZE, SECTOR_SIZE
+
+from .explore import Budget, Materialiser, Model, Plan, barrier_of, explore, garbage, pending_at, tear_units
+from .memstore import DiskState, Trace
+from .oracle import Legal, Opened, judge, legal_at, open_state
+from .record import Recording, record_workload
+from .workloads import get_workload
+
+MAX_REPORTED_FAILURES = 5
+
+
+@attrs.frozen
+class Failure:
+    plan: str
+    message: str
+    tier: str
+    ops: tuple[tuple[str, int, int], ...] = ()  # (kind, offset, length) of each recorded op, for the timeline
+    guest: tuple[tuple[str, int, int], ...] = ()  # (kind, first op, end op) of each guest event
+
+
+@attrs.frozen
+class TaskResult:
+    """Counts and failures of one (workload, model) exploration."""
+
+    workload: str
+    model: str
+    variant: str | None
+    seed: int
+    ops: int
+    counts: dict[str, int]
+    exhaustive: dict[str, bool]
+    distinct_images: int
+    orphan_states: int
+    failures: tuple[Failure, ...]
+    failing_states: int
+    seconds: float
+
+    @property
+    def states(self) -> int:
+        return sum(self.counts.values())
+
+
+class Explorer:
+    """Checks states of one recording under one model, caching what depends only on bytes or crash point."""
+
+    def __init__(self, rec: Recording, model: Model, seed: int) -> None:
+        self.rec = rec
+        self.model = model
+        self.seed = seed
+        self.materialiser = Materialiser(rec.base, rec.ops)
+        self.barriers = barrier_of(rec.ops, model)
+        self._opened: dict[tuple, Opened] = {}
+        self._legal: dict[int, Legal] = {}
+        self._judged: dict[tuple[int, tuple], str | None] = {}
+
+    def state(self, crash: int, outcomes: dict[int, str]) -> DiskState:
+        return self.materialiser.state(crash, outcomes, self.seed, self.model.torn_unit or 512)
+
+    def opened(self, state: DiskState) -> tuple[tuple, Opened]:
+        key = state.key()
+        result = self._opened.get(key)
+        if result is None:
+            result = self._opened[key] = open_state(state, self.rec.variant)
+        return key, result
+
+    def legal(self, crash: int) -> Legal:
+        legal = self._legal.get(crash)
+        if legal is None:
+            legal = self._legal[crash] = legal_at(self.rec, crash)
+        return legal
+
+    def check(self, crash: int, outcomes: dict[int, str]) -> tuple[tuple, str | None]:
+        """(image key, failure message or None) of one crash state."""
+        key, opened = self.opened(self.state(crash, outcomes))
+        extra = self.garbage_sectors(outcomes)
+        memo = (crash, key, extra)
+        if memo not in self._judged:
+            self._judged[memo] = judge(opened, self.legal(crash), dict(extra))
+        return key, self._judged[memo]
+
+    def garbage_sectors(self, outcomes: dict[int, str]) -> tuple[tuple[int, bytes], ...]:
+        """Guest sectors that a torn write filled with garbage, and the garbage.
+
+        A sector written only partly by the device (not sector-atomic) holds
+        bytes that are neither old nor new; in a data cluster no format with
+        in-place data can tell them from new data, so the oracle accepts that
+        garbage there, and only there.  Garbage in metadata must be survived.
+        """
+        out = []
+        unit = self.model.torn_unit or 512
+        cluster = self.rec.workload.cluster_size
+        first = max(ROOT_AREA_SIZE, cluster)
+        stride = REGION_STRIDE_CLUSTERS * cluster
+        for index, outcome in outcomes.items():
+            if not outcome.startswith("t:") or "g" not in outcome:
+                continue
+            op = self.rec.ops[index]
+            for k, ((offset, length), letter) in enumerate(zip(tear_units(op, unit), outcome[2:])):
+                if letter != "g":
+                    continue
+                junk = garbage(self.seed, index, k, length)
+                for pos in range(offset - offset % SECTOR_SIZE, offset + length, SECTOR_SIZE):
+                    region, within = divmod(pos - first, stride)
+                    if pos < first or not cluster <= within < stride - cluster:
+                        continue
+                    guest = region * CLUSTERS_PER_REGION * cluster + within - cluster
+                    # The guest sector as the device left it: garbage over the unit, the rest new.
+                    lo, hi = max(pos, offset), min(pos + SECTOR_SIZE, offset + length)
+                    sector = bytearray(op.data[pos - op.offset : pos - op.offset + SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")) \
+                        if pos >= op.offset else bytearray(SECTOR_SIZE)
+                    sector[lo - pos : hi - pos] = junk[lo - offset : hi - offset]
+                    out.append((guest // SECTOR_SIZE, bytes(sector)))
+        return tuple(sorted(out))
+
+    @property
+    def distinct_images(self) -> int:
+        return len(self._opened)
+
+    def plan(self, crash: int, outcomes: dict[int, str], **extra) -> Plan:
+        w = self.rec.workload
+        base_name, dropped = w.name, ()
+        if "@" in w.name:
+            base_name, _, rest = w.name.partition("@")
+            dropped = tuple(int(x) for x in rest.split(","))
+        return Plan(base_name, self.model.name, self.seed, crash, tuple(sorted(outcomes.items())), dropped,
+                    self.rec.variant, pending=tuple(pending_at(self.barriers, crash)), **extra)
+
+    def check_recovery(self, crash: int, outcomes: dict[int, str], limit_states: int = 400) -> Iterable[tuple[Plan, str | None]]:
+        """Crash the recovery of one state at every point (and the model's drops/tears): same result each time."""
+        first = self.opened(self.state(crash, outcomes))[1]
+        if first.problem or not first.exists:
+            return
+        trace = Trace()
+        open_state(self.state(crash, outcomes), self.rec.variant, trace)
+        rops = tuple(trace.ops)
+        rmat = Materialiser(self.state(crash, outcomes), rops)
+        count = 0
+        for _tier, rcrash, routcomes, _ in explore(rops, self.model, Budget(max_subset=3, subset_samples=4, torn_cap=9, torn_samples=4), self.seed):
+            if rcrash == len(rops) and not routcomes:
+                continue
+            again = open_state(rmat.state(rcrash, routcomes, self.seed, self.model.torn_unit or 512), self.rec.variant)
+            message = None
+            if again.problem:
+                message = "recovery after a crash during recovery: " + again.problem
+            elif (again.virtual_size, again.contents) != (first.virtual_size, first.contents):
+                message = "recovery is not idempotent: a crash during recovery recovers to different guest contents"
+            yield self.plan(crash, outcomes, recovery_crash=rcrash, recovery_outcomes=tuple(sorted(routcomes.items()))), message
+            count += 1
+            if count >= limit_states:
+                return
+
+
+def _timeline(rec: Recording) -> tuple[tuple, tuple]:
+    ops = tuple((op.kind, op.offset, op.length if op.kind != "pwrite" else len(op.data)) for op in rec.ops)
+    guest = tuple((e.kind, e.start, e.end) for e in rec.events)
+    return ops, guest
+
+
+def load_recording(workload: str, dropped: tuple[int, ...] = (), variant: str | None = None) -> Recording:
+    w = get_workload(workload)
+    if dropped:
+        w = attrs.evolve(w.without_steps(frozenset(dropped)), name=f"{w.name}@{','.join(map(str, dropped))}")
+    return record_workload(w, variant)
+
+
+def run_task(workload: str, model_name: str, budget: Budget = Budget(), seed: int = 0, variant: str | None = None,
+             stop_at_first: bool = False, shrink: bool = True, progress: Callable[[int], None] | None = None) -> TaskResult:
+    """Explore one workload under one model; the first failure is shrunk to a minimal replayable plan."""
+    started = time.perf_counter()
+    rec = load_recording(workload, variant=variant)
+    model = Model.parse(model_name)
+    ex = Explorer(rec, model, seed)
+    counts: dict[str, int] = {}
+    exhaustive: dict[str, bool] = {}
+    failures: list[Failure] = []
+    failing = 0
+    orphans = 0
+    ok_keys: dict[tuple, tuple[int, dict[int, str]]] = {}
+    ops_t, guest_t = _timeline(rec)
+
+    def note(tier: str, plan: Plan, message: str | None) -> bool:
+        nonlocal failing
+        counts[tier] = counts.get(tier, 0) + 1
+        if progress and counts[tier] % 256 == 0:
+            progress(256)
+        if message is None:
+            return False
+        failing += 1
+        if len(failures) < MAX_REPORTED_FAILURES:
+            failures.append(Failure(plan.to_string(), message, tier, ops_t, guest_t))
+        return True
+
+    for tier, crash, outcomes, exact in explore(rec.ops, model, budget, seed):
+        exhaustive[tier] = exhaustive.get(tier, True) and exact
+        key, message = ex.check(crash, outcomes)
+        opened = ex._opened[key]
+        if opened.orphans:
+            orphans += 1
+        if message is None and opened.exists and key not in ok_keys:
+            ok_keys[key] = (crash, outcomes)
+        if note(tier, ex.plan(crash, outcomes), message) and stop_at_first:
+            break
+    if not (stop_at_first and failures):
+        rng = random.Random(seed)
+        candidates = list(ok_keys.values())
+        rng.shuffle(candidates)
+        exhaustive["recovery"] = len(candidates) <= budget.recovery_images
+        for crash, outcomes in candidates[: budget.recovery_images]:
+            stop = False
+            for plan, message in ex.check_recovery(crash, outcomes):
+                if note("recovery", plan, message) and stop_at_first:
+                    stop = True
+                    break
+            if stop:
+                break
+    if failures and shrink:
+        first = failures[0]
+        small = shrink_plan(Plan.parse(first.plan), budget)
+        small_rec = load_recording(small.workload, small.dropped_steps, small.variant)
+        so, sg = _timeline(small_rec)
+        failures[0] = Failure(small.to_string(), replay(small)[1] or first.message, first.tier, so, sg)
+    if progress:
+        progress(sum(counts.values()) % 256)
+    return TaskResult(workload, model.name, variant, seed, len(rec.ops), counts, exhaustive, ex.distinct_images,
+                      orphans, tuple(failures), failing, time.perf_counter() - started)
+
+
+def replay(plan: Plan) -> tuple[Recording, str | None]:
+    """Re-run exactly the state a plan names; return the recording and the failure (None: state is fine)."""
+    rec = load_recording(plan.workload, plan.dropped_steps, plan.variant)
+    model = Model.parse(plan.model)
+    if plan.crash > len(rec.ops):
+        raise BadPlan(f"crash point {plan.crash} is past the {len(rec.ops)} ops of workload {plan.workload}")
+    ex = Explorer(rec, model, plan.seed)
+    pending = set(pending_at(ex.barriers, plan.crash))
+    outcomes = dict(plan.outcomes)
+    stray = set(outcomes) - pending
+    if stray:
+        raise BadPlan(f"ops {sorted(stray)} are not un-synced at crash point {plan.crash} under model {model.name}")
+    if plan.recovery_crash is None:
+        return rec, ex.check(plan.crash, outcomes)[1]
+    for candidate, message in ex.check_recovery(plan.crash, outcomes, limit_states=10**9):
+        if candidate.recovery_crash == plan.recovery_crash and candidate.recovery_outcomes == tuple(sorted(plan.recovery_outcomes)):
+            return rec, message
+    # Not among explored recovery states: materialise it directly.
+    state = ex.state(plan.crash, outcomes)
+    trace = Trace()
+    first = open_state(state.copy(), rec.variant, trace)
+    rstate = Materialiser(state, tuple(trace.ops)).state(plan.recovery_crash, dict(plan.recovery_outcomes), plan.seed,
+                                                         model.torn_unit or 512)
+    again = open_state(rstate, rec.variant)
+    if again.problem:
+        return rec, "recovery after a crash during recovery: " + again.problem
+    if (again.virtual_size, again.contents) != (first.virtual_size, first.contents):
+        return rec, "recovery is not idempotent"
+    return rec, None
+
+
+def _first_failure(workload: str, dropped: tuple[int, ...], variant: str | None, model: Model, budget: Budget,
+                   seed: int, limit: int = 20000) -> Plan | None:
+    try:
+        rec = load_recording(workload, dropped, variant)
+    except Exception:  # noqa: BLE001 - a shrunk workload may be invalid (e.g. a write past a dropped resize)
+        return None
+    ex = Explorer(rec, model, seed)
+    for k, (_tier, crash, outcomes, _) in enumerate(explore(rec.ops, model, budget, seed)):
+        if ex.check(crash, outcomes)[1] is not None:
+            return ex.plan(crash, outcomes)
+        if k >= limit:
+            break
+    return None
+
+
+def shrink_plan(plan: Plan, budget: Budget = Budget()) -> Plan:
+    """A smaller failing plan: fewer workload steps, then fewer deviating outcomes."""
+    model = Model.parse(plan.model)
+    if plan.recovery_crash is None:
+        steps = len(get_workload(plan.workload).steps)
+        dropped = set(plan.dropped_steps)
+        for j in reversed(range(steps)):
+            if j in dropped:
+                continue
+            candidate = _first_failure(plan.workload, tuple(sorted(dropped | {j})), plan.variant, model, budget, plan.seed)
+            if candidate is not None:
+                dropped.add(j)
+                plan = candidate
+    outcomes = dict(plan.outcomes)
+    for index in sorted(outcomes):
+        trial = dict(outcomes)
+        del trial[index]
+        if replay(attrs.evolve(plan, outcomes=tuple(sorted(trial.items()))))[1] is not None:
+            outcomes = trial
+            continue
+        if outcomes[index].startswith("t:"):
+            letters = list(outcomes[index][2:])
+            for k, letter in enumerate(letters):
+                if letter == "n":
+                    continue
+                letters[k] = "n"
+                trial = {**outcomes, index: "t:" + "".join(letters)}
+                if set(letters) != {"n"} and replay(attrs.evolve(plan, outcomes=tuple(sorted(trial.items()))))[1] is not None:
+                    outcomes = trial
+                else:
+                    letters[k] = letter
+    return attrs.evolve(plan, outcomes=tuple(sorted(outcomes.items())))
+
+
+def run_all(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: str | None = None, jobs: int = 1,
+            executor: Executor | None = None, on_done: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
+    """Run (workload, model) tasks, in this process or on an executor; results in task order."""
+    if executor is None and jobs <= 1:
+        results = []
+        for w, m in tasks:
+            result = run_task(w, m, budget, seed, variant)
+            if on_done:
+                on_done(result)
+            results.append(result)
+        return results
+    own = executor is None
+    executor = executor or ProcessPoolExecutor(max_workers=jobs)
+    try:
+        futures = [executor.submit(run_task, w, m, budget, seed, variant) for w, m in tasks]
+        results = []
+        for f in futures:
+            result = f.result()
+            if on_done:
+                on_done(result)
+            results.append(result)
+        return results
+    finally:
+        if own:
+            executor.shutdown()
