@@ -63,6 +63,9 @@ class MetadataRegion:
     region: int | None = None
 
 
+INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
+
+
 class Image:
     """A Lamina image opened for guest I/O.  Use `Image.create` or `Image.open`."""
 
@@ -70,6 +73,8 @@ class Image:
         self.path = path
         self._file: File | None = file
         self._root = root
+        self._geometry = root.geometry
+        self._intents = frozenset(root.intents)
         self._root_best = root_best
         self._writable = writable
         self._maps: dict[int, RegionMap] = {}
@@ -152,7 +157,7 @@ class Image:
 
     @property
     def geometry(self) -> Geometry:
-        return self._root.geometry
+        return self._geometry
 
     @property
     def virtual_size(self) -> int:
@@ -180,8 +185,13 @@ class Image:
             stop = min(end, (region + 1) * g.region_span)
             m = self._map(region)
             if m is not None and m.any_present():
-                data = self.file.pread(g.guest_to_file(pos), stop - pos).ljust(stop - pos, b"\0")
-                out[pos - offset : stop - offset] = self._mask_absent(m, pos, data)
+                data = self.file.pread(g.guest_to_file(pos), stop - pos)
+                if len(data) < stop - pos:
+                    data = data.ljust(stop - pos, b"\0")
+                data = self._mask_absent(m, pos, data)
+                if pos == offset and stop == end:
+                    return data  # the whole request in one region: no copy
+                out[pos - offset : stop - offset] = data
             pos = stop
         return bytes(out)
 
@@ -386,7 +396,13 @@ class Image:
 
     def _for_each_region(self, offset: int, length: int, action) -> None:
         """Run `action(pos, stop)` per region piece, after the pieces' regions are in the intent list."""
-        g = self.geometry
+        g = self._geometry
+        region = offset // g.region_span
+        if (offset + length - 1) // g.region_span == region:  # the common case: one region
+            if region not in self._intents:
+                self._ensure_intents({region})
+            action(offset, offset + length)
+            return
         pieces = []
         pos, end = offset, offset + length
         while pos < end:
@@ -402,19 +418,27 @@ class Image:
 
     def _ensure_intents(self, regions: set[int]) -> None:
         """Rule 1 of the protocol: a region is in the durable intent list before its first write."""
-        missing = regions - set(self._root.intents)
+        missing = regions - self._intents
         if not missing:
             return
         wanted = set(self._dirty) | regions
+        for region in missing:
+            if region - 1 in self._intents:
+                # A write stream moving forward: list the next regions now, one root write for several.
+                wanted.update(range(region, min(region + INTENT_READAHEAD, self._geometry.num_regions)))
         if len(wanted) > MAX_INTENTS:
             self.flush()
             wanted = set(regions)
+            if len(wanted) > MAX_INTENTS:
+                raise AssertionError("callers list at most MAX_INTENTS // 2 regions at a time")
         self._write_root(intents=tuple(sorted(wanted)))
 
     def _write_root(self, **changes: object) -> None:
         root = attrs.evolve(self._root, generation=self._root.generation + 1, **changes)
         self._root_best = write_root(self.file, root, self._root_best, self._unsynced)
         self._root = root
+        self._geometry = root.geometry
+        self._intents = frozenset(root.intents)
         self._unsynced = True
 
     def _mark(self, pos: int, stop: int, present: bool) -> None:
