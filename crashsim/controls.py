@@ -1,8 +1,10 @@
 """Negative controls: deliberately broken variants of the implementation (checkers with teeth).
 
 Each variant breaks one rule of `spec/protocol.py` by patching names in
-`lamina.impl.image` for the duration of a `variant(...)` block; `spec/` and
-`impl/` are never edited, and the spec's `check` stays the real one.  The
+`lamina.impl.image` (the implementation's view of the protocol) or, for
+recovery, module globals of `lamina.spec.protocol` for the duration of a
+`variant(...)` block; no file of `spec/` or `impl/` is edited, and the spec's
+`check` (which has its own bindings) stays the real one.  The
 manifest `CONTROLS` says, per variant, which rule it breaks, the model and
 workload that must catch it, and the expected result.  CI asserts each
 `expected: fails` variant is caught with a shrunk, replayable trace.
@@ -18,7 +20,6 @@ import attrs
 import lamina.impl.image as image_module
 from lamina.spec import protocol
 from lamina.spec.layout import ROOT_SIZE
-from lamina.spec.regionmap import RegionMap
 from lamina.spec.replication import Selection, select_map, select_root
 from lamina.spec.structures import MAP_CRC_OFFSET, ROOT_CRC_OFFSET, encode_map_copy, encode_root, structure_crc
 
@@ -108,32 +109,8 @@ def _trusting_select_map(copies, geometry, region, image_uuid) -> Selection:
     return select_map(fixed, geometry, region, image_uuid)
 
 
-def _recover_variant(trust: bool = False, reconcile: bool = True):
-    """spec.protocol.recover with one rule broken: checksums not verified, or regions not reconciled."""
-    pick_root = _trusting_select_root if trust else select_root
-    pick_map = _trusting_select_map if trust else select_map
-
-    def recover(file):
-        selection = pick_root(protocol.read_root_copies(file))
-        root, best = selection.value, selection.slot
-        geometry = root.geometry
-        if file.size() != geometry.file_length:
-            file.truncate(geometry.file_length)
-        maps = []
-        for region in root.intents:
-            chosen = pick_map(protocol.read_map_copies(file, geometry, region), geometry, region, root.image_uuid)
-            m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
-            if reconcile:
-                protocol.reconcile_region(file, geometry, m)
-            maps.append(m)
-        protocol.commit_maps(file, geometry, maps, root.image_uuid)
-        if root.intents or selection.problems:
-            root = attrs.evolve(root, intents=(), generation=root.generation + 1)
-            best = protocol.write_root(file, root, best, unsynced=True)
-        file.fsync()
-        return protocol.Recovered(root, best)
-
-    return recover
+def _no_reconcile(*args, **kwargs) -> None:
+    """reconcile_region that leaves a region's map as it was (recovery trusts stale checksums and presence)."""
 
 
 def _skip_intents(self, regions) -> None:
@@ -152,11 +129,11 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
     Control("root-without-barrier", "rule 3: every root write is preceded by an fsync of all earlier writes",
             "reorder", "multi-region", "fails", lambda: {"write_root": _write_root_no_barrier}),
     Control("trust-unverified-copy", "R7: recovery takes only a copy whose CRC32C verifies",
-            "torn", "allocate", "fails", lambda: {"recover": _recover_variant(trust=True)}),
+            "torn", "allocate", "fails", lambda: {"protocol:select_root": _trusting_select_root, "protocol:select_map": _trusting_select_map}),
     Control("no-reconcile", "recovery reconciles every region in the intent list",
-            "reorder", "overwrite", "fails", lambda: {"recover": _recover_variant(reconcile=False)}),
+            "reorder", "overwrite", "fails", lambda: {"protocol:reconcile_region": _no_reconcile}),
     Control("skip-data-fsync", "commit_maps' first fsync (data and earlier second copies before first copies)",
-            "reorder+torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_skip_data_fsync}),
+            "reorder+torn+namespace", "overwrite", "passes", lambda: {"commit_maps": _commit_maps_skip_data_fsync}),
 ]}
 
 
@@ -175,8 +152,9 @@ def variant(name: str | None) -> Iterator[None]:
     patches = get_control(name).patches()
     saved: list[tuple[object, str, object]] = []
     try:
-        for dotted, value in patches.items():
-            owner: object = image_module
+        for target, value in patches.items():
+            module, _, dotted = target.rpartition(":")
+            owner: object = protocol if module == "protocol" else image_module
             *path, attr = dotted.split(".")
             for part in path:
                 owner = getattr(owner, part)

@@ -26,7 +26,9 @@ same plan twice:
 - `subsets`: at the end of every epoch (just before a barrier, where the set
   of un-synced ops is largest, so under `reorder` every earlier crash point
   is one of these subsets), every subset of droppable ops when there are at
-  most K, else a seeded sample of stated size;
+  most K (and at most `max_combos` combinations), else a seeded sample of
+  stated size; under `torn` each op may also be torn (first sector garbage,
+  the rest old), so several writes tear at once;
 - `torn`: every old/new/garbage pattern of one write when there are at most
   `torn_cap` patterns, else a seeded sample.
 """
@@ -235,6 +237,22 @@ class Materialiser:
             state.apply(Op(PWRITE, op.target, offset, length, data))
 
 
+def _alternatives(op: Op, model: Model) -> list[str]:
+    """What else than `k` an un-synced op may do in the subsets tier: be lost, or torn.
+
+    The tear is garbage in the first sector and old bytes after it: a copy
+    whose new version differs from the old one only in its first sector
+    would otherwise tear into a whole old or whole new copy.
+    """
+    out = ["d"] if droppable(op, model) else []
+    if model.torn_unit and op.kind == PWRITE:
+        count = len(tear_units(op, model.torn_unit))
+        if not out:
+            out.append("t:" + "o" * count)  # lost whole: a tear with every sector old
+        out.append("t:g" + "o" * (count - 1))
+    return out
+
+
 def _targeted_tears(count: int) -> list[str]:
     if count < 2:
         return ["g"] if count == 1 else []
@@ -248,6 +266,7 @@ class Budget:
     """How thorough an exploration is: the K of exhaustive subsets and the sample sizes beyond it."""
 
     max_subset: int = 6
+    max_combos: int = 729  # exhaustive subsets (with tears: combinations) up to this many per crash point
     subset_samples: int = 32
     torn_cap: int = 81  # exhaustive tear patterns up to this many (3^4)
     torn_samples: int = 16
@@ -286,18 +305,24 @@ def explore(ops: tuple[Op, ...], model: Model, budget: Budget, seed: int) -> Ite
                     yield "targeted", crash, outcomes, True
     epoch_ends = [c for c in range(1, n + 1) if c == n or ops[c].kind in (FSYNC, FSYNC_DIR)]
     for crash in epoch_ends:
-        drops = [i for i in pendings[crash] if droppable(ops[i], model)]
-        if not drops:
+        choices = []
+        for i in pendings[crash]:
+            alternatives = _alternatives(ops[i], model)
+            if alternatives:
+                choices.append((i, alternatives))
+        if not choices:
             continue
-        if len(drops) <= budget.max_subset:
-            for r in range(2, len(drops) + 1):
-                for chosen in itertools.combinations(drops, r):
-                    outcomes = {i: "d" for i in chosen}
-                    if fresh(crash, outcomes):
-                        yield "subsets", crash, outcomes, True
+        combos = 1
+        for _, alternatives in choices:
+            combos *= 1 + len(alternatives)
+        if len(choices) <= budget.max_subset and combos <= budget.max_combos:
+            for picked in itertools.product(*[["k", *alts] for _, alts in choices]):
+                outcomes = {i: o for (i, _), o in zip(choices, picked) if o != "k"}
+                if len(outcomes) >= 2 and fresh(crash, outcomes):
+                    yield "subsets", crash, outcomes, True
         else:
             for _ in range(budget.subset_samples):
-                outcomes = {i: "d" for i in drops if rng.random() < 0.5}
+                outcomes = {i: rng.choice(alts) for i, alts in choices if rng.random() < 0.5}
                 if fresh(crash, outcomes):
                     yield "subsets", crash, outcomes, False
     if unit:
