@@ -16,12 +16,15 @@ cached by their identity; the legal set depends only on the crash point.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import attrs
 
 from lamina.impl.image import Image
+from lamina.spec.abstraction import abstract_image
 from lamina.spec.check import check_image
 from lamina.spec.errors import LaminaError
-from lamina.spec.layout import SECTOR_SIZE
+from lamina.spec.layout import SECTOR_SIZE, ZERO_SECTOR
 from lamina.spec.model import Disk
 
 from .controls import variant
@@ -35,7 +38,7 @@ class Opened:
 
     problem: str | None  # None when it opened and checked clean
     virtual_size: int = 0
-    contents: bytes = b""
+    contents: Mapping[int, bytes] = attrs.field(factory=dict)  # non-zero sectors, as the spec's abstraction function reads them
     exists: bool = True
     orphans: tuple[str, ...] = ()
 
@@ -45,7 +48,7 @@ class Legal:
     """The legal outcomes at one crash point."""
 
     sizes: frozenset[int]
-    flushed: bytes  # contents after the last acknowledged flush, at the largest legal size
+    flushed: Mapping[int, bytes]  # non-zero sectors after the last acknowledged flush
     alternatives: dict[int, frozenset[bytes]]  # sector -> values other than `flushed`'s allowed
     may_be_absent: bool
 
@@ -64,8 +67,8 @@ def open_state(state: DiskState, variant_name: str | None, trace: Trace | None =
                 kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
                 return Opened(f"check after recovery: exit {report.exit_code} ({kinds}): {report.findings[0].message}",
                               orphans=orphans)
-            contents = image.read(0, image.virtual_size)
-            return Opened(None, image.virtual_size, contents, orphans=orphans)
+            disk = abstract_image(image.file)
+            return Opened(None, disk.virtual_size, disk.sectors, orphans=orphans)
     except LaminaError as exc:
         return Opened(f"open (recovery) failed: {type(exc).__name__}: {exc}", orphans=orphans)
     except Exception as exc:  # noqa: BLE001 - an implementation crash is a finding, not a simulator error
@@ -86,15 +89,13 @@ def legal_at(rec: Recording, crash: int) -> Legal:
             after.append(event)
     if flushed_disk is None:  # crash inside create: no image, or an empty one
         create = rec.events[0]
-        return Legal(frozenset({create.disk.virtual_size}), bytes(create.disk.virtual_size), {}, True)
+        return Legal(frozenset({create.disk.virtual_size}), {}, {}, True)
     sizes = {flushed_disk.virtual_size} | {e.disk.virtual_size for e in after if e.kind == "resize"}
-    largest = max(sizes)
-    flushed = flushed_disk.read(0, flushed_disk.virtual_size).ljust(largest, b"\0")
+    flushed = flushed_disk.sectors
     alternatives: dict[int, set[bytes]] = {}
     for event in after:
         for sector, value in event.changes:
-            base = flushed[sector * SECTOR_SIZE : (sector + 1) * SECTOR_SIZE]
-            if value != base:
+            if value != flushed.get(sector, ZERO_SECTOR):
                 alternatives.setdefault(sector, set()).add(value)
     return Legal(frozenset(sizes), flushed, {s: frozenset(v) for s, v in alternatives.items()}, not created)
 
@@ -110,25 +111,17 @@ def judge(opened: Opened, legal: Legal, garbage: dict[int, bytes] | None = None)
         return None if legal.may_be_absent else "the image vanished although its creation had returned"
     if opened.virtual_size not in legal.sizes:
         return f"virtual size {opened.virtual_size} is none of the legal sizes {sorted(legal.sizes)}"
-    size = opened.virtual_size
-    expected = legal.flushed[:size]
-    actual = opened.contents
-    if actual == expected:
-        return None
-    buf = bytearray(actual)
-    for sector, values in legal.alternatives.items():
-        lo = sector * SECTOR_SIZE
-        if lo < size and actual[lo : lo + SECTOR_SIZE] in values:
-            buf[lo : lo + SECTOR_SIZE] = expected[lo : lo + SECTOR_SIZE]
-    for sector, value in (garbage or {}).items():
-        lo = sector * SECTOR_SIZE
-        if lo < size and actual[lo : lo + SECTOR_SIZE] == value:
-            buf[lo : lo + SECTOR_SIZE] = expected[lo : lo + SECTOR_SIZE]
-    if buf == expected:
-        return None
-    for lo in range(0, size, SECTOR_SIZE):
-        if buf[lo : lo + SECTOR_SIZE] != expected[lo : lo + SECTOR_SIZE]:
-            allowed = 1 + len(legal.alternatives.get(lo // SECTOR_SIZE, ()))
-            return (f"guest sector {lo // SECTOR_SIZE} (offset {lo}) reads {bytes(actual[lo:lo + 8]).hex()}..., "
-                    f"none of its {allowed} legal values (flushed {expected[lo:lo + 8].hex()}...)")
-    return "guest contents differ from every legal outcome"
+    limit = opened.virtual_size // SECTOR_SIZE
+    actual, flushed = opened.contents, legal.flushed
+    garbage = garbage or {}
+    for sector in set(actual) | set(flushed):
+        if sector >= limit:
+            continue
+        value = actual.get(sector, ZERO_SECTOR)
+        old = flushed.get(sector, ZERO_SECTOR)
+        if value == old or value in legal.alternatives.get(sector, ()) or garbage.get(sector) == value:
+            continue
+        allowed = 1 + len(legal.alternatives.get(sector, ()))
+        return (f"guest sector {sector} (offset {sector * SECTOR_SIZE}) reads {value[:8].hex()}..., "
+                f"none of its {allowed} legal values (flushed {old[:8].hex()}...)")
+    return None

@@ -1,0 +1,176 @@
+"""`crashsim`: explore crash states, inject corruption, replay a plan.
+
+Exit codes: 0 everything passed; 1 a failing crash state, an undetected or
+unrepaired fault, or a replayed plan that still fails; 2 bad usage
+(argparse); 4 a simulator error; 5 a bad plan; 6 an unknown workload, model
+or control.  Errors print on one line, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import attrs
+
+from lamina.spec.errors import LaminaError
+
+from .controls import CONTROLS, get_control
+from .errors import CrashsimError
+from .explore import DEFAULT_MODELS, Budget, Model, Plan
+from .inject import inject_workload
+from .report import html_report, replay_command, summary_lines
+from .runner import replay, run_all, run_task
+from .workloads import LIBRARY, get_workload
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crashsim", description="Crash-state explorer for Lamina images.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="explore the crash states of workloads under persistence models")
+    run.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"library workloads (default: all): {', '.join(LIBRARY)}")
+    run.add_argument("--random", type=int, default=0, metavar="N", help="also run N seeded random workloads")
+    run.add_argument("--model", default=",".join(DEFAULT_MODELS),
+                     help="comma-separated models; combine flags with + (e.g. strict,reorder+torn,namespace)")
+    run.add_argument("--max-subset", type=int, default=Budget().max_subset, metavar="K",
+                     help="exhaustive subsets when at most K un-synced ops (else a seeded sample)")
+    run.add_argument("--samples", type=int, default=Budget().subset_samples, help="sampled subsets per crash point beyond K")
+    run.add_argument("--recovery-images", type=int, default=Budget().recovery_images,
+                     help="crashed images whose recovery is itself crashed, per workload and model")
+    run.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--control", help=f"run a broken variant (negative control): {', '.join(CONTROLS)}")
+    run.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
+    run.add_argument("--output", choices=["human", "json"], default="human")
+    inject = sub.add_parser("inject", help="inject corruption into metadata and data; judge detection and repair")
+    inject.add_argument("workloads", nargs="*", metavar="WORKLOAD")
+    inject.add_argument("--seed", type=int, default=0)
+    inject.add_argument("--report", metavar="FILE.html")
+    inject.add_argument("--output", choices=["human", "json"], default="human")
+    rep = sub.add_parser("replay", help="re-run exactly the crash state a plan names")
+    rep.add_argument("plan")
+    rep.add_argument("--output", choices=["human", "json"], default="human")
+    sub.add_parser("controls", help="run every negative control and say whether each is caught")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    names = list(args.workloads) or list(LIBRARY)
+    for name in names:
+        get_workload(name)
+    names += [f"random-{args.seed + i}-8" for i in range(args.random)]
+    models = [Model.parse(m).name for m in args.model.split(",") if m]
+    if args.control:
+        get_control(args.control)
+    budget = Budget(max_subset=args.max_subset, subset_samples=args.samples, recovery_images=args.recovery_images)
+    tasks = [(w, m) for w in names for m in models]
+    started = time.perf_counter()
+    human = args.output == "human"
+    bar = None
+    if human:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), unit="task", desc="exploring", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def done(result) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{result.workload}/{result.model}: {result.states} states")
+            bar.update(1)
+
+    results = run_all(tasks, budget, args.seed, args.control, args.jobs, on_done=done)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - started
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as fh:
+            fh.write(html_report(results, seconds=seconds))
+    if human:
+        print("\n".join(summary_lines(results, seconds)))
+    else:
+        print(json.dumps({"seconds": seconds, "seed": args.seed,
+                          "budget": attrs.asdict(budget),
+                          "results": [{**attrs.asdict(r, filter=lambda a, v: a.name != "failures"),
+                                       "states": r.states,
+                                       "failures": [{"plan": f.plan, "message": f.message, "tier": f.tier,
+                                                     "replay": replay_command(f.plan)} for f in r.failures]}
+                                      for r in results]}, indent=1))
+    return 1 if any(r.failing_states for r in results) else 0
+
+
+def _cmd_inject(args: argparse.Namespace) -> int:
+    names = list(args.workloads) or [n for n in LIBRARY if not LIBRARY[n].create_in_trace]
+    results = [inject_workload(n, args.seed) for n in names]
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as fh:
+            fh.write(html_report([], results))
+    if args.output == "json":
+        print(json.dumps([{"workload": r.workload, "counts": r.counts, "failures": list(r.failures)} for r in results], indent=1))
+    else:
+        print(f"{'workload':<16} {'region':<6} {'fault':<12} {'injected':>8} {'detected':>8} {'repaired':>8}")
+        for r in results:
+            for region, kinds in r.counts.items():
+                for fault, (n, detected, repaired) in kinds.items():
+                    print(f"{r.workload:<16} {region:<6} {fault:<12} {n:>8} {detected:>8} {repaired if region != 'data' else 'n/a':>8}")
+        for region in ("root", "map", "data"):
+            n = sum(r.total(region, 0) for r in results)
+            d = sum(r.total(region, 1) for r in results)
+            rep = sum(r.total(region, 2) for r in results)
+            print(f"{region}: {d}/{n} detected" + (f", {rep}/{n} repaired with every committed byte intact" if region != "data" else
+                                                    " (data is one copy in format v1: detection only)"))
+        for r in results:
+            for f in r.failures:
+                print("FAIL " + f)
+    return 1 if any(r.failures for r in results) else 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    plan = Plan.parse(args.plan)
+    rec, message = replay(plan)
+    if args.output == "json":
+        print(json.dumps({"plan": plan.to_string(), "ops": len(rec.ops), "failure": message}))
+    else:
+        print(f"workload {plan.workload} ({len(rec.ops)} ops), model {plan.model}, crash after op {plan.crash}"
+              + (f", variant {plan.variant}" if plan.variant else ""))
+        for i in plan.pending:
+            op = rec.ops[i]
+            outcome = dict(plan.outcomes).get(i, "k")
+            print(f"  un-synced op {i}: {op.kind} offset {op.offset} length {len(op.data) or op.length} -> "
+                  f"{ {'k': 'kept', 'd': 'dropped'}.get(outcome, 'torn ' + outcome[2:]) }")
+        print(f"FAIL: {message}" if message else "ok: the state recovers, checks clean and reads a legal outcome")
+    return 1 if message else 0
+
+
+def _cmd_controls() -> int:
+    bad = 0
+    for c in CONTROLS.values():
+        result = run_task(c.workload, c.model, Budget(), 0, c.name, stop_at_first=True)
+        caught = "fails" if result.failing_states else "passes"
+        ok = caught == c.expected
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} {c.name:<24} expected {c.expected:<6} got {caught:<6} ({c.model}, {c.workload}, {result.states} states)")
+        if result.failures:
+            print(f"    {result.failures[0].message}\n    {replay_command(result.failures[0].plan)}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "inject":
+            return _cmd_inject(args)
+        if args.command == "replay":
+            return _cmd_replay(args)
+        return _cmd_controls()
+    except CrashsimError as exc:
+        print(f"crashsim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except LaminaError as exc:
+        print(f"crashsim: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 4
+
+
+if __name__ == "__main__":
+    sys.exit(main())
