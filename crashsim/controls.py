@@ -21,7 +21,7 @@ import lamina.impl.image as image_module
 from lamina.spec import protocol
 from lamina.spec.layout import ROOT_SIZE
 from lamina.spec.replication import Selection, select_map, select_root
-from lamina.spec.structures import MAP_CRC_OFFSET, ROOT_CRC_OFFSET, encode_map_copy, encode_root, structure_crc
+from lamina.spec.structures import MAP_CRC_OFFSET, ROOT_CRC_OFFSET, structure_crc
 
 from .errors import UnknownControl
 
@@ -37,59 +37,53 @@ class Control:
 
 
 # ------------------------------------------------------------------ broken commits
+# Built around the real protocol functions, so they follow the spec as it evolves
+# and differ from it only in the one step they break.
+class _SkipFsync:
+    """A File that forwards everything except the fsync calls `skip(n)` selects (n counts from 0)."""
+
+    def __init__(self, file, skip: Callable[[int], bool]) -> None:
+        self._file = file
+        self._skip = skip
+        self._count = 0
+
+    def fsync(self) -> None:
+        n = self._count
+        self._count += 1
+        if not self._skip(n):
+            self._file.fsync()
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
 def _commit_maps_skip_data_fsync(file, geometry, maps, image_uuid) -> None:
-    """commit_maps without the fsync that orders data (and earlier second copies) before first copies."""
-    if not maps:
-        file.fsync()
-        return
-    for m in maps:
-        m.generation += 1
-        file.pwrite(geometry.map_copy_offset(m.region, 1 - m.best_slot), encode_map_copy(m.to_copy(1 - m.best_slot, image_uuid), geometry))
-    file.fsync()
-    for m in maps:
-        file.pwrite(geometry.map_copy_offset(m.region, m.best_slot), encode_map_copy(m.to_copy(m.best_slot, image_uuid), geometry))
-        m.best_slot = 1 - m.best_slot
+    """commit_maps without its first fsync (data and earlier second copies before first copies)."""
+    protocol.commit_maps(_SkipFsync(file, lambda n: n == 0 and bool(maps)), geometry, maps, image_uuid)
 
 
 def _commit_maps_skip_copy_fsync(file, geometry, maps, image_uuid) -> None:
-    """commit_maps that writes both copies with no fsync between them (breaks rule 2)."""
-    file.fsync()
-    for m in maps:
-        m.generation += 1
-        for slot in (1 - m.best_slot, m.best_slot):
-            file.pwrite(geometry.map_copy_offset(m.region, slot), encode_map_copy(m.to_copy(slot, image_uuid), geometry))
-        m.best_slot = 1 - m.best_slot
+    """commit_maps with no fsync between the first and the second copies (breaks rule 2)."""
+    protocol.commit_maps(_SkipFsync(file, lambda n: n == 1), geometry, maps, image_uuid)
 
 
 def _commit_maps_current_slot_first(file, geometry, maps, image_uuid) -> None:
-    """commit_maps that overwrites the slot holding the durable current copy first, before any fsync."""
+    """commit_maps that writes the slot holding the durable current copy first, with no fsync before it."""
     for m in maps:
-        m.generation += 1
-        file.pwrite(geometry.map_copy_offset(m.region, m.best_slot), encode_map_copy(m.to_copy(m.best_slot, image_uuid), geometry))
-    file.fsync()
-    for m in maps:
-        file.pwrite(geometry.map_copy_offset(m.region, 1 - m.best_slot), encode_map_copy(m.to_copy(1 - m.best_slot, image_uuid), geometry))
-    if not maps:
-        file.fsync()
+        m.best_slot = 1 - m.best_slot
+    protocol.commit_maps(_SkipFsync(file, lambda n: n == 0 and bool(maps)), geometry, maps, image_uuid)
 
 
 def _write_root_skip_copy_fsync(file, root, best_slot, unsynced) -> int:
     """write_root with no fsync between the two root copies (breaks rule 2 for the root)."""
     if unsynced:
         file.fsync()
-    first = 1 - best_slot
-    file.pwrite(first * ROOT_SIZE, encode_root(attrs.evolve(root, slot=first)))
-    file.pwrite(best_slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=best_slot)))
-    return first
+    return protocol.write_root(_SkipFsync(file, lambda n: True), root, best_slot, False)
 
 
 def _write_root_no_barrier(file, root, best_slot, unsynced) -> int:
     """write_root without the fsync before it (breaks rule 3: the root may overtake data and maps)."""
-    first = 1 - best_slot
-    file.pwrite(first * ROOT_SIZE, encode_root(attrs.evolve(root, slot=first)))
-    file.fsync()
-    file.pwrite(best_slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=best_slot)))
-    return first
+    return protocol.write_root(file, root, best_slot, False)
 
 
 # ------------------------------------------------------------------ broken recovery

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import attrs
 
 from .errors import BadPlan
-from lamina.spec.layout import CLUSTERS_PER_REGION, REGION_STRIDE_CLUSTERS, ROOT_AREA_SIZE, SECTOR_SIZE
+from lamina.spec.layout import CLUSTERS_PER_REGION, SECTOR_SIZE, Geometry
 
 from .explore import Budget, Materialiser, Model, Plan, barrier_of, explore, garbage, pending_at, tear_units
 from .memstore import DiskState, Trace
@@ -105,8 +105,8 @@ class Explorer:
         out = []
         unit = self.model.torn_unit or 512
         cluster = self.rec.workload.cluster_size
-        first = max(ROOT_AREA_SIZE, cluster)
-        stride = REGION_STRIDE_CLUSTERS * cluster
+        geometry = Geometry(cluster.bit_length() - 1, 0)
+        first, stride = geometry.first_region_offset, geometry.region_stride
         for index, outcome in outcomes.items():
             if not outcome.startswith("t:") or "g" not in outcome:
                 continue
