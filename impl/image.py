@@ -17,8 +17,9 @@ from lamina.spec.errors import ImageClosed, InvalidArgument, OutOfBounds, ReadOn
 from lamina.spec.layout import (
     CLUSTERS_PER_REGION,
     DEFAULT_CLUSTER_BITS,
+    MAX_BASE_PATH,
     MAX_INTENTS,
-    ROOT_SIZE,
+    root_copy_offset,
     SECTOR_SIZE,
     Geometry,
     allocated_regions,
@@ -34,10 +35,11 @@ from lamina.spec.protocol import (
     recover,
     write_root,
 )
-from lamina.spec.regionmap import RegionMap, zero_absent
+from lamina.spec.regionmap import RegionMap, absent_runs, zero_absent
 from lamina.spec.replication import select_map, select_root
 from lamina.spec.storage import File, Storage
-from lamina.spec.structures import KNOWN_AUTOCLEAR_FEATURES, Root, encode_root
+from lamina.spec.references import ChainWalk, ImageContext, check_identity, resolve_base
+from lamina.spec.structures import BASE_LAMINA, BASE_RAW, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root
 
 from .osfile import OsStorage
 
@@ -66,10 +68,26 @@ class MetadataRegion:
 INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
 
 
+class RawBase:
+    """A raw file as the bottom of a chain: its bytes are the guest's, and it is never written."""
+
+    def __init__(self, path: str, file: File) -> None:
+        self.path = path
+        self._file = file
+        self.virtual_size = file.size()
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._file.pread(offset, length).ljust(length, b"\0")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class Image:
     """A Lamina image opened for guest I/O.  Use `Image.create` or `Image.open`."""
 
-    def __init__(self, path: str, file: File, root: Root, root_best: int, writable: bool) -> None:
+    def __init__(self, path: str, file: File, root: Root, root_best: int, writable: bool,
+                 storage: Storage, context: ImageContext, base: "Image | RawBase | None" = None) -> None:
         self.path = path
         self._file: File | None = file
         self._root = root
@@ -77,55 +95,71 @@ class Image:
         self._intents = frozenset(root.intents)
         self._root_best = root_best
         self._writable = writable
+        self._storage = storage
+        self.context = context
+        self.base = base
         self._maps: dict[int, RegionMap] = {}
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
         self._unsynced = False
+        self._content_changed = False  # whether data_generation was bumped since open
+        self.preserve_content = False  # set by merges: they copy bytes the guest already sees
 
     # ----------------------------------------------------------------- life cycle
     @classmethod
-    def create(cls, path: str, virtual_size: int, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
-               storage: Storage | None = None) -> "Image":
-        """Create an image atomically: it appears complete under `path`, or not at all."""
+    def create(cls, path: str, virtual_size: int | None = None, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
+               storage: Storage | None = None, base: str | None = None, base_format: str | None = None,
+               allow_bases: tuple[str, ...] = ()) -> "Image":
+        """Create an image atomically: it appears complete under `path`, or not at all.
+
+        With `base`, the new image starts as a copy-free overlay of that raw
+        file or Lamina image; its virtual size defaults to the base's.
+        """
         storage = storage or OsStorage()
-        check_virtual_size(virtual_size)
         bits = cluster_size_to_bits(cluster_size)
         if storage.exists(path):
             raise InvalidArgument(f"{path}: already exists")
-        root = Root(cluster_bits=bits, virtual_size=virtual_size, image_uuid=uuid.uuid4().bytes)
-        temporary = f"{path}.creating"
-        file = storage.create(temporary)
-        try:
-            file.truncate(root.geometry.file_length)
-            for slot in (0, 1):
-                file.pwrite(slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=slot)))
-            file.fsync()
-        except BaseException:
-            file.close()
-            storage.unlink(temporary)
-            raise
-        file.close()
-        storage.rename(temporary, path)
-        storage.fsync_dir(os.path.dirname(path))
-        return cls.open(path, storage=storage)
+        if virtual_size is None and base is None:
+            raise InvalidArgument("a size is needed for an image without a base")
+        context = ImageContext.for_top(path, allow_bases)
+        root = Root(cluster_bits=bits, virtual_size=0, image_uuid=uuid.uuid4().bytes)
+        if base is not None:
+            root = reference_base(root, base, base_format, context, storage)
+        size = root.base_size if virtual_size is None else virtual_size
+        check_virtual_size(size)
+        root = attrs.evolve(root, virtual_size=size)
+        write_new_layer(storage, path, root)
+        return cls.open(path, storage=storage, allow_bases=allow_bases)
 
     @classmethod
-    def open(cls, path: str, readonly: bool = False, storage: Storage | None = None) -> "Image":
-        """Open an image; a writable open recovers it from any crash first (no repair pass needed)."""
+    def open(cls, path: str, readonly: bool = False, storage: Storage | None = None,
+             allow_bases: tuple[str, ...] = (), context: ImageContext | None = None,
+             walk: ChainWalk | None = None) -> "Image":
+        """Open an image and its chain of bases; a writable open recovers it from any crash first."""
         storage = storage or OsStorage()
+        context = context or ImageContext.for_top(path, allow_bases)
+        walk = walk or ChainWalk()
+        walk.visit(os.path.realpath(path), path)
         file = storage.open(path, writable=not readonly)
+        base: Image | RawBase | None = None
         try:
             if readonly:
                 selection = select_root(read_root_copies(file))
                 assert selection.value is not None
-                return cls(path, file, selection.value, selection.slot, False)
-            recovered = recover(file)
-            image = cls(path, file, recovered.root, recovered.root_best_slot, True)
-            unknown = recovered.root.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0)
-            if unknown:
-                image._write_root(autoclear_features=recovered.root.autoclear_features & ~unknown)
+                root, best = selection.value, selection.slot
+            else:
+                recovered = recover(file)
+                root, best = recovered.root, recovered.root_best_slot
+            base = open_base(root, context, storage, walk, path)
+            image = cls(path, file, root, best, not readonly, storage, context, base)
+            if not readonly:
+                unknown = root.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0)
+                if unknown:
+                    image._write_root(autoclear_features=root.autoclear_features & ~unknown)
             return image
         except BaseException:
             file.close()
+            if base is not None:
+                base.close()
             raise
 
     def close(self) -> None:
@@ -143,6 +177,8 @@ class Image:
         finally:
             self._file.close()
             self._file = None
+            if self.base is not None:
+                self.base.close()
 
     def __enter__(self) -> "Image":
         return self
@@ -175,25 +211,43 @@ class Image:
 
     # ----------------------------------------------------------------- guest I/O
     def read(self, offset: int, length: int) -> bytes:
-        """The guest's bytes at [offset, offset+length); absent sectors read as zero."""
+        """The guest's bytes at [offset, offset+length); absent sectors read from the base, or as zero."""
         self._check_range(offset, length)
-        g = self.geometry
+        g = self._geometry
+        region = offset // g.region_span
+        end = offset + length
+        if length and (end - 1) // g.region_span == region:
+            return self._read_piece(region, offset, end)  # the whole request in one region: no copy
         out = bytearray(length)
-        pos, end = offset, offset + length
+        pos = offset
         while pos < end:
-            region = g.region_of(pos)
-            stop = min(end, (region + 1) * g.region_span)
-            m = self._map(region)
-            if m is not None and m.any_present():
-                data = self.file.pread(g.guest_to_file(pos), stop - pos)
-                if len(data) < stop - pos:
-                    data = data.ljust(stop - pos, b"\0")
-                data = self._mask_absent(m, pos, data)
-                if pos == offset and stop == end:
-                    return data  # the whole request in one region: no copy
-                out[pos - offset : stop - offset] = data
+            stop = min(end, (pos // g.region_span + 1) * g.region_span)
+            out[pos - offset : stop - offset] = self._read_piece(pos // g.region_span, pos, stop)
             pos = stop
         return bytes(out)
+
+    def _read_piece(self, region: int, pos: int, stop: int) -> bytes:
+        m = self._map(region)
+        if m is None or not m.any_present():
+            return self._read_base(pos, stop - pos)
+        data = self.file.pread(self._geometry.guest_to_file(pos), stop - pos)
+        if len(data) < stop - pos:
+            data = data.ljust(stop - pos, b"\0")
+        runs = self._absent_runs(m, pos, stop)
+        if not runs:
+            return data
+        out = bytearray(data)
+        for lo, hi in runs:
+            out[lo - pos : hi - pos] = self._read_base(lo, hi - lo)
+        return bytes(out)
+
+    def _read_base(self, offset: int, length: int) -> bytes:
+        """Bytes of the base below this layer; zero where there is none or past its end."""
+        if self.base is None or offset >= self.base.virtual_size:
+            return bytes(length)
+        inside = min(length, self.base.virtual_size - offset)
+        data = self.base.read(offset, inside)
+        return data if inside == length else data + bytes(length - inside)
 
     def write(self, offset: int, data: bytes) -> None:
         """Write guest bytes; unaligned edges are merged with the sectors around them."""
@@ -269,11 +323,11 @@ class Image:
         if virtual_size >= old.virtual_size:
             self.file.truncate(new.file_length)
             self._unsynced = True
-            self._write_root(virtual_size=virtual_size)
+            self._write_root(virtual_size=virtual_size, **self._content_change())
             return
         last = virtual_size // new.region_span if virtual_size % new.region_span else None
         intents = (last,) if last is not None else ()
-        self._write_root(virtual_size=virtual_size, intents=intents)
+        self._write_root(virtual_size=virtual_size, intents=intents, **self._content_change())
         self._maps = {r: m for r, m in self._maps.items() if r < new.num_regions}
         self.file.truncate(new.file_length)
         if last is not None:
@@ -332,7 +386,8 @@ class Image:
     def metadata_regions(self) -> list[MetadataRegion]:
         """Every metadata structure in the file: both root copies and both copies of each written map."""
         g = self.geometry
-        out = [MetadataRegion(slot * ROOT_SIZE, ROOT_SIZE, "root", slot) for slot in (0, 1)]
+        length = len(encode_root(self._root))
+        out = [MetadataRegion(root_copy_offset(slot), length, "root", slot) for slot in (0, 1)]
         for region in self._regions_in_use():
             if self._map(region) is None:
                 continue
@@ -370,29 +425,27 @@ class Image:
         self._maps[region] = m
         return m
 
-    def _mask_absent(self, m: RegionMap, pos: int, data: bytes) -> bytes:
-        """Zero the bytes of absent sectors in a run read from one region's file range."""
-        g = self.geometry
+    def _absent_runs(self, m: RegionMap, pos: int, stop: int) -> list[tuple[int, int]]:
+        """Guest ranges [lo, hi) within [pos, stop) whose sectors are absent from this layer."""
+        g = self._geometry
         spc = g.sectors_per_cluster
         full = (1 << spc) - 1
-        out: bytearray | None = None
         base = m.region * g.region_span
-        c_first = (pos - base) // g.cluster_size
-        c_last = (pos - base + len(data) - 1) // g.cluster_size
-        for c in range(c_first, c_last + 1):
+        runs: list[tuple[int, int]] = []
+        for c in range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1):
             mask = m.cluster_mask(c)
             if mask == full:
                 continue
-            if out is None:
-                out = bytearray(data)
             cluster_start = base + c * g.cluster_size
-            for k in range(spc):
-                if not mask >> k & 1:
-                    lo = max(pos, cluster_start + k * SECTOR_SIZE) - pos
-                    hi = min(pos + len(data), cluster_start + (k + 1) * SECTOR_SIZE) - pos
-                    if lo < hi:
-                        out[lo:hi] = bytes(hi - lo)
-        return data if out is None else bytes(out)
+            for start, count in absent_runs(mask, spc):
+                lo = max(pos, cluster_start + start * SECTOR_SIZE)
+                hi = min(stop, cluster_start + (start + count) * SECTOR_SIZE)
+                if lo < hi:
+                    if runs and runs[-1][1] == lo:
+                        runs[-1] = (runs[-1][0], hi)
+                    else:
+                        runs.append((lo, hi))
+        return runs
 
     def _for_each_region(self, offset: int, length: int, action) -> None:
         """Run `action(pos, stop)` per region piece, after the pieces' regions are in the intent list."""
@@ -431,7 +484,19 @@ class Image:
             wanted = set(regions)
             if len(wanted) > MAX_INTENTS:
                 raise AssertionError("callers list at most MAX_INTENTS // 2 regions at a time")
-        self._write_root(intents=tuple(sorted(wanted)))
+        self._write_root(intents=tuple(sorted(wanted)), **self._content_change())
+
+    def _content_change(self) -> dict[str, int]:
+        """The first root write after open that precedes a guest write bumps `data_generation`, once.
+
+        Children record their base's data generation, so a base written to
+        after a child was made on it is detected; merges, which copy bytes
+        the guest already sees, leave it alone.
+        """
+        if self._content_changed or self.preserve_content:
+            return {}
+        self._content_changed = True
+        return {"data_generation": self._root.data_generation + 1}
 
     def _write_root(self, **changes: object) -> None:
         root = attrs.evolve(self._root, generation=self._root.generation + 1, **changes)
@@ -457,6 +522,77 @@ class Image:
         self._mark(pos, pos + len(data), True)
 
     def _zero_segment(self, pos: int, stop: int) -> None:
+        """Punch the bytes; over a base the sectors stay present (as holes) so the base does not show through."""
         self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
         self._unsynced = True
-        self._mark(pos, stop, False)
+        self._mark(pos, stop, self.base is not None)
+
+
+def write_new_layer(storage: Storage, path: str, root: Root) -> None:
+    """Write a complete new layer file under `path`: `path.creating`, fsync, rename, fsync the directory."""
+    temporary = f"{path}.creating"
+    if storage.exists(temporary):
+        storage.unlink(temporary)  # left by a crash during an earlier create: never visible, never used
+    file = storage.create(temporary)
+    try:
+        file.truncate(root.geometry.file_length)
+        for slot in (0, 1):
+            file.pwrite(root_copy_offset(slot), encode_root(attrs.evolve(root, slot=slot)))
+        file.fsync()
+    except BaseException:
+        file.close()
+        storage.unlink(temporary)
+        raise
+    file.close()
+    storage.rename(temporary, path)
+    storage.fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWalk, where: str) -> "Image | RawBase | None":
+    """Open a layer's base read-only, after checking that it may be followed and is the one recorded."""
+    real = resolve_base(root, context, where)
+    if real is None:
+        return None
+    if root.base_kind == BASE_RAW:
+        walk.visit(real, where)
+        raw = RawBase(real, storage.open(real, writable=False))
+        try:
+            check_identity(root, None, raw.virtual_size, where)
+        except BaseException:
+            raw.close()
+            raise
+        return raw
+    base = Image.open(real, readonly=True, storage=storage, context=context, walk=walk)
+    try:
+        check_identity(root, base.root, base.virtual_size, where)
+    except BaseException:
+        base.close()
+        raise
+    return base
+
+
+def reference_base(root: Root, base: str, base_format: str | None, context: ImageContext, storage: Storage) -> Root:
+    """`root` made to reference `base` (a path as the user gave it), with the identity found there."""
+    name = base if os.path.isabs(base) else os.path.relpath(os.path.abspath(base), context.top_dir)
+    kind = {"raw": BASE_RAW, "lamina": BASE_LAMINA, None: BASE_RAW}.get(base_format)
+    if kind is None:
+        raise InvalidArgument(f"base format must be raw or lamina, not {base_format!r}")
+    if len(name.encode("utf-8")) > MAX_BASE_PATH:
+        raise InvalidArgument(f"base path is longer than {MAX_BASE_PATH} bytes")
+    real = resolve_base(attrs.evolve(root, base_kind=kind, base_path=name), context, "base")
+    assert real is not None
+    file = storage.open(real, writable=False)
+    try:
+        size = file.size()
+        if base_format is None and file.pread(0, len(ROOT_MAGIC)) == ROOT_MAGIC:
+            kind = BASE_LAMINA
+    finally:
+        file.close()
+    probe = attrs.evolve(root, base_kind=kind, base_path=name)
+    if kind == BASE_RAW:
+        if size % SECTOR_SIZE:
+            raise InvalidArgument(f"raw base {base} is {size} bytes, not a multiple of {SECTOR_SIZE}")
+        return attrs.evolve(probe, base_size=size)
+    with Image.open(real, readonly=True, storage=storage, context=context) as image:
+        return attrs.evolve(probe, base_uuid=image.root.image_uuid, base_size=image.virtual_size,
+                            base_data_generation=image.root.data_generation)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import attrs
 
 from .errors import FormatError
-from .layout import CLUSTERS_PER_REGION, ROOT_AREA_SIZE, SECTOR_SIZE, Geometry, allocated_regions, overlaps
+from .layout import CLUSTERS_PER_REGION, ROOT_AREA_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, allocated_regions, overlaps, root_copy_offset
 from .protocol import cluster_crc, read_map_copies, read_root_copies
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
-from .structures import Root
+from .structures import Root, encode_root
 
 CORRUPTION = "corruption"
 LEAK = "leak"
@@ -96,12 +96,17 @@ class CheckReport:
         }
 
 
-def _check_root_padding(file: File, geometry: Geometry, extents: list[tuple[int, int]], findings: list[Finding]) -> None:
-    """I6 for the bytes between the root copies and the first region."""
-    lo, hi = ROOT_AREA_SIZE, geometry.first_region_offset
-    if hi > lo and overlaps(extents, lo, hi - lo) and any(file.pread(lo, hi - lo)):
-        findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes in the root area padding at file offset {lo}",
-                                ("punch", lo, hi - lo)))
+def _check_root_padding(file: File, root: Root, extents: list[tuple[int, int]], findings: list[Finding]) -> None:
+    """I6 for the root area: past each copy's used length, and up to the first region, all is zero."""
+    used = len(encode_root(root))
+    gaps = [(root_copy_offset(0) + used, ROOT_SLOT_SIZE - used), (root_copy_offset(1) + used, ROOT_SLOT_SIZE - used),
+            (ROOT_AREA_SIZE, root.geometry.first_region_offset - ROOT_AREA_SIZE)]
+    for lo, length in gaps:
+        if length > 0 and overlaps(extents, lo, length):
+            data = file.pread(lo, length)
+            if any(data):
+                findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes in the root area at file offset {lo}",
+                                        ("punch", lo, length)))
 
 
 def check_root(file: File, findings: list[Finding]) -> Root:
@@ -188,7 +193,7 @@ def check_image(file: File) -> CheckReport:
         findings.append(Finding(PENDING, "intents", f"{len(root.intents)} regions have unflushed writes from an unclean shutdown; opening the image for writing recovers them",
                                 ("recover",)))
     extents = sorted(file.data_extents())
-    _check_root_padding(file, geometry, extents, findings)
+    _check_root_padding(file, root, extents, findings)
     regions = set(allocated_regions(extents, geometry)) | set(root.intents)
     clusters = 0
     for region in sorted(regions):

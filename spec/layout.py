@@ -29,15 +29,25 @@ MAX_CLUSTER_BITS = 21  # (= 2 MiB)
 DEFAULT_CLUSTER_BITS = 16  # (= 64 KiB)
 CLUSTERS_PER_REGION = 128
 REGION_STRIDE_CLUSTERS = CLUSTERS_PER_REGION + 2  # (= 130: map A, the data clusters, map B)
-ROOT_SIZE = 4096
+ROOT_SIZE = 4096  # the fixed part of a root copy; a variable tail follows it
+ROOT_SLOT_SIZE = 1 << 19  # (= 512 KiB) file bytes reserved for each root copy
 ROOT_SLOTS = 2
-ROOT_AREA_SIZE = ROOT_SIZE * ROOT_SLOTS  # (= 8192)
+ROOT_AREA_SIZE = ROOT_SLOT_SIZE * ROOT_SLOTS  # (= 1 MiB)
+MAX_BASE_PATH = 4096
+SNAPSHOT_ENTRY_SIZE = 320
+MAX_SNAPSHOTS = 1024
+MAX_CHAIN_DEPTH = 1000
 MAX_VIRTUAL_SIZE = 1 << 50  # (= 1 PiB)
 MAX_INTENTS = 960
 MAP_HEADER_SIZE = 64
 MAP_CRCS_OFFSET = MAP_HEADER_SIZE  # (= 64)
 MAP_BITMAP_OFFSET = MAP_CRCS_OFFSET + 4 * CLUSTERS_PER_REGION  # (= 576)
 ZERO_SECTOR = bytes(SECTOR_SIZE)
+
+
+def root_copy_offset(slot: Slot) -> FileOffset:
+    """Root copy A at offset 0, copy B at `ROOT_SLOT_SIZE`."""
+    return FileOffset(slot * ROOT_SLOT_SIZE)
 
 
 def cluster_size_to_bits(cluster_size: int) -> int:
@@ -140,6 +150,9 @@ class Geometry:
 
     def cluster_file_offset(self, cluster: ClusterIndex) -> FileOffset:
         return self.guest_to_file(GuestOffset(cluster * self.cluster_size))
+
+    def root_copy_offset(self, slot: Slot) -> FileOffset:
+        return root_copy_offset(slot)
 
     def with_virtual_size(self, virtual_size: int) -> "Geometry":
         return Geometry(self.cluster_bits, virtual_size)

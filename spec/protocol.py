@@ -24,15 +24,21 @@ from __future__ import annotations
 import attrs
 import crc32c
 
-from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, SECTOR_SIZE, Geometry, overlaps
+from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, SECTOR_SIZE, Geometry, overlaps, root_copy_offset
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
-from .structures import Root, encode_map_copy, encode_root
+from .structures import Root, encode_map_copy, encode_root, root_length_of
 
 
 def read_root_copies(file: File) -> list[bytes]:
-    return [file.pread(slot * ROOT_SIZE, ROOT_SIZE) for slot in (0, 1)]
+    """Both root copies: the fixed part, then as much of the tail as the copy says it has."""
+    copies = []
+    for slot in (0, 1):
+        head = file.pread(root_copy_offset(slot), ROOT_SIZE)
+        length = root_length_of(head)
+        copies.append(head + file.pread(root_copy_offset(slot) + ROOT_SIZE, length - ROOT_SIZE) if length > ROOT_SIZE else head)
+    return copies
 
 
 def read_map_copies(file: File, geometry: Geometry, region: int) -> list[bytes]:
@@ -48,9 +54,9 @@ def write_root(file: File, root: Root, best_slot: int, unsynced: bool) -> int:
     if unsynced:
         file.fsync()
     first = 1 - best_slot
-    file.pwrite(first * ROOT_SIZE, encode_root(attrs.evolve(root, slot=first)))
+    file.pwrite(root_copy_offset(first), encode_root(attrs.evolve(root, slot=first)))
     file.fsync()
-    file.pwrite(best_slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=best_slot)))
+    file.pwrite(root_copy_offset(best_slot), encode_root(attrs.evolve(root, slot=best_slot)))
     return first
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import attrs
 
 from .check import CheckReport, check_image
-from .layout import ROOT_SIZE
+from .layout import root_copy_offset
 from .protocol import read_map_copies, read_root_copies, recover
 from .replication import select_map, select_root
 from .storage import File
@@ -34,7 +34,7 @@ def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
             continue
         if action[0] == "root-copy":
             slot = action[1]
-            file.pwrite(slot * ROOT_SIZE, encode_root(attrs.evolve(root, slot=slot)))
+            file.pwrite(root_copy_offset(slot), encode_root(attrs.evolve(root, slot=slot)))
         elif action[0] == "map-copy":
             region, slot = action[1], action[2]
             good = select_map(read_map_copies(file, geometry, region), geometry, region, root.image_uuid).value

@@ -16,6 +16,10 @@ from .declare import decode_fields, encode_fields, field
 from .errors import BadChecksum, BadMagic, FieldOutOfRange, UnknownIncompatibleFeature, UnsupportedVersion
 from .layout import (
     CLUSTERS_PER_REGION,
+    MAX_BASE_PATH,
+    MAX_SNAPSHOTS,
+    ROOT_SLOT_SIZE,
+    SNAPSHOT_ENTRY_SIZE,
     FORMAT_VERSION,
     MAP_BITMAP_OFFSET,
     MAP_CRCS_OFFSET,
@@ -53,9 +57,63 @@ def _zero(value: bytes) -> bool:
     return not any(value)
 
 
+BASE_NONE, BASE_RAW, BASE_LAMINA = 0, 1, 2
+FLAG_COMMITTING = 1  # a `commit` into the base is in progress; recovery finishes it
+KNOWN_FLAGS = FLAG_COMMITTING
+ROOT_RESERVED_TAIL = ROOT_CRC_OFFSET - 3988  # (= 104)
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+@attrs.frozen
+class SnapshotEntry:
+    """One snapshot in the root's table: a frozen layer file and what the VM was doing."""
+
+    id: int = field(0, "u64", "snapshot id, unique in the image", constraint=">= 1, below `next_snapshot_id`",
+                    valid=lambda v: v >= 1, default=1)
+    layer_uuid: bytes = field(8, "bytes", "`image_uuid` of the frozen layer file `<uuid hex>.lam`", size=16,
+                              constraint="not all zero, unique", valid=lambda v: any(v), default=bytes(16))
+    creation_time_ns: int = field(24, "u64", "host time of creation, ns since the Unix epoch", constraint="any", default=0)
+    vm_clock_ns: int = field(32, "u64", "guest clock at the snapshot, ns", constraint="any", default=0)
+    vmstate_size: int = field(40, "u64", "bytes of the VM-state file `<uuid hex>.vmstate`; 0 for none",
+                              constraint="any", default=0)
+    disk_size: int = field(48, "u64", "virtual size of the disk at the snapshot",
+                           constraint="multiple of 512", valid=lambda v: v % SECTOR_SIZE == 0, default=0)
+    vmstate_crc: int = field(56, "u32", "CRC32C of the VM-state file", constraint="0 when `vmstate_size` is 0", default=0)
+    name_length: int = field(60, "u32", "bytes of `name`", constraint="1 to 255",
+                             valid=lambda v: 1 <= v <= 255, default=1)
+    name: bytes = field(64, "bytes", "snapshot name, UTF-8, zero padded", size=256,
+                        constraint="unique in the image; bytes past `name_length` zero", default=bytes(256))
+
+    @property
+    def text_name(self) -> str:
+        return self.name[: self.name_length].decode("utf-8")
+
+
+def make_snapshot_entry(name: str, **values: int | bytes) -> SnapshotEntry:
+    raw = name.encode("utf-8")
+    return SnapshotEntry(name_length=len(raw), name=raw.ljust(256, b"\0"), **values)  # type: ignore[arg-type]
+
+
+def _decode_snapshot(data: bytes, where: str) -> SnapshotEntry:
+    values = decode_fields(SnapshotEntry, data, where=where)
+    entry = SnapshotEntry(**values)
+    if any(entry.name[entry.name_length :]):
+        raise FieldOutOfRange(f"{where}bytes past name_length are not zero")
+    try:
+        entry.text_name
+    except UnicodeDecodeError:
+        raise FieldOutOfRange(f"{where}name is not valid UTF-8") from None
+    if not entry.vmstate_size and entry.vmstate_crc:
+        raise FieldOutOfRange(f"{where}vmstate_crc is set but there is no VM state")
+    return entry
+
+
 @attrs.frozen
 class Root:
-    """The image's root: geometry, identity, and the write-intent list."""
+    """The image's root: geometry, identity, write intents, the base reference and the snapshot table."""
 
     magic: bytes = field(0, "bytes", "identifies a Lamina root copy", size=8,
                          constraint="`8A 4C 41 4D 49 4E 41 0A` (`\\x8aLAMINA\\n`)",
@@ -76,23 +134,43 @@ class Root:
                                      constraint="any", default=0)
     autoclear_features: int = field(48, "u64", "features a writer that does not know them clears",
                                     constraint="any", default=0)
-    image_uuid: bytes = field(56, "bytes", "identity of the image; repeated in every map copy", size=16,
+    image_uuid: bytes = field(56, "bytes", "identity of this layer file; repeated in every map copy", size=16,
                               constraint="not all zero", valid=lambda v: any(v), default=bytes(16))
-    slot: int = field(72, "u32", "which copy this is: 0 at file offset 0, 1 at file offset 4096",
+    slot: int = field(72, "u32", "which copy this is: 0 at file offset 0, 1 at `ROOT_SLOT_SIZE`",
                       constraint="equals the copy's position", valid=lambda v: v in (0, 1), default=0)
     num_intents: int = field(76, "u32", "entries used in `intents`",
                              constraint=f"at most {MAX_INTENTS}", valid=lambda v: v <= MAX_INTENTS, default=0)
-    reserved: bytes = field(80, "bytes", "reserved", size=48, constraint="all zero", valid=_zero,
-                            default=bytes(48))
+    root_length: int = field(80, "u32", "bytes of this copy: the fixed 4096, the base path padded to 8, the snapshot table",
+                             constraint="= 4096 + pad8(`base_path_length`) + 320 * `num_snapshots`", default=ROOT_SIZE)
+    base_kind: int = field(84, "u32", "0 no base, 1 a raw file, 2 a Lamina layer",
+                           constraint="0, 1 or 2", valid=lambda v: v in (BASE_NONE, BASE_RAW, BASE_LAMINA), default=0)
+    data_generation: int = field(88, "u64", "changes whenever the guest contents of this layer may change; children record it",
+                                 constraint=">= 1", valid=lambda v: v >= 1, default=1)
+    base_uuid: bytes = field(96, "bytes", "`image_uuid` of a Lamina base", size=16,
+                             constraint="zero unless `base_kind` = 2", default=bytes(16))
+    base_data_generation: int = field(112, "u64", "`data_generation` of a Lamina base when referenced",
+                                      constraint="zero unless `base_kind` = 2", default=0)
+    base_size: int = field(120, "u64", "virtual size (raw: file size) of the base when referenced",
+                           constraint="zero when `base_kind` = 0", default=0)
     intents: tuple[int, ...] = field(128, f"u32[{MAX_INTENTS}]",
                                      "write intents: regions whose data may differ from their map's checksums",
                                      constraint="strictly ascending region indices below the region count; unused entries zero",
                                      default=())
-    reserved_tail: bytes = field(128 + 4 * MAX_INTENTS, "bytes", "reserved",
-                                 size=ROOT_CRC_OFFSET - 128 - 4 * MAX_INTENTS,
-                                 constraint="all zero", valid=_zero, default=bytes(ROOT_CRC_OFFSET - 128 - 4 * MAX_INTENTS))
-    crc: int = field(ROOT_CRC_OFFSET, "u32", "CRC32C of the 4096 bytes with this field as zero",
+    base_path_length: int = field(3968, "u32", "bytes of the base path in the tail",
+                                  constraint=f"at most {MAX_BASE_PATH}; 0 exactly when `base_kind` = 0",
+                                  valid=lambda v: v <= MAX_BASE_PATH, default=0)
+    num_snapshots: int = field(3972, "u32", "entries in the snapshot table",
+                               constraint=f"at most {MAX_SNAPSHOTS}", valid=lambda v: v <= MAX_SNAPSHOTS, default=0)
+    next_snapshot_id: int = field(3976, "u64", "the id the next snapshot gets",
+                                  constraint="greater than every id in the table", valid=lambda v: v >= 1, default=1)
+    flags: int = field(3984, "u32", "bit 0: a commit into the base is in progress",
+                       constraint="no unknown bit", valid=lambda v: not v & ~KNOWN_FLAGS, default=0)
+    reserved: bytes = field(3988, "bytes", "reserved", size=ROOT_RESERVED_TAIL, constraint="all zero", valid=_zero,
+                            default=bytes(ROOT_RESERVED_TAIL))
+    crc: int = field(ROOT_CRC_OFFSET, "u32", "CRC32C of the `root_length` bytes with this field as zero",
                      constraint="matches", default=0)
+    base_path: str = ""  # tail, at 4096: `base_path_length` bytes of UTF-8, zero padded to a multiple of 8
+    snapshots: tuple[SnapshotEntry, ...] = ()  # tail, after the base path: `num_snapshots` entries of 320 bytes
 
     @property
     def geometry(self) -> Geometry:
@@ -102,24 +180,55 @@ class Root:
         """Whether two copies carry the same version (they differ only in slot and CRC)."""
         return attrs.evolve(self, slot=0, crc=0) == attrs.evolve(other, slot=0, crc=0)
 
+    def snapshot(self, name: str) -> SnapshotEntry | None:
+        return next((s for s in self.snapshots if s.text_name == name or str(s.id) == name), None)
+
+
+ROOT_TAIL = [
+    ("base_path", "4096", "`base_path_length`", "path of the base: a layer file name `<32 hex>.lam` (found in the image's "
+     "layer directory) or a path relative to the image's directory; UTF-8, no NUL, zero padded to a multiple of 8"),
+    ("snapshots", "4096 + pad8(`base_path_length`)", "320 * `num_snapshots`", "the snapshot table: `SnapshotEntry` records"),
+]
+
 
 def encode_root(root: Root) -> bytes:
-    """The 4096 bytes of a root copy, CRC included."""
-    buf = bytearray(ROOT_SIZE)
+    """The `root_length` bytes of a root copy, CRC included."""
+    path = root.base_path.encode("utf-8")
+    length = ROOT_SIZE + _pad8(len(path)) + SNAPSHOT_ENTRY_SIZE * len(root.snapshots)
+    buf = bytearray(length)
     intents = root.intents + (0,) * (MAX_INTENTS - len(root.intents))
-    encode_fields(attrs.evolve(root, intents=intents, num_intents=len(root.intents), crc=0), buf)
+    encode_fields(attrs.evolve(root, intents=intents, num_intents=len(root.intents), crc=0, root_length=length,
+                               base_path_length=len(path), num_snapshots=len(root.snapshots)), buf)
+    buf[ROOT_SIZE : ROOT_SIZE + len(path)] = path
+    at = ROOT_SIZE + _pad8(len(path))
+    for entry in root.snapshots:
+        record = bytearray(SNAPSHOT_ENTRY_SIZE)
+        encode_fields(entry, record)
+        buf[at : at + SNAPSHOT_ENTRY_SIZE] = record
+        at += SNAPSHOT_ENTRY_SIZE
     struct.pack_into("<I", buf, ROOT_CRC_OFFSET, structure_crc(buf, ROOT_CRC_OFFSET))
     return bytes(buf)
 
 
+def root_length_of(head: bytes) -> int:
+    """How many bytes to read for a root copy whose first 4096 bytes are `head` (4096 if it is not sane)."""
+    if len(head) < ROOT_SIZE or head[:8] != ROOT_MAGIC:
+        return ROOT_SIZE
+    length = struct.unpack_from("<I", head, 80)[0]
+    return length if ROOT_SIZE <= length <= ROOT_SLOT_SIZE else ROOT_SIZE
+
+
 def decode_root(data: bytes, slot: int | None = None) -> Root:
     """Decode and validate one root copy; raise a named FormatError saying what is wrong."""
-    where = f"root copy {slot}: " if slot is not None else "root: "
+    where = f"root copy {'AB'[slot]}: " if slot is not None else "root: "
     if len(data) < ROOT_SIZE:
-        raise FieldOutOfRange(f"{where}only {len(data)} bytes, a root copy has {ROOT_SIZE}")
-    data = data[:ROOT_SIZE]
+        raise FieldOutOfRange(f"{where}only {len(data)} bytes, a root copy has at least {ROOT_SIZE}")
     if data[:8] != ROOT_MAGIC:
         raise BadMagic(f"{where}bad magic {bytes(data[:8])!r} at byte 0 (not a Lamina image?)")
+    length = struct.unpack_from("<I", data, 80)[0]
+    if not ROOT_SIZE <= length <= min(len(data), ROOT_SLOT_SIZE):
+        raise FieldOutOfRange(f"{where}Root.root_length at byte 80 is {length}, beyond the bytes of its slot")
+    data = data[:length]
     stored = struct.unpack_from("<I", data, ROOT_CRC_OFFSET)[0]
     if stored != structure_crc(data, ROOT_CRC_OFFSET):
         raise BadChecksum(f"{where}CRC32C at byte {ROOT_CRC_OFFSET} does not match its contents")
@@ -132,7 +241,37 @@ def decode_root(data: bytes, slot: int | None = None) -> Root:
         raise UnknownIncompatibleFeature(f"{where}unknown incompatible feature bits {unknown:#x}; refusing to open")
     values = decode_fields(Root, data, where=where)
     if slot is not None and values["slot"] != slot:
-        raise FieldOutOfRange(f"{where}says it is copy {values['slot']} (a misdirected write?)")
+        raise FieldOutOfRange(f"{where}says it is copy {'AB'[values['slot']]} (a misdirected write?)")
+    path_length, count = values["base_path_length"], values["num_snapshots"]
+    if length != ROOT_SIZE + _pad8(path_length) + SNAPSHOT_ENTRY_SIZE * count:
+        raise FieldOutOfRange(f"{where}root_length {length} does not match base_path_length {path_length} "
+                              f"and num_snapshots {count}")
+    kind = values["base_kind"]
+    if (kind == BASE_NONE) != (path_length == 0):
+        raise FieldOutOfRange(f"{where}base_kind {kind} with a base path of {path_length} bytes")
+    if kind != BASE_LAMINA and (any(values["base_uuid"]) or values["base_data_generation"]):
+        raise FieldOutOfRange(f"{where}base_uuid and base_data_generation must be zero unless the base is a Lamina layer")
+    if kind == BASE_NONE and values["base_size"]:
+        raise FieldOutOfRange(f"{where}base_size must be zero without a base")
+    raw_path = data[ROOT_SIZE : ROOT_SIZE + path_length]
+    if any(data[ROOT_SIZE + path_length : ROOT_SIZE + _pad8(path_length)]) or b"\0" in raw_path:
+        raise FieldOutOfRange(f"{where}the base path holds a NUL byte or non-zero padding")
+    try:
+        values["base_path"] = raw_path.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FieldOutOfRange(f"{where}the base path is not valid UTF-8") from None
+    at = ROOT_SIZE + _pad8(path_length)
+    entries = []
+    for i in range(count):
+        entries.append(_decode_snapshot(data[at : at + SNAPSHOT_ENTRY_SIZE], f"{where}snapshot entry {i}: "))
+        at += SNAPSHOT_ENTRY_SIZE
+    for what, keys in (("id", [e.id for e in entries]), ("name", [e.text_name for e in entries]),
+                       ("layer_uuid", [e.layer_uuid for e in entries])):
+        if len(set(keys)) != len(keys):
+            raise FieldOutOfRange(f"{where}two snapshots share one {what}")
+    if entries and max(e.id for e in entries) >= values["next_snapshot_id"]:
+        raise FieldOutOfRange(f"{where}a snapshot id is not below next_snapshot_id")
+    values["snapshots"] = tuple(entries)
     count = values["num_intents"]
     intents = values["intents"]
     used, unused = intents[:count], intents[count:]

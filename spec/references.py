@@ -1,0 +1,120 @@
+"""Base references: how a layer names its base, and which names a reader may follow (R1, R10).
+
+A layer names its base in its root's tail.  Two kinds of name exist:
+
+- a *layer name*, `<32 hex digits>.lam`: a frozen layer of the same image,
+  found in the image's layer directory (`<image file>.layers/`);
+- a *path*, relative to the directory of the image's top file: a base the
+  user chose (`lamina create --base`), raw or Lamina.
+
+A reader follows a path only when, after every symbolic link is resolved, it
+names a regular file inside the image's directory tree, or a file the user
+explicitly allowed.  A chain is followed at most `MAX_CHAIN_DEPTH` layers
+deep, and a file met twice is a loop.  The identity the child recorded
+(uuid, data generation, size) must match the base found.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import attrs
+
+from .errors import LaminaError
+from .layout import MAX_CHAIN_DEPTH
+from .structures import BASE_LAMINA, BASE_NONE, BASE_RAW, Root
+
+LAYER_NAME = re.compile(r"^[0-9a-f]{32}\.lam$")
+LAYER_DIR_SUFFIX = ".layers"
+
+
+class BaseReferenceError(LaminaError):
+    """A base reference that may not be followed: it escapes the image's tree, loops, or is not a file."""
+
+
+class BaseChanged(LaminaError):
+    """The base found is not the one the child recorded: replaced or modified since."""
+
+
+def layer_file_name(uuid: bytes) -> str:
+    return f"{uuid.hex()}.lam"
+
+
+def vmstate_file_name(uuid: bytes) -> str:
+    return f"{uuid.hex()}.vmstate"
+
+
+def layer_dir_of(top_path: str) -> str:
+    """The directory holding an image's frozen layers: next to the top file, named after it."""
+    return top_path + LAYER_DIR_SUFFIX
+
+
+@attrs.frozen
+class ImageContext:
+    """What a reader needs to resolve references: the top file's directory, the layer directory, allowed paths."""
+
+    top_dir: str
+    layer_dir: str
+    allowed: frozenset[str] = frozenset()
+
+    @classmethod
+    def for_top(cls, top_path: str, allowed: tuple[str, ...] = ()) -> "ImageContext":
+        top_path = os.path.abspath(top_path)
+        return cls(os.path.dirname(top_path), layer_dir_of(top_path), frozenset(os.path.realpath(a) for a in allowed))
+
+
+def resolve_base(root: Root, context: ImageContext, where: str) -> str | None:
+    """The real path of a layer's base, refused with a named error unless the rules above allow it."""
+    if root.base_kind == BASE_NONE:
+        return None
+    name = root.base_path
+    if LAYER_NAME.match(name):
+        directory, candidate = context.layer_dir, os.path.join(context.layer_dir, name)
+    else:
+        if os.path.isabs(name):
+            candidate = name
+        else:
+            candidate = os.path.join(context.top_dir, name)
+        directory = context.top_dir
+    real = os.path.realpath(candidate)
+    inside = os.path.commonpath([real, os.path.realpath(directory)]) == os.path.realpath(directory)
+    if not inside and real not in context.allowed:
+        raise BaseReferenceError(
+            f"{where}: base {name!r} resolves to {real}, outside the image's directory {context.top_dir}; "
+            f"refusing to follow it (allow it explicitly with --allow-base)")
+    try:
+        info = os.stat(real)
+    except OSError as exc:
+        raise BaseReferenceError(f"{where}: base {name!r} cannot be found ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BaseReferenceError(f"{where}: base {name!r} is not a regular file")
+    return real
+
+
+def check_identity(root: Root, base_root: Root | None, base_size: int, where: str) -> None:
+    """The base found must be the one recorded: same uuid and data generation (Lamina), same size."""
+    if root.base_kind == BASE_LAMINA:
+        assert base_root is not None
+        if base_root.image_uuid != root.base_uuid:
+            raise BaseChanged(f"{where}: base {root.base_path!r} is another image (uuid {base_root.image_uuid.hex()}, "
+                              f"expected {root.base_uuid.hex()})")
+        if base_root.data_generation != root.base_data_generation:
+            raise BaseChanged(f"{where}: base {root.base_path!r} was modified after this image was made on it "
+                              f"(data generation {base_root.data_generation}, expected {root.base_data_generation})")
+    if root.base_kind in (BASE_RAW, BASE_LAMINA) and base_size != root.base_size:
+        raise BaseChanged(f"{where}: base {root.base_path!r} is {base_size} bytes, expected {root.base_size}")
+
+
+class ChainWalk:
+    """Loop and depth guard for following a chain of bases."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def visit(self, real_path: str, where: str) -> None:
+        if real_path in self.seen:
+            raise BaseReferenceError(f"{where}: base chain loops back to {real_path}")
+        if len(self.seen) >= MAX_CHAIN_DEPTH:
+            raise BaseReferenceError(f"{where}: base chain is deeper than {MAX_CHAIN_DEPTH} layers")
+        self.seen.add(real_path)
