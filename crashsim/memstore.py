@@ -189,6 +189,11 @@ class Trace:
         return len(self.ops)
 
 
+def _directory_of(path: str) -> str:
+    """The directory a name lives in, spelled one way ("vm" and its absolute form are one directory)."""
+    return os.path.dirname(os.path.abspath(path))
+
+
 class MemFile:
     """An open in-memory file; records every mutation when its storage records."""
 
@@ -267,18 +272,18 @@ class MemStorage:
         if path in self.state.names:
             raise CrashsimError(f"{path}: cannot create: file exists")
         inode = self.state.next_inode
-        op = Op(CREATE, os.path.dirname(path), path=path, inode=inode)
+        op = Op(CREATE, _directory_of(path), path=path, inode=inode)
         self.record(op)
         self.state.apply(op)
         return MemFile(self, inode, path, True)
 
     def rename(self, src: str, dst: str) -> None:
-        op = Op(RENAME, os.path.dirname(dst), path=src, path2=dst)
+        op = Op(RENAME, _directory_of(dst), path=src, path2=dst)
         self.record(op)
         self.state.apply(op)
 
     def unlink(self, path: str) -> None:
-        op = Op(UNLINK, os.path.dirname(path), path=path)
+        op = Op(UNLINK, _directory_of(path), path=path)
         self.record(op)
         self.state.apply(op)
 
@@ -286,4 +291,4 @@ class MemStorage:
         return path in self.state.names
 
     def fsync_dir(self, path: str) -> None:
-        self.record(Op(FSYNC_DIR, path))
+        self.record(Op(FSYNC_DIR, os.path.abspath(path or ".")))

@@ -154,7 +154,7 @@ class Explorer:
         for _tier, rcrash, routcomes, _ in explore(rops, self.model, Budget(max_subset=3, subset_samples=4, torn_cap=9, torn_samples=4), self.seed):
             if rcrash == len(rops) and not routcomes:
                 continue
-            again = open_state(rmat.state(rcrash, routcomes, self.seed, self.model.torn_unit or 512), self.rec.variant)
+            again = self.opened(rmat.state(rcrash, routcomes, self.seed, self.model.torn_unit or 512))[1]
             message = None
             if again.problem:
                 message = "recovery after a crash during recovery: " + again.problem

@@ -235,3 +235,31 @@ def test_cli_report_is_self_contained_html(tmp_path, capsys):
     assert "<svg" in text and "crashsim replay" in text and "<script" not in text and "http" not in text.replace("http://www.w3.org/2000/svg", "")
     out = capsys.readouterr().out
     assert "FAIL overwrite [torn]" in out and "replay: crashsim replay" in out
+
+
+def test_any_executor_gives_the_same_counts_as_in_process():
+    """Tasks are picklable and deterministic, so where they run does not change what they find."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from lamina.crashsim.runner import run_all
+
+    tasks = [("allocate", "reorder"), ("discard", "torn")]
+    budget = Budget(max_subset=3, recovery_images=2)
+    here = run_all(tasks, budget, seed=4)
+    with ThreadPoolExecutor(2) as pool:
+        threads = run_all(tasks, budget, seed=4, executor=pool)
+    processes = run_all(tasks, budget, seed=4, jobs=2)
+    assert [r.counts for r in here] == [r.counts for r in threads] == [r.counts for r in processes]
+    assert [r.distinct_images for r in here] == [r.distinct_images for r in processes]
+
+
+def test_directory_fsync_covers_names_however_the_directory_is_spelled():
+    """Regression: impl fsyncs os.path.abspath(dirname) while naming files relatively; one directory, one barrier."""
+    import os
+
+    storage = MemStorage(trace=Trace())
+    storage.create("vm/a")
+    storage.rename("vm/a", "vm/b")
+    storage.fsync_dir(os.path.abspath("vm"))
+    ops = storage.trace.ops
+    assert [] == pending_at(barrier_of(ops, Model(namespace=True)), len(ops))
