@@ -38,8 +38,8 @@ from lamina.spec.protocol import (
 from lamina.spec.regionmap import RegionMap, absent_runs, zero_absent
 from lamina.spec.replication import select_map, select_root
 from lamina.spec.storage import File, Storage
-from lamina.spec.references import ChainWalk, ImageContext, check_identity, resolve_base
-from lamina.spec.structures import BASE_LAMINA, BASE_RAW, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root
+from lamina.spec.references import ChainWalk, ImageContext, check_identity, layer_dir_of, resolve_base
+from lamina.spec.structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root
 
 from .osfile import OsStorage
 
@@ -155,6 +155,14 @@ class Image:
                 unknown = root.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0)
                 if unknown:
                     image._write_root(autoclear_features=root.autoclear_features & ~unknown)
+                if root.flags & FLAG_COMMITTING:
+                    from .layers import finish_commit
+
+                    finish_commit(image)
+                if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
+                    from .layers import collect_garbage
+
+                    collect_garbage(path, storage)
             return image
         except BaseException:
             file.close()
@@ -335,6 +343,61 @@ class Image:
             reconcile_region(self.file, new, m, sorted(self.file.data_extents()))
             commit_maps(self.file, new, [m], self._root.image_uuid)
         self._unsynced = True
+
+    # ----------------------------------------------------------------- layer operations
+    def set_root(self, **changes: object) -> None:
+        """Flush, then switch root fields (base reference, snapshot table, flags) in one root write.
+
+        This is the atomic step of the management operations; it never counts
+        as a change of guest contents.
+        """
+        self._check_writable()
+        self.flush()
+        self._write_root(**changes)
+        self.file.fsync()
+        self._unsynced = False
+
+    def absent_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Guest ranges in [start, end) that this layer does not hold itself (they read from the base)."""
+        g = self._geometry
+        out: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            region = pos // g.region_span
+            stop = min(end, (region + 1) * g.region_span)
+            m = self._map(region)
+            runs = [(pos, stop)] if m is None else self._absent_runs(m, pos, stop)
+            for lo, hi in runs:
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+            pos = stop
+        return out
+
+    def discard_own(self, offset: int, length: int) -> None:
+        """Drop this layer's own sectors in a range so that the base shows through (used by commit)."""
+        self._check_writable()
+        start, end = offset // SECTOR_SIZE * SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
+
+        def drop(pos: int, stop: int) -> None:
+            self.file.punch_hole(self._geometry.guest_to_file(pos), stop - pos)
+            self._unsynced = True
+            self._mark(pos, stop, False)
+
+        if end > start:
+            self._for_each_region(start, end - start, drop)
+
+    def reopen_base(self) -> None:
+        """Open the base again after its reference or contents changed."""
+        if self.base is not None:
+            self.base.close()
+        self.base = open_base(self._root, self.context, self._storage, ChainWalk(), self.path)
+
+    def read_padded(self, offset: int, length: int) -> bytes:
+        """Like `read`, with bytes past the virtual size read as zero."""
+        inside = max(0, min(length, self.virtual_size - offset))
+        return (self.read(offset, inside) if inside else b"") + bytes(length - inside)
 
     # ----------------------------------------------------------------- inspection
     def extents(self) -> Iterator[Extent]:
@@ -564,6 +627,8 @@ def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWa
         return raw
     base = Image.open(real, readonly=True, storage=storage, context=context, walk=walk)
     try:
+        if root.flags & FLAG_COMMITTING:  # the commit in flight writes the base: its generation moves on
+            root = attrs.evolve(root, base_data_generation=base.root.data_generation)
         check_identity(root, base.root, base.virtual_size, where)
     except BaseException:
         base.close()

@@ -122,6 +122,18 @@ class OsStorage:
     def rename(self, src: str, dst: str) -> None:
         os.rename(src, dst)
 
+    def link(self, src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            raise StorageError(f"{dst}: cannot link to {src}: {exc.strerror}") from None
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return sorted(os.listdir(path))
+
     def unlink(self, path: str) -> None:
         os.unlink(path)
 

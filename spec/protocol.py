@@ -24,7 +24,7 @@ from __future__ import annotations
 import attrs
 import crc32c
 
-from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, SECTOR_SIZE, Geometry, overlaps, root_copy_offset
+from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, overlaps, root_copy_offset
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
@@ -54,10 +54,17 @@ def write_root(file: File, root: Root, best_slot: int, unsynced: bool) -> int:
     if unsynced:
         file.fsync()
     first = 1 - best_slot
-    file.pwrite(root_copy_offset(first), encode_root(attrs.evolve(root, slot=first)))
+    write_root_copy(file, root, first)
     file.fsync()
-    file.pwrite(root_copy_offset(best_slot), encode_root(attrs.evolve(root, slot=best_slot)))
+    write_root_copy(file, root, best_slot)
     return first
+
+
+def write_root_copy(file: File, root: Root, slot: int) -> None:
+    """One copy, and a hole after it: a root that shrank leaves nothing of its longer past (I6)."""
+    data = encode_root(attrs.evolve(root, slot=slot))
+    file.pwrite(root_copy_offset(slot), data)
+    file.punch_hole(root_copy_offset(slot) + len(data), ROOT_SLOT_SIZE - len(data))
 
 
 def commit_maps(file: File, geometry: Geometry, maps: list[RegionMap], image_uuid: bytes) -> None:
@@ -131,6 +138,9 @@ def recover(file: File) -> Recovered:
     geometry = root.geometry
     if file.size() != geometry.file_length:
         file.truncate(geometry.file_length)
+    used = len(encode_root(root))
+    for slot in (0, 1):  # a crash between a shorter root and its punch left bytes past it
+        file.punch_hole(root_copy_offset(slot) + used, ROOT_SLOT_SIZE - used)
     maps = []
     extents = sorted(file.data_extents())
     for region in root.intents:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import attrs
 
 from .check import CheckReport, check_image
-from .layout import root_copy_offset
-from .protocol import read_map_copies, read_root_copies, recover
+from .protocol import read_map_copies, read_root_copies, recover, write_root_copy
 from .replication import select_map, select_root
 from .storage import File
-from .structures import encode_map_copy, encode_root
+from .structures import encode_map_copy
 
 
 def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
@@ -34,7 +33,7 @@ def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
             continue
         if action[0] == "root-copy":
             slot = action[1]
-            file.pwrite(root_copy_offset(slot), encode_root(attrs.evolve(root, slot=slot)))
+            write_root_copy(file, root, slot)
         elif action[0] == "map-copy":
             region, slot = action[1], action[2]
             good = select_map(read_map_copies(file, geometry, region), geometry, region, root.image_uuid).value

@@ -1,0 +1,570 @@
+"""Snapshots, clones, delete-with-merge, commit, rebase and diff over a tree of layer files.
+
+Every operation ends in one atomic step that makes it visible (see the
+format document, section "Layers"):
+
+- snapshot create / revert, clone: a complete new top file is renamed over
+  the image's name (`write_new_layer`);
+- snapshot delete, rebase, commit: a root write in one layer file (the commit
+  protocol's switch), after content-preserving copies that any crash leaves
+  harmless;
+- files a crash leaves behind (a layer linked but never referenced, a
+  `.creating` file) are unreferenced, and a writable open removes them.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid as uuidlib
+from typing import Iterator
+
+import attrs
+import crc32c
+
+from lamina.spec.errors import InvalidArgument, LaminaError
+from lamina.spec.layout import MAX_SNAPSHOTS, SECTOR_SIZE
+from lamina.spec.references import (
+    LAYER_NAME,
+    ImageContext,
+    layer_dir_of,
+    layer_file_name,
+    resolve_base,
+    vmstate_file_name,
+)
+from lamina.spec.storage import Storage
+from lamina.spec.structures import BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry
+
+from .image import Image, RawBase, write_new_layer
+from .osfile import OsStorage
+
+CHUNK = 1 << 20
+
+
+class SnapshotNotFound(LaminaError):
+    """No snapshot of that name or id."""
+
+
+class SnapshotExists(LaminaError):
+    """A snapshot of that name exists already."""
+
+
+class VmStateCorrupt(LaminaError):
+    """A VM-state file does not match the size and CRC32C its snapshot recorded."""
+
+
+def _storage(storage: Storage | None) -> Storage:
+    return storage or OsStorage()
+
+
+def _entry(root: Root, name: str, path: str) -> SnapshotEntry:
+    entry = root.snapshot(name)
+    if entry is None:
+        raise SnapshotNotFound(f"{path}: no snapshot named {name!r}")
+    return entry
+
+
+def _ensure_layer_dir(storage: Storage, top: str) -> str:
+    directory = layer_dir_of(os.path.abspath(top))
+    if not storage.exists(directory):
+        storage.mkdir(directory)
+        storage.fsync_dir(os.path.dirname(directory))
+    return directory
+
+
+def _durable_file(storage: Storage, path: str, data: bytes) -> None:
+    """Write a whole small file under `path` atomically (VM state)."""
+    temporary = path + ".creating"
+    if storage.exists(temporary):
+        storage.unlink(temporary)
+    file = storage.create(temporary)
+    try:
+        file.pwrite(0, data)
+        file.fsync()
+    finally:
+        file.close()
+    storage.rename(temporary, path)
+
+
+def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
+    """A fresh empty top over the layer `parent` (stored as `parent_name` in the layer directory)."""
+    root = Root(cluster_bits=parent.cluster_bits, virtual_size=parent.virtual_size, image_uuid=uuidlib.uuid4().bytes,
+                base_kind=BASE_LAMINA, base_path=parent_name, base_uuid=parent.image_uuid,
+                base_data_generation=parent.data_generation, base_size=parent.virtual_size)
+    return attrs.evolve(root, **changes)
+
+
+# ---------------------------------------------------------------------------- snapshots
+def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock_ns: int = 0,
+                    storage: Storage | None = None) -> SnapshotEntry:
+    """Freeze the current contents as snapshot `name`; the image goes on as an empty layer over it.
+
+    Order: flush and close the top; write the VM state; link the top's file
+    into the layer directory under its uuid (the frozen layer: its bytes are
+    not touched); write a new top over it that lists the snapshot; rename it
+    over the image (the switch).
+    """
+    storage = _storage(storage)
+    raw_name = name.encode("utf-8")
+    if not 1 <= len(raw_name) <= 255 or "\0" in name or name.isdigit():
+        raise InvalidArgument(f"snapshot name {name!r} must be 1 to 255 bytes of UTF-8, not all digits")
+    with Image.open(path, storage=storage) as top:
+        root = top.root
+        if root.snapshot(name) is not None:
+            raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
+        if len(root.snapshots) >= MAX_SNAPSHOTS:
+            raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
+    directory = _ensure_layer_dir(storage, path)
+    entry = make_snapshot_entry(
+        name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=time.time_ns(),
+        vm_clock_ns=vm_clock_ns, disk_size=root.virtual_size, vmstate_size=len(vmstate or b""),
+        vmstate_crc=crc32c.crc32c(vmstate) if vmstate else 0)
+    if vmstate:
+        _durable_file(storage, os.path.join(directory, vmstate_file_name(root.image_uuid)), vmstate)
+    frozen = layer_file_name(root.image_uuid)
+    storage.link(path, os.path.join(directory, frozen))
+    storage.fsync_dir(directory)
+    write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
+                                               next_snapshot_id=root.next_snapshot_id + 1))
+    return entry
+
+
+def list_snapshots(path: str, storage: Storage | None = None) -> tuple[SnapshotEntry, ...]:
+    with Image.open(path, readonly=True, storage=storage) as top:
+        return top.root.snapshots
+
+
+def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
+    """Make the image's contents those of snapshot `name` again; the current contents are dropped.
+
+    The switch is the rename of a new empty top over the snapshot's layer.
+    """
+    storage = _storage(storage)
+    with Image.open(path, storage=storage) as top:
+        root = top.root
+        entry = _entry(root, name, path)
+        frozen = layer_file_name(entry.layer_uuid)
+        with Image.open(os.path.join(top.context.layer_dir, frozen), readonly=True, storage=storage,
+                        context=top.context) as layer:
+            new_root = _child_root(layer.root, frozen, snapshots=root.snapshots, next_snapshot_id=root.next_snapshot_id)
+    write_new_layer(storage, path, new_root)
+    collect_garbage(path, storage)
+
+
+def read_vmstate(path: str, name: str, storage: Storage | None = None) -> bytes:
+    storage = _storage(storage)
+    with Image.open(path, readonly=True, storage=storage) as top:
+        entry = _entry(top.root, name, path)
+        if not entry.vmstate_size:
+            return b""
+        vm_path = os.path.join(top.context.layer_dir, vmstate_file_name(entry.layer_uuid))
+    file = storage.open(vm_path, writable=False)
+    try:
+        data = file.pread(0, entry.vmstate_size + 1)
+    finally:
+        file.close()
+    if len(data) != entry.vmstate_size or crc32c.crc32c(data) != entry.vmstate_crc:
+        raise VmStateCorrupt(f"{vm_path}: VM state of snapshot {name!r} does not match its recorded size and CRC32C")
+    return data
+
+
+def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:
+    with Image.open(os.path.join(context.layer_dir, name), readonly=True, storage=storage, context=context) as layer:
+        return layer.root
+
+
+def merge_base_into(child_path: str, context: ImageContext, storage: Storage) -> None:
+    """Copy the sectors of a child's base layer that the child lacks into the child, then point it past the base.
+
+    The guest contents of the child never change: every sector copied
+    already read the same through the base.  So a crash at any point leaves
+    the child as it was, and the final root write is the switch.
+    """
+    with Image.open(child_path, storage=storage, context=context) as child:
+        child.preserve_content = True
+        base = child.base
+        assert isinstance(base, Image)
+        size = child.virtual_size
+        for extent in base.extents():
+            if not extent.data or extent.start >= size:
+                continue
+            _copy_absent(child, base, extent.start, min(extent.start + extent.length, size))
+        below = base.base.virtual_size if base.base is not None else 0
+        if base.virtual_size < min(size, below):  # the base hid the tail of its own base
+            _copy_absent(child, base, base.virtual_size, min(size, below))
+        child.flush()
+        parent = base.root
+        child.set_root(base_kind=parent.base_kind, base_path=parent.base_path, base_uuid=parent.base_uuid,
+                       base_data_generation=parent.base_data_generation, base_size=parent.base_size)
+
+
+def _copy_absent(child: Image, source: Image | RawBase, start: int, end: int) -> None:
+    """Write into `child` what `source` reads over [start, end), wherever `child` has no sector of its own."""
+    for lo, hi in child.absent_ranges(start, end):
+        pos = lo
+        while pos < hi:
+            step = min(CHUNK, hi - pos)
+            child.write(pos, source.read(pos, step) if pos < source.virtual_size else bytes(step))
+            pos += step
+
+
+def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
+    """Drop snapshot `name`; layers built on it get its sectors first, so no branch changes content."""
+    storage = _storage(storage)
+    with Image.open(path, storage=storage) as top:
+        root, context = top.root, top.context
+    entry = _entry(root, name, path)
+    frozen = layer_file_name(entry.layer_uuid)
+    children = [path] if root.base_path == frozen else []
+    for other in root.snapshots:
+        if other.layer_uuid != entry.layer_uuid:
+            other_name = layer_file_name(other.layer_uuid)
+            if _layer_root(storage, context, other_name).base_path == frozen:
+                children.append(os.path.join(context.layer_dir, other_name))
+    for child in children:
+        merge_base_into(child, context, storage)
+    with Image.open(path, storage=storage) as top:
+        top.set_root(snapshots=tuple(s for s in top.root.snapshots if s.id != entry.id))
+    collect_garbage(path, storage)
+
+
+# ---------------------------------------------------------------------------- clones
+def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -> None:
+    """A new writable image over snapshot `name`, independent of the source from then on.
+
+    The snapshot's layer and its chain are hard-linked into the clone's own
+    layer directory, so deleting the snapshot from the source later frees
+    nothing the clone still reads.
+    """
+    storage = _storage(storage)
+    if storage.exists(new_path):
+        raise InvalidArgument(f"{new_path}: already exists")
+    with Image.open(path, readonly=True, storage=storage) as top:
+        entry = _entry(top.root, name, path)
+        context = top.context
+    chain = []
+    layer = layer_file_name(entry.layer_uuid)
+    current = layer
+    while True:
+        chain.append(current)
+        current_root = _layer_root(storage, context, current)
+        if current_root.base_kind == BASE_NONE:
+            break
+        if not LAYER_NAME.match(current_root.base_path):
+            same_dir = os.path.dirname(os.path.abspath(new_path)) == context.top_dir
+            if not same_dir and not os.path.isabs(current_root.base_path):
+                raise InvalidArgument(f"{new_path}: the snapshot's chain ends at {current_root.base_path!r}, relative to "
+                                      f"{context.top_dir}; make the clone in that directory")
+            break
+        current = current_root.base_path
+    new_context = ImageContext.for_top(new_path)
+    directory = _ensure_layer_dir(storage, new_path)
+    for name_ in chain:
+        target = os.path.join(directory, name_)
+        if not storage.exists(target):
+            storage.link(os.path.join(context.layer_dir, name_), target)
+    storage.fsync_dir(directory)
+    parent = _layer_root(storage, new_context, layer)
+    write_new_layer(storage, new_path, _child_root(parent, layer, virtual_size=entry.disk_size))
+
+
+# ---------------------------------------------------------------------------- commit and rebase
+def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
+    """Write the top's sectors into its base (a file the user chose, never a snapshot) and empty the top.
+
+    The top's root is marked committing first; until the end the top still
+    holds every sector, so its contents never change, and a writable open
+    finishes an interrupted commit.
+    """
+    storage = _storage(storage)
+    with Image.open(path, storage=storage, allow_bases=allow_bases) as top:
+        if top.root.base_kind == BASE_NONE:
+            raise InvalidArgument(f"{path}: has no base to commit into")
+        if LAYER_NAME.match(top.root.base_path):
+            raise InvalidArgument(f"{path}: its base is a snapshot; snapshots never change (delete it instead)")
+        top.set_root(flags=top.root.flags | FLAG_COMMITTING)
+        finish_commit(top)
+
+
+def finish_commit(top: Image) -> None:
+    """The body of `commit`, also run by a writable open that finds the committing flag: idempotent."""
+    real = resolve_base(top.root, top.context, top.path)
+    assert real is not None and top.base is not None
+    top.base.close()
+    size = top.virtual_size
+    if isinstance(top.base, Image):
+        target = Image.open(real, storage=top._storage, context=top.context)
+        write, flush = target.write, target.close
+        base_size = target.virtual_size
+    else:
+        handle = top._storage.open(real, writable=True)
+        base_size = handle.size()
+
+        def write(offset: int, data: bytes) -> None:
+            handle.pwrite(offset, data)
+
+        def flush() -> None:
+            handle.fsync()
+            handle.close()
+    try:
+        for extent in top.extents():
+            if extent.data and extent.start < base_size:
+                end = min(extent.start + extent.length, base_size, size)
+                pos = extent.start
+                while pos < end:
+                    step = min(CHUNK, end - pos)
+                    write(pos, top.read(pos, step))
+                    pos += step
+    finally:
+        flush()
+    generation = 0
+    if isinstance(top.base, Image):
+        with Image.open(real, readonly=True, storage=top._storage, context=top.context) as reopened:
+            generation = reopened.root.data_generation
+    top.base = None
+    top.preserve_content = True
+    top.discard_own(0, min(size, base_size))
+    top.flush()
+    top.set_root(flags=top.root.flags & ~FLAG_COMMITTING, base_data_generation=generation)
+    top.reopen_base()
+
+
+def rebase(path: str, new_base: str | None, base_format: str | None = None, unsafe: bool = False,
+           storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
+    """Put the image on another base.  Safe mode first copies every sector where old and new bases differ."""
+    from .image import reference_base
+
+    storage = _storage(storage)
+    with Image.open(path, storage=storage, allow_bases=allow_bases) as top:
+        probe = attrs.evolve(top.root, base_kind=BASE_NONE, base_path="", base_uuid=bytes(16), base_data_generation=0,
+                             base_size=0)
+        new_root = reference_base(probe, new_base, base_format, top.context, storage) if new_base else probe
+        if not unsafe:
+            top.preserve_content = True
+            with (Image.open(os.path.join(top.context.top_dir, new_root.base_path), readonly=True, storage=storage,
+                             context=top.context) if new_root.base_kind == BASE_LAMINA else _NoImage(new_root, top, storage)) as fresh:
+                for lo, hi in top.absent_ranges(0, top.virtual_size):
+                    pos = lo
+                    while pos < hi:
+                        step = min(CHUNK, hi - pos)
+                        old = top.read(pos, step)
+                        if old != fresh.read_padded(pos, step):
+                            top.write(pos, old)
+                        pos += step
+            top.flush()
+        top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,
+                     base_data_generation=new_root.base_data_generation, base_size=new_root.base_size)
+
+
+class _NoImage:
+    """A raw base, or no base at all, read as a rebase target."""
+
+    def __init__(self, root: Root, top: Image, storage: Storage) -> None:
+        real = resolve_base(root, top.context, top.path)
+        self._raw = RawBase(real, storage.open(real, writable=False)) if real else None
+
+    def read_padded(self, offset: int, length: int) -> bytes:
+        if self._raw is None or offset >= self._raw.virtual_size:
+            return bytes(length)
+        inside = min(length, self._raw.virtual_size - offset)
+        return self._raw.read(offset, inside) + bytes(length - inside)
+
+    def __enter__(self) -> "_NoImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._raw is not None:
+            self._raw.close()
+
+
+# ---------------------------------------------------------------------------- garbage
+def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
+    """Names in the layer directory that the image reaches: snapshot layers, their VM state, every chain member."""
+    storage = _storage(storage)
+    with Image.open(path, readonly=True, storage=storage) as top:
+        context, root = top.context, top.root
+    names: set[str] = set()
+    pending = [root.base_path] if LAYER_NAME.match(root.base_path) else []
+    for entry in root.snapshots:
+        pending.append(layer_file_name(entry.layer_uuid))
+        if entry.vmstate_size:
+            names.add(vmstate_file_name(entry.layer_uuid))
+    while pending:
+        name = pending.pop()
+        if name in names:
+            continue
+        names.add(name)
+        if storage.exists(os.path.join(context.layer_dir, name)):
+            below = _layer_root(storage, context, name).base_path
+            if LAYER_NAME.match(below):
+                pending.append(below)
+    return names
+
+
+def unreferenced_files(path: str, storage: Storage | None = None) -> list[str]:
+    storage = _storage(storage)
+    directory = layer_dir_of(os.path.abspath(path))
+    if not storage.exists(directory):
+        return []
+    keep = referenced_files(path, storage)
+    return [os.path.join(directory, n) for n in storage.listdir(directory) if n not in keep]
+
+
+def collect_garbage(path: str, storage: Storage | None = None) -> list[str]:
+    """Remove what a crash or a finished operation left unreferenced in the layer directory."""
+    storage = _storage(storage)
+    removed = unreferenced_files(path, storage)
+    for name in removed:
+        storage.unlink(name)
+    if removed:
+        storage.fsync_dir(layer_dir_of(os.path.abspath(path)))
+    return removed
+
+
+# ---------------------------------------------------------------------------- diff and tree
+def parse_target(text: str) -> tuple[str, str | None]:
+    """`IMAGE` or `IMAGE@SNAPSHOT`; a file whose own name holds an `@` wins."""
+    if os.path.exists(text) or "@" not in text:
+        return text, None
+    image, _, snap = text.rpartition("@")
+    return image, snap
+
+
+def open_target(text: str, storage: Storage | None = None, readonly: bool = True,
+                allow_bases: tuple[str, ...] = ()) -> Image:
+    """Open `IMAGE` or the frozen layer of `IMAGE@SNAPSHOT` (read-only), with its chain."""
+    storage = _storage(storage)
+    path, snap = parse_target(text)
+    if snap is None:
+        return Image.open(path, readonly=readonly, storage=storage, allow_bases=allow_bases)
+    if not readonly:
+        raise InvalidArgument(f"{text}: a snapshot is read-only")
+    context = ImageContext.for_top(path, allow_bases)
+    with Image.open(path, readonly=True, storage=storage, context=context) as top:
+        entry = _entry(top.root, snap, path)
+    return Image.open(os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid)), readonly=True,
+                      storage=storage, context=context)
+
+
+def _chain(image: Image) -> list[Image]:
+    out = []
+    layer: Image | RawBase | None = image
+    while isinstance(layer, Image):
+        out.append(layer)
+        layer = layer.base
+    return out
+
+
+def diff(a: Image, b: Image) -> Iterator[tuple[int, int]]:
+    """Guest ranges where `a` and `b` may differ, from metadata alone when they share a layer.
+
+    Below a layer both chains share, contents are equal; so only sectors
+    present in the layers above it, on either side, can differ.  Images with
+    nothing in common are compared by reading.
+    """
+    chain_a, chain_b = _chain(a), _chain(b)
+    ids_b = {(layer.root.image_uuid, layer.root.data_generation): i for i, layer in enumerate(chain_b)}
+    common = next(((i, ids_b[(layer.root.image_uuid, layer.root.data_generation)]) for i, layer in enumerate(chain_a)
+                   if (layer.root.image_uuid, layer.root.data_generation) in ids_b), None)
+    size = max(a.virtual_size, b.virtual_size)
+    if common is None:
+        yield from _merge(_compare_by_reading(a, b, size))
+        return
+    ranges = []
+    for layer in chain_a[: common[0]] + chain_b[: common[1]]:
+        ranges += [(e.start, e.start + e.length) for e in layer.extents() if e.data]
+    small = min(a.virtual_size, b.virtual_size)
+    if size > small:
+        ranges.append((small, size))
+    yield from _merge(sorted(ranges))
+
+
+def _compare_by_reading(a: Image, b: Image, size: int) -> Iterator[tuple[int, int]]:
+    step = 1 << 16
+    for pos in range(0, size, step):
+        n = min(step, size - pos)
+        da = a.read(pos, min(n, max(0, a.virtual_size - pos))).ljust(n, b"\0")
+        db = b.read(pos, min(n, max(0, b.virtual_size - pos))).ljust(n, b"\0")
+        if da != db:
+            yield pos, pos + n
+
+
+def _merge(ranges) -> Iterator[tuple[int, int]]:
+    current = None
+    for lo, hi in ranges:
+        if current and lo <= current[1]:
+            current = (current[0], max(current[1], hi))
+            continue
+        if current:
+            yield current
+        current = (lo, hi)
+    if current:
+        yield current
+
+
+def tree(path: str, storage: Storage | None = None) -> dict:
+    """The image's layers as nested nodes: bases at the root, snapshots, and the current state."""
+    storage = _storage(storage)
+    with Image.open(path, readonly=True, storage=storage) as top:
+        root, context = top.root, top.context
+        disk_usage = os.stat(path).st_blocks * 512 if os.path.exists(path) else 0
+    nodes: dict[str, dict] = {}
+    parents: dict[str, str | None] = {}
+
+    def node_for_external(base_path: str, kind: int) -> str:
+        key = "base:" + base_path
+        nodes.setdefault(key, {"kind": "base", "name": base_path, "format": "lamina" if kind == BASE_LAMINA else "raw",
+                               "children": []})
+        parents.setdefault(key, None)
+        return key
+
+    def parent_key(layer_root: Root) -> str | None:
+        if layer_root.base_kind == BASE_NONE:
+            return None
+        if LAYER_NAME.match(layer_root.base_path):
+            return "layer:" + layer_root.base_path
+        return node_for_external(layer_root.base_path, layer_root.base_kind)
+
+    for entry in root.snapshots:
+        name = layer_file_name(entry.layer_uuid)
+        layer_root = _layer_root(storage, context, name)
+        nodes["layer:" + name] = {"kind": "snapshot", "name": entry.text_name, "id": entry.id,
+                                  "created": entry.creation_time_ns, "vm_clock_ns": entry.vm_clock_ns,
+                                  "disk_size": entry.disk_size, "vmstate_size": entry.vmstate_size,
+                                  "file": os.path.join(os.path.basename(context.layer_dir), name), "children": []}
+        parents["layer:" + name] = parent_key(layer_root)
+    nodes["top"] = {"kind": "current", "name": os.path.basename(path), "disk_size": root.virtual_size,
+                    "disk_usage": disk_usage, "children": []}
+    parents["top"] = parent_key(root)
+    roots = []
+    for key, parent in parents.items():
+        if parent is None or parent not in nodes:
+            roots.append(nodes[key])
+        else:
+            nodes[parent]["children"].append(nodes[key])
+    return {"image": path, "layers": roots}
+
+
+def draw_tree(data: dict) -> str:
+    """The layer tree as terminal lines, with box-drawing branches."""
+    from .sizes import format_size
+
+    lines: list[str] = []
+
+    def label(node: dict) -> str:
+        if node["kind"] == "base":
+            return f"{node['name']} (base, {node['format']})"
+        if node["kind"] == "current":
+            return f"* {node['name']} (current state, {format_size(node['disk_size'])})"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(node["created"] / 1e9))
+        vm = f", VM state {format_size(node['vmstate_size'])}" if node["vmstate_size"] else ""
+        return f"{node['name']} (snapshot {node['id']}, {when} UTC, {format_size(node['disk_size'])}{vm})"
+
+    def walk(node: dict, prefix: str, last: bool, top: bool) -> None:
+        lines.append((prefix + ("└── " if last else "├── ") if not top else "") + label(node))
+        children = node["children"]
+        for i, child in enumerate(children):
+            walk(child, prefix + ("" if top else ("    " if last else "│   ")), i == len(children) - 1, False)
+
+    for node in data["layers"]:
+        walk(node, "", True, True)
+    return "\n".join(lines)
