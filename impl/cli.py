@@ -1,4 +1,4 @@
-"""The `lamina` command: create, info, check, map, convert, resize, io.
+"""The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff.
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
 traceback); `check` as `qemu-img check`: 0 clean, 1 check not completed,
@@ -10,15 +10,17 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Sequence
 
 from tqdm import tqdm
 
 from lamina.spec.check import CheckReport, check_image
 from lamina.spec.errors import InvalidArgument, LaminaError
-from lamina.spec.repair import repair_image
+from lamina.spec.tree import check_tree, repair_tree
 
 from .convert import convert, detect_format
+from . import layers
 from .image import Image
 from .iocmd import run_command
 from .osfile import OsStorage
@@ -43,17 +45,85 @@ def _emit(args: argparse.Namespace, data: object, text: str) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    size = parse_size(args.size)
+    size = parse_size(args.size) if args.size is not None else None
     cluster = parse_size(args.cluster_size, "cluster size")
-    Image.create(args.image, size, cluster).close()
-    print(f"Formatting '{args.image}', fmt=lamina cluster_size={cluster} size={size}")
+    with Image.create(args.image, size, cluster, base=args.base, base_format=args.base_format,
+                      allow_bases=tuple(args.allow_base or ())) as image:
+        size = image.virtual_size
+    base = f" base={args.base}" if args.base else ""
+    print(f"Formatting '{args.image}', fmt=lamina cluster_size={cluster} size={size}{base}")
+    return EXIT_OK
+
+
+def _open(args: argparse.Namespace, readonly: bool = True) -> Image:
+    return layers.open_target(args.image, readonly=readonly, allow_bases=tuple(getattr(args, "allow_base", None) or ()))
+
+
+def _snapshot_json(entry) -> dict:
+    return {"id": entry.id, "name": entry.text_name, "date-ns": entry.creation_time_ns, "vm-clock-nsec": entry.vm_clock_ns,
+            "vm-state-size": entry.vmstate_size, "disk-size": entry.disk_size}
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        vmstate = None
+        if args.vmstate:
+            with open(args.vmstate, "rb") as f:
+                vmstate = f.read()
+        layers.create_snapshot(args.image, args.name, vmstate, args.vm_clock or 0)
+    elif args.action == "list":
+        entries = layers.list_snapshots(args.image)
+        rows = ["ID        TAG                 VM SIZE                DATE       VM CLOCK     DISK SIZE"]
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.creation_time_ns / 1e9))
+            clock = e.vm_clock_ns // 10**9
+            rows.append(f"{e.id:<10}{e.text_name:<20}{format_size(e.vmstate_size):>7} {when} "
+                        f"{clock // 3600:04d}:{clock // 60 % 60:02d}:{clock % 60:02d}.{e.vm_clock_ns // 10**6 % 1000:03d} "
+                        f"{format_size(e.disk_size):>9}")
+        _emit(args, [_snapshot_json(e) for e in entries], "Snapshot list:\n" + "\n".join(rows))
+    elif args.action == "revert":
+        layers.revert_snapshot(args.image, args.name)
+    elif args.action == "delete":
+        layers.delete_snapshot(args.image, args.name)
+    elif args.action == "vmstate":
+        data = layers.read_vmstate(args.image, args.name)
+        with open(args.outfile, "wb") as f:
+            f.write(data)
+    return EXIT_OK
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    layers.clone(args.image, args.name, args.new_image)
+    return EXIT_OK
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    layers.commit(args.image, allow_bases=tuple(args.allow_base or ()))
+    print("Image committed.")
+    return EXIT_OK
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    layers.rebase(args.image, args.b or None, args.F, args.u, allow_bases=tuple(args.allow_base or ()))
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    with layers.open_target(args.a) as a, layers.open_target(args.b) as b:
+        ranges = [{"start": lo, "length": hi - lo} for lo, hi in layers.diff(a, b)]
+    text = "\n".join(f"{hex(r['start']):<16}{hex(r['length']):<16}" for r in ranges)
+    _emit(args, ranges, ("Offset          Length\n" + text) if ranges else "The images are identical.")
     return EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with Image.open(args.image, readonly=True) as image:
+    if args.tree:
+        data = layers.tree(layers.parse_target(args.image)[0])
+        _emit(args, data, layers.draw_tree(data))
+        return EXIT_OK
+    with _open(args) as image:
         root = image.root
-        disk = os.stat(args.image).st_blocks * 512
+        disk = os.stat(image.path).st_blocks * 512
         data = {
             "filename": args.image,
             "format": "lamina",
@@ -70,6 +140,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                     "pending-intents": len(root.intents),
                     "regions": image.geometry.num_regions,
                     "incompatible-features": root.incompatible_features,
+                    "snapshots": len(root.snapshots),
+                    **({"backing-filename": root.base_path, "backing-format": "raw" if root.base_kind == 1 else "lamina"}
+                       if root.base_kind else {}),
                     "compatible-features": root.compatible_features,
                 },
             },
@@ -79,7 +152,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 f"disk size: {format_size(disk)}\ncluster_size: {image.cluster_size}\n"
                 f"Format specific information:\n    version: {root.version}\n"
                 f"    uuid: {root.image_uuid.hex()}\n    generation: {root.generation}\n"
-                f"    unclean shutdown: {'yes, ' + str(len(root.intents)) + ' regions to recover' if root.intents else 'no'}\n")
+                f"    unclean shutdown: {'yes, ' + str(len(root.intents)) + ' regions to recover' if root.intents else 'no'}\n"
+                + (f"backing file: {root.base_path}\n" if root.base_kind else "")
+                + (f"snapshots: {len(root.snapshots)}\n" if root.snapshots else ""))
         _emit(args, data, text)
     return EXIT_OK
 
@@ -101,26 +176,24 @@ def _describe(report: CheckReport) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    file = OsStorage().open(args.image, writable=args.repair)
-    try:
-        if args.repair:
-            before, after = repair_image(file)
-            repaired = len(before.corruptions) + len(before.leaks) - len(after.corruptions) - len(after.leaks)
-            data = {"before": before.to_json(), "after": after.to_json(), "repaired": repaired}
-            text = ("The following inconsistencies were found and repaired:\n"
-                    + "\n".join(f"    {f.message}" for f in before.findings if f.repair) + "\n\n"
-                    + _describe(after)) if before.findings else _describe(after)
-            _emit(args, data, text)
-            return after.exit_code
-        report = check_image(file)
-        _emit(args, report.to_json(), _describe(report))
-        return report.exit_code
-    finally:
-        file.close()
+    storage = OsStorage()
+    allowed = tuple(args.allow_base or ())
+    if args.repair:
+        before, after = repair_tree(args.image, storage, allowed)
+        repaired = len(before.corruptions) + len(before.leaks) - len(after.corruptions) - len(after.leaks)
+        data = {"before": before.to_json(), "after": after.to_json(), "repaired": repaired}
+        text = ("The following inconsistencies were found and repaired:\n"
+                + "\n".join(f"    {f.message}" for f in before.findings if f.repair) + "\n\n"
+                + _describe(after)) if before.findings else _describe(after)
+        _emit(args, data, text)
+        return after.exit_code
+    report = check_tree(args.image, storage, allowed)
+    _emit(args, report.to_json(), _describe(report))
+    return report.exit_code
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with Image.open(args.image, readonly=True) as image:
+    with _open(args) as image:
         extents = [{"start": e.start, "length": e.length, "depth": 0, "present": e.data, "zero": not e.data,
                     "data": e.data, **({"offset": e.offset} if e.data else {})} for e in image.extents()]
         data: object = extents
@@ -162,7 +235,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_io(args: argparse.Namespace) -> int:
-    with Image.open(args.image, readonly=args.read_only) as image:
+    with _open(args, readonly=args.read_only) as image:
         for command in args.c or []:
             run_command(image, command, sys.stdout)
     return EXIT_OK
@@ -175,25 +248,81 @@ def build_parser() -> argparse.ArgumentParser:
     def output(p: argparse.ArgumentParser) -> None:
         p.add_argument("--output", choices=("human", "json"), default="human")
 
-    p = sub.add_parser("create", help="create a new image")
+    def allow(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--allow-base", action="append", metavar="PATH",
+                       help="a base outside the image's directory that may be followed")
+
+    p = sub.add_parser("create", help="create a new image, optionally over a base")
     p.add_argument("--cluster-size", default="64k", help="4k to 2M, a power of two (default 64k)")
+    p.add_argument("-b", "--base", help="a raw file or Lamina image the new image starts from")
+    p.add_argument("-F", "--base-format", choices=("raw", "lamina"), help="the base's format (default: detected)")
+    allow(p)
     p.add_argument("image")
-    p.add_argument("size")
+    p.add_argument("size", nargs="?", help="virtual size (default: the base's)")
     p.set_defaults(run=cmd_create)
 
-    p = sub.add_parser("info", help="show an image's geometry and state")
+    p = sub.add_parser("snapshot", help="create, list, revert, delete snapshots; extract VM state")
+    snap = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = snap.add_parser("create")
+    q.add_argument("--vmstate", metavar="FILE", help="VM state to keep with the snapshot")
+    q.add_argument("--vm-clock", type=int, metavar="NS", help="guest clock at the snapshot, in ns")
+    q.add_argument("image")
+    q.add_argument("name")
+    q = snap.add_parser("list")
+    output(q)
+    q.add_argument("image")
+    for action in ("revert", "delete"):
+        q = snap.add_parser(action)
+        q.add_argument("image")
+        q.add_argument("name")
+    q = snap.add_parser("vmstate")
+    q.add_argument("image")
+    q.add_argument("name")
+    q.add_argument("outfile")
+    p.set_defaults(run=cmd_snapshot)
+
+    p = sub.add_parser("clone", help="a new writable image from a snapshot")
+    p.add_argument("image")
+    p.add_argument("name")
+    p.add_argument("new_image")
+    p.set_defaults(run=cmd_clone)
+
+    p = sub.add_parser("commit", help="write the image's sectors into its base and empty it")
+    allow(p)
+    p.add_argument("image")
+    p.set_defaults(run=cmd_commit)
+
+    p = sub.add_parser("rebase", help="put the image on another base (-u: only rewrite the reference)")
+    p.add_argument("-b", default="", metavar="NEWBASE", help="the new base; empty for none")
+    p.add_argument("-F", choices=("raw", "lamina"), help="the new base's format")
+    p.add_argument("-u", action="store_true", help="unsafe: do not copy differing sectors")
+    allow(p)
+    p.add_argument("image")
+    p.set_defaults(run=cmd_rebase)
+
+    p = sub.add_parser("diff", help="guest ranges that differ between two images or snapshots (IMAGE@SNAP)")
     output(p)
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(run=cmd_diff)
+
+    p = sub.add_parser("info", help="show an image's geometry and state; --tree draws its layers")
+    output(p)
+    p.add_argument("--tree", action="store_true")
+    allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("check", help="verify an image against the format; exit 0/1/2/3 as qemu-img check")
+    p = sub.add_parser("check", help="verify an image and its layers; exit 0/1/2/3 as qemu-img check")
     output(p)
     p.add_argument("--repair", action="store_true", help="restore damaged metadata from its good copy, reclaim leaks")
+    p.add_argument("--allow-base", action="append", metavar="PATH", help="a base outside the image's directory to follow")
     p.add_argument("image")
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("map", help="list guest extents (and metadata regions)")
     output(p)
+    allow(p)
     p.add_argument("--metadata", action="store_true", help="also list every metadata copy in the file")
     p.add_argument("image")
     p.set_defaults(run=cmd_map)
@@ -216,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("io", help="run qemu-io-like commands: -c 'write -P 0xab 0 64k'")
     p.add_argument("-c", action="append", metavar="CMD")
     p.add_argument("-r", "--read-only", action="store_true")
+    allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_io)
     return parser
