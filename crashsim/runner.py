@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import attrs
 
 from .errors import BadPlan
-from lamina.spec.layout import CLUSTERS_PER_REGION, SECTOR_SIZE, Geometry
+from lamina.spec.layout import SECTOR_SIZE, Geometry
 
 from .explore import Budget, Materialiser, Model, Plan, barrier_of, explore, garbage, pending_at, tear_units
 from .memstore import DiskState, Trace
@@ -106,7 +106,6 @@ class Explorer:
         unit = self.model.torn_unit or 512
         cluster = self.rec.workload.cluster_size
         geometry = Geometry(cluster.bit_length() - 1, 0)
-        first, stride = geometry.first_region_offset, geometry.region_stride
         for index, outcome in outcomes.items():
             if not outcome.startswith("t:") or "g" not in outcome:
                 continue
@@ -116,10 +115,9 @@ class Explorer:
                     continue
                 junk = garbage(self.seed, index, k, length)
                 for pos in range(offset - offset % SECTOR_SIZE, offset + length, SECTOR_SIZE):
-                    region, within = divmod(pos - first, stride)
-                    if pos < first or not cluster <= within < stride - cluster:
+                    guest = file_to_guest(geometry, pos)
+                    if guest is None:
                         continue
-                    guest = region * CLUSTERS_PER_REGION * cluster + within - cluster
                     # The guest sector as the device left it: garbage over the unit, the rest new.
                     lo, hi = max(pos, offset), min(pos + SECTOR_SIZE, offset + length)
                     sector = bytearray(op.data[pos - op.offset : pos - op.offset + SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")) \
@@ -164,6 +162,17 @@ class Explorer:
             count += 1
             if count >= limit_states:
                 return
+
+
+def file_to_guest(geometry: Geometry, offset: int) -> int | None:
+    """The guest offset whose present sector lives at a file offset, or None for metadata and padding."""
+    if offset < geometry.first_region_offset:
+        return None
+    region, within = divmod(offset - geometry.first_region_offset, geometry.region_stride)
+    guest = region * geometry.region_span + within - geometry.cluster_size
+    if not 0 <= within - geometry.cluster_size < geometry.region_span:
+        return None
+    return guest if geometry.guest_to_file(guest) == offset else None
 
 
 def _timeline(rec: Recording) -> tuple[tuple, tuple]:

@@ -263,3 +263,15 @@ def test_directory_fsync_covers_names_however_the_directory_is_spelled():
     storage.fsync_dir(os.path.abspath("vm"))
     ops = storage.trace.ops
     assert [] == pending_at(barrier_of(ops, Model(namespace=True)), len(ops))
+
+
+def test_file_to_guest_inverts_the_layout():
+    from lamina.crashsim.runner import file_to_guest
+    from lamina.spec.layout import Geometry
+
+    g = Geometry(12, 2 * 128 * 4096)
+    for guest in range(0, g.virtual_size, 4096 * 37 + 512):
+        assert guest == file_to_guest(g, g.guest_to_file(guest))
+    assert file_to_guest(g, g.map_copy_offset(1, 0)) is None
+    assert file_to_guest(g, g.map_copy_offset(0, 1)) is None
+    assert file_to_guest(g, 0) is None

@@ -12,13 +12,16 @@ from lamina.crashsim.workloads import get_workload
 import lamina.impl.image as image_module
 from lamina.spec import protocol
 
-# Failing plans the simulator found and shrank, saved as regression tests: each
-# must keep failing with its broken variant and pass with the real implementation.
+# Failing plans the simulator found and shrank, saved as regression tests.  Op
+# indices belong to the implementation version that produced them, so the test
+# re-explores the plan's shrunk workload under its model: with the broken
+# variant it must fail, with the real implementation it must not.
 SAVED_FAILURES = [
     "v=skip-intent/w=allocate/x=1,2,3/m=strict/s=0/p=3",
     "v=skip-map-copy-fsync/w=overwrite/x=1,2,3/m=torn/s=0/p=9/o=7t:gn,8t:gn",
     "v=root-without-barrier/w=multi-region/x=0,1,3/m=reorder/s=0/p=11/o=9d,10k",
     "v=no-reconcile/w=overwrite/x=1,2,3/m=reorder/s=0/p=6/o=4k,5k",
+    "v=map-current-slot-first/w=overwrite/x=3/m=torn/s=0/p=15/o=12t:gn,13k,14t:gn",
 ]
 
 
@@ -48,9 +51,11 @@ def test_every_failing_control_has_a_distinct_rule():
 @pytest.mark.parametrize("text", SAVED_FAILURES)
 def test_saved_failures_still_fail_and_pass_without_the_variant(text):
     plan = Plan.parse(text)
-    assert replay(plan)[1] is not None
-    # The real implementation issues other ops, so the same plan does not apply: explore its shrunk workload instead.
-    assert _first_failure(plan.workload, plan.dropped_steps, None, Model.parse(plan.model), Budget(), plan.seed) is None
+    model = Model.parse(plan.model)
+    found = _first_failure(plan.workload, plan.dropped_steps, plan.variant, model, Budget(), plan.seed)
+    assert found is not None
+    assert replay(found)[1] is not None
+    assert _first_failure(plan.workload, plan.dropped_steps, None, model, Budget(), plan.seed) is None
 
 
 def test_variants_restore_what_they_patch():
@@ -65,6 +70,7 @@ def test_variants_restore_what_they_patch():
 
 
 def test_cli_replay_reproduces_a_control_failure(capsys):
-    assert 1 == main(["replay", SAVED_FAILURES[1]])
+    plan = _first_failure("overwrite", (1, 2, 3), "skip-map-copy-fsync", Model.parse("torn"), Budget(), 0)
+    assert 1 == main(["replay", plan.to_string()])
     out = capsys.readouterr().out
-    assert "NoValidCopy" in out and "torn gn" in out
+    assert "NoValidCopy" in out and "torn g" in out
