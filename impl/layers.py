@@ -221,10 +221,36 @@ def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
             if _layer_root(storage, context, other_name).base_path == frozen:
                 children.append(os.path.join(context.layer_dir, other_name))
     for child in children:
+        if child != path and os.stat(child).st_nlink > 1:
+            _unshare(storage, child)
         merge_base_into(child, context, storage)
     with Image.open(path, storage=storage) as top:
         top.set_root(snapshots=tuple(s for s in top.root.snapshots if s.id != entry.id))
     collect_garbage(path, storage)
+
+
+def _unshare(storage: Storage, path: str) -> None:
+    """Give this image its own copy of a frozen layer that a clone also links, before changing its bytes.
+
+    The copy has the same uuid and contents, so nothing that references the
+    layer changes; the clone keeps the old file, and the chain it needs.
+    """
+    source = storage.open(path, writable=False)
+    temporary = path + ".creating"
+    if storage.exists(temporary):
+        storage.unlink(temporary)
+    target = storage.create(temporary)
+    try:
+        target.truncate(source.size())
+        for offset, length in source.data_extents():
+            for pos in range(offset, offset + length, CHUNK):
+                target.pwrite(pos, source.pread(pos, min(CHUNK, offset + length - pos)))
+        target.fsync()
+    finally:
+        source.close()
+        target.close()
+    storage.rename(temporary, path)
+    storage.fsync_dir(os.path.dirname(path))
 
 
 # ---------------------------------------------------------------------------- clones
@@ -347,12 +373,26 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
                     while pos < hi:
                         step = min(CHUNK, hi - pos)
                         old = top.read(pos, step)
-                        if old != fresh.read_padded(pos, step):
-                            top.write(pos, old)
+                        new = fresh.read_padded(pos, step)
+                        if old != new:
+                            for lo, hi in _differing_sectors(old, new):
+                                top.write(pos + lo, old[lo:hi])
                         pos += step
             top.flush()
         top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,
                      base_data_generation=new_root.base_data_generation, base_size=new_root.base_size)
+
+
+def _differing_sectors(a: bytes, b: bytes) -> list[tuple[int, int]]:
+    """Byte ranges, in whole sectors, where two equally long buffers differ."""
+    runs: list[tuple[int, int]] = []
+    for lo in range(0, len(a), SECTOR_SIZE):
+        if a[lo : lo + SECTOR_SIZE] != b[lo : lo + SECTOR_SIZE]:
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], lo + SECTOR_SIZE)
+            else:
+                runs.append((lo, lo + SECTOR_SIZE))
+    return runs
 
 
 class _NoImage:

@@ -84,12 +84,16 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
         walk = ChainWalk()
         while True:
             real = os.path.realpath(path)
+            try:
+                walk.visit(real, path)
+            except LaminaError as exc:
+                findings.append(Finding(CORRUPTION, "base-reference", str(exc)))
+                break
             if real in seen:
                 break
             seen.add(real)
             files.append(path)
             try:
-                walk.visit(real, path)
                 base = resolve_base(root, context, path)
                 if base is None:
                     break
