@@ -22,9 +22,11 @@ FSYNC = "fsync"
 CREATE = "create"
 RENAME = "rename"
 UNLINK = "unlink"
+LINK = "link"
+MKDIR = "mkdir"
 FSYNC_DIR = "fsync_dir"
 DATA_KINDS = frozenset({PWRITE, TRUNCATE, PUNCH})
-NAMESPACE_KINDS = frozenset({CREATE, RENAME, UNLINK})
+NAMESPACE_KINDS = frozenset({CREATE, RENAME, UNLINK, LINK, MKDIR})
 
 
 class Op(NamedTuple):
@@ -140,20 +142,22 @@ class FileData:
 class DiskState:
     """A whole simulated directory tree: names to inodes, inodes to contents."""
 
-    __slots__ = ("names", "files", "next_inode")
+    __slots__ = ("names", "files", "next_inode", "dirs")
 
     def __init__(self, names: dict[str, int] | None = None, files: dict[int, FileData] | None = None,
-                 next_inode: int = 1) -> None:
+                 next_inode: int = 1, dirs: set[str] | None = None) -> None:
         self.names = {} if names is None else names
         self.files = {} if files is None else files
         self.next_inode = next_inode
+        self.dirs = set() if dirs is None else dirs  # directories made by mkdir (absolute); others exist implicitly
 
     def copy(self) -> "DiskState":
-        return DiskState(dict(self.names), {i: f.copy() for i, f in self.files.items()}, self.next_inode)
+        return DiskState(dict(self.names), {i: f.copy() for i, f in self.files.items()}, self.next_inode, set(self.dirs))
 
     def key(self) -> tuple:
         """Hashable identity of everything a reader could observe."""
-        return (tuple(sorted(self.names.items())), tuple((i, self.files[i].key()) for i in sorted(self.files)))
+        return (tuple(sorted(self.names.items())), tuple((i, self.files[i].key()) for i in sorted(self.files)),
+                tuple(sorted(self.dirs)))
 
     def apply(self, op: Op) -> None:
         """Apply one operation as if it had reached the disk whole."""
@@ -177,6 +181,11 @@ class DiskState:
                 self.names[op.path2] = self.names.pop(op.path)
         elif kind == UNLINK:
             self.names.pop(op.path, None)
+        elif kind == LINK:
+            if op.path in self.names:
+                self.names[op.path2] = self.names[op.path]
+        elif kind == MKDIR:
+            self.dirs.add(os.path.abspath(op.path))
 
 
 class Trace:
@@ -282,13 +291,33 @@ class MemStorage:
         self.record(op)
         self.state.apply(op)
 
+    def link(self, src: str, dst: str) -> None:
+        from lamina.crashsim.errors import CrashsimError
+
+        if src not in self.state.names or dst in self.state.names:
+            raise CrashsimError(f"{dst}: cannot link to {src}: no such source or destination exists")
+        op = Op(LINK, _directory_of(dst), path=src, path2=dst)
+        self.record(op)
+        self.state.apply(op)
+
+    def mkdir(self, path: str) -> None:
+        op = Op(MKDIR, _directory_of(path), path=path)
+        self.record(op)
+        self.state.apply(op)
+
+    def listdir(self, path: str) -> list[str]:
+        where = os.path.abspath(path)
+        names = {os.path.basename(p) for p in self.state.names if _directory_of(p) == where}
+        names |= {os.path.basename(d) for d in self.state.dirs if os.path.dirname(d) == where}
+        return sorted(names)
+
     def unlink(self, path: str) -> None:
         op = Op(UNLINK, _directory_of(path), path=path)
         self.record(op)
         self.state.apply(op)
 
     def exists(self, path: str) -> bool:
-        return path in self.state.names
+        return path in self.state.names or os.path.abspath(path) in self.state.dirs
 
     def fsync_dir(self, path: str) -> None:
         self.record(Op(FSYNC_DIR, os.path.abspath(path or ".")))

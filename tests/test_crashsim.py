@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lamina.crashsim.cli import main
 from lamina.crashsim.errors import BadPlan, UnknownModel, UnknownWorkload
 from lamina.crashsim.explore import DEFAULT_MODELS, Budget, Materialiser, Model, Plan, barrier_of, explore, pending_at
-from lamina.crashsim.memstore import BLOCK, FileData, MemStorage, Trace
+from lamina.crashsim.memstore import BLOCK, DiskState, FileData, MemStorage, Trace
 from lamina.crashsim.oracle import Legal, Opened, judge, legal_at
 from lamina.crashsim.record import record_workload
 from lamina.crashsim.runner import replay, run_task
@@ -275,3 +275,18 @@ def test_file_to_guest_inverts_the_layout():
     assert file_to_guest(g, g.map_copy_offset(1, 0)) is None
     assert file_to_guest(g, g.map_copy_offset(0, 1)) is None
     assert file_to_guest(g, 0) is None
+
+
+def test_link_mkdir_listdir_follow_the_storage_interface():
+    storage = MemStorage(trace=Trace())
+    storage.mkdir("vm/layers")
+    f = storage.create("vm/layers/a")
+    f.pwrite(0, b"x")
+    storage.link("vm/layers/a", "vm/layers/b")
+    assert storage.exists("vm/layers")
+    assert ["a", "b"] == storage.listdir("vm/layers")
+    assert ["layers"] == storage.listdir("vm")
+    assert b"x" == storage.open("vm/layers/b", writable=False).pread(0, 1)
+    assert ["mkdir", "create", "pwrite", "link"] == [op.kind for op in storage.trace.ops]
+    mat = Materialiser(DiskState(), storage.trace.ops)
+    assert "vm/layers/b" in mat.state(len(storage.trace.ops), {}, 0).names
