@@ -126,7 +126,7 @@ class Image:
             root = reference_base(root, base, base_format, context, storage)
         size = root.base_size if virtual_size is None else virtual_size
         check_virtual_size(size)
-        root = attrs.evolve(root, virtual_size=size)
+        root = attrs.evolve(root, virtual_size=size, base_visible=min(size, root.base_size))
         write_new_layer(storage, path, root)
         return cls.open(path, storage=storage, allow_bases=allow_bases)
 
@@ -251,9 +251,10 @@ class Image:
 
     def _read_base(self, offset: int, length: int) -> bytes:
         """Bytes of the base below this layer; zero where there is none or past its end."""
-        if self.base is None or offset >= self.base.virtual_size:
+        limit = min(self._root.base_visible, self.base.virtual_size) if self.base is not None else 0
+        if offset >= limit:
             return bytes(length)
-        inside = min(length, self.base.virtual_size - offset)
+        inside = min(length, limit - offset)
         data = self.base.read(offset, inside)
         return data if inside == length else data + bytes(length - inside)
 
@@ -335,7 +336,8 @@ class Image:
             return
         last = virtual_size // new.region_span if virtual_size % new.region_span else None
         intents = (last,) if last is not None else ()
-        self._write_root(virtual_size=virtual_size, intents=intents, **self._content_change())
+        self._write_root(virtual_size=virtual_size, intents=intents, base_visible=min(self._root.base_visible, virtual_size),
+                         **self._content_change())
         self._maps = {r: m for r, m in self._maps.items() if r < new.num_regions}
         self.file.truncate(new.file_length)
         if last is not None:

@@ -89,7 +89,8 @@ def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
     """A fresh empty top over the layer `parent` (stored as `parent_name` in the layer directory)."""
     root = Root(cluster_bits=parent.cluster_bits, virtual_size=parent.virtual_size, image_uuid=uuidlib.uuid4().bytes,
                 base_kind=BASE_LAMINA, base_path=parent_name, base_uuid=parent.image_uuid,
-                base_data_generation=parent.data_generation, base_size=parent.virtual_size)
+                base_data_generation=parent.data_generation, base_size=parent.virtual_size,
+                base_visible=parent.virtual_size)
     return attrs.evolve(root, **changes)
 
 
@@ -188,13 +189,12 @@ def merge_base_into(child_path: str, context: ImageContext, storage: Storage) ->
             if not extent.data or extent.start >= size:
                 continue
             _copy_absent(child, base, extent.start, min(extent.start + extent.length, size))
-        below = base.base.virtual_size if base.base is not None else 0
-        if base.virtual_size < min(size, below):  # the base hid the tail of its own base
-            _copy_absent(child, base, base.virtual_size, min(size, below))
         child.flush()
         parent = base.root
+        # What the removed layer hid of its own base stays hidden: the visible limits combine.
         child.set_root(base_kind=parent.base_kind, base_path=parent.base_path, base_uuid=parent.base_uuid,
-                       base_data_generation=parent.base_data_generation, base_size=parent.base_size)
+                       base_data_generation=parent.base_data_generation, base_size=parent.base_size,
+                       base_visible=min(child.root.base_visible, parent.base_visible))
 
 
 def _copy_absent(child: Image, source: Image | RawBase, start: int, end: int) -> None:
@@ -290,7 +290,7 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
             storage.link(os.path.join(context.layer_dir, name_), target)
     storage.fsync_dir(directory)
     parent = _layer_root(storage, new_context, layer)
-    write_new_layer(storage, new_path, _child_root(parent, layer, virtual_size=entry.disk_size))
+    write_new_layer(storage, new_path, _child_root(parent, layer))
 
 
 # ---------------------------------------------------------------------------- commit and rebase
@@ -380,7 +380,9 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
                         pos += step
             top.flush()
         top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,
-                     base_data_generation=new_root.base_data_generation, base_size=new_root.base_size)
+                     base_data_generation=new_root.base_data_generation, base_size=new_root.base_size,
+                     base_visible=min(new_root.base_size, top.virtual_size))
+    collect_garbage(path, storage)
 
 
 def _differing_sectors(a: bytes, b: bytes) -> list[tuple[int, int]]:

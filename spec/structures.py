@@ -60,7 +60,7 @@ def _zero(value: bytes) -> bool:
 BASE_NONE, BASE_RAW, BASE_LAMINA = 0, 1, 2
 FLAG_COMMITTING = 1  # a `commit` into the base is in progress; recovery finishes it
 KNOWN_FLAGS = FLAG_COMMITTING
-ROOT_RESERVED_TAIL = ROOT_CRC_OFFSET - 3988  # (= 104)
+ROOT_RESERVED_TAIL = ROOT_CRC_OFFSET - 3996  # (= 96)
 
 
 def _pad8(n: int) -> int:
@@ -165,7 +165,10 @@ class Root:
                                   constraint="greater than every id in the table", valid=lambda v: v >= 1, default=1)
     flags: int = field(3984, "u32", "bit 0: a commit into the base is in progress",
                        constraint="no unknown bit", valid=lambda v: not v & ~KNOWN_FLAGS, default=0)
-    reserved: bytes = field(3988, "bytes", "reserved", size=ROOT_RESERVED_TAIL, constraint="all zero", valid=_zero,
+    base_visible: int = field(3988, "u64", "the base shows through only below this guest offset; a shrink lowers it, "
+                              "so a later grow reads zeros", constraint="at most `virtual_size` and `base_size`; 0 without a base",
+                              default=0)
+    reserved: bytes = field(3996, "bytes", "reserved", size=ROOT_RESERVED_TAIL, constraint="all zero", valid=_zero,
                             default=bytes(ROOT_RESERVED_TAIL))
     crc: int = field(ROOT_CRC_OFFSET, "u32", "CRC32C of the `root_length` bytes with this field as zero",
                      constraint="matches", default=0)
@@ -251,8 +254,10 @@ def decode_root(data: bytes, slot: int | None = None) -> Root:
         raise FieldOutOfRange(f"{where}base_kind {kind} with a base path of {path_length} bytes")
     if kind != BASE_LAMINA and (any(values["base_uuid"]) or values["base_data_generation"]):
         raise FieldOutOfRange(f"{where}base_uuid and base_data_generation must be zero unless the base is a Lamina layer")
-    if kind == BASE_NONE and values["base_size"]:
-        raise FieldOutOfRange(f"{where}base_size must be zero without a base")
+    if kind == BASE_NONE and (values["base_size"] or values["base_visible"]):
+        raise FieldOutOfRange(f"{where}base_size and base_visible must be zero without a base")
+    if values["base_visible"] > min(values["base_size"], values["virtual_size"]):
+        raise FieldOutOfRange(f"{where}base_visible {values['base_visible']} is past the base size or the virtual size")
     raw_path = data[ROOT_SIZE : ROOT_SIZE + path_length]
     if any(data[ROOT_SIZE + path_length : ROOT_SIZE + _pad8(path_length)]) or b"\0" in raw_path:
         raise FieldOutOfRange(f"{where}the base path holds a NUL byte or non-zero padding")

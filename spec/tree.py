@@ -151,7 +151,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
         for name in storage.listdir(context.layer_dir):
             if name not in keep:
                 path = os.path.join(context.layer_dir, name)
-                findings.append(Finding(LEAK, "orphan-file", f"{path} is not part of the image (left by an interrupted operation)",
+                findings.append(Finding(LEAK, "orphan-file", f"{path} is not part of the image (an interrupted operation left it; a writable open removes it)",
                                         ("unlink", path)))
     return CheckReport(tuple(findings), root, regions, clusters, completed)
 

@@ -46,6 +46,7 @@ FORBIDDEN = {
     "num_snapshots": [1, 1025, 0xFFFFFFFF],
     "next_snapshot_id": [0],
     "flags": [2, 1 << 31],
+    "base_visible": [512],
     "reserved": [b"\xff" * ROOT_RESERVED_TAIL],
     "crc": ["wrong"],
 }
