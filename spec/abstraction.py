@@ -8,22 +8,29 @@ fixed place, and every other sector reads as zero.  Bytes in absent sectors
 """
 from __future__ import annotations
 
+import os
 from types import MappingProxyType
 
 from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, allocated_regions
-from .model import Disk
+from .model import Disk, empty_disk, write
+from .references import ChainWalk, ImageContext, resolve_base
+from .storage import Storage
+from .structures import BASE_RAW
 from .protocol import read_map_copies, read_root_copies
 from .regionmap import RegionMap
 from .replication import select_map, select_root
 from .storage import File
 
 
-def abstract_image(file: File) -> Disk:
-    """The guest-visible disk an image file denotes; raises a FormatError when it denotes none."""
+def abstract_image(file: File, base: Disk | None = None) -> Disk:
+    """The guest-visible disk a layer file denotes over the disk its base denotes (F-MEAN-002)."""
     root = select_root(read_root_copies(file)).value
     assert root is not None
     g = root.geometry
     sectors: dict[int, bytes] = {}
+    if base is not None:
+        limit = min(root.base_visible, base.virtual_size) // SECTOR_SIZE
+        sectors = {s: d for s, d in base.sectors.items() if s < limit}
     for region in allocated_regions(sorted(file.data_extents()), g):
         chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
         if chosen.value is None:
@@ -38,6 +45,33 @@ def abstract_image(file: File) -> Disk:
             for k in range(g.sectors_per_cluster):
                 sector = cluster * g.sectors_per_cluster + k
                 chunk = data[k * SECTOR_SIZE : (k + 1) * SECTOR_SIZE]
-                if mask >> k & 1 and sector * SECTOR_SIZE < root.virtual_size and any(chunk):
-                    sectors[sector] = chunk
+                if mask >> k & 1 and sector * SECTOR_SIZE < root.virtual_size:
+                    if any(chunk):
+                        sectors[sector] = chunk
+                    else:
+                        sectors.pop(sector, None)
     return Disk(root.virtual_size, MappingProxyType(sectors))
+
+
+def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: ChainWalk | None = None) -> Disk:
+    """What a layer file and its whole chain of bases denote, following references by the rules of F-REF."""
+    walk = walk or ChainWalk()
+    walk.visit(os.path.realpath(path), path)
+    file = storage.open(path, writable=False)
+    try:
+        root = select_root(read_root_copies(file)).value
+        assert root is not None
+        base_path = resolve_base(root, context, path)
+        base = None
+        if base_path is not None and root.base_kind == BASE_RAW:
+            raw = storage.open(base_path, writable=False)
+            try:
+                size = raw.size()
+                base = write(empty_disk(size), 0, raw.pread(0, size))
+            finally:
+                raw.close()
+        elif base_path is not None:
+            base = abstract_layer(base_path, storage, context, walk)
+        return abstract_image(file, base)
+    finally:
+        file.close()

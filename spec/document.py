@@ -26,8 +26,9 @@ def constants_table() -> str:
     """Every constant of `spec/layout.py` with its value."""
     rows = ["| constant | value |", "|---|---:|"]
     for name in ("FORMAT_VERSION", "SECTOR_SIZE", "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "DEFAULT_CLUSTER_BITS",
-                 "CLUSTERS_PER_REGION", "REGION_STRIDE_CLUSTERS", "ROOT_SIZE", "ROOT_SLOTS", "ROOT_AREA_SIZE",
-                 "MAX_VIRTUAL_SIZE", "MAX_INTENTS", "MAP_HEADER_SIZE", "MAP_CRCS_OFFSET", "MAP_BITMAP_OFFSET"):
+                 "CLUSTERS_PER_REGION", "REGION_STRIDE_CLUSTERS", "ROOT_SIZE", "ROOT_SLOT_SIZE", "ROOT_SLOTS",
+                 "ROOT_AREA_SIZE", "MAX_VIRTUAL_SIZE", "MAX_INTENTS", "MAP_HEADER_SIZE", "MAP_CRCS_OFFSET",
+                 "MAP_BITMAP_OFFSET", "MAX_BASE_PATH", "SNAPSHOT_ENTRY_SIZE", "MAX_SNAPSHOTS", "MAX_CHAIN_DEPTH"):
         rows.append(f"| `{name}` | {getattr(layout, name)} |")
     return "\n".join(rows)
 
@@ -52,6 +53,13 @@ def geometry_table() -> str:
     return "\n".join(rows)
 
 
+def root_tail_table() -> str:
+    """The variable part of a root copy, after its fixed 4096 bytes."""
+    rows = ["| offset | size | field | meaning |", "|---|---|---|---|"]
+    rows += [f"| {offset} | {size} | `{name}` | {doc} |" for name, offset, size, doc in structures.ROOT_TAIL]
+    return "\n".join(rows)
+
+
 def proofs_table() -> str:
     try:
         from .proofs import properties_markdown  # type: ignore[attr-defined]
@@ -63,6 +71,8 @@ def proofs_table() -> str:
 PLACEHOLDERS = {
     "fields:Root": lambda: markdown_table(structures.Root),
     "fields:MapCopy": lambda: markdown_table(structures.MapCopy),
+    "fields:SnapshotEntry": lambda: markdown_table(structures.SnapshotEntry),
+    "root_tail": lambda: root_tail_table(),
     "constants": constants_table,
     "geometry": geometry_table,
     "proofs": proofs_table,

@@ -18,6 +18,8 @@ from lamina.impl import layers
 from lamina.impl.image import Image
 from lamina.impl.osfile import OsStorage
 from lamina.spec import model
+from lamina.spec.abstraction import abstract_layer
+from lamina.spec.references import ImageContext
 from lamina.spec.tree import check_tree
 
 from conftest import pattern
@@ -120,6 +122,8 @@ class TreeMachine(RuleBasedStateMachine):
             with Image.open(path, readonly=True) as image:
                 assert disk.virtual_size == image.virtual_size
                 assert disk.read(0, disk.virtual_size) == image.read(0, image.virtual_size), path
+            # the spec's abstraction function, applied to the files, means the same disk
+            assert disk == abstract_layer(path, OsStorage(), ImageContext.for_top(path)), path
             for name, snap in self.snaps[path].items():
                 with layers.open_target(f"{path}@{name}") as image:
                     assert snap.read(0, snap.virtual_size) == image.read(0, image.virtual_size), f"{path}@{name}"
