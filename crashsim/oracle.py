@@ -42,6 +42,11 @@ class Opened:
     exists: bool = True
     orphans: tuple[str, ...] = ()
 
+    @property
+    def view(self) -> object:
+        """What a crash during recovery must not change."""
+        return (self.virtual_size, self.contents)
+
 
 @attrs.frozen
 class Legal:

@@ -20,6 +20,7 @@ from .explore import Budget, Materialiser, Model, Plan, barrier_of, explore, gar
 from .memstore import DiskState, Trace
 from .oracle import Legal, Opened, judge, legal_at, open_state
 from .record import Recording, record_workload
+from .trees import TreeRecording, judge_tree, open_tree_state, record_tree_workload, tree_legal_at
 from .workloads import get_workload
 
 MAX_REPORTED_FAILURES = 5
@@ -76,13 +77,14 @@ class Explorer:
         key = state.key()
         result = self._opened.get(key)
         if result is None:
-            result = self._opened[key] = open_state(state, self.rec.variant)
+            result = self._opened[key] = open_any(state, self.rec)
         return key, result
 
     def legal(self, crash: int) -> Legal:
         legal = self._legal.get(crash)
         if legal is None:
-            legal = self._legal[crash] = legal_at(self.rec, crash)
+            legal = self._legal[crash] = tree_legal_at(self.rec, crash) if isinstance(self.rec, TreeRecording) \
+                else legal_at(self.rec, crash)
         return legal
 
     def check(self, crash: int, outcomes: dict[int, str]) -> tuple[tuple, str | None]:
@@ -91,7 +93,8 @@ class Explorer:
         extra = self.garbage_sectors(outcomes)
         memo = (crash, key, extra)
         if memo not in self._judged:
-            self._judged[memo] = judge(opened, self.legal(crash), dict(extra))
+            judge_ = judge_tree if isinstance(self.rec, TreeRecording) else judge
+            self._judged[memo] = judge_(opened, self.legal(crash), dict(extra))
         return key, self._judged[memo]
 
     def garbage_sectors(self, outcomes: dict[int, str]) -> tuple[tuple[int, bytes], ...]:
@@ -106,6 +109,7 @@ class Explorer:
         unit = self.model.torn_unit or 512
         cluster = self.rec.workload.cluster_size
         geometry = Geometry(cluster.bit_length() - 1, 0)
+        raw_inodes = getattr(self.rec, "raw_inodes", frozenset())  # raw files: file offset = guest offset
         for index, outcome in outcomes.items():
             if not outcome.startswith("t:") or "g" not in outcome:
                 continue
@@ -115,7 +119,7 @@ class Explorer:
                     continue
                 junk = garbage(self.seed, index, k, length)
                 for pos in range(offset - offset % SECTOR_SIZE, offset + length, SECTOR_SIZE):
-                    guest = file_to_guest(geometry, pos)
+                    guest = pos if op.target in raw_inodes else file_to_guest(geometry, pos)
                     if guest is None:
                         continue
                     # The guest sector as the device left it: garbage over the unit, the rest new.
@@ -145,7 +149,7 @@ class Explorer:
         if first.problem or not first.exists:
             return
         trace = Trace()
-        open_state(self.state(crash, outcomes), self.rec.variant, trace)
+        open_any(self.state(crash, outcomes), self.rec, trace)
         rops = tuple(trace.ops)
         rmat = Materialiser(self.state(crash, outcomes), rops)
         count = 0
@@ -156,12 +160,19 @@ class Explorer:
             message = None
             if again.problem:
                 message = "recovery after a crash during recovery: " + again.problem
-            elif (again.virtual_size, again.contents) != (first.virtual_size, first.contents):
+            elif again.view != first.view:
                 message = "recovery is not idempotent: a crash during recovery recovers to different guest contents"
             yield self.plan(crash, outcomes, recovery_crash=rcrash, recovery_outcomes=tuple(sorted(routcomes.items()))), message
             count += 1
             if count >= limit_states:
                 return
+
+
+def open_any(state: DiskState, rec: Recording | TreeRecording, trace: Trace | None = None) -> Opened:
+    """Recover, check and read a durable state: one image, or a whole tree."""
+    if isinstance(rec, TreeRecording):
+        return open_tree_state(state, rec, trace)  # type: ignore[return-value]
+    return open_state(state, rec.variant, trace)
 
 
 def file_to_guest(geometry: Geometry, offset: int) -> int | None:
@@ -185,6 +196,8 @@ def load_recording(workload: str, dropped: tuple[int, ...] = (), variant: str | 
     w = get_workload(workload)
     if dropped:
         w = attrs.evolve(w.without_steps(frozenset(dropped)), name=f"{w.name}@{','.join(map(str, dropped))}")
+    if hasattr(w, "tops"):
+        return record_tree_workload(w, variant)  # type: ignore[return-value]
     return record_workload(w, variant)
 
 
@@ -270,13 +283,13 @@ def replay(plan: Plan) -> tuple[Recording, str | None]:
     # Not among explored recovery states: materialise it directly.
     state = ex.state(plan.crash, outcomes)
     trace = Trace()
-    first = open_state(state.copy(), rec.variant, trace)
+    first = open_any(state.copy(), rec, trace)
     rstate = Materialiser(state, tuple(trace.ops)).state(plan.recovery_crash, dict(plan.recovery_outcomes), plan.seed,
                                                          model.torn_unit or 512)
-    again = open_state(rstate, rec.variant)
+    again = open_any(rstate, rec)
     if again.problem:
         return rec, "recovery after a crash during recovery: " + again.problem
-    if (again.virtual_size, again.contents) != (first.virtual_size, first.contents):
+    if again.view != first.view:
         return rec, "recovery is not idempotent"
     return rec, None
 

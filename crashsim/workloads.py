@@ -112,6 +112,10 @@ def get_workload(name: str) -> Workload:
     """A library workload by name, or `random-SEED-LENGTH`."""
     if name in LIBRARY:
         return LIBRARY[name]
+    from .trees import TREE_LIBRARY
+
+    if name in TREE_LIBRARY:
+        return TREE_LIBRARY[name]
     if name.startswith("random-"):
         parts = name.split("-")
         try:
