@@ -37,8 +37,15 @@ class TreeMachine(RuleBasedStateMachine):
             f.write(pattern(200, SIZE))
         main = self.path("main.lam")
         Image.create(main, base=base, cluster_size=CLUSTER).close()
-        self.images = {main: model.write(model.empty_disk(SIZE), 0, pattern(200, SIZE))}
-        self.snaps: dict[str, dict[str, model.Disk]] = {main: {}}
+        under, over = self.path("under.lam"), self.path("over.lam")
+        with Image.create(under, SIZE, CLUSTER) as image:
+            image.write(0, pattern(201, SIZE // 2))
+        Image.create(over, base=under).close()
+        self.under = under
+        self.images = {main: model.write(model.empty_disk(SIZE), 0, pattern(200, SIZE)),
+                       over: model.write(model.empty_disk(SIZE), 0, pattern(201, SIZE // 2))}
+        self.snaps: dict[str, dict[str, model.Disk]] = {main: {}, over: {}}
+        self.committable = {over}  # images whose base no snapshot or clone shares
         self.counter = 0
 
     def path(self, name: str) -> str:
@@ -80,6 +87,7 @@ class TreeMachine(RuleBasedStateMachine):
         name = f"s{self.counter}"
         layers.create_snapshot(path, name, vmstate=pattern(self.counter, 100), vm_clock_ns=self.counter)
         self.snaps[path][name] = self.images[path]
+        self.committable.discard(path)
 
     def _snap(self, data) -> tuple[str, str] | None:
         choices = sorted((p, n) for p, snaps in self.snaps.items() for n in snaps)
@@ -110,11 +118,22 @@ class TreeMachine(RuleBasedStateMachine):
             self.images[new] = self.snaps[chosen[0]][chosen[1]]
             self.snaps[new] = {}
 
+    @precondition(lambda self: self.committable)
+    @rule()
+    def commit(self) -> None:
+        """Commit into the base: the top's contents are unchanged, and the base now reads the same."""
+        path = sorted(self.committable)[0]
+        layers.commit(path)
+        with Image.open(self.under, readonly=True) as under:
+            size = min(under.virtual_size, self.images[path].virtual_size)
+            assert self.images[path].read(0, size) == under.read(0, size)
+
     @rule(data=st.data())
     def flatten(self, data) -> None:
         """Rebase onto nothing in safe mode: every sector the chain provided is copied up; contents unchanged."""
         path = self._image(data)
         layers.rebase(path, None)
+        self.committable.discard(path)
 
     @invariant()
     def every_branch_and_snapshot_matches(self) -> None:
@@ -136,5 +155,5 @@ class TreeMachine(RuleBasedStateMachine):
             assert [] == [f.message for f in report.findings], path
 
 
-TreeMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
+TreeMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
 TestTreeMachine = TreeMachine.TestCase
