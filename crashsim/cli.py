@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crashsim", description="Crash-state explorer for Lamina images.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="explore the crash states of workloads under persistence models")
-    run.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"library workloads (default: all): {', '.join(LIBRARY)}")
+    run.add_argument("workloads", nargs="*", metavar="WORKLOAD", help=f"library workloads (default: all single-image ones): {', '.join(LIBRARY)}; "
+                     "`layers` for every tree workload (layer-*)")
     run.add_argument("--random", type=int, default=0, metavar="N", help="also run N seeded random workloads")
     run.add_argument("--model", default=",".join(DEFAULT_MODELS),
                      help="comma-separated models; combine flags with + (e.g. strict,reorder+torn,namespace)")
@@ -56,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .trees import TREE_LIBRARY
+
     names = list(args.workloads) or list(LIBRARY)
+    names = [n for name in names for n in (TREE_LIBRARY if name == "layers" else [name])]  # "layers": every tree workload
     for name in names:
         get_workload(name)
     names += [f"random-{args.seed + i}-8" for i in range(args.random)]

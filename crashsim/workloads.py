@@ -122,4 +122,5 @@ def get_workload(name: str) -> Workload:
             return random_workload(int(parts[1]), int(parts[2]) if len(parts) > 2 else 8)
         except (ValueError, IndexError):
             pass
-    raise UnknownWorkload(f"no workload named {name!r}; known: {', '.join(LIBRARY)} or random-SEED-LENGTH")
+    raise UnknownWorkload(f"no workload named {name!r}; known: {', '.join(LIBRARY)}, {', '.join(TREE_LIBRARY)} "
+                          "or random-SEED-LENGTH")
