@@ -17,7 +17,8 @@ def replay_command(plan: str) -> str:
 
 def summary_lines(results: list[TaskResult], seconds: float) -> list[str]:
     """One line per (workload, model): states per tier (e = exhaustive, s = sampled), failures."""
-    lines = [f"{'workload':<16} {'model':<24} {'ops':>4} " + " ".join(f"{t:>11}" for t in TIERS)
+    width = max([16] + [len(r.workload if not r.variant else f"{r.variant}:{r.workload}") for r in results])
+    lines = [f"{'workload':<{width}} {'model':<24} {'ops':>4} " + " ".join(f"{t:>11}" for t in TIERS)
              + f" {'images':>7} {'fail':>5} {'states/s':>9}"]
     for r in results:
         cells = []
@@ -27,7 +28,7 @@ def summary_lines(results: list[TaskResult], seconds: float) -> list[str]:
             cells.append(f"{str(n) + mark:>11}")
         rate = r.states / r.seconds if r.seconds else 0.0
         name = r.workload if not r.variant else f"{r.variant}:{r.workload}"
-        lines.append(f"{name:<16} {r.model:<24} {r.ops:>4} " + " ".join(cells)
+        lines.append(f"{name:<{width}} {r.model:<24} {r.ops:>4} " + " ".join(cells)
                      + f" {r.distinct_images:>7} {r.failing_states:>5} {rate:>9.0f}")
     total = sum(r.states for r in results)
     failing = sum(r.failing_states for r in results)
