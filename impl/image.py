@@ -149,6 +149,10 @@ class Image:
             else:
                 recovered = recover(file)
                 root, best = recovered.root, recovered.root_best_slot
+                if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
+                    from .layers import recover_layers
+
+                    recover_layers(path, storage)
             base = open_base(root, context, storage, walk, path)
             image = cls(path, file, root, best, not readonly, storage, context, base)
             if not readonly:
@@ -378,17 +382,27 @@ class Image:
         return out
 
     def discard_own(self, offset: int, length: int) -> None:
-        """Drop this layer's own sectors in a range so that the base shows through (used by commit)."""
+        """Drop this layer's own sectors in a range so that the base shows through (used by commit).
+
+        The maps saying "absent" are committed before any byte is punched: the
+        other order lets a crash leave present sectors that read zero, which
+        the resumed commit would then copy into the base (found by crashsim,
+        workload layer-commit-lamina).
+        """
         self._check_writable()
         start, end = offset // SECTOR_SIZE * SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
+        dropped: list[tuple[int, int]] = []
 
         def drop(pos: int, stop: int) -> None:
-            self.file.punch_hole(self._geometry.guest_to_file(pos), stop - pos)
-            self._unsynced = True
             self._mark(pos, stop, False)
+            dropped.append((pos, stop))
 
         if end > start:
             self._for_each_region(start, end - start, drop)
+        self.flush()
+        for pos, stop in dropped:  # the regions stay in the intent list: a crash here is reconciled
+            self.file.punch_hole(self._geometry.guest_to_file(pos), stop - pos)
+            self._unsynced = True
 
     def reopen_base(self) -> None:
         """Open the base again after its reference or contents changed."""

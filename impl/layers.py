@@ -31,6 +31,8 @@ from lamina.spec.references import (
     resolve_base,
     vmstate_file_name,
 )
+from lamina.spec.protocol import read_root_copies, recover
+from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
 from lamina.spec.structures import BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry
 
@@ -331,15 +333,15 @@ def finish_commit(top: Image) -> None:
         def flush() -> None:
             handle.fsync()
             handle.close()
+    limit = min(size, base_size)
+    hidden = min(top.root.base_visible, limit)
     try:
         for extent in top.extents():
-            if extent.data and extent.start < base_size:
-                end = min(extent.start + extent.length, base_size, size)
-                pos = extent.start
-                while pos < end:
-                    step = min(CHUNK, end - pos)
-                    write(pos, top.read(pos, step))
-                    pos += step
+            if extent.data and extent.start < limit:
+                _copy_range(write, top.read, extent.start, min(extent.start + extent.length, limit))
+        # What the top hides of its base (it shrank, then grew) reads zero: so must the base.
+        for lo, hi in top.absent_ranges(hidden, limit) if hidden < limit else []:
+            _copy_range(write, lambda pos, step: bytes(step), lo, hi)
     finally:
         flush()
     generation = 0
@@ -350,8 +352,17 @@ def finish_commit(top: Image) -> None:
     top.preserve_content = True
     top.discard_own(0, min(size, base_size))
     top.flush()
-    top.set_root(flags=top.root.flags & ~FLAG_COMMITTING, base_data_generation=generation)
+    top.set_root(flags=top.root.flags & ~FLAG_COMMITTING, base_data_generation=generation,
+                 base_visible=limit)
     top.reopen_base()
+
+
+def _copy_range(write, read, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        step = min(CHUNK, end - pos)
+        write(pos, read(pos, step))
+        pos += step
 
 
 def rebase(path: str, new_base: str | None, base_format: str | None = None, unsafe: bool = False,
@@ -449,6 +460,27 @@ def unreferenced_files(path: str, storage: Storage | None = None) -> list[str]:
         return []
     keep = referenced_files(path, storage)
     return [os.path.join(directory, n) for n in storage.listdir(directory) if n not in keep]
+
+
+def recover_layers(path: str, storage: Storage | None = None) -> None:
+    """Recover every frozen layer file that a crash left mid-update (a merge writes into them).
+
+    Merges preserve guest contents, so the spec's recovery is all they need;
+    a writable open of the top runs this before it opens its chain (found by
+    crashsim, workload layer-delete-merge).
+    """
+    storage = _storage(storage)
+    directory = layer_dir_of(os.path.abspath(path))
+    for name in storage.listdir(directory):
+        if not LAYER_NAME.match(name):
+            continue
+        file = storage.open(os.path.join(directory, name), writable=True)
+        try:
+            selection = select_root(read_root_copies(file))
+            if selection.value is not None and (selection.value.intents or selection.problems):
+                recover(file)
+        finally:
+            file.close()
 
 
 def collect_garbage(path: str, storage: Storage | None = None) -> list[str]:

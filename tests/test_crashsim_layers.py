@@ -11,7 +11,6 @@ import pytest
 
 from lamina.crashsim.cli import main
 from lamina.crashsim.explore import DEFAULT_MODELS, Budget
-from lamina.crashsim.proposed import proposed
 from lamina.crashsim.runner import run_all, run_task
 from lamina.crashsim.trees import (
     TREE_LIBRARY,
@@ -27,13 +26,12 @@ import lamina.spec.references as references_module
 
 BUDGET = Budget(max_subset=4, max_combos=81, subset_samples=6, torn_cap=9, torn_samples=3, recovery_images=1)
 
-# Failures the tree workloads found in impl/ (see crashsim/proposed.py for the diagnosis and the fix).
-KNOWN_IMPL_FAILURES = {
-    "layer-commit-lamina": "discard-before-punch",
-    "layer-commit-raw": "discard-before-punch",
-    "layer-delete-merge": "recover-layers",
+# Failures the tree workloads found in impl/, fixed there; their minimal plans stay as regressions.
+FOUND_AND_FIXED = {
+    "w=layer-commit-lamina/m=strict/s=0/p=38": "discard_own punched before the maps said absent",
+    "w=layer-delete-merge/m=strict/s=0/p=9": "a merge's crash left a frozen layer that nothing recovered",
 }
-PASSING = [w for w in TREE_LIBRARY if w not in KNOWN_IMPL_FAILURES]
+PASSING = list(TREE_LIBRARY)
 
 
 def test_the_library_covers_every_management_operation():
@@ -63,18 +61,10 @@ def test_every_layer_workload_under_every_model_has_no_failing_state():
             assert r.counts.get("targeted", 0) > 0
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_IMPL_FAILURES))
-@pytest.mark.xfail(strict=True, reason="impl/ bug found by the tree workloads; see crashsim/proposed.py")
-def test_known_impl_failure_is_still_there(name):
-    assert run_task(name, "strict", BUDGET, stop_at_first=True, shrink=False).failing_states == 0
-
-
-@pytest.mark.parametrize("name", sorted(KNOWN_IMPL_FAILURES))
-def test_the_proposed_impl_fix_removes_the_failure_under_every_model(name):
-    with proposed(KNOWN_IMPL_FAILURES[name]):
-        for model in DEFAULT_MODELS:
-            result = run_task(name, model, BUDGET, shrink=False)
-            assert result.failing_states == 0, (model, result.failures[0].plan, result.failures[0].message)
+@pytest.mark.parametrize("plan", sorted(FOUND_AND_FIXED))
+def test_found_failures_stay_fixed(plan, capsys):
+    assert 0 == main(["replay", plan]), FOUND_AND_FIXED[plan]
+    assert "ok: the state recovers, checks clean and reads a legal outcome" in capsys.readouterr().out
 
 
 def test_skip_data_fsync_is_caught_over_a_base_not_on_a_single_image():
