@@ -149,6 +149,8 @@ class Image:
             else:
                 recovered = recover(file)
                 root, best = recovered.root, recovered.root_best_slot
+                if storage.exists(f"{path}.creating"):  # a new top a crash kept from its rename: never visible
+                    storage.unlink(f"{path}.creating")
                 if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
                     from .layers import recover_layers
 

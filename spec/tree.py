@@ -8,7 +8,8 @@ Invariants beyond those of one file (I1-I7):
   valid layer whose uuid is the entry's;
 - T3 every snapshot's VM-state file has the size and CRC32C recorded;
 - T4 every file in the layer directory is reached from the top (a snapshot,
-  its VM state, or a member of a chain); anything else is leaked space.
+  its VM state, or a member of a chain), and no `<top>.creating` is left
+  beside the top; anything else is leaked space.
 """
 from __future__ import annotations
 
@@ -146,6 +147,9 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
         findings += _prefixed(report, os.path.basename(path)) if path != top_path else list(report.findings)
         regions, clusters = regions + report.regions_checked, clusters + report.clusters_checked
         completed = completed and report.completed
+    if storage.exists(f"{top_path}.creating"):
+        findings.append(Finding(LEAK, "orphan-file", f"{top_path}.creating is a new top that a crash kept from its rename; "
+                                "a writable open removes it", ("unlink", f"{top_path}.creating")))
     if storage.exists(context.layer_dir):
         keep = referenced_names(top_path, storage, files)
         for name in storage.listdir(context.layer_dir):

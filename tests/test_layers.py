@@ -367,3 +367,12 @@ def test_orphans_from_interrupted_operations_are_reported_and_collected(workdir)
     Image.open("d.lam").close()  # a writable open collects it
     assert not os.path.exists(orphan)
     assert 0 == main(["check", "d.lam"])
+
+
+def test_a_new_top_left_by_a_crash_before_its_rename_is_a_leak_until_opened(workdir):
+    Image.create("d.lam", MiB).close()
+    (workdir / "d.lam.creating").write_bytes(b"half a new top")
+    assert 3 == main(["check", "d.lam"])
+    Image.open("d.lam").close()
+    assert not (workdir / "d.lam.creating").exists()
+    assert 0 == main(["check", "d.lam"])
