@@ -102,4 +102,56 @@ class BitVecArith:
         return z3.ULE(a, b)
 
 
-Arith = IntArith | BitVecArith
+
+
+
+class ExactArith:
+    """The formulas as unbounded z3 integers, for one concrete cluster size at a time.
+
+    With the cluster size fixed every product has a constant factor, so the
+    terms stay linear and z3 decides orderings between regions at once, where
+    64-bit multipliers make it crawl.  Each step records that its exact result
+    lies in [0, 2**64): when all of them hold, the 64-bit evaluation of the
+    same formulas computes exactly these values, so what is proved here holds
+    for the bit-vectors too.
+    """
+
+    def __init__(self) -> None:
+        self.no_wrap: list[z3.BoolRef] = []
+
+    def _fits(self, value: z3.ArithRef) -> z3.ArithRef:
+        self.no_wrap.append(z3.And(0 <= value, value < 2**WORD_BITS))
+        return value
+
+    def const(self, value: int) -> z3.ArithRef:
+        return z3.IntVal(value)
+
+    def add(self, a: Any, b: Any) -> z3.ArithRef:
+        return self._fits(a + b)
+
+    def sub(self, a: Any, b: Any) -> z3.ArithRef:
+        return self._fits(a - b)
+
+    def mul(self, a: Any, b: Any) -> z3.ArithRef:
+        return self._fits(a * b)
+
+    def shl(self, a: Any, n: int) -> z3.ArithRef:
+        return self._fits(a * 2**n)
+
+    def udiv(self, a: Any, b: Any) -> z3.ArithRef:
+        self.no_wrap.append(b != 0)
+        return a / b
+
+    def urem(self, a: Any, b: Any) -> z3.ArithRef:
+        self.no_wrap.append(b != 0)
+        return a % b
+
+    def umax(self, a: Any, b: Any) -> z3.ArithRef:
+        return z3.If(a >= b, a, b)
+
+    def ult(self, a: Any, b: Any) -> z3.BoolRef:
+        return a < b
+
+    def ule(self, a: Any, b: Any) -> z3.BoolRef:
+        return a <= b
+Arith = IntArith | BitVecArith | ExactArith

@@ -53,12 +53,13 @@ def prove(premises: list[z3.BoolRef], claim: z3.BoolRef,
     cluster size); the claim is proved case by case, which turns products of
     two unknowns into products by constants and keeps the solver fast.
     """
-    solver = z3.Solver()
-    solver.add(*premises)
-    solver.add(z3.Not(claim))
     seconds = 0.0
     for case in cases if cases is not None else [z3.BoolVal(True)]:
-        solver.push()
+        # A fresh solver per case: push/pop would switch z3 to its incremental
+        # core, which skips the preprocessing that makes the cases cheap.
+        solver = z3.Solver()
+        solver.add(*premises)
+        solver.add(z3.Not(claim))
         solver.add(case)
         start = time.perf_counter()
         answer = solver.check()
@@ -68,7 +69,6 @@ def prove(premises: list[z3.BoolRef], claim: z3.BoolRef,
             return Outcome("refuted", seconds, render(model) if render else str(model))
         if answer != z3.unsat:
             raise SolverGaveUp(f"z3 returned unknown: {solver.reason_unknown()}")
-        solver.pop()
     return Outcome("proved", seconds)
 
 

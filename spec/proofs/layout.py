@@ -30,7 +30,7 @@ from ..layout import (
     Geometry,
 )
 from ..structures import MapCopy, Root
-from .arith import WORD_BITS, Arith, BitVecArith, IntArith
+from .arith import WORD_BITS, Arith, BitVecArith, ExactArith, IntArith
 from .core import Outcome, as_int, find_witness, prove
 
 OFF_T_MAX = (1 << 63) - 1
@@ -250,116 +250,158 @@ def prove_root_copies_apart() -> Outcome:
         ("region {region}", g.region_offset(region), g.region_stride())]), cases=lay.cases())
 
 
-def _map_copies_claim(lay: Layout) -> Outcome:
-    g = lay.geometry
-    r1, s1, r2, s2 = word("region_1"), word("slot_1"), word("region_2"), word("slot_2")
-    premises = lay.premises + [z3.ULT(r1, g.num_regions()), z3.ULT(r2, g.num_regions()),
-                               z3.ULE(s1, 1), z3.ULE(s2, 1), z3.Or(r1 != r2, s1 != s2)]
-    o1, o2, size = g.map_copy_offset(r1, s1), g.map_copy_offset(r2, s2), g.cluster_size()
-    claim = z3.And(disjoint(o1, size, o2, size), lay.no_wrap())
-    render = _render_objects(lay, [("map copy slot {slot_1} of region {region_1}", o1, size),
-                                   ("map copy slot {slot_2} of region {region_2}", o2, size)])
-    return prove(premises, claim, render, cases=lay.cases())
+def _prove_exactly(build: Callable[[SymbolicGeometry, z3.ArithRef], tuple[list[z3.BoolRef], z3.BoolRef, Callable[[z3.ModelRef], str]]]) -> Outcome:
+    """Prove a claim over exact integers, once per admitted cluster size (see `ExactArith`)."""
+    seconds = 0.0
+    for bits in range(MIN_CLUSTER_BITS, MAX_CLUSTER_BITS + 1):
+        size = z3.Int("virtual_size")
+        g = SymbolicGeometry(ExactArith(), bits, size)
+        premises = [size >= 0, size % SECTOR_SIZE == 0, size <= MAX_VIRTUAL_SIZE]
+        more, claim, render = build(g, size)
+        outcome = prove(premises + more, z3.And(claim, *g.arith.no_wrap),
+                        lambda m, render=render, bits=bits: f"cluster_bits={bits}\n" + render(m))
+        seconds += outcome.seconds
+        if outcome.status == "refuted":
+            return attrs.evolve(outcome, seconds=seconds)
+    return Outcome("proved", seconds)
 
 
-def prove_map_copies_apart() -> Outcome:
-    """No two map copies (any slots, same or different regions) share a byte."""
-    return _map_copies_claim(Layout.fresh())
+def _render_exact(objects: list[tuple[str, Any, Any]]) -> Callable[[z3.ModelRef], str]:
+    def render(model: z3.ModelRef) -> str:
+        lines = []
+        for label, start, length in objects:
+            begin, size = as_int(model, start), as_int(model, length)
+            label = label.format(**{str(d): as_int(model, d()) for d in model.decls()})
+            lines.append(f"  {label}: file bytes [{begin}, {begin + size})")
+        return "\n".join(lines)
+    return render
 
 
-def refute_map_copies_apart_with_short_stride() -> Outcome:
-    """Control: regions one cluster short (129-cluster stride) make map copies collide."""
-    return _map_copies_claim(Layout.fresh(REGION_STRIDE_CLUSTERS - 1))
+def prove_region_windows_apart() -> Outcome:
+    """Regions follow each other without sharing a byte, and the last one ends within the file."""
+    def build(g: SymbolicGeometry, size: z3.ArithRef) -> Any:
+        r1, r2 = z3.Int("region_1"), z3.Int("region_2")
+        premises = [0 <= r1, r1 < r2, r2 < g.num_regions()]
+        claim = z3.And(g.region_offset(r1) + g.region_stride() <= g.region_offset(r2),
+                       g.region_offset(r2) + g.region_stride() <= g.file_length())
+        return premises, claim, _render_exact([("region {region_1}", g.region_offset(r1), g.region_stride()),
+                                               ("region {region_2}", g.region_offset(r2), g.region_stride())])
+    return _prove_exactly(build)
 
 
-def prove_map_copies_apart_from_data() -> Outcome:
-    """No map copy shares a byte with any data cluster, of its own region or another."""
-    lay = Layout.fresh()
-    g = lay.geometry
-    r1, s1, r2, k2 = word("region_1"), word("slot_1"), word("region_2"), word("cluster_2")
-    premises = lay.premises + [z3.ULT(r1, g.num_regions()), z3.ULT(r2, g.num_regions()), z3.ULE(s1, 1),
-                               z3.ULT(k2, CLUSTERS_PER_REGION)]
-    size = g.cluster_size()
-    o1 = g.map_copy_offset(r1, s1)
-    o2 = g.cluster_file_offset(g.arith.add(g.arith.mul(r2, c64(CLUSTERS_PER_REGION)), k2))
-    claim = z3.And(disjoint(o1, size, o2, size), lay.no_wrap())
-    return prove(premises, claim, _render_objects(lay, [
-        ("map copy slot {slot_1} of region {region_1}", o1, size),
-        ("data cluster {cluster_2} of region {region_2}", o2, size)]), cases=lay.cases())
-
-
-def prove_data_clusters_apart() -> Outcome:
-    """No two data clusters share a byte, so no guest cluster's bytes land on another's."""
-    lay = Layout.fresh()
-    g = lay.geometry
-    r1, k1, r2, k2 = word("region_1"), word("cluster_1"), word("region_2"), word("cluster_2")
-    premises = lay.premises + [z3.ULT(r1, g.num_regions()), z3.ULT(r2, g.num_regions()),
-                               z3.ULT(k1, CLUSTERS_PER_REGION), z3.ULT(k2, CLUSTERS_PER_REGION),
-                               z3.Or(r1 != r2, k1 != k2)]
-    a = g.arith
-    size = g.cluster_size()
-    o1 = g.cluster_file_offset(a.add(a.mul(r1, c64(CLUSTERS_PER_REGION)), k1))
-    o2 = g.cluster_file_offset(a.add(a.mul(r2, c64(CLUSTERS_PER_REGION)), k2))
-    claim = z3.And(disjoint(o1, size, o2, size), lay.no_wrap())
-    return prove(premises, claim, _render_objects(lay, [
-        ("data cluster {cluster_1} of region {region_1}", o1, size),
-        ("data cluster {cluster_2} of region {region_2}", o2, size)]), cases=lay.cases())
-
-
-def prove_guest_bytes_in_place() -> Outcome:
-    """Every guest byte lands in its own cluster's data cluster, at its offset within the cluster."""
-    lay = Layout.fresh()
-    g = lay.geometry
-    a = g.arith
-    guest = word("guest_offset")
-    premises = lay.premises + [z3.ULT(guest, lay.virtual_size)]
-    cluster = g.cluster_of(guest)
-    home = g.cluster_file_offset(cluster)
-    target = g.guest_to_file(guest)
-    claim = z3.And(
-        target - home == a.urem(guest, g.cluster_size()),
-        z3.ULT(g.region_of(guest), g.num_regions()),
-        z3.ULT(cluster, g.num_clusters()),
-        z3.ULT(target, g.file_length()),
-        lay.no_wrap())
-    return prove(premises, claim, _render_objects(lay, [
-        ("guest byte {guest_offset}", target, c64(1)), ("its cluster's data cluster", home, g.cluster_size())]), cases=lay.cases())
-
-
-def prove_extents_fit() -> Outcome:
-    """Every offset and length fits a signed 64-bit off_t and the image's length; indices fit their fields."""
-    lay = Layout.fresh()
+def _cluster_slots_claim(lay: Layout) -> Outcome:
     g = lay.geometry
     a = g.arith
     region, slot, k = word("region"), word("slot"), word("cluster")
     premises = lay.premises + [z3.ULT(region, g.num_regions()), z3.ULE(slot, 1), z3.ULT(k, CLUSTERS_PER_REGION)]
     size = g.cluster_size()
+    base = g.region_offset(region)
+    window = c64(lay.geometry.stride_clusters)
+    map_index = a.mul(slot, c64(REGION_STRIDE_CLUSTERS - 1))
+    data_index = a.add(k, c64(1))
     map_start = g.map_copy_offset(region, slot)
     data_start = g.cluster_file_offset(a.add(a.mul(region, c64(CLUSTERS_PER_REGION)), k))
-    length = g.file_length()
-    region_limit = min(field_limit(MapCopy, "region"), field_limit(Root, "intents"))
     claim = z3.And(
-        z3.ULE(g.first_region_offset(), map_start), z3.ULE(a.add(map_start, size), length),
-        z3.ULE(g.first_region_offset(), data_start), z3.ULE(a.add(data_start, size), length),
-        z3.ULE(length, c64(OFF_T_MAX)),
-        z3.ULE(region, c64(region_limit)),
-        z3.ULE(lay.virtual_size, c64(field_limit(Root, "virtual_size"))),
-        z3.ULE(lay.cluster_bits, c64(field_limit(Root, "cluster_bits"))),
-        z3.BoolVal(MAX_INTENTS <= field_limit(Root, "num_intents")),
+        map_start == a.add(base, a.mul(map_index, size)), z3.ULT(map_index, window),
+        data_start == a.add(base, a.mul(data_index, size)), z3.ULT(data_index, window),
+        z3.ULT(c64(0), data_index), z3.ULT(data_index, c64(REGION_STRIDE_CLUSTERS - 1)),
         lay.no_wrap())
     return prove(premises, claim, _render_objects(lay, [
+        ("region {region}", base, g.region_stride()),
         ("map copy slot {slot} of region {region}", map_start, size),
-        ("data cluster {cluster} of region {region}", data_start, size), ("whole file", c64(0), length)]), cases=lay.cases())
+        ("data cluster {cluster} of region {region}", data_start, size)]), cases=lay.cases())
 
 
-def prove_alignment() -> Outcome:
-    """Regions, map copies and data clusters start on cluster boundaries; guest and file agree within a cluster."""
+def prove_cluster_slots() -> Outcome:
+    """Inside its region, map copy A is cluster 0, data cluster k is cluster k+1, map copy B is the last."""
+    return _cluster_slots_claim(Layout.fresh())
+
+
+def refute_layout_with_short_stride() -> Outcome:
+    """Control: with regions one cluster short (129-cluster stride) map copy B spills into the next region."""
+    outcome = _cluster_slots_claim(Layout.fresh(REGION_STRIDE_CLUSTERS - 1))
+    note = "map copy B is not inside its 129-cluster region: it is the next region's map copy A\n"
+    return attrs.evolve(outcome, detail=note + outcome.detail)
+
+
+def prove_no_overlap() -> Outcome:
+    """Any two distinct clusters of the region area (map copies or data) share no byte.
+
+    Combines the two lemmas above: each object is cluster j of region r's
+    window, windows of different regions are apart (the region bases are left
+    free apart from that lemma), and different j are different clusters.
+    """
     lay = Layout.fresh()
     g = lay.geometry
     a = g.arith
-    region, slot, k, guest = word("region"), word("slot"), word("cluster"), word("guest_offset")
-    premises = lay.premises + [z3.ULT(region, g.num_regions()), z3.ULE(slot, 1), z3.ULT(k, CLUSTERS_PER_REGION),
-                               z3.ULT(guest, lay.virtual_size)]
+    r1, j1, b1, r2, j2, b2 = (word(n) for n in ("region_1", "index_1", "base_1", "region_2", "index_2", "base_2"))
+    stride, size = g.region_stride(), g.cluster_size()
+    window = c64(REGION_STRIDE_CLUSTERS)
+    premises = lay.premises + [
+        z3.ULT(j1, window), z3.ULT(j2, window), z3.Or(r1 != r2, j1 != j2),
+        z3.Implies(r1 == r2, b1 == b2),
+        z3.Implies(z3.ULT(r1, r2), z3.ULE(b1 + stride, b2)),
+        z3.Implies(z3.ULT(r2, r1), z3.ULE(b2 + stride, b1)),
+        z3.BVAddNoOverflow(b1, stride, False), z3.BVAddNoOverflow(b2, stride, False)]
+    o1, o2 = a.add(b1, a.mul(j1, size)), a.add(b2, a.mul(j2, size))
+    claim = z3.And(disjoint(o1, size, o2, size), lay.no_wrap())
+    return prove(premises, claim, _render_objects(lay, [
+        ("cluster {index_1} of region {region_1}", o1, size),
+        ("cluster {index_2} of region {region_2}", o2, size)]), cases=lay.cases())
+
+
+def prove_guest_bytes_in_place() -> Outcome:
+    """Every guest byte lands in data cluster k of its region, at its own offset within that cluster."""
+    lay = Layout.fresh()
+    g = lay.geometry
+    a = g.arith
+    guest = word("guest_offset")
+    premises = lay.premises + [z3.ULT(guest, lay.virtual_size)]
+    size = g.cluster_size()
+    region = g.region_of(guest)
+    k = a.udiv(a.urem(guest, g.region_span()), size)
+    target = g.guest_to_file(guest)
+    claim = z3.And(
+        target == a.add(a.add(g.region_offset(region), a.mul(a.add(k, c64(1)), size)), a.urem(guest, size)),
+        z3.ULT(region, g.num_regions()), z3.ULT(k, CLUSTERS_PER_REGION),
+        z3.ULT(g.cluster_of(guest), g.num_clusters()),
+        lay.no_wrap())
+    return prove(premises, claim, _render_objects(lay, [("guest byte {guest_offset}", target, c64(1))]),
+                 cases=lay.cases())
+
+
+def prove_extents_fit() -> Outcome:
+    """Every offset and length fits a signed 64-bit off_t and the image's length; indices fit their fields."""
+    region_limit = min(field_limit(MapCopy, "region"), field_limit(Root, "intents"))
+
+    def build(g: SymbolicGeometry, size: z3.ArithRef) -> Any:
+        region, slot, k = z3.Int("region"), z3.Int("slot"), z3.Int("cluster")
+        premises = [0 <= region, region < g.num_regions(), z3.Or(slot == 0, slot == 1), 0 <= k,
+                    k < CLUSTERS_PER_REGION]
+        cluster = g.cluster_size()
+        map_start = g.map_copy_offset(region, slot)
+        data_start = g.cluster_file_offset(g.arith.add(g.arith.mul(region, CLUSTERS_PER_REGION), k))
+        length = g.file_length()
+        claim = z3.And(
+            g.first_region_offset() <= map_start, map_start + cluster <= length,
+            g.first_region_offset() <= data_start, data_start + cluster <= length,
+            length <= OFF_T_MAX, region <= region_limit,
+            size <= field_limit(Root, "virtual_size"),
+            MAX_CLUSTER_BITS <= field_limit(Root, "cluster_bits"),
+            MAX_INTENTS <= field_limit(Root, "num_intents"))
+        return premises, claim, _render_exact([("map copy slot {slot} of region {region}", map_start, cluster),
+                                               ("data cluster {cluster} of region {region}", data_start, cluster),
+                                               ("whole file", z3.IntVal(0), length)])
+    return _prove_exactly(build)
+
+
+def prove_alignment() -> Outcome:
+    """Regions, map copies and data clusters start on cluster boundaries, so the file is cluster-aligned."""
+    lay = Layout.fresh()
+    g = lay.geometry
+    a = g.arith
+    region, slot, k = word("region"), word("slot"), word("cluster")
+    premises = lay.premises + [z3.ULT(region, g.num_regions()), z3.ULE(slot, 1), z3.ULT(k, CLUSTERS_PER_REGION)]
     size = g.cluster_size()
     data_start = g.cluster_file_offset(a.add(a.mul(region, c64(CLUSTERS_PER_REGION)), k))
     claim = z3.And(
@@ -369,7 +411,6 @@ def prove_alignment() -> Outcome:
         z3.URem(data_start, size) == 0,
         z3.URem(g.file_length(), size) == 0,
         z3.URem(size, SECTOR_SIZE) == 0,
-        z3.URem(g.guest_to_file(guest), size) == z3.URem(guest, size),
         lay.no_wrap())
     return prove(premises, claim, _render_objects(lay, [
         ("map copy slot {slot} of region {region}", g.map_copy_offset(region, slot), size),
