@@ -159,7 +159,11 @@ def _render(cm: CommitModel, slot_0: Copy, slot_1: Copy, rec: Recovery, extra: C
         lines += cm.disk.render(model, cm.name_copy)
         lines += extra(model)
         lines.append(f"  after the crash: slot 0 = {cm.name_copy(model, slot_0)}, slot 1 = {cm.name_copy(model, slot_1)}")
-        if as_bool(model, rec.found):
+        chosen = slot_1 if as_int(model, rec.slot) else slot_0
+        if as_bool(model, rec.found) and not as_bool(model, chosen.valid):
+            lines.append(f"  recovery returned: the torn copy in slot {as_int(model, rec.slot)} "
+                         f"(its garbage reads gen {as_int(model, rec.generation)}), unverified")
+        elif as_bool(model, rec.found):
             got = cm.name_version(model, as_int(model, rec.generation), as_int(model, rec.content))
             lines.append(f"  recovery returned: {got} from slot {as_int(model, rec.slot)}")
         else:

@@ -5,7 +5,9 @@ to z3.  The crash point is a free integer.  Each write that ran has a Boolean
 "persisted", a Boolean "torn" and a free persist order; an fsync that ran
 forces every earlier write to have persisted whole, and orders every earlier
 write before every later one.  Between fsyncs, any subset of writes persists,
-in any order, each possibly torn.  A target (one copy slot, one data area)
+in any order, each possibly torn, except that two writes to the same target
+land in program order (the page cache holds the newer bytes; an older write
+never lands over a newer one).  A target (one copy slot, one data area)
 ends up holding its initial copy or the copy of the write that persisted last;
 a torn write leaves an invalid copy with arbitrary field values, which only
 a checksum can tell from a good one.
@@ -88,8 +90,7 @@ class SymbolicDisk:
                 self.constraints += [self.order[i] < self.order[j] for i in before for j in writes if j > f]
         for target in {trace[i].target for i in writes}:  # type: ignore[union-attr]
             same = self.writes_to(target)
-            if len(same) > 1:
-                self.constraints.append(z3.Distinct(*[self.order[i] for i in same]))
+            self.constraints += [self.order[i] < self.order[j] for i, j in zip(same, same[1:])]
 
     def ran(self, index: int) -> z3.BoolRef:
         return index < self.crash
