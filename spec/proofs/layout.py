@@ -162,7 +162,7 @@ def cross_check_geometry() -> int:
 
 
 def word(name: str) -> z3.BitVecRef:
-    return z3.BitVecVal(0, WORD_BITS) if name == "" else z3.BitVec(name, WORD_BITS)
+    return z3.BitVec(name, WORD_BITS)
 
 
 def c64(value: int) -> z3.BitVecRef:
