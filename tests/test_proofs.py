@@ -121,3 +121,12 @@ def test_commit_model_allowed_outcomes() -> None:
     assert [1] == cm.allowed(4)
     assert [1, 2] == cm.allowed(5)
     assert [2] == cm.allowed(9)
+
+
+def test_vacuous_premises_are_a_failure() -> None:
+    """A proof under premises that admit no state proves nothing; `prove` must refuse it."""
+    from lamina.spec.proofs.core import SolverGaveUp, prove
+
+    x = z3.Int("x")
+    with pytest.raises(SolverGaveUp):
+        prove([x > 1, x < 0], x == 7)

@@ -18,7 +18,7 @@ Status = Literal["proved", "refuted"]
 
 
 class SolverGaveUp(RuntimeError):
-    """z3 answered `unknown`: neither proof nor counterexample, so the property fails."""
+    """z3 answered `unknown`, or the premises are unsatisfiable: no proof, so the property fails."""
 
 
 @attrs.frozen
@@ -69,6 +69,9 @@ def prove(premises: list[z3.BoolRef], claim: z3.BoolRef,
             return Outcome("refuted", seconds, render(model) if render else str(model))
         if answer != z3.unsat:
             raise SolverGaveUp(f"z3 returned unknown: {solver.reason_unknown()}")
+        if find_witness(premises + [case]) is None:
+            # Premises that admit nothing would prove anything.
+            raise SolverGaveUp("vacuous: the premises admit no state at all")
     return Outcome("proved", seconds)
 
 
