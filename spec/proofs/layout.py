@@ -24,10 +24,15 @@ from ..layout import (
     MIN_CLUSTER_BITS,
     REGION_STRIDE_CLUSTERS,
     ROOT_AREA_SIZE,
+    MAX_BASE_PATH,
+    MAX_SNAPSHOTS,
     ROOT_SIZE,
+    ROOT_SLOT_SIZE,
     ROOT_SLOTS,
     SECTOR_SIZE,
+    SNAPSHOT_ENTRY_SIZE,
     Geometry,
+    root_copy_offset,
 )
 from ..structures import MapCopy, Root
 from .arith import WORD_BITS, Arith, BitVecArith, ExactArith, IntArith
@@ -238,15 +243,19 @@ def prove_root_copies_apart() -> Outcome:
     slot_a, slot_b, region = word("root_slot_a"), word("root_slot_b"), word("region")
     premises = lay.premises + [z3.ULT(slot_a, ROOT_SLOTS), z3.ULT(slot_b, ROOT_SLOTS), slot_a != slot_b,
                                z3.ULT(region, g.num_regions())]
-    start_a, start_b = slot_a * ROOT_SIZE, slot_b * ROOT_SIZE
+    # Each copy owns a slot of ROOT_SLOT_SIZE bytes at `root_copy_offset(slot)`; its longest possible
+    # encoding (fixed part, longest base path, fullest snapshot table) must fit the slot.
+    start_a, start_b = root_copy_offset(slot_a), root_copy_offset(slot_b)
+    longest = ROOT_SIZE + -(-MAX_BASE_PATH // 8) * 8 + SNAPSHOT_ENTRY_SIZE * MAX_SNAPSHOTS
     claim = z3.And(
-        disjoint(start_a, c64(ROOT_SIZE), start_b, c64(ROOT_SIZE)),
-        z3.ULE(start_a + ROOT_SIZE, c64(ROOT_AREA_SIZE)),
+        z3.ULE(c64(longest), c64(ROOT_SLOT_SIZE)),
+        disjoint(start_a, c64(ROOT_SLOT_SIZE), start_b, c64(ROOT_SLOT_SIZE)),
+        z3.ULE(start_a + ROOT_SLOT_SIZE, c64(ROOT_AREA_SIZE)),
         z3.ULE(c64(ROOT_AREA_SIZE), g.first_region_offset()),
         z3.ULE(g.first_region_offset(), g.region_offset(region)),
         lay.no_wrap())
     return prove(premises, claim, _render_objects(lay, [
-        ("root copy {root_slot_a}", start_a, c64(ROOT_SIZE)), ("root copy {root_slot_b}", start_b, c64(ROOT_SIZE)),
+        ("root slot {root_slot_a}", start_a, c64(ROOT_SLOT_SIZE)), ("root slot {root_slot_b}", start_b, c64(ROOT_SLOT_SIZE)),
         ("region {region}", g.region_offset(region), g.region_stride())]), cases=lay.cases())
 
 

@@ -12,8 +12,9 @@ from . import commit, intents, layout
 from .core import Property
 
 PROPERTIES: tuple[Property, ...] = (
-    Property("P-LAYOUT-001", "root copies 0 and 1 are disjoint and inside the root area; every region starts after it",
-             "root area (`ROOT_SLOTS` x `ROOT_SIZE`) padded to a cluster precedes the regions", "proved",
+    Property("P-LAYOUT-001", "root slots 0 and 1 are disjoint and inside the root area, the longest root fits its slot, "
+             "every region starts after the area",
+             "root area (`ROOT_SLOTS` x `ROOT_SLOT_SIZE`) padded to a cluster precedes the regions (F-LAYOUT-001)", "proved",
              layout.prove_root_copies_apart),
     Property("P-LAYOUT-002", "regions follow each other without sharing a byte; the last ends within the file length",
              "region r at `first_region_offset + r * region_stride`; file length", "proved",
