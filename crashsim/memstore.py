@@ -8,6 +8,8 @@ prefix, subset or tear of the operations can be materialised again later.
 """
 from __future__ import annotations
 
+from lamina.spec.storage import FileStat
+
 import os
 from typing import NamedTuple
 
@@ -318,6 +320,14 @@ class MemStorage:
 
     def exists(self, path: str) -> bool:
         return path in self.state.names or os.path.abspath(path) in self.state.dirs
+
+    def stat(self, path: str) -> FileStat:
+        inode = self.state.names.get(path)
+        if inode is None:
+            if os.path.abspath(path) in self.state.dirs:
+                return FileStat(False, 1)
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return FileStat(True, sum(1 for i in self.state.names.values() if i == inode))
 
     def fsync_dir(self, path: str) -> None:
         self.record(Op(FSYNC_DIR, os.path.abspath(path or ".")))

@@ -22,24 +22,17 @@ What the oracle accepts after a crash (R5 for trees):
   it or the tree after it, as a whole.
 
 Paths live under `SIM_ROOT`, an absolute directory that exists only in the
-simulated storage.  `spec/references.py` (`resolve_base`) and
-`impl/layers.py` (`delete_snapshot`) call `os.stat` directly, not through the
-storage interface; `simulated_os` answers those calls from the simulated
-directory while a recording or a recovery runs (see README: what `spec/` and
-`impl/` should change so that this shim is no longer needed).
+simulated storage; every question about a name (does it exist, is it a
+regular file, how many links it has) goes through the storage interface.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import stat as stat_module
 from types import MappingProxyType
 from typing import Iterator, Mapping
 
 import attrs
 
-import lamina.impl.layers as layers_module
-import lamina.spec.references as references_module
 from lamina.impl import layers
 from lamina.impl.image import Image
 from lamina.spec import model
@@ -65,50 +58,6 @@ TREE_SIZE = 64 * K  # one region with 4 KiB clusters: cheap states
 
 def sim_path(name: str) -> str:
     return os.path.join(SIM_ROOT, name)
-
-
-# ---------------------------------------------------------------------------- os.stat from the simulated directory
-_ACTIVE: list[MemStorage] = []
-
-
-class _StatResult:
-    def __init__(self, nlink: int) -> None:
-        self.st_mode = stat_module.S_IFREG | 0o644
-        self.st_nlink = nlink
-        self.st_size = 0
-
-
-class _SimulatedOs:
-    """The `os` module as `spec/references.py` and `impl/layers.py` see it while a simulation runs."""
-
-    def __getattr__(self, name: str):
-        return getattr(os, name)
-
-    def stat(self, path, *args, **kwargs):
-        if _ACTIVE and isinstance(path, str) and os.path.abspath(path).startswith(os.path.dirname(SIM_ROOT) + os.sep):
-            names = _ACTIVE[-1].state.names
-            inode = names.get(path)
-            if inode is None:
-                raise FileNotFoundError(2, "No such file or directory", path)
-            return _StatResult(sum(1 for i in names.values() if i == inode))
-        return os.stat(path, *args, **kwargs)
-
-
-_SHIM = _SimulatedOs()
-
-
-@contextlib.contextmanager
-def simulated_os(storage: MemStorage) -> Iterator[None]:
-    """Answer `os.stat` of simulated paths from `storage` in the modules that call it directly."""
-    saved = (references_module.os, layers_module.os)
-    references_module.os = _SHIM  # type: ignore[assignment]
-    layers_module.os = _SHIM  # type: ignore[assignment]
-    _ACTIVE.append(storage)
-    try:
-        yield
-    finally:
-        _ACTIVE.pop()
-        references_module.os, layers_module.os = saved
 
 
 # ---------------------------------------------------------------------------- the model
@@ -441,7 +390,7 @@ class _Runner:
 def record_tree_workload(workload: TreeWorkload, variant_name: str | None = None) -> TreeRecording:
     """Run a tree workload (under a broken variant when named); record every storage op and the model after each event."""
     storage = MemStorage()
-    with variant(variant_name), simulated_os(storage):
+    with variant(variant_name):
         runner = _Runner(storage, None)
         for step in workload.setup:
             runner.step(step)
@@ -608,7 +557,7 @@ def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = 
     storage = MemStorage(state, trace)
     workload = rec.workload
     try:
-        with variant(rec.variant), simulated_os(storage):
+        with variant(rec.variant):
             for name in workload.tops:
                 if sim_path(name) in state.names:
                     Image.open(sim_path(name), storage=storage).close()

@@ -631,7 +631,7 @@ def write_new_layer(storage: Storage, path: str, root: Root) -> None:
 
 def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWalk, where: str) -> "Image | RawBase | None":
     """Open a layer's base read-only, after checking that it may be followed and is the one recorded."""
-    real = resolve_base(root, context, where)
+    real = resolve_base(root, context, where, storage)
     if real is None:
         return None
     if root.base_kind == BASE_RAW:
@@ -662,7 +662,7 @@ def reference_base(root: Root, base: str, base_format: str | None, context: Imag
         raise InvalidArgument(f"base format must be raw or lamina, not {base_format!r}")
     if len(name.encode("utf-8")) > MAX_BASE_PATH:
         raise InvalidArgument(f"base path is longer than {MAX_BASE_PATH} bytes")
-    real = resolve_base(attrs.evolve(root, base_kind=kind, base_path=name), context, "base")
+    real = resolve_base(attrs.evolve(root, base_kind=kind, base_path=name), context, "base", storage)
     assert real is not None
     file = storage.open(real, writable=False)
     try:

@@ -223,7 +223,7 @@ def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
             if _layer_root(storage, context, other_name).base_path == frozen:
                 children.append(os.path.join(context.layer_dir, other_name))
     for child in children:
-        if child != path and os.stat(child).st_nlink > 1:
+        if child != path and storage.stat(child).nlink > 1:
             _unshare(storage, child)
         merge_base_into(child, context, storage)
     with Image.open(path, storage=storage) as top:
@@ -315,7 +315,7 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
 
 def finish_commit(top: Image) -> None:
     """The body of `commit`, also run by a writable open that finds the committing flag: idempotent."""
-    real = resolve_base(top.root, top.context, top.path)
+    real = resolve_base(top.root, top.context, top.path, top._storage)
     assert real is not None and top.base is not None
     top.base.close()
     size = top.virtual_size
@@ -412,7 +412,7 @@ class _NoImage:
     """A raw base, or no base at all, read as a rebase target."""
 
     def __init__(self, root: Root, top: Image, storage: Storage) -> None:
-        real = resolve_base(root, top.context, top.path)
+        real = resolve_base(root, top.context, top.path, storage)
         self._raw = RawBase(real, storage.open(real, writable=False)) if real else None
 
     def read_padded(self, offset: int, length: int) -> bytes:

@@ -5,8 +5,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 
 from lamina.spec.errors import ImageTooLarge, InvalidArgument, LaminaError
+from lamina.spec.storage import FileStat
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -139,6 +141,10 @@ class OsStorage:
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
+
+    def stat(self, path: str) -> FileStat:
+        info = os.stat(path)
+        return FileStat(stat.S_ISREG(info.st_mode), info.st_nlink)
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)

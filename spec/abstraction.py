@@ -61,7 +61,7 @@ def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: Cha
     try:
         root = select_root(read_root_copies(file)).value
         assert root is not None
-        base_path = resolve_base(root, context, path)
+        base_path = resolve_base(root, context, path, storage)
         base = None
         if base_path is not None and root.base_kind == BASE_RAW:
             raw = storage.open(base_path, writable=False)

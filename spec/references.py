@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 
 import attrs
 
 from .errors import LaminaError
 from .layout import MAX_CHAIN_DEPTH
+from .storage import Storage
 from .structures import BASE_LAMINA, BASE_NONE, BASE_RAW, Root
 
 LAYER_NAME = re.compile(r"^[0-9a-f]{32}\.lam$")
@@ -64,7 +64,7 @@ class ImageContext:
         return cls(os.path.dirname(top_path), layer_dir_of(top_path), frozenset(os.path.realpath(a) for a in allowed))
 
 
-def resolve_base(root: Root, context: ImageContext, where: str) -> str | None:
+def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage) -> str | None:
     """The real path of a layer's base, refused with a named error unless the rules above allow it."""
     if root.base_kind == BASE_NONE:
         return None
@@ -84,10 +84,10 @@ def resolve_base(root: Root, context: ImageContext, where: str) -> str | None:
             f"{where}: base {name!r} resolves to {real}, outside the image's directory {context.top_dir}; "
             f"refusing to follow it (allow it explicitly with --allow-base)")
     try:
-        info = os.stat(real)
+        info = storage.stat(real)
     except OSError as exc:
         raise BaseReferenceError(f"{where}: base {name!r} cannot be found ({exc.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
+    if not info.is_file:
         raise BaseReferenceError(f"{where}: base {name!r} is not a regular file")
     return real
 

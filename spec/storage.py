@@ -8,6 +8,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import attrs
+
+
+@attrs.frozen
+class FileStat:
+    """What the format needs to know of a name: is it a regular file, and how many names share it."""
+
+    is_file: bool
+    nlink: int
+
 
 class File(Protocol):
     """An open file: positional I/O, sparse-file operations and durability."""
@@ -53,6 +63,9 @@ class Storage(Protocol):
     def unlink(self, path: str) -> None: ...
 
     def exists(self, path: str) -> bool: ...
+
+    def stat(self, path: str) -> FileStat:
+        """Raises FileNotFoundError when nothing has that name."""
 
     def fsync_dir(self, path: str) -> None:
         """Make creates, renames and unlinks in the directory `path` durable."""

@@ -95,7 +95,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
             seen.add(real)
             files.append(path)
             try:
-                base = resolve_base(root, context, path)
+                base = resolve_base(root, context, path, storage)
                 if base is None:
                     break
                 if root.base_kind == BASE_RAW:

@@ -17,12 +17,9 @@ from lamina.crashsim.trees import (
     TreeOpened,
     judge_tree,
     record_tree_workload,
-    simulated_os,
     tree_legal_at,
 )
 from lamina.crashsim.memstore import MemStorage
-import lamina.impl.layers as layers_module
-import lamina.spec.references as references_module
 
 BUDGET = Budget(max_subset=4, max_combos=81, subset_samples=6, torn_cap=9, torn_samples=3, recovery_images=1)
 
@@ -92,16 +89,13 @@ def test_the_tree_oracle_accepts_before_or_after_as_a_whole_and_nothing_mixed():
     assert judge_tree(TreeOpened(None, before), tree_legal_at(rec, event.end)) is not None
 
 
-def test_simulated_os_answers_stat_from_the_simulated_directory_and_restores():
+def test_the_simulated_storage_answers_stat_with_link_counts():
     storage = MemStorage()
     storage.create("/crashsim-simulated/vm/a").close()
     storage.link("/crashsim-simulated/vm/a", "/crashsim-simulated/vm/b")
-    before = (references_module.os, layers_module.os)
-    with simulated_os(storage):
-        assert layers_module.os.stat("/crashsim-simulated/vm/b").st_nlink == 2
-        with pytest.raises(FileNotFoundError):
-            references_module.os.stat("/crashsim-simulated/vm/missing")
-    assert (references_module.os, layers_module.os) == before
+    assert (True, 2) == (storage.stat("/crashsim-simulated/vm/b").is_file, storage.stat("/crashsim-simulated/vm/b").nlink)
+    with pytest.raises(FileNotFoundError):
+        storage.stat("/crashsim-simulated/vm/missing")
 
 
 def test_cli_runs_layer_workloads(capsys):
