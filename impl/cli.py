@@ -86,9 +86,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     elif args.action == "delete":
         layers.delete_snapshot(args.image, args.name)
     elif args.action == "vmstate":
-        data = layers.read_vmstate(args.image, args.name)
-        with open(args.outfile, "wb") as f:
-            f.write(data)
+        size = layers.save_vmstate(args.image, args.name, args.outfile)
+        print(f"{size} bytes of VM state written to {args.outfile}")
     return EXIT_OK
 
 

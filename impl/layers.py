@@ -34,6 +34,7 @@ from lamina.spec.references import (
 from lamina.spec.protocol import read_root_copies, recover
 from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
+from lamina.spec.tree import read_vmstate_chunks, vmstate_matches
 from lamina.spec.structures import BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry
 
 from .image import Image, RawBase, write_new_layer
@@ -153,21 +154,31 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     collect_garbage(path, storage)
 
 
-def read_vmstate(path: str, name: str, storage: Storage | None = None) -> bytes:
-    storage = _storage(storage)
+def _vmstate(path: str, name: str, storage: Storage) -> tuple[str, SnapshotEntry]:
+    """The verified VM-state file of a snapshot (checked before any byte is used)."""
     with Image.open(path, readonly=True, storage=storage) as top:
         entry = _entry(top.root, name, path)
-        if not entry.vmstate_size:
-            return b""
         vm_path = os.path.join(top.context.layer_dir, vmstate_file_name(entry.layer_uuid))
-    file = storage.open(vm_path, writable=False)
-    try:
-        data = file.pread(0, entry.vmstate_size + 1)
-    finally:
-        file.close()
-    if len(data) != entry.vmstate_size or crc32c.crc32c(data) != entry.vmstate_crc:
+    if entry.vmstate_size and not vmstate_matches(storage, vm_path, entry):
         raise VmStateCorrupt(f"{vm_path}: VM state of snapshot {name!r} does not match its recorded size and CRC32C")
-    return data
+    return vm_path, entry
+
+
+def read_vmstate(path: str, name: str, storage: Storage | None = None) -> bytes:
+    storage = _storage(storage)
+    vm_path, entry = _vmstate(path, name, storage)
+    return b"".join(read_vmstate_chunks(storage, vm_path, entry)) if entry.vmstate_size else b""
+
+
+def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = None) -> int:
+    """Copy a snapshot's verified VM state to `outfile` in bounded memory; return its size."""
+    storage = _storage(storage)
+    vm_path, entry = _vmstate(path, name, storage)
+    with open(outfile, "xb") as out:
+        if entry.vmstate_size:
+            for chunk in read_vmstate_chunks(storage, vm_path, entry):
+                out.write(chunk)
+    return entry.vmstate_size
 
 
 def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:

@@ -14,6 +14,7 @@ Invariants beyond those of one file (I1-I7):
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import attrs
 import crc32c
@@ -25,7 +26,7 @@ from .references import LAYER_NAME, ChainWalk, ImageContext, check_identity, lay
 from .repair import repair_image
 from .replication import select_root
 from .storage import Storage
-from .structures import BASE_LAMINA, BASE_RAW, Root
+from .structures import BASE_LAMINA, BASE_RAW, Root, SnapshotEntry
 
 
 def _root_of(storage: Storage, path: str) -> Root:
@@ -48,6 +49,35 @@ def _file_size(storage: Storage, path: str) -> int:
 
 def _prefixed(report: CheckReport, label: str) -> list[Finding]:
     return [attrs.evolve(f, message=f"{label}: {f.message}") for f in report.findings]
+
+
+VMSTATE_CHUNK = 1 << 20
+
+
+def read_vmstate_chunks(storage: Storage, path: str, entry: SnapshotEntry) -> Iterator[bytes]:
+    """The VM state in chunks, so that a recorded size of any value costs bounded memory."""
+    file = storage.open(path, writable=False)
+    try:
+        for pos in range(0, entry.vmstate_size, VMSTATE_CHUNK):
+            yield file.pread(pos, min(VMSTATE_CHUNK, entry.vmstate_size - pos))
+    finally:
+        file.close()
+
+
+def vmstate_matches(storage: Storage, path: str, entry: SnapshotEntry) -> bool:
+    """T3: the file exists, has the recorded size, and the recorded CRC32C."""
+    if not storage.exists(path):
+        return False
+    file = storage.open(path, writable=False)
+    try:
+        if file.size() != entry.vmstate_size:
+            return False
+    finally:
+        file.close()
+    crc = 0
+    for chunk in read_vmstate_chunks(storage, path, entry):
+        crc = crc32c.crc32c(chunk, crc)
+    return crc == entry.vmstate_crc
 
 
 def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> tuple[list[str], list[Finding]]:
@@ -73,12 +103,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
         starts.append((path, layer))
         if entry.vmstate_size:
             vm = os.path.join(context.layer_dir, vmstate_file_name(entry.layer_uuid))
-            data = b""
-            if storage.exists(vm):
-                file = storage.open(vm, writable=False)
-                data = file.pread(0, entry.vmstate_size + 1)
-                file.close()
-            if len(data) != entry.vmstate_size or crc32c.crc32c(data) != entry.vmstate_crc:
+            if not vmstate_matches(storage, vm, entry):
                 findings.append(Finding(CORRUPTION, "vmstate", f"{where}: VM state {vm} is missing or does not match its CRC32C"))
     seen: set[str] = set()
     for path, root in starts:
