@@ -14,6 +14,7 @@ repairable (R7 asks detection only).
 from __future__ import annotations
 
 import random
+from typing import Iterator
 
 import attrs
 
@@ -112,6 +113,48 @@ def _fault(kind: str, place: Place, current: bytes, history: list[bytes], others
     raise ValueError(kind)
 
 
+def iter_faults(rec: Recording, clean: DiskState, places: list[Place], rng: random.Random) -> Iterator[tuple[Place, str, list[tuple[int, bytes]]]]:
+    """(place, fault kind, writes) of every fault `inject` applies to `places`, in its order (the rng is consumed in order)."""
+    inode = clean.names[IMAGE_PATH]
+    meta = [p for p in places if p.kind != "data"]
+    data = [p for p in places if p.kind == "data"]
+    for place in places:
+        current = clean.files[inode].pread(place.offset, place.length)
+        history = _history(rec, place)
+        others = meta if place.kind != "data" else data
+        for kind in FAULT_KINDS:
+            for writes in _fault(kind, place, current, history, others, clean, rng):
+                yield place, kind, writes
+
+
+@attrs.frozen
+class Fault:
+    """One metadata fault: its number in the enumeration of a workload's metadata faults (for plans) and its writes."""
+
+    number: int
+    place: Place
+    kind: str
+    writes: tuple[tuple[int, bytes], ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} in {self.place.name}"
+
+
+def metadata_faults(name: str, seed: int = 0) -> tuple[Recording, DiskState, int, bytes, list[Fault]]:
+    """The recording, its clean final state, virtual size, guest contents and every metadata fault `inject` applies.
+
+    The faults are the ones (and bytes) `inject_workload` injects with the same seed: metadata places come
+    first in its enumeration, so the seeded random bytes match.
+    """
+    rec = record_workload(get_workload(name))
+    clean = _final_state(rec)
+    meta, _data, contents, size = _places(clean)
+    rng = random.Random(seed)
+    faults = [Fault(k, place, kind, tuple(map(tuple, writes))) for k, (place, kind, writes) in enumerate(iter_faults(rec, clean, meta, rng))]
+    return rec, clean, size, contents, faults
+
+
 def inject_workload(name: str, seed: int = 0) -> InjectionResult:
     """Inject every fault kind into every metadata place and every data sector of the workload's final image."""
     rec = record_workload(get_workload(name))
@@ -121,40 +164,35 @@ def inject_workload(name: str, seed: int = 0) -> InjectionResult:
     counts: dict[str, dict[str, list[int]]] = {}
     failures: list[str] = []
     inode = clean.names[IMAGE_PATH]
-    for place in meta + data:
-        current = clean.files[inode].pread(place.offset, place.length)
-        history = _history(rec, place)
-        others = meta if place.kind != "data" else data
-        for kind in FAULT_KINDS:
-            for writes in _fault(kind, place, current, history, others, clean, rng):
-                row = counts.setdefault(place.kind, {}).setdefault(kind, [0, 0, 0])
-                row[0] += 1
-                state = clean.copy()
-                for offset, raw in writes:
-                    state.files[inode].pwrite(offset, raw)
-                file = MemStorage(state).open(IMAGE_PATH, writable=True)
-                report = check_image(file)
-                where = f"{kind} in {place.name}"
-                if report.exit_code != 2:
-                    failures.append(f"{name}: {where}: not detected (check exit {report.exit_code})")
-                    continue
-                if place.kind == "data" and not any(f.guest_range for f in report.corruptions):
-                    failures.append(f"{name}: {where}: detected but not named by guest range")
-                    continue
-                row[1] += 1
-                if place.kind == "data":
-                    continue
-                try:
-                    _, after = repair_image(file)
-                    image = Image.open(IMAGE_PATH, readonly=True, storage=MemStorage(state))
-                    intact = image.virtual_size == size and image.read(0, size) == contents
-                except LaminaError as exc:
-                    failures.append(f"{name}: {where}: repair failed: {type(exc).__name__}: {exc}")
-                    continue
-                if after.exit_code != 0:
-                    failures.append(f"{name}: {where}: check after repair exits {after.exit_code}")
-                elif not intact:
-                    failures.append(f"{name}: {where}: repair lost committed guest data")
-                else:
-                    row[2] += 1
+    for place, kind, writes in iter_faults(rec, clean, meta + data, rng):
+        row = counts.setdefault(place.kind, {}).setdefault(kind, [0, 0, 0])
+        row[0] += 1
+        state = clean.copy()
+        for offset, raw in writes:
+            state.files[inode].pwrite(offset, raw)
+        file = MemStorage(state).open(IMAGE_PATH, writable=True)
+        report = check_image(file)
+        where = f"{kind} in {place.name}"
+        if report.exit_code != 2:
+            failures.append(f"{name}: {where}: not detected (check exit {report.exit_code})")
+            continue
+        if place.kind == "data" and not any(f.guest_range for f in report.corruptions):
+            failures.append(f"{name}: {where}: detected but not named by guest range")
+            continue
+        row[1] += 1
+        if place.kind == "data":
+            continue
+        try:
+            _, after = repair_image(file)
+            image = Image.open(IMAGE_PATH, readonly=True, storage=MemStorage(state))
+            intact = image.virtual_size == size and image.read(0, size) == contents
+        except LaminaError as exc:
+            failures.append(f"{name}: {where}: repair failed: {type(exc).__name__}: {exc}")
+            continue
+        if after.exit_code != 0:
+            failures.append(f"{name}: {where}: check after repair exits {after.exit_code}")
+        elif not intact:
+            failures.append(f"{name}: {where}: repair lost committed guest data")
+        else:
+            row[2] += 1
     return InjectionResult(name, counts, tuple(failures))
