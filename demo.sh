@@ -18,8 +18,10 @@ lamina info "$img"
 du -h --apparent-size "$img"; du -h "$img"
 lamina map --metadata "$img"
 lamina check "$img"
-# damage map copy A of region 0 (at 64 KiB into the file)
-printf 'garbage' | dd of="$img" bs=1 seek=65600 conv=notrunc status=none
+# damage the first map copy that `lamina map --metadata` lists
+offset=$(lamina map --metadata --output json "$img" |
+         python3 -c 'import json, sys; print([m for m in json.load(sys.stdin)["metadata"] if m["kind"] == "map"][0]["offset"])')
+printf 'garbage' | dd of="$img" bs=1 seek=$((offset + 64)) conv=notrunc status=none
 lamina check "$img" || echo "check exit code: $? (2 = corruption found)"
 lamina check --repair "$img"
 lamina io -r "$img" -c 'read -P 0xab 0 1M' -c 'read -P 0xcd 512M 64k'
