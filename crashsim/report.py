@@ -61,8 +61,8 @@ def timeline_svg(failure: Failure) -> str:
     outcomes = dict(plan.outcomes)
     n = max(1, len(failure.ops))
     step = max(8, min(28, 900 // n))
-    width = 40 + n * step + 20
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="170" font-family="monospace" font-size="10">']
+    width = max(40 + n * step + 20, 560)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="185" font-family="monospace" font-size="10">']
     for kind, start, end in failure.guest:
         x = 40 + start * step
         w = max(step * (end - start), 3)
@@ -75,7 +75,7 @@ def timeline_svg(failure: Failure) -> str:
         if kind in ("fsync", "fsync_dir"):
             parts.append(f'<rect x="{x + step / 2 - 1}" y="45" width="3" height="70" fill="{colour}"><title>{i}: {kind}</title></rect>')
             continue
-        fill = "#e74c3c" if outcome == "d" else "#f39c12" if outcome else colour
+        fill = "#e74c3c" if outcome == "d" else "#27ae60" if outcome else colour
         opacity = "0.35" if i >= plan.crash else "1"
         parts.append(f'<rect x="{x + 1}" y="60" width="{step - 2}" height="40" fill="{fill}" opacity="{opacity}">'
                      f'<title>{i}: {kind} offset {offset} length {length} {outcome or ""}</title></rect>')
@@ -84,7 +84,8 @@ def timeline_svg(failure: Failure) -> str:
     cx = 40 + plan.crash * step
     parts.append(f'<line x1="{cx}" y1="5" x2="{cx}" y2="125" stroke="red" stroke-width="2"/><text x="{cx + 3}" y="135" fill="red">crash</text>')
     parts.append('<text x="2" y="25">guest</text><text x="2" y="85">ops</text>'
-                 '<text x="40" y="160">blue pwrite, purple punch, orange truncate, black bar fsync; red = dropped, amber = torn (d/t below); faded = not issued</text>')
+                 '<text x="40" y="160">blue pwrite, purple punch, orange truncate, black bar fsync</text>'
+                 '<text x="40" y="175">red = dropped, green = torn (d/t below); faded = after the crash, never issued</text>')
     parts.append("</svg>")
     return "".join(parts)
 
