@@ -18,9 +18,11 @@ from lamina.spec.errors import LaminaError
 
 from .controls import CONTROLS, get_control
 from .errors import CrashsimError
-from .explore import DEFAULT_MODELS, Budget, Model, Plan
+from .explore import DEFAULT_MODELS, Budget, Model, Plan, pending_at
 from .inject import inject_workload
-from .report import html_report, replay_command, summary_lines
+from .repaircrash import REPAIR_BUDGET, REPAIR_CONTROLS, REPAIR_MODELS, REPAIRERS, RepairPlan, get_repair_control, list_faults, \
+    replay_repair, result_json, run_crash_repair
+from .report import crash_repair_lines, html_report, replay_command, summary_lines
 from .runner import replay, run_all, run_task
 from .workloads import LIBRARY, get_workload
 
@@ -49,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument("--seed", type=int, default=0)
     inject.add_argument("--report", metavar="FILE.html")
     inject.add_argument("--output", choices=["human", "json"], default="human")
+    inject.add_argument("--crash-repair", action="store_true",
+                        help="also crash the repair of every metadata fault at every point and follow each state up "
+                        "(repair again; writable open then repair): clean, committed bytes intact, same as an uninterrupted repair")
+    inject.add_argument("--model", default=",".join(REPAIR_MODELS), help="with --crash-repair: comma-separated persistence models")
+    inject.add_argument("--repairer", choices=list(REPAIRERS), default="image",
+                        help="with --crash-repair: repair_image on the file, or repair_tree on the top (what `lamina check --repair` runs)")
+    inject.add_argument("--max-subset", type=int, default=REPAIR_BUDGET.max_subset, metavar="K")
+    inject.add_argument("--samples", type=int, default=REPAIR_BUDGET.subset_samples, help="sampled subsets per crash point beyond K")
+    inject.add_argument("--torn-samples", type=int, default=REPAIR_BUDGET.torn_samples, help="sampled tear patterns per write beyond the cap")
+    inject.add_argument("--control", help=f"with --crash-repair: a broken repair (negative control): {', '.join(REPAIR_CONTROLS)}")
+    inject.add_argument("--jobs", type=int, default=1, help="with --crash-repair: parallel worker processes")
+    inject.add_argument("--list-faults", action="store_true", help="list the numbered metadata faults (f= of a repair plan) and exit")
     rep = sub.add_parser("replay", help="re-run exactly the crash state a plan names")
     rep.add_argument("plan")
     rep.add_argument("--output", choices=["human", "json"], default="human")
@@ -104,12 +118,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_inject(args: argparse.Namespace) -> int:
     names = list(args.workloads) or [n for n in LIBRARY if not LIBRARY[n].create_in_trace]
+    for name in names:
+        if get_workload(name).create_in_trace or hasattr(get_workload(name), "tops"):
+            raise CrashsimError(f"workload {name!r}: inject works on the final image of a single-image workload without create")
+    if args.list_faults:
+        for name in names:
+            print("\n".join(f"{name} {line}" for line in list_faults(name, args.seed)))
+        return 0
     results = [inject_workload(n, args.seed) for n in names]
+    crashed = []
+    seconds = 0.0
+    if args.crash_repair:
+        models = [Model.parse(m).name for m in args.model.split(",") if m]
+        if args.control:
+            get_repair_control(args.control)
+        budget = attrs.evolve(REPAIR_BUDGET, max_subset=args.max_subset, subset_samples=args.samples, torn_samples=args.torn_samples)
+        started = time.perf_counter()
+        crashed = run_crash_repair(names, models, budget, args.seed, args.repairer, args.control, args.jobs)
+        seconds = time.perf_counter() - started
     if args.report:
         with open(args.report, "w", encoding="utf-8") as fh:
             fh.write(html_report([], results))
+    failed = any(r.failures for r in results) or any(r.failing_states for r in crashed)
     if args.output == "json":
-        print(json.dumps([{"workload": r.workload, "counts": r.counts, "failures": list(r.failures)} for r in results], indent=1))
+        injected = [{"workload": r.workload, "counts": r.counts, "failures": list(r.failures)} for r in results]
+        if args.crash_repair:  # an object instead of the list: the list stays what it was without the option
+            print(json.dumps({"inject": injected, "crash_repair": {"seconds": seconds, "seed": args.seed, "repairer": args.repairer,
+                                                                  "control": args.control, "budget": attrs.asdict(budget),
+                                                                  "results": [result_json(r) for r in crashed]}}, indent=1))
+        else:
+            print(json.dumps(injected, indent=1))
     else:
         print(f"{'workload':<16} {'region':<6} {'fault':<12} {'injected':>8} {'detected':>8} {'repaired':>8}")
         for r in results:
@@ -125,10 +163,33 @@ def _cmd_inject(args: argparse.Namespace) -> int:
         for r in results:
             for f in r.failures:
                 print("FAIL " + f)
-    return 1 if any(r.failures for r in results) else 0
+        if crashed:
+            print("\n".join(crash_repair_lines(crashed, seconds)))
+    return 1 if failed else 0
+
+
+def _cmd_replay_repair(args: argparse.Namespace) -> int:
+    plan = RepairPlan.parse(args.plan)
+    fr, message = replay_repair(plan)
+    if args.output == "json":
+        print(json.dumps({"plan": plan.to_string(), "fault": fr.fault.name, "ops": len(fr.ops), "failure": message}))
+    else:
+        print(f"workload {plan.workload}, fault {plan.fault} ({fr.fault.name}), {'repair_' + plan.repairer}"
+              + (f" broken as {plan.variant}" if plan.variant else "") + f" ({len(fr.ops)} ops), model {plan.model}, "
+              f"crash after op {plan.crash}, then {'the repair again' if plan.after == 'repair' else 'a writable open and the repair'}")
+        for i, op in enumerate(fr.ops[: plan.crash]):
+            outcome = dict(plan.outcomes).get(i, "k")
+            state = "durable" if i not in set(pending_at(fr.barriers, plan.crash)) else \
+                {'k': 'kept', 'd': 'dropped'}.get(outcome, 'torn ' + outcome[2:])
+            print(f"  op {i}: {op.kind} offset {op.offset} length {len(op.data) or op.length} -> {state}")
+        print(f"FAIL: {message}" if message else "ok: the repair after this crash ends clean, with every committed byte, "
+              "as the uninterrupted repair does")
+    return 1 if message else 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    if RepairPlan.is_repair_plan(args.plan):
+        return _cmd_replay_repair(args)
     plan = Plan.parse(args.plan)
     rec, message = replay(plan)
     if args.output == "json":

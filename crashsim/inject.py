@@ -135,10 +135,21 @@ class Fault:
     place: Place
     kind: str
     writes: tuple[tuple[int, bytes], ...]
+    first_change: int = -1  # file offset of the first byte the fault changes
 
     @property
     def name(self) -> str:
-        return f"{self.kind} in {self.place.name}"
+        return f"{self.kind} in {self.place.name}" + (f" (first changed byte at file offset {self.first_change})" if self.first_change >= 0 else "")
+
+
+def _first_change(clean: DiskState, writes: list[tuple[int, bytes]]) -> int:
+    inode = clean.names[IMAGE_PATH]
+    for offset, raw in writes:
+        old = clean.files[inode].pread(offset, len(raw)).ljust(len(raw), b"\0")
+        for k, (a, b) in enumerate(zip(old, raw)):
+            if a != b:
+                return offset + k
+    return -1
 
 
 def metadata_faults(name: str, seed: int = 0) -> tuple[Recording, DiskState, int, bytes, list[Fault]]:
@@ -151,7 +162,8 @@ def metadata_faults(name: str, seed: int = 0) -> tuple[Recording, DiskState, int
     clean = _final_state(rec)
     meta, _data, contents, size = _places(clean)
     rng = random.Random(seed)
-    faults = [Fault(k, place, kind, tuple(map(tuple, writes))) for k, (place, kind, writes) in enumerate(iter_faults(rec, clean, meta, rng))]
+    faults = [Fault(k, place, kind, tuple(map(tuple, writes)), _first_change(clean, writes))
+              for k, (place, kind, writes) in enumerate(iter_faults(rec, clean, meta, rng))]
     return rec, clean, size, contents, faults
 
 

@@ -392,7 +392,8 @@ class FaultRepair:
 # ------------------------------------------------------------------ exploration
 def crash_repair_task(workload: str, model_name: str, budget: Budget = REPAIR_BUDGET, seed: int = 0, repairer: str = "image",
                       control: str | None = None, follow_ups: tuple[str, ...] = FOLLOW_UPS, stop_at_first: bool = False,
-                      fault_filter: Callable[[Fault], bool] | None = None, max_reported: int = 5) -> RepairCrashResult:
+                      fault_filter: Callable[[Fault], bool] | None = None, max_reported: int = 5,
+                      shrink: bool = True) -> RepairCrashResult:
     """Crash the repair of every metadata fault of one workload under one model; follow every state up."""
     started = time.perf_counter()
     if repairer not in REPAIRERS:
@@ -449,24 +450,29 @@ def crash_repair_task(workload: str, model_name: str, budget: Budget = REPAIR_BU
                 break
         if stop:
             break
+    if failures and shrink and failures[0].tier != "uninterrupted":
+        first = failures[0]
+        small = shrink_repair_plan(RepairPlan.parse(first.plan))
+        failures[0] = attrs.evolve(first, plan=small.to_string(), message=replay_repair(small)[1] or first.message)
     return RepairCrashResult(workload, model.name, repairer, control, seed, used, repair_ops, counts, failing, exhaustive,
                              identical, follow_count, tuple(failures), time.perf_counter() - started)
 
 
 def run_crash_repair(workloads: list[str], models: list[str], budget: Budget = REPAIR_BUDGET, seed: int = 0,
                      repairer: str = "image", control: str | None = None, jobs: int = 1,
-                     on_done: Callable[[RepairCrashResult], None] | None = None) -> list[RepairCrashResult]:
+                     on_done: Callable[[RepairCrashResult], None] | None = None,
+                     follow_ups: tuple[str, ...] = FOLLOW_UPS) -> list[RepairCrashResult]:
     """Every (workload, model) task, in this process or a process pool; results in task order."""
     tasks = [(w, m) for w in workloads for m in models]
     if jobs <= 1:
         results = []
         for w, m in tasks:
-            results.append(crash_repair_task(w, m, budget, seed, repairer, control))
+            results.append(crash_repair_task(w, m, budget, seed, repairer, control, follow_ups))
             if on_done:
                 on_done(results[-1])
         return results
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(crash_repair_task, w, m, budget, seed, repairer, control) for w, m in tasks]
+        futures = [pool.submit(crash_repair_task, w, m, budget, seed, repairer, control, follow_ups) for w, m in tasks]
         results = []
         for f in futures:
             results.append(f.result())
@@ -536,3 +542,22 @@ def shrink_repair_plan(plan: RepairPlan) -> RepairPlan:
 
 def list_faults(workload: str, seed: int = 0) -> list[str]:
     return [f"f={f.number}: {f.name}" for f in metadata_faults(workload, seed)[4]]
+
+
+def totals(results: list[RepairCrashResult]) -> dict[str, dict[str, dict[str, dict[str, list[int]]]]]:
+    """region kind -> fault kind -> model -> tier -> [states, failing], summed over workloads."""
+    out: dict = {}
+    for r in results:
+        for region, kinds in r.counts.items():
+            for kind, tiers in kinds.items():
+                for tier, n in tiers.items():
+                    cell = out.setdefault(region, {}).setdefault(kind, {}).setdefault(r.model, {}).setdefault(tier, [0, 0])
+                    cell[0] += n
+                    cell[1] += r.failing.get(region, {}).get(kind, {}).get(tier, 0)
+    return out
+
+
+def result_json(r: RepairCrashResult) -> dict:
+    return {**attrs.asdict(r, filter=lambda a, v: a.name != "failures"), "states": r.states, "failing_states": r.failing_states,
+            "failures": [{"plan": f.plan, "message": f.message, "tier": f.tier, "fault": f.fault,
+                          "replay": f"crashsim replay {f.plan}"} for f in r.failures]}

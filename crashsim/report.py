@@ -126,3 +126,45 @@ td:first-child,td:nth-child(2){{text-align:left}} tr.fail{{background:#fdd}} cod
 {'<table><tr><th>workload</th><th>region</th><th>fault</th><th>injected</th><th>detected</th><th>repaired</th></tr>' + ''.join(inj_rows) + '</table>' if inj_rows else '<p>not run</p>'}
 </body></html>
 """
+
+
+def crash_repair_lines(results, seconds: float) -> list[str]:
+    """Crashes during repair: states per region kind, fault kind, model and tier (failing in brackets), then the failures."""
+    from .repaircrash import REPAIR_TIERS, totals
+
+    table = totals(results)
+    tiers = REPAIR_TIERS + (("uninterrupted",) if any("uninterrupted" in t for k in table.values() for f in k.values()
+                                                     for t in f.values()) else ())
+    models = list(dict.fromkeys(r.model for r in results))
+    lines = ["crashes during repair (" + ", ".join(sorted({f"repair_{r.repairer}" for r in results}))
+             + "; each state followed up by: repair again / writable open then repair)",
+             f"{'region':<6} {'fault':<12} {'model':<14} " + " ".join(f"{t:>13}" for t in tiers)]
+    for region in ("root", "map"):
+        for kind, by_model in table.get(region, {}).items():
+            for model in models:
+                cells = by_model.get(model, {})
+                lines.append(f"{region:<6} {kind:<12} {model:<14} "
+                             + " ".join(f"{(f'{cells[t][0]} [{cells[t][1]}]' if t in cells else '-'):>13}" for t in tiers))
+    exhaustive: dict[tuple[str, str], bool] = {}
+    for r in results:
+        for t, e in r.exhaustive.items():
+            exhaustive[(r.model, t)] = exhaustive.get((r.model, t), True) and e
+    for model in models:
+        per_tier = {t: sum(c.get(model, {}).get(t, [0, 0])[0] for k in table.values() for c in k.values()) for t in tiers}
+        marks = " ".join(f"{t} {n}{'' if (model, t) not in exhaustive else (' e' if exhaustive[(model, t)] else ' s')}"
+                         for t, n in per_tier.items() if n)
+        lines.append(f"model {model}: {marks}")
+    states = sum(r.states for r in results)
+    failing = sum(r.failing_states for r in results)
+    faults = sum(r.faults for r in results)
+    follow = sum(r.follow_ups for r in results)
+    same = sum(r.identical for r in results)
+    lines.append(f"{states} crash states during the repair of {faults} (fault, model) pairs checked in {seconds:.1f} s; "
+                 f"{failing} failing; {same}/{follow} follow-ups byte-identical to the uninterrupted repair "
+                 "(the others hold the same contents and the same root up to its generation); e = exhaustive, s = seeded sample")
+    for r in results:
+        for f in r.failures[:1]:
+            lines.append(f"FAIL {r.workload} [{r.model}] ({f.tier}) {f.fault}: {f.message}")
+            lines.append(f"  plan: {f.plan}")
+            lines.append(f"  replay: {replay_command(f.plan)}")
+    return lines
