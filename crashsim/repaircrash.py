@@ -56,6 +56,7 @@ from .explore import Budget, Materialiser, Model, barrier_of, explore, pending_a
 from .inject import Fault, metadata_faults
 from .memstore import DiskState, MemStorage, Op, Trace
 from .record import IMAGE_PATH
+from .runner import minimize_outcomes
 
 REPAIR_MODELS = ("strict", "reorder", "torn", "reorder+torn")
 REPAIR_TIERS = ("prefix", "targeted", "subsets", "torn")
@@ -519,24 +520,7 @@ def shrink_repair_plan(plan: RepairPlan) -> RepairPlan:
         except BadPlan:
             return False
 
-    outcomes = dict(plan.outcomes)
-    for index in sorted(outcomes):
-        trial = {k: v for k, v in outcomes.items() if k != index}
-        if fails(attrs.evolve(plan, outcomes=tuple(sorted(trial.items())))):
-            outcomes = trial
-            continue
-        if outcomes[index].startswith("t:"):
-            letters = list(outcomes[index][2:])
-            for k, letter in enumerate(letters):
-                if letter == "n":
-                    continue
-                letters[k] = "n"
-                trial = {**outcomes, index: "t:" + "".join(letters)}
-                if set(letters) != {"n"} and fails(attrs.evolve(plan, outcomes=tuple(sorted(trial.items())))):
-                    outcomes = trial
-                else:
-                    letters[k] = letter
-    plan = attrs.evolve(plan, outcomes=tuple(sorted(outcomes.items())))
+    plan = minimize_outcomes(plan, fails)
     return attrs.evolve(plan, pending=tuple(pending_at(fr.barriers, plan.crash)))
 
 

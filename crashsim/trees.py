@@ -44,7 +44,7 @@ from lamina.spec.protocol import read_root_copies
 from lamina.spec.references import LAYER_NAME, ImageContext, layer_dir_of, layer_file_name, vmstate_file_name
 from lamina.spec.replication import select_root
 from lamina.spec.structures import BASE_NONE
-from lamina.spec.tree import check_tree
+from lamina.spec.tree import check_tree, root_of
 
 from .controls import variant
 from .memstore import DiskState, MemStorage, Op, Trace
@@ -451,19 +451,9 @@ def view_of(tree: Tree, workload: TreeWorkload) -> View:
     return tuple(out)
 
 
-def _root(storage: MemStorage, path: str):
-    file = storage.open(path, writable=False)
-    try:
-        root = select_root(read_root_copies(file)).value
-        assert root is not None
-        return root
-    finally:
-        file.close()
-
-
 def _external_base(storage: MemStorage, layer_dir: str, root) -> str | None:
     while root.base_kind != BASE_NONE and LAYER_NAME.match(root.base_path):
-        root = _root(storage, os.path.join(layer_dir, root.base_path))
+        root = root_of(storage, os.path.join(layer_dir, root.base_path))
     # Bases are referenced by absolute simulated path (reference_base keeps absolute paths as given).
     return None if root.base_kind == BASE_NONE else os.path.basename(root.base_path)
 
@@ -484,7 +474,7 @@ def read_tree(storage: MemStorage, workload: TreeWorkload) -> View:
             continue
         context = ImageContext.for_top(path)
         disk = abstract_layer(path, storage, context)
-        root = _root(storage, path)
+        root = root_of(storage, path)
         snaps = []
         for entry in root.snapshots:
             layer = os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid))
@@ -494,7 +484,7 @@ def read_tree(storage: MemStorage, workload: TreeWorkload) -> View:
                 file = storage.open(os.path.join(context.layer_dir, vmstate_file_name(entry.layer_uuid)), writable=False)
                 vmstate = file.pread(0, entry.vmstate_size + 1)
             snaps.append((entry.text_name, sdisk.virtual_size, _items(sdisk), vmstate,
-                          _external_base(storage, context.layer_dir, _root(storage, layer))))
+                          _external_base(storage, context.layer_dir, root_of(storage, layer))))
         out.append((name, BranchView(disk.virtual_size, _items(disk), _external_base(storage, context.layer_dir, root),
                                      tuple(snaps))))
     return tuple(out)

@@ -29,7 +29,8 @@ from .storage import Storage
 from .structures import BASE_LAMINA, BASE_RAW, Root, SnapshotEntry
 
 
-def _root_of(storage: Storage, path: str) -> Root:
+def root_of(storage: Storage, path: str) -> Root:
+    """The current root of a layer file (raises a FormatError when neither copy is usable)."""
     file = storage.open(path, writable=False)
     try:
         root = select_root(read_root_copies(file)).value
@@ -85,7 +86,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     context = ImageContext.for_top(top_path, allowed)
     findings: list[Finding] = []
     files: list[str] = []
-    top = _root_of(storage, top_path)
+    top = root_of(storage, top_path)
     starts = [(top_path, top)]
     for entry in top.snapshots:
         path = os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid))
@@ -94,7 +95,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
             findings.append(Finding(CORRUPTION, "snapshot-layer", f"{where}: layer file {path} is missing"))
             continue
         try:
-            layer = _root_of(storage, path)
+            layer = root_of(storage, path)
         except LaminaError as exc:
             findings.append(Finding(CORRUPTION, "snapshot-layer", f"{where}: {exc}"))
             continue
@@ -126,7 +127,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
                 if root.base_kind == BASE_RAW:
                     check_identity(root, None, _file_size(storage, base), path)
                     break
-                base_root = _root_of(storage, base)
+                base_root = root_of(storage, base)
                 check_identity(root, base_root, base_root.virtual_size, path)
             except LaminaError as exc:
                 findings.append(Finding(CORRUPTION, "base-reference", str(exc)))
@@ -139,7 +140,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
 
 def referenced_names(top_path: str, storage: Storage, files: list[str]) -> set[str]:
     """File names in the layer directory that the tree reaches (T4)."""
-    top = _root_of(storage, top_path)
+    top = root_of(storage, top_path)
     names = {os.path.basename(f) for f in files if LAYER_NAME.match(os.path.basename(f))}
     names |= {vmstate_file_name(e.layer_uuid) for e in top.snapshots if e.vmstate_size}
     return names
