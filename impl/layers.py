@@ -620,6 +620,19 @@ def tree(path: str, storage: Storage | None = None) -> dict:
     nodes["top"] = {"kind": "current", "name": os.path.basename(path), "disk_size": root.virtual_size,
                     "disk_usage": disk_usage, "children": []}
     parents["top"] = parent_key(root)
+    # Layers a chain reaches that are no snapshot of this image: a clone's origin, shared by hard link.
+    pending = [p for p in list(parents.values()) if p and p.startswith("layer:") and p not in nodes]
+    while pending:
+        key = pending.pop()
+        if key in nodes:
+            continue
+        name = key[len("layer:"):]
+        layer_root = _layer_root(storage, context, name)
+        nodes[key] = {"kind": "layer", "name": name, "disk_size": layer_root.virtual_size,
+                      "file": os.path.join(os.path.basename(context.layer_dir), name), "children": []}
+        parents[key] = parent_key(layer_root)
+        if parents[key] and parents[key].startswith("layer:") and parents[key] not in nodes:
+            pending.append(parents[key])
     roots = []
     for key, parent in parents.items():
         if parent is None or parent not in nodes:
@@ -638,6 +651,8 @@ def draw_tree(data: dict) -> str:
     def label(node: dict) -> str:
         if node["kind"] == "base":
             return f"{node['name']} (base, {node['format']})"
+        if node["kind"] == "layer":
+            return f"{node['name']} (frozen layer from another image, {format_size(node['disk_size'])})"
         if node["kind"] == "current":
             return f"* {node['name']} (current state, {format_size(node['disk_size'])})"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(node["created"] / 1e9))

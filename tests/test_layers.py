@@ -392,3 +392,16 @@ def test_a_hostile_vm_state_size_costs_no_memory(workdir, tmp_path):
     assert 1 == main(["snapshot", "vmstate", "d.lam", "s", str(tmp_path / "out.bin")])
     assert not (tmp_path / "out.bin").exists()
     assert 2 == main(["check", "d.lam"])
+
+
+def test_a_clone_tree_shows_the_layers_it_shares(workdir, capsys):
+    Image.create("d.lam", MiB).close()
+    layers.create_snapshot("d.lam", "a")
+    layers.clone("d.lam", "a", "c.lam")
+    layers.create_snapshot("c.lam", "mine")
+    assert 0 == main(["info", "--tree", "--output", "json", "c.lam"])
+    data = json.loads(capsys.readouterr().out)
+    origin = data["layers"][0]
+    assert "layer" == origin["kind"]
+    assert ["mine"] == [n["name"] for n in origin["children"]]
+    assert ["c.lam"] == [n["name"] for n in origin["children"][0]["children"]]
