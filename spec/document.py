@@ -60,6 +60,19 @@ def root_tail_table() -> str:
     return "\n".join(rows)
 
 
+def errors_table() -> str:
+    """Every named error the spec raises, with what it means: what a reader must report, by name."""
+    from . import errors, references
+
+    rows = ["| error | kind of | meaning |", "|---|---|---|"]
+    for module in (errors, references):
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, errors.LaminaError) and value.__module__ == module.__name__:
+                parent = value.__mro__[1].__name__
+                rows.append(f"| `{name}` | {parent} | {(value.__doc__ or '').strip().splitlines()[0]} |")
+    return "\n".join(rows)
+
+
 def proofs_table() -> str:
     try:
         from .proofs import properties_markdown  # type: ignore[attr-defined]
@@ -76,6 +89,7 @@ PLACEHOLDERS = {
     "constants": constants_table,
     "geometry": geometry_table,
     "proofs": proofs_table,
+    "errors": errors_table,
 }
 
 
