@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import attrs
 
@@ -40,9 +40,7 @@ from lamina.spec.abstraction import abstract_layer
 from lamina.spec.errors import LaminaError
 from lamina.spec.layout import SECTOR_SIZE, ZERO_SECTOR
 from lamina.spec.model import Disk
-from lamina.spec.protocol import read_root_copies
 from lamina.spec.references import LAYER_NAME, ImageContext, layer_dir_of, layer_file_name, vmstate_file_name
-from lamina.spec.replication import select_root
 from lamina.spec.structures import BASE_NONE
 from lamina.spec.tree import check_tree, root_of
 

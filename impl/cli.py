@@ -15,7 +15,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from lamina.spec.check import CheckReport, check_image
+from lamina.spec.check import CheckReport
 from lamina.spec.errors import InvalidArgument, LaminaError
 from lamina.spec.tree import check_tree, repair_tree
 

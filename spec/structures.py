@@ -103,7 +103,7 @@ def _decode_snapshot(data: bytes, where: str) -> SnapshotEntry:
     if any(entry.name[entry.name_length :]):
         raise FieldOutOfRange(f"{where}bytes past name_length are not zero")
     try:
-        entry.text_name
+        entry.name[: entry.name_length].decode("utf-8")
     except UnicodeDecodeError:
         raise FieldOutOfRange(f"{where}name is not valid UTF-8") from None
     if not entry.vmstate_size and entry.vmstate_crc:

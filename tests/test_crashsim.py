@@ -239,7 +239,7 @@ def test_cli_report_is_self_contained_html(tmp_path, capsys):
 
 def test_any_executor_gives_the_same_counts_as_in_process():
     """Tasks are picklable and deterministic, so where they run does not change what they find."""
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
     from lamina.crashsim.runner import run_all
 

@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 
-import attrs
 import pytest
 
 from lamina.impl.image import Image

@@ -12,7 +12,7 @@ import os
 import tempfile
 
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from lamina.impl import layers
 from lamina.impl.image import Image
