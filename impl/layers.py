@@ -197,11 +197,11 @@ def merge_base_into(child_path: str, context: ImageContext, storage: Storage) ->
         child.preserve_content = True
         base = child.base
         assert isinstance(base, Image)
-        size = child.virtual_size
+        visible = min(child.virtual_size, child.root.base_visible)  # the child sees its base only below this
         for extent in base.extents():
-            if not extent.data or extent.start >= size:
+            if not extent.data or extent.start >= visible:
                 continue
-            _copy_absent(child, base, extent.start, min(extent.start + extent.length, size))
+            _copy_absent(child, base, extent.start, min(extent.start + extent.length, visible))
         child.flush()
         parent = base.root
         # What the removed layer hid of its own base stays hidden: the visible limits combine.

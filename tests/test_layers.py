@@ -405,3 +405,20 @@ def test_a_clone_tree_shows_the_layers_it_shares(workdir, capsys):
     assert "layer" == origin["kind"]
     assert ["mine"] == [n["name"] for n in origin["children"]]
     assert ["c.lam"] == [n["name"] for n in origin["children"][0]["children"]]
+
+
+def test_deleting_a_snapshot_below_a_shrunk_then_grown_top_keeps_the_hidden_part_hidden(workdir):
+    """Found by a long run of the tree state machine: a merge copied sectors the child's base_visible hid."""
+    Image.create("d.lam", MiB, 4096).close()
+    with Image.open("d.lam") as image:
+        image.write(0, pattern(1, 64 * 1024))
+    layers.create_snapshot("d.lam", "s")
+    with Image.open("d.lam") as image:
+        image.resize(0)
+        image.resize(410 * 512)
+        expected = image.read(0, 410 * 512)
+    assert bytes(410 * 512) == expected
+    layers.delete_snapshot("d.lam", "s")
+    with Image.open("d.lam") as image:
+        assert expected == image.read(0, 410 * 512)
+    _clean("d.lam")
