@@ -136,5 +136,6 @@ class ImageMachine(RuleBasedStateMachine):
             file.close()
 
 
-ImageMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+ImageMachine.TestCase.settings = settings(max_examples=int(os.environ.get("LAMINA_EXAMPLES", 150)),
+    stateful_step_count=int(os.environ.get("LAMINA_STEPS", 30)), deadline=None)
 TestImageMachine = ImageMachine.TestCase

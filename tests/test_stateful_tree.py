@@ -155,5 +155,6 @@ class TreeMachine(RuleBasedStateMachine):
             assert [] == [f.message for f in report.findings], path
 
 
-TreeMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
+TreeMachine.TestCase.settings = settings(max_examples=int(os.environ.get("LAMINA_EXAMPLES", 40)),
+    stateful_step_count=int(os.environ.get("LAMINA_STEPS", 20)), deadline=None)
 TestTreeMachine = TreeMachine.TestCase
