@@ -222,9 +222,10 @@ class Layout:
         return f"cluster_bits={bits} (cluster {1 << bits} B), virtual_size={size}"
 
 
-def _render_objects(layout: Layout, objects: list[tuple[str, Any, Any]]) -> Callable[[z3.ModelRef], str]:
+def _render_objects(layout: Layout | None, objects: list[tuple[str, Any, Any]]) -> Callable[[z3.ModelRef], str]:
+    """A counterexample as the file byte ranges of the objects it names (after the geometry, when given)."""
     def render(model: z3.ModelRef) -> str:
-        lines = [layout.describe(model)]
+        lines = [layout.describe(model)] if layout is not None else []
         for label, start, length in objects:
             begin, size = as_int(model, start), as_int(model, length)
             label = label.format(**{str(d): as_int(model, d()) for d in model.decls()})
@@ -276,14 +277,7 @@ def _prove_exactly(build: Callable[[SymbolicGeometry, z3.ArithRef], tuple[list[z
 
 
 def _render_exact(objects: list[tuple[str, Any, Any]]) -> Callable[[z3.ModelRef], str]:
-    def render(model: z3.ModelRef) -> str:
-        lines = []
-        for label, start, length in objects:
-            begin, size = as_int(model, start), as_int(model, length)
-            label = label.format(**{str(d): as_int(model, d()) for d in model.decls()})
-            lines.append(f"  {label}: file bytes [{begin}, {begin + size})")
-        return "\n".join(lines)
-    return render
+    return _render_objects(None, objects)
 
 
 def prove_region_windows_apart() -> Outcome:
