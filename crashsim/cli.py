@@ -109,7 +109,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps({"seconds": seconds, "seed": args.seed,
                           "budget": attrs.asdict(budget),
                           "results": [{**attrs.asdict(r, filter=lambda a, v: a.name != "failures"),
-                                       "states": r.states,
+                                       "states": r.states, "prechecked": r.prechecked,
+                                       "precheck_corrupt": r.precheck_corrupt,
                                        "failures": [{"plan": f.plan, "message": f.message, "tier": f.tier,
                                                      "replay": replay_command(f.plan)} for f in r.failures]}
                                       for r in results]}, indent=1))

@@ -331,3 +331,34 @@ class MemStorage:
 
     def fsync_dir(self, path: str) -> None:
         self.record(Op(FSYNC_DIR, os.path.abspath(path or ".")))
+
+
+class ReadOnlyStorage:
+    """A MemStorage seen read-only: files open without write access and the namespace cannot change.
+
+    The oracle runs the spec's `check` through it on each crashed state before
+    any recovery, as an administrator would after a power failure; any attempt
+    to change the state is an error, so the check is shown to be read-only.
+    """
+
+    def __init__(self, storage: MemStorage) -> None:
+        self._storage = storage
+
+    def open(self, path: str, writable: bool) -> MemFile:
+        if writable:
+            raise PermissionError(f"{path}: the storage is read-only")
+        return self._storage.open(path, False)
+
+    def _refuse(self, *args: object) -> None:
+        raise PermissionError(f"the storage is read-only (namespace change on {args[0]!r})")
+
+    create = rename = link = mkdir = unlink = fsync_dir = _refuse
+
+    def listdir(self, path: str) -> list[str]:
+        return self._storage.listdir(path)
+
+    def exists(self, path: str) -> bool:
+        return self._storage.exists(path)
+
+    def stat(self, path: str) -> FileStat:
+        return self._storage.stat(path)

@@ -1,14 +1,22 @@
 """The oracle (part 4 of 4, C4): is one crash state acceptable?
 
-Per state: open the image (a writable open runs recovery), run the spec's
-`check_image` (must be exit 0, with no finding at all), then compare the
+Per state: first run the spec's `check_image` on the crashed state itself,
+read-only and before anything recovers it (R12): it must report no
+corruption (no exit 1 or 2; degraded copies, leaks and pending work are what
+a crash may leave).  Then open the image (a writable open runs recovery), run
+`check_image` again (must be exit 0, with no finding at all), and compare the
 guest contents with the model's set of legal outcomes:
 
-- the virtual size is the one after the last acknowledged flush, or the one
-  of a resize issued after it (all or nothing);
-- every sector reads the value it had after the last acknowledged flush, or
-  the value of one of the writes issued after it (old or new, per 512 B
-  sector; a shrink issued after it may also have zeroed it).
+- the size and the contents are judged together, as one outcome: resizes
+  issued after the last acknowledged flush happen in order, all or nothing,
+  so the legal outcomes are "none of them" (the flushed size) or "the first
+  k of them" (the size after the k-th);
+- in each outcome, every sector reads the value it had after the last
+  acknowledged flush, or the value of one of the writes issued after it
+  (old or new, per 512 B sector); a sector that a shrink among those first
+  k dropped reads zero instead of its flushed value (the shrink happened),
+  and a shrink after them changes nothing (it did not).  So an old size
+  with flushed sectors reading zero is no legal outcome.
 
 A crash before `Image.create` returned may leave no image at all.  The
 outcome of opening and checking depends only on the durable bytes, so it is
@@ -22,13 +30,13 @@ import attrs
 
 from lamina.impl.image import Image
 from lamina.spec.abstraction import abstract_image
-from lamina.spec.check import check_image
+from lamina.spec.check import CheckReport, check_image
 from lamina.spec.errors import LaminaError
 from lamina.spec.layout import SECTOR_SIZE, ZERO_SECTOR
 from lamina.spec.model import Disk
 
 from .controls import variant
-from .memstore import DiskState, MemStorage, Trace
+from .memstore import DiskState, MemStorage, ReadOnlyStorage, Trace
 from .record import IMAGE_PATH, Recording
 
 
@@ -41,6 +49,8 @@ class Opened:
     contents: Mapping[int, bytes] = attrs.field(factory=dict)  # non-zero sectors, as the spec's abstraction function reads them
     exists: bool = True
     orphans: tuple[str, ...] = ()
+    prechecked: bool = False  # the read-only check before recovery ran (there was an image to check)
+    precheck_exit: int = 0  # its exit code
 
     @property
     def view(self) -> object:
@@ -48,13 +58,45 @@ class Opened:
         return (self.virtual_size, self.contents)
 
 
+def read_only_verdict(reports: list[tuple[str, CheckReport]]) -> tuple[int, str | None]:
+    """The worst exit code of read-only checks of a crashed state, and why it is corruption (None: it is not).
+
+    A crash may leave degraded copies, leaks and pending work (exit 0 or 3),
+    never corruption: exit 2, or exit 1 (no usable root).
+    """
+    worst = next((code for code in (1, 2, 3) if any(r.exit_code == code for _, r in reports)), 0)
+    for label, report in reports:
+        if report.exit_code in (1, 2):
+            bad = report.corruptions or report.findings
+            kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
+            first = bad[0].message if bad else "check did not complete"
+            return worst, f"read-only check of {label} before recovery: exit {report.exit_code} ({kinds}): {first}"
+    return worst, None
+
+
+def precheck_image(state: DiskState, path: str) -> tuple[int, str | None]:
+    """The spec's check of one image file of a crashed state, read-only, before any recovery."""
+    file = ReadOnlyStorage(MemStorage(state)).open(path, writable=False)
+    try:
+        return read_only_verdict([(path, check_image(file))])
+    except Exception as exc:  # noqa: BLE001 - check must never raise for a damaged image
+        return 1, f"read-only check of {path} before recovery raised {type(exc).__name__}: {exc}"
+
+
+@attrs.frozen
+class Outcome:
+    """One legal whole state: a virtual size and, per sector, the values it may read."""
+
+    size: int
+    flushed: Mapping[int, bytes]  # non-zero sectors as of the last acknowledged flush (and the shrinks that happened)
+    alternatives: Mapping[int, frozenset[bytes]]  # sector -> values other than `flushed`'s allowed
+
+
 @attrs.frozen
 class Legal:
     """The legal outcomes at one crash point."""
 
-    sizes: frozenset[int]
-    flushed: Mapping[int, bytes]  # non-zero sectors after the last acknowledged flush
-    alternatives: dict[int, frozenset[bytes]]  # sector -> values other than `flushed`'s allowed
+    outcomes: tuple[Outcome, ...]
     may_be_absent: bool
 
 
@@ -63,6 +105,10 @@ def open_state(state: DiskState, variant_name: str | None, trace: Trace | None =
     orphans = tuple(sorted(p for p in state.names if p != IMAGE_PATH))
     if IMAGE_PATH not in state.names:
         return Opened(None, exists=False, orphans=orphans)
+    pre_exit, corrupt = precheck_image(state, IMAGE_PATH)
+    checked = {"orphans": orphans, "prechecked": True, "precheck_exit": pre_exit}
+    if corrupt:
+        return Opened(corrupt, **checked)
     storage = MemStorage(state, trace)
     try:
         with variant(variant_name):
@@ -71,13 +117,13 @@ def open_state(state: DiskState, variant_name: str | None, trace: Trace | None =
             if report.exit_code != 0 or report.findings:
                 kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
                 return Opened(f"check after recovery: exit {report.exit_code} ({kinds}): {report.findings[0].message}",
-                              orphans=orphans)
+                              **checked)
             disk = abstract_image(image.file)
-            return Opened(None, disk.virtual_size, disk.sectors, orphans=orphans)
+            return Opened(None, disk.virtual_size, disk.sectors, **checked)
     except LaminaError as exc:
-        return Opened(f"open (recovery) failed: {type(exc).__name__}: {exc}", orphans=orphans)
+        return Opened(f"open (recovery) failed: {type(exc).__name__}: {exc}", **checked)
     except Exception as exc:  # noqa: BLE001 - an implementation crash is a finding, not a simulator error
-        return Opened(f"open (recovery) crashed: {type(exc).__name__}: {exc}", orphans=orphans)
+        return Opened(f"open (recovery) crashed: {type(exc).__name__}: {exc}", **checked)
 
 
 def legal_at(rec: Recording, crash: int) -> Legal:
@@ -94,15 +140,28 @@ def legal_at(rec: Recording, crash: int) -> Legal:
             after.append(event)
     if flushed_disk is None:  # crash inside create: no image, or an empty one
         create = rec.events[0]
-        return Legal(frozenset({create.disk.virtual_size}), {}, {}, True)
-    sizes = {flushed_disk.virtual_size} | {e.disk.virtual_size for e in after if e.kind == "resize"}
-    flushed = flushed_disk.sectors
+        return Legal((Outcome(create.disk.virtual_size, {}, {}),), True)
+    resizes = [i for i, e in enumerate(after) if e.kind == "resize"]
+    outcomes = tuple(_outcome(flushed_disk, after, applied) for applied in [-1] + resizes)
+    return Legal(outcomes, not created)
+
+
+def _outcome(flushed_disk: Disk, after: list, applied: int) -> Outcome:
+    """The outcome in which the resizes among `after[: applied + 1]` happened and the later ones did not."""
+    size = flushed_disk.virtual_size if applied < 0 else after[applied].disk.virtual_size
+    flushed = dict(flushed_disk.sectors)
     alternatives: dict[int, set[bytes]] = {}
-    for event in after:
+    for i, event in enumerate(after):
+        if event.kind == "resize":
+            if i <= applied:  # it happened: what it dropped reads zero, whatever was written before it
+                for sector, _ in event.changes:
+                    flushed.pop(sector, None)
+                    alternatives.pop(sector, None)
+            continue
         for sector, value in event.changes:
             if value != flushed.get(sector, ZERO_SECTOR):
                 alternatives.setdefault(sector, set()).add(value)
-    return Legal(frozenset(sizes), flushed, {s: frozenset(v) for s, v in alternatives.items()}, not created)
+    return Outcome(size, flushed, {s: frozenset(v) for s, v in alternatives.items()})
 
 
 def judge(opened: Opened, legal: Legal, garbage: dict[int, bytes] | None = None) -> str | None:
@@ -114,19 +173,28 @@ def judge(opened: Opened, legal: Legal, garbage: dict[int, bytes] | None = None)
         return opened.problem
     if not opened.exists:
         return None if legal.may_be_absent else "the image vanished although its creation had returned"
-    if opened.virtual_size not in legal.sizes:
-        return f"virtual size {opened.virtual_size} is none of the legal sizes {sorted(legal.sizes)}"
+    reasons = [_mismatch(opened, outcome, garbage or {}) for outcome in legal.outcomes]
+    if None in reasons:
+        return None
+    if len(reasons) == 1:
+        return reasons[0]
+    return "no legal outcome: " + "; ".join(f"not {o.size} bytes: {r}" for o, r in zip(legal.outcomes, reasons))
+
+
+def _mismatch(opened: Opened, outcome: Outcome, garbage: dict[int, bytes]) -> str | None:
+    """Why the opened state is not this outcome (None: it is)."""
+    if opened.virtual_size != outcome.size:
+        return f"virtual size {opened.virtual_size}, not {outcome.size}"
     limit = opened.virtual_size // SECTOR_SIZE
-    actual, flushed = opened.contents, legal.flushed
-    garbage = garbage or {}
+    actual, flushed = opened.contents, outcome.flushed
     for sector in set(actual) | set(flushed):
         if sector >= limit:
             continue
         value = actual.get(sector, ZERO_SECTOR)
         old = flushed.get(sector, ZERO_SECTOR)
-        if value == old or value in legal.alternatives.get(sector, ()) or garbage.get(sector) == value:
+        if value == old or value in outcome.alternatives.get(sector, ()) or garbage.get(sector) == value:
             continue
-        allowed = 1 + len(legal.alternatives.get(sector, ()))
+        allowed = 1 + len(outcome.alternatives.get(sector, ()))
         return (f"guest sector {sector} (offset {sector * SECTOR_SIZE}) reads {value[:8].hex()}..., "
                 f"none of its {allowed} legal values (flushed {old[:8].hex()}...)")
     return None

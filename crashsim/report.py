@@ -37,6 +37,14 @@ def summary_lines(results: list[TaskResult], seconds: float) -> list[str]:
     lines.append(f"{total} crash states checked in {seconds:.1f} s wall ({total / seconds if seconds else 0:.0f} states/s; "
                  f"{total / cpu if cpu else 0:.0f} states/s per core); {failing} failing; seed {','.join(map(str, seeds))}; "
                  "e = exhaustive, s = seeded sample")
+    prechecked = sum(r.prechecked for r in results)
+    exits: dict[str, int] = {}
+    for r in results:
+        for code, n in r.prechecks.items():
+            exits[code] = exits.get(code, 0) + n
+    lines.append(f"{prechecked} crash states checked read-only before recovery ("
+                 + ", ".join(f"exit {code}: {n}" for code, n in sorted(exits.items()))
+                 + f"); {sum(r.precheck_corrupt for r in results)} reported corruption")
     orphans = sum(r.orphan_states for r in results)
     if orphans:
         lines.append(f"note: {orphans} states left an orphan file (e.g. `.creating` after a crash inside Image.create); "

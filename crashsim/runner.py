@@ -51,10 +51,21 @@ class TaskResult:
     failures: tuple[Failure, ...]
     failing_states: int
     seconds: float
+    prechecks: dict[str, int] = attrs.field(factory=dict)  # exit code of the read-only check before recovery -> states
 
     @property
     def states(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def prechecked(self) -> int:
+        """Crash states the spec's check judged read-only before recovery (all those with an image)."""
+        return sum(self.prechecks.values())
+
+    @property
+    def precheck_corrupt(self) -> int:
+        """Of those, the states it reported as corruption (exit 1 or 2); each is also a failing state."""
+        return self.prechecks.get("1", 0) + self.prechecks.get("2", 0)
 
 
 class Explorer:
@@ -69,6 +80,12 @@ class Explorer:
         self._opened: dict[tuple, Opened] = {}
         self._legal: dict[int, Legal] = {}
         self._judged: dict[tuple[int, tuple], str | None] = {}
+        self.prechecks: dict[str, int] = {}  # exit code of the read-only check before recovery -> judged states
+
+    def _count_precheck(self, opened: Opened) -> None:
+        if opened.prechecked:
+            code = str(opened.precheck_exit)
+            self.prechecks[code] = self.prechecks.get(code, 0) + 1
 
     def state(self, crash: int, outcomes: dict[int, str]) -> DiskState:
         return self.materialiser.state(crash, outcomes, self.seed, self.model.torn_unit or 512)
@@ -90,6 +107,7 @@ class Explorer:
     def check(self, crash: int, outcomes: dict[int, str]) -> tuple[tuple, str | None]:
         """(image key, failure message or None) of one crash state."""
         key, opened = self.opened(self.state(crash, outcomes))
+        self._count_precheck(opened)
         extra = self.garbage_sectors(outcomes)
         memo = (crash, key, extra)
         if memo not in self._judged:
@@ -157,6 +175,7 @@ class Explorer:
             if rcrash == len(rops) and not routcomes:
                 continue
             again = self.opened(rmat.state(rcrash, routcomes, self.seed, self.model.torn_unit or 512))[1]
+            self._count_precheck(again)
             message = None
             if again.problem:
                 message = "recovery after a crash during recovery: " + again.problem
@@ -260,7 +279,7 @@ def run_task(workload: str, model_name: str, budget: Budget = Budget(), seed: in
     if progress:
         progress(sum(counts.values()) % 256)
     return TaskResult(workload, model.name, variant, seed, len(rec.ops), counts, exhaustive, ex.distinct_images,
-                      orphans, tuple(failures), failing, time.perf_counter() - started)
+                      orphans, tuple(failures), failing, time.perf_counter() - started, dict(ex.prechecks))
 
 
 def replay(plan: Plan) -> tuple[Recording, str | None]:

@@ -11,6 +11,9 @@ the uncrashed run reads exactly the model.
 
 What the oracle accepts after a crash (R5 for trees):
 
+- first, before anything recovers the crashed state, the spec's `check_tree`
+  of every top, on storage seen read-only, reports no corruption (R12: a
+  crash leaves degraded copies, leaks and pending work, nothing worse);
 - every top image is opened writable, in the workload's order (recovery,
   finishing an interrupted commit, removing orphans of the layer directory),
   then the spec's `check_tree` of every top must be clean (exit 0, no finding);
@@ -45,7 +48,8 @@ from lamina.spec.structures import BASE_NONE
 from lamina.spec.tree import check_tree, root_of
 
 from .controls import variant
-from .memstore import DiskState, MemStorage, Op, Trace
+from .memstore import DiskState, MemStorage, Op, ReadOnlyStorage, Trace
+from .oracle import read_only_verdict
 from .workloads import CLUSTER, K, pattern_bytes
 
 # An absolute directory that exists only in the simulated storage (never on the machine):
@@ -519,6 +523,8 @@ class TreeOpened:
     tree: View = ()
     exists: bool = True
     orphans: tuple[str, ...] = ()
+    prechecked: bool = False  # the read-only check before recovery ran
+    precheck_exit: int = 0
 
     @property
     def view(self) -> object:
@@ -541,9 +547,18 @@ class TreeLegal:
 
 
 def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = None) -> TreeOpened:
-    """Open every top writable (recovery, commit completion, orphan removal), check every tree, read it."""
-    storage = MemStorage(state, trace)
+    """Check every tree read-only, then open every top writable (recovery, commit completion, orphan removal), check, read."""
     workload = rec.workload
+    tops = [sim_path(name) for name in workload.tops if sim_path(name) in state.names]
+    try:
+        read_only = ReadOnlyStorage(MemStorage(state))
+        pre_exit, corrupt = read_only_verdict([(path, check_tree(path, read_only)) for path in tops])
+    except Exception as exc:  # noqa: BLE001 - the tree check must never raise for a crashed state
+        pre_exit, corrupt = 1, f"read-only check before recovery raised {type(exc).__name__}: {exc}"
+    checked = {"prechecked": bool(tops), "precheck_exit": pre_exit}
+    if corrupt:
+        return TreeOpened(corrupt, **checked)
+    storage = MemStorage(state, trace)
     try:
         with variant(rec.variant):
             for name in workload.tops:
@@ -558,16 +573,16 @@ def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = 
                 if report.exit_code != 0 or report.findings:
                     kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
                     first = report.findings[0].message if report.findings else ""
-                    return TreeOpened(f"check_tree({name}) after recovery: exit {report.exit_code} ({kinds}): {first}")
+                    return TreeOpened(f"check_tree({name}) after recovery: exit {report.exit_code} ({kinds}): {first}", **checked)
             view = read_tree(storage, workload)
     except LaminaError as exc:
-        return TreeOpened(f"open (recovery) failed: {type(exc).__name__}: {exc}")
+        return TreeOpened(f"open (recovery) failed: {type(exc).__name__}: {exc}", **checked)
     except Exception as exc:  # noqa: BLE001 - an implementation crash is a finding, not a simulator error
-        return TreeOpened(f"open (recovery) crashed: {type(exc).__name__}: {exc}")
+        return TreeOpened(f"open (recovery) crashed: {type(exc).__name__}: {exc}", **checked)
     known = {sim_path(n) for n in _names(workload)}
     orphans = tuple(sorted(p for p in state.names if p not in known
                            and not any(p.startswith(layer_dir_of(t) + os.sep) for t in known)))
-    return TreeOpened(None, view, orphans=orphans)
+    return TreeOpened(None, view, orphans=orphans, **checked)
 
 
 def tree_legal_at(rec: TreeRecording, crash: int) -> TreeLegal:

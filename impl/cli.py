@@ -1,8 +1,9 @@
 """The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff.
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
-traceback); `check` as `qemu-img check`: 0 clean, 1 check not completed,
-2 corruption found, 3 leaked space only.
+traceback); `check` as `qemu-img check`: 0 clean (pending work of an
+interrupted operation is only noted), 1 check not completed, 2 corruption
+found, 3 degraded redundancy or leaked space only.
 """
 from __future__ import annotations
 
@@ -165,10 +166,16 @@ def _describe(report: CheckReport) -> str:
     elif report.corruptions:
         lines.append(f"\n{len(report.corruptions)} errors were found on the image.\n"
                      "Data may be corrupted, or further writes to the image may corrupt it.")
+    if report.completed and report.degraded:
+        lines.append(f"\n{len(report.degraded)} metadata copies are damaged or stale while their twin is current.\n"
+                     "Committed data is intact but has lost its redundancy; repair is recommended (check --repair).")
     if report.completed and report.leaks:
         lines.append(f"\n{len(report.leaks)} leaked ranges were found on the image.\n"
                      "This means waste of disk space, but no harm to data.")
-    if report.completed and not report.corruptions and not report.leaks:
+    if report.completed and report.pending:
+        lines.append(f"\nNote: {len(report.pending)} findings are pending work of an interrupted operation "
+                     "(an unclean shutdown); a writable open finishes it.")
+    if report.completed and report.exit_code == 0:
         lines.append("No errors were found on the image.")
     lines.append(f"{report.clusters_checked} clusters in {report.regions_checked} regions verified.")
     return "\n".join(lines)
@@ -179,7 +186,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     allowed = tuple(args.allow_base or ())
     if args.repair:
         before, after = repair_tree(args.image, storage, allowed)
-        repaired = len(before.corruptions) + len(before.leaks) - len(after.corruptions) - len(after.leaks)
+        def problems(r: CheckReport) -> int:
+            return len(r.corruptions) + len(r.degraded) + len(r.leaks)
+
+        repaired = problems(before) - problems(after)
         data = {"before": before.to_json(), "after": after.to_json(), "repaired": repaired}
         text = ("The following inconsistencies were found and repaired:\n"
                 + "\n".join(f"    {f.message}" for f in before.findings if f.repair) + "\n\n"

@@ -144,8 +144,7 @@ class Image:
         try:
             if readonly:
                 selection = select_root(read_root_copies(file))
-                assert selection.value is not None
-                root, best = selection.value, selection.slot
+                root, best = selection.current(), selection.slot
             else:
                 recovered = recover(file)
                 root, best = recovered.root, recovered.root_best_slot

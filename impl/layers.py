@@ -21,10 +21,11 @@ from typing import Iterator
 import attrs
 import crc32c
 
-from lamina.spec.errors import InvalidArgument, LaminaError
+from lamina.spec.errors import CommittingWithoutBase, InvalidArgument, LaminaError
 from lamina.spec.layout import MAX_SNAPSHOTS, SECTOR_SIZE
 from lamina.spec.references import (
     LAYER_NAME,
+    BaseReferenceError,
     ImageContext,
     layer_dir_of,
     layer_file_name,
@@ -196,7 +197,9 @@ def merge_base_into(child_path: str, context: ImageContext, storage: Storage) ->
     with Image.open(child_path, storage=storage, context=context) as child:
         child.preserve_content = True
         base = child.base
-        assert isinstance(base, Image)
+        if not isinstance(base, Image):
+            raise BaseReferenceError(f"{child_path}: its base {child.root.base_path!r} is not a Lamina layer, "
+                                     "so it cannot be the snapshot being deleted")
         visible = min(child.virtual_size, child.root.base_visible)  # the child sees its base only below this
         for extent in base.extents():
             if not extent.data or extent.start >= visible:
@@ -327,7 +330,9 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
 def finish_commit(top: Image) -> None:
     """The body of `commit`, also run by a writable open that finds the committing flag: idempotent."""
     real = resolve_base(top.root, top.context, top.path, top._storage)
-    assert real is not None and top.base is not None
+    if real is None or top.base is None:
+        raise CommittingWithoutBase(f"{top.path}: the root is marked committing but the image has no base to commit into; "
+                                    "`lamina check --repair` clears the mark")
     top.base.close()
     size = top.virtual_size
     if isinstance(top.base, Image):

@@ -24,8 +24,7 @@ from .storage import File
 
 def abstract_image(file: File, base: Disk | None = None) -> Disk:
     """The guest-visible disk a layer file denotes over the disk its base denotes (F-MEAN-002)."""
-    root = select_root(read_root_copies(file)).value
-    assert root is not None
+    root = select_root(read_root_copies(file)).current()
     g = root.geometry
     sectors: dict[int, bytes] = {}
     if base is not None:
@@ -59,8 +58,7 @@ def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: Cha
     walk.visit(os.path.realpath(path), path)
     file = storage.open(path, writable=False)
     try:
-        root = select_root(read_root_copies(file)).value
-        assert root is not None
+        root = select_root(read_root_copies(file)).current()
         base_path = resolve_base(root, context, path, storage)
         base = None
         if base_path is not None and root.base_kind == BASE_RAW:

@@ -15,7 +15,17 @@ Invariants of a well-formed image at rest:
 - I6 every byte that no present sector or used map length accounts for is
   zero (otherwise it is leaked space);
 - I7 the intent list is empty (after a crash it is not, and the regions it
-  lists are exempt from I3, I5 and I6 until recovery reconciles them).
+  lists are exempt from I3-I6 until recovery reconciles them);
+- I8 the root is marked committing only when it has a base to commit into.
+
+Every finding has a class (R12), so that `check` right after a crash, before
+anything repairs the image, tells what the protocol leaves by design from
+what no crash can produce.  With two copies of each structure, a crash
+window and rot look the same when one copy is bad and its twin current:
+that is `DEGRADED` (redundancy lost, committed data intact), never
+`CORRUPTION`.  `FINDING_KINDS` names every finding `check` can report, and
+`Finding` refuses any other kind or class, so the table in the format
+document is the whole truth.
 """
 from __future__ import annotations
 
@@ -27,21 +37,65 @@ from .protocol import cluster_crc, read_map_copies, read_root_copies
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
-from .structures import Root, encode_root
+from .structures import BASE_NONE, FLAG_COMMITTING, Root, encode_root
 
 CORRUPTION = "corruption"
+DEGRADED = "degraded"
 LEAK = "leak"
 PENDING = "pending"
+
+# class -> (the exit code it gives `check` on its own, what it means)
+FINDING_CLASSES: dict[str, tuple[int, str]] = {
+    CORRUPTION: (2, "a state no crash of the protocol can produce: committed data is at risk, "
+                    "or no valid copy of a structure is left"),
+    DEGRADED: (3, "one copy of a replicated structure is invalid or stale while its twin is current: "
+                  "committed data is intact but redundancy is lost (a crash window or rot; with two copies "
+                  "they look the same); repair is recommended"),
+    LEAK: (3, "space that holds bytes no structure accounts for; no harm to data, repair reclaims it"),
+    PENDING: (0, "work an interrupted operation left by design (intents, orphans, a `.creating`); "
+                 "a writable open finishes or removes it; reported as a note"),
+}
+
+# (kind, class, when): every finding `check` and the tree check report.
+FINDING_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("root-unrecoverable", CORRUPTION, "neither root copy is usable (exit 1: the check cannot go on)"),
+    ("root-copy", DEGRADED, "one root copy is invalid, zeroed or stale; the other is current"),
+    ("commit-flag", CORRUPTION, "the root is marked committing but has no base (I8)"),
+    ("file-length", LEAK, "the file is longer than the root says (a shrink between its root write and the cut)"),
+    ("file-length", CORRUPTION, "the file is shorter than the root says"),
+    ("intents", PENDING, "the intent list names regions (an unclean shutdown)"),
+    ("leaked-bytes", LEAK, "non-zero bytes where nothing is accounted for (root slot tails, map padding, "
+                           "absent sectors of a region not in the intent list)"),
+    ("map-unrecoverable", CORRUPTION, "neither map copy of a region that holds bytes is valid"),
+    ("map-copy", PENDING, "a map copy is invalid or stale in a region in the intent list (being written)"),
+    ("map-copy", DEGRADED, "a map copy is invalid or stale in a region not in the intent list; the other is current"),
+    ("map-invariant", PENDING, "a map of a region in the intent list marks sectors past the virtual size (a shrink)"),
+    ("map-invariant", CORRUPTION, "a map of a region not in the intent list marks sectors past the virtual size"),
+    ("unflushed-bytes", PENDING, "absent sectors of a region in the intent list hold bytes (an unflushed write)"),
+    ("data-checksum", CORRUPTION, "a data cluster of a region not in the intent list fails its CRC32C"),
+    ("snapshot-layer", CORRUPTION, "a snapshot's layer file is missing, invalid or another layer (T2)"),
+    ("vmstate", CORRUPTION, "a snapshot's VM state is missing or fails its size or CRC32C (T3)"),
+    ("base-reference", PENDING, "a layer marked committing finds its base written by that commit (T1)"),
+    ("base-reference", CORRUPTION, "a base reference may not be followed, loops, or finds another identity (T1)"),
+    ("tree", CORRUPTION, "the top's root is unusable, so the tree cannot be walked"),
+    ("orphan-file", PENDING, "a file of the layer directory that the top does not reach, or a `<top>.creating` (T4)"),
+)
+_KNOWN = frozenset((kind, cls) for kind, cls, _ in FINDING_KINDS)
+
+
+def _known_finding(instance: "Finding", attribute: object, kind: str) -> None:
+    if (kind, instance.severity) not in _KNOWN:
+        raise ValueError(f"finding kind {kind!r} of class {instance.severity!r} is not in FINDING_KINDS")
 
 
 @attrs.frozen
 class Finding:
     """One thing `check` found: how bad, what, where, and how `--repair` mends it (None: it cannot)."""
 
-    severity: str  # CORRUPTION, LEAK or PENDING
-    kind: str
+    severity: str  # CORRUPTION, DEGRADED, LEAK or PENDING
+    kind: str = attrs.field(validator=_known_finding)
     message: str
-    repair: tuple | None = None  # ("root-copy", slot) | ("map-copy", region, slot) | ("punch", off, len) | ("truncate", len) | ("recover",)
+    repair: tuple | None = None  # ("root-copy", slot) | ("map-copy", region, slot) | ("punch", off, len) | ("truncate", len) | ("recover",) | ("clear-commit-flag",)
     guest_range: tuple[int, int] | None = None  # (offset, length)
 
     def to_json(self) -> dict:
@@ -69,25 +123,27 @@ class CheckReport:
         return [f for f in self.findings if f.severity == LEAK]
 
     @property
+    def degraded(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == DEGRADED]
+
+    @property
     def pending(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == PENDING]
 
     @property
     def exit_code(self) -> int:
-        """As `qemu-img check`: 0 clean, 1 not completed, 2 corruption, 3 leaks only."""
+        """As `qemu-img check`: 0 clean (pending notes allowed), 1 not completed, 2 corruption, 3 degraded or leaks."""
         if not self.completed:
             return 1
-        if self.corruptions:
-            return 2
-        if self.leaks:
-            return 3
-        return 0
+        codes = {FINDING_CLASSES[f.severity][0] for f in self.findings}
+        return next((code for code in (2, 3) if code in codes), 0)
 
     def to_json(self) -> dict:
         return {
             "completed": self.completed,
             "corruptions": len(self.corruptions),
             "leaks": len(self.leaks),
+            "degraded": len(self.degraded),
             "pending_recovery": len(self.pending),
             "regions_checked": self.regions_checked,
             "clusters_checked": self.clusters_checked,
@@ -110,12 +166,15 @@ def _check_root_padding(file: File, root: Root, extents: list[tuple[int, int]], 
 
 
 def check_root(file: File, findings: list[Finding]) -> Root:
-    """I1: the current root; a differing twin is a repairable corruption."""
+    """I1: the current root; a differing twin is lost redundancy, repaired from the current copy."""
     selection = select_root(read_root_copies(file))
     for p in selection.problems:
-        findings.append(Finding(CORRUPTION, "root-copy", p.message, ("root-copy", p.slot)))
-    assert selection.value is not None
-    return selection.value
+        findings.append(Finding(DEGRADED, "root-copy", p.message, ("root-copy", p.slot)))
+    root = selection.current()
+    if root.flags & FLAG_COMMITTING and root.base_kind == BASE_NONE:
+        findings.append(Finding(CORRUPTION, "commit-flag", "the root is marked committing (a commit into the base "
+                                "in progress) but the image has no base; repair clears the mark", ("clear-commit-flag",)))
+    return root
 
 
 def check_region(file: File, geometry: Geometry, root: Root, region: int, extents: list[tuple[int, int]],
@@ -129,7 +188,7 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
         findings.append(Finding(CORRUPTION, "map-unrecoverable", str(exc), None, span))
         return 0
     for p in chosen.problems:
-        severity = PENDING if pending else CORRUPTION
+        severity = PENDING if pending else DEGRADED
         findings.append(Finding(severity, "map-copy", p.message, None if pending else ("map-copy", region, p.slot)))
     m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
     for slot in (0, 1):
@@ -147,8 +206,9 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
         inside = max(0, min(spc, (geometry.virtual_size - guest) // SECTOR_SIZE))
         mask = m.cluster_mask(c)
         if mask >> inside:
-            findings.append(Finding(CORRUPTION, "map-invariant",
-                                    f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"))
+            findings.append(Finding(PENDING if pending else CORRUPTION, "map-invariant",
+                                    f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"
+                                    + ("; recovery drops them" if pending else "")))
             mask &= (1 << inside) - 1
         if not mask and not m.data_crcs[c] and not overlaps(extents, offset, size):
             continue

@@ -37,6 +37,10 @@ class NoValidCopy(FormatError):
     """Neither copy of a replicated structure verifies: the image cannot be read safely."""
 
 
+class CommittingWithoutBase(FormatError):
+    """The root is marked committing (a commit into the base in progress) but the image has no base."""
+
+
 class ImageTooLarge(LaminaError):
     """The requested virtual size exceeds the format's maximum or the host file system's limit."""
 

@@ -132,8 +132,7 @@ def recover(file: File) -> Recovered:
     reconciled map is durable in at least one copy.
     """
     selection = select_root(read_root_copies(file))
-    root = selection.value
-    assert root is not None
+    root = selection.current()
     best = selection.slot
     geometry = root.geometry
     if file.size() != geometry.file_length:

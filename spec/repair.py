@@ -5,17 +5,19 @@ both root copies current); then each damaged copy is rewritten from its valid
 twin, one write at a time followed by an fsync; leaks are punched last.  Every
 step is idempotent, so a crash during repair is repaired by running it again.
 Data whose checksum fails cannot be repaired (format v1 keeps one copy of
-data); it stays reported by guest range.
+data); it stays reported by guest range.  A committing mark on an image
+without a base is cleared by a root write: there is no base the commit
+could have written, and the image still holds every sector.
 """
 from __future__ import annotations
 
 import attrs
 
 from .check import CheckReport, check_image
-from .protocol import read_map_copies, read_root_copies, recover, write_root_copy
+from .protocol import read_map_copies, read_root_copies, recover, write_root, write_root_copy
 from .replication import select_map, select_root
 from .storage import File
-from .structures import encode_map_copy
+from .structures import FLAG_COMMITTING, encode_map_copy
 
 
 def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
@@ -23,15 +25,17 @@ def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
     before = check_image(file)
     if not before.completed:
         return before, before
-    recover(file)
-    root = select_root(read_root_copies(file)).value
-    assert root is not None
+    recovered = recover(file)
+    root, best = recovered.root, recovered.root_best_slot
     geometry = root.geometry
     for finding in check_image(file).findings:
         action = finding.repair
         if action is None:
             continue
-        if action[0] == "root-copy":
+        if action[0] == "clear-commit-flag":
+            root = attrs.evolve(root, flags=root.flags & ~FLAG_COMMITTING, generation=root.generation + 1)
+            best = write_root(file, root, best, unsynced=True)
+        elif action[0] == "root-copy":
             slot = action[1]
             write_root_copy(file, root, slot)
         elif action[0] == "map-copy":

@@ -34,6 +34,12 @@ class Selection(Generic[T]):
     slot: int
     problems: tuple[CopyProblem, ...] = ()
 
+    def current(self, what: str = "the root") -> T:
+        """The value, for callers that need one: a named error, never an assertion, when there is none."""
+        if self.value is None:
+            raise NoValidCopy(f"no valid copy of {what}")
+        return self.value
+
 
 def _select(copies: list[bytes], decode: Callable[[bytes, int], T], generation: Callable[[T], int],
             same: Callable[[T, T], bool], what: str, allow_empty: bool) -> Selection[T]:

@@ -9,7 +9,13 @@ Invariants beyond those of one file (I1-I7):
 - T3 every snapshot's VM-state file has the size and CRC32C recorded;
 - T4 every file in the layer directory is reached from the top (a snapshot,
   its VM state, or a member of a chain), and no `<top>.creating` is left
-  beside the top; anything else is leaked space.
+  beside the top.  What is left there is the pending work of an interrupted
+  operation (a snapshot create or delete, a clone, a new top a crash kept
+  from its rename), which a writable open removes: a note, not an error.
+
+A top marked committing finds its base written by the commit in progress:
+its data generation moved on, and that is pending too (a writable open
+finishes the commit).
 """
 from __future__ import annotations
 
@@ -19,23 +25,21 @@ from typing import Iterator
 import attrs
 import crc32c
 
-from .check import CORRUPTION, LEAK, CheckReport, Finding, check_image
+from .check import CORRUPTION, PENDING, CheckReport, Finding, check_image
 from .errors import FormatError, LaminaError
 from .protocol import read_root_copies
 from .references import LAYER_NAME, ChainWalk, ImageContext, check_identity, layer_file_name, resolve_base, vmstate_file_name
 from .repair import repair_image
 from .replication import select_root
 from .storage import Storage
-from .structures import BASE_LAMINA, BASE_RAW, Root, SnapshotEntry
+from .structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, Root, SnapshotEntry
 
 
 def root_of(storage: Storage, path: str) -> Root:
     """The current root of a layer file (raises a FormatError when neither copy is usable)."""
     file = storage.open(path, writable=False)
     try:
-        root = select_root(read_root_copies(file)).value
-        assert root is not None
-        return root
+        return select_root(read_root_copies(file)).current()
     finally:
         file.close()
 
@@ -128,7 +132,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
                     check_identity(root, None, _file_size(storage, base), path)
                     break
                 base_root = root_of(storage, base)
-                check_identity(root, base_root, base_root.virtual_size, path)
+                check_identity(_committing_view(root, base_root, path, findings), base_root, base_root.virtual_size, path)
             except LaminaError as exc:
                 findings.append(Finding(CORRUPTION, "base-reference", str(exc)))
                 break
@@ -136,6 +140,15 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
                 break
             path, root = base, base_root
     return files, findings
+
+
+def _committing_view(root: Root, base_root: Root, path: str, findings: list[Finding]) -> Root:
+    """The root as its identity check must see it: a commit in progress moves its base's data generation on."""
+    if not root.flags & FLAG_COMMITTING or base_root.data_generation == root.base_data_generation:
+        return root
+    findings.append(Finding(PENDING, "base-reference", f"{path}: a commit into its base {root.base_path!r} is in progress; "
+                            "a writable open finishes it"))
+    return attrs.evolve(root, base_data_generation=base_root.data_generation)
 
 
 def referenced_names(top_path: str, storage: Storage, files: list[str]) -> set[str]:
@@ -174,14 +187,14 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
         regions, clusters = regions + report.regions_checked, clusters + report.clusters_checked
         completed = completed and report.completed
     if storage.exists(f"{top_path}.creating"):
-        findings.append(Finding(LEAK, "orphan-file", f"{top_path}.creating is a new top that a crash kept from its rename; "
+        findings.append(Finding(PENDING, "orphan-file", f"{top_path}.creating is a new top that a crash kept from its rename; "
                                 "a writable open removes it", ("unlink", f"{top_path}.creating")))
     if storage.exists(context.layer_dir):
         keep = referenced_names(top_path, storage, files)
         for name in storage.listdir(context.layer_dir):
             if name not in keep:
                 path = os.path.join(context.layer_dir, name)
-                findings.append(Finding(LEAK, "orphan-file", f"{path} is not part of the image (an interrupted operation left it; a writable open removes it)",
+                findings.append(Finding(PENDING, "orphan-file", f"{path} is not part of the image (an interrupted operation left it; a writable open removes it)",
                                         ("unlink", path)))
     return CheckReport(tuple(findings), root, regions, clusters, completed)
 

@@ -11,7 +11,7 @@ from lamina.crashsim.cli import main
 from lamina.crashsim.errors import BadPlan, UnknownModel, UnknownWorkload
 from lamina.crashsim.explore import DEFAULT_MODELS, Budget, Materialiser, Model, Plan, barrier_of, explore, pending_at
 from lamina.crashsim.memstore import BLOCK, DiskState, FileData, MemStorage, Trace
-from lamina.crashsim.oracle import Legal, Opened, judge, legal_at
+from lamina.crashsim.oracle import Legal, Opened, Outcome, judge, legal_at
 from lamina.crashsim.record import record_workload
 from lamina.crashsim.runner import replay, run_task
 from lamina.crashsim.workloads import LIBRARY, get_workload, random_workload
@@ -154,15 +154,15 @@ def test_subsets_are_exhaustive_up_to_k_and_sampled_with_the_seed_beyond():
 def test_legal_set_after_a_flush_is_the_flushed_contents_only():
     rec = record_workload(LIBRARY["overwrite"])
     flush = next(e for e in rec.events if e.kind == "flush")
-    legal = legal_at(rec, flush.end)
+    (legal,) = legal_at(rec, flush.end).outcomes
     assert legal.alternatives == {}
     assert dict(legal.flushed) == dict(flush.disk.sectors)
-    during = legal_at(rec, flush.start + 1)
+    (during,) = legal_at(rec, flush.start + 1).outcomes
     assert during.alternatives  # the write before the flush is not acknowledged yet
 
 
 def test_judge_rejects_a_sector_that_is_neither_old_nor_new():
-    legal = Legal(frozenset({4096}), {0: b"a" * 512}, {0: frozenset({b"b" * 512})}, False)
+    legal = Legal((Outcome(4096, {0: b"a" * 512}, {0: frozenset({b"b" * 512})}),), False)
     assert judge(Opened(None, 4096, {0: b"a" * 512}), legal) is None
     assert judge(Opened(None, 4096, {0: b"b" * 512}), legal) is None
     assert judge(Opened(None, 4096, {}), legal) is not None  # the flushed sector vanished
