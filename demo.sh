@@ -22,6 +22,6 @@ lamina check "$img"
 offset=$(lamina map --metadata --output json "$img" |
          python3 -c 'import json, sys; print([m for m in json.load(sys.stdin)["metadata"] if m["kind"] == "map"][0]["offset"])')
 printf 'garbage' | dd of="$img" bs=1 seek=$((offset + 64)) conv=notrunc status=none
-lamina check "$img" || echo "check exit code: $? (2 = corruption found)"
+lamina check "$img" || echo "check exit code: $? (3 = one copy damaged, its twin current: degraded, repair recommended)"
 lamina check --repair "$img"
 lamina io -r "$img" -c 'read -P 0xab 0 1M' -c 'read -P 0xcd 512M 64k'

@@ -73,6 +73,17 @@ def errors_table() -> str:
     return "\n".join(rows)
 
 
+def findings_tables() -> str:
+    """The classes of `check` findings with their exit codes, then every finding kind with its class."""
+    from .check import FINDING_CLASSES, FINDING_KINDS
+
+    rows = ["| class | exit code | meaning |", "|---|---:|---|"]
+    rows += [f"| *{name}* | {code} | {meaning} |" for name, (code, meaning) in FINDING_CLASSES.items()]
+    rows += ["", "| finding | class | when |", "|---|---|---|"]
+    rows += [f"| `{kind}` | *{cls}* | {when} |" for kind, cls, when in FINDING_KINDS]
+    return "\n".join(rows)
+
+
 def proofs_table() -> str:
     try:
         from .proofs import properties_markdown  # type: ignore[attr-defined]
@@ -90,6 +101,7 @@ PLACEHOLDERS = {
     "geometry": geometry_table,
     "proofs": proofs_table,
     "errors": errors_table,
+    "findings": findings_tables,
 }
 
 
