@@ -6,9 +6,11 @@ version of its own bytes, taken from the recorded history), `misdirected`
 (the place holds bytes meant for another place of the same kind).
 
 Metadata faults (every root and map copy `Image.metadata_regions()` lists)
-must be detected (`check` exit 2) and repaired by `spec.repair.repair_image`
-with every committed byte intact afterwards.  Data faults must be detected
-and named by guest range; format v1 keeps one copy of data, so they are not
+must be named (`check` exit 2 or 3, with a finding of class corruption or
+degraded: one bad copy beside a current twin is degraded redundancy) and
+repaired by `spec.repair.repair_image` with every committed byte intact
+afterwards.  Data faults must be detected as corruption (exit 2) and named
+by guest range; format v1 keeps one copy of data, so they are not
 repairable (R7 asks detection only).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Iterator
 import attrs
 
 from lamina.impl.image import Image
-from lamina.spec.check import check_image
+from lamina.spec.check import CheckReport, check_image
 from lamina.spec.errors import LaminaError
 from lamina.spec.layout import SECTOR_SIZE
 from lamina.spec.repair import repair_image
@@ -167,6 +169,13 @@ def metadata_faults(name: str, seed: int = 0) -> tuple[Recording, DiskState, int
     return rec, clean, size, contents, faults
 
 
+def _named(report: CheckReport, place_kind: str) -> bool:
+    """Whether check names the fault: data as corruption (exit 2), metadata as corruption or degraded (exit 2 or 3)."""
+    if place_kind == "data":
+        return report.exit_code == 2
+    return report.exit_code in (2, 3) and bool(report.corruptions or report.degraded)
+
+
 def inject_workload(name: str, seed: int = 0) -> InjectionResult:
     """Inject every fault kind into every metadata place and every data sector of the workload's final image."""
     rec = record_workload(get_workload(name))
@@ -185,7 +194,7 @@ def inject_workload(name: str, seed: int = 0) -> InjectionResult:
         file = MemStorage(state).open(IMAGE_PATH, writable=True)
         report = check_image(file)
         where = f"{kind} in {place.name}"
-        if report.exit_code != 2:
+        if not _named(report, place.kind):
             failures.append(f"{name}: {where}: not detected (check exit {report.exit_code})")
             continue
         if place.kind == "data" and not any(f.guest_range for f in report.corruptions):

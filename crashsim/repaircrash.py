@@ -11,7 +11,10 @@ repair at every point, and each crash state is followed up in two ways:
 - `repair`: run the repair again;
 - `open`: open the image writable (recovery) and read it, close it, then repair.
 
-Either way the result must be clean (`check` exit 0, no finding at all),
+Before either, the spec's check of the crash state itself, read-only (on
+storage that refuses every change), must report no corruption: a single
+fault and a crashed repair leave at most degraded copies, leaks and pending
+work.  Either way the result must be clean (`check` exit 0, no finding at all),
 must read exactly the committed guest contents (the workload model after its
 final close, which is everything flushed), and must equal the result of the
 uninterrupted repair (idempotence): the same guest contents and the same root
@@ -54,7 +57,8 @@ from lamina.spec.tree import check_tree, repair_tree
 from .errors import BadPlan, CrashsimError
 from .explore import Budget, Materialiser, Model, barrier_of, explore, pending_at, tear_units
 from .inject import Fault, metadata_faults
-from .memstore import DiskState, MemStorage, Op, Trace
+from .memstore import DiskState, MemStorage, Op, ReadOnlyStorage, Trace
+from .oracle import read_only_verdict
 from .record import IMAGE_PATH
 from .runner import minimize_outcomes
 
@@ -264,6 +268,15 @@ class RepairCrashResult:
     follow_ups: int
     failures: tuple[RepairFailure, ...]
     seconds: float
+    prechecks: dict[str, int] = attrs.field(factory=dict)  # exit code of the read-only check of each crash state -> states
+
+    @property
+    def prechecked(self) -> int:
+        return sum(self.prechecks.values())
+
+    @property
+    def precheck_corrupt(self) -> int:
+        return self.prechecks.get("1", 0) + self.prechecks.get("2", 0)
 
     @property
     def states(self) -> int:
@@ -370,6 +383,18 @@ class FaultRepair:
         self.uninterrupted_problem = message
         self.expected = attrs.evolve(provisional, root=root, state_key=key)
         self._memo: dict[tuple, tuple[str | None, bool]] = {}
+        self._prechecks: dict[tuple, tuple[int, str | None]] = {}
+
+    def precheck(self, state: DiskState) -> tuple[int, str | None]:
+        """The spec's check of a crash state, read-only and before any follow-up: (exit code, corruption or None)."""
+        key = state.key()
+        if key not in self._prechecks:
+            try:
+                report = _check(ReadOnlyStorage(MemStorage(state)), self.repairer)  # type: ignore[arg-type]
+                self._prechecks[key] = read_only_verdict([(IMAGE_PATH, report)])
+            except Exception as exc:  # noqa: BLE001 - check must never raise for a damaged image
+                self._prechecks[key] = (1, f"read-only check before the follow-up raised {type(exc).__name__}: {exc}")
+        return self._prechecks[key]
 
     def state(self, crash: int, outcomes: dict[int, str]) -> DiskState:
         return self.materialiser.state(crash, outcomes, self.seed, self.model.torn_unit or 512)
@@ -378,8 +403,12 @@ class FaultRepair:
         state = self.state(crash, outcomes)
         memo = (state.key(), after)
         if memo not in self._memo:
-            message, identical, _, _ = follow_up(state, after, self.repairer, self.control, self.expected)
-            self._memo[memo] = (message, identical)
+            corrupt = self.precheck(state)[1]
+            if corrupt:
+                self._memo[memo] = (corrupt, False)
+            else:
+                message, identical, _, _ = follow_up(state, after, self.repairer, self.control, self.expected)
+                self._memo[memo] = (message, identical)
         return self._memo[memo]
 
     def plan(self, crash: int, outcomes: dict[int, str], after: str) -> RepairPlan:
@@ -410,6 +439,7 @@ def crash_repair_task(workload: str, model_name: str, budget: Budget = REPAIR_BU
     failures: list[RepairFailure] = []
     identical = follow_count = repair_ops = 0
     used = 0
+    prechecks: dict[str, int] = {}
     for fault in faults:
         if fault_filter and not fault_filter(fault):
             continue
@@ -433,6 +463,8 @@ def crash_repair_task(workload: str, model_name: str, budget: Budget = REPAIR_BU
             exhaustive[tier] = exhaustive.get(tier, True) and exact
             row = counts.setdefault(region, {}).setdefault(kind, {})
             row[tier] = row.get(tier, 0) + 1
+            code = str(fr.precheck(fr.state(crash, outcomes))[0])
+            prechecks[code] = prechecks.get(code, 0) + 1
             bad = None
             for after in follow_ups:
                 message, same = fr.judge(crash, outcomes, after)
@@ -456,7 +488,7 @@ def crash_repair_task(workload: str, model_name: str, budget: Budget = REPAIR_BU
         small = shrink_repair_plan(RepairPlan.parse(first.plan))
         failures[0] = attrs.evolve(first, plan=small.to_string(), message=replay_repair(small)[1] or first.message)
     return RepairCrashResult(workload, model.name, repairer, control, seed, used, repair_ops, counts, failing, exhaustive,
-                             identical, follow_count, tuple(failures), time.perf_counter() - started)
+                             identical, follow_count, tuple(failures), time.perf_counter() - started, prechecks)
 
 
 def run_crash_repair(workloads: list[str], models: list[str], budget: Budget = REPAIR_BUDGET, seed: int = 0,
@@ -543,5 +575,6 @@ def totals(results: list[RepairCrashResult]) -> dict[str, dict[str, dict[str, di
 
 def result_json(r: RepairCrashResult) -> dict:
     return {**attrs.asdict(r, filter=lambda a, v: a.name != "failures"), "states": r.states, "failing_states": r.failing_states,
+            "prechecked": r.prechecked, "precheck_corrupt": r.precheck_corrupt,
             "failures": [{"plan": f.plan, "message": f.message, "tier": f.tier, "fault": f.fault,
                           "replay": f"crashsim replay {f.plan}"} for f in r.failures]}

@@ -15,6 +15,17 @@ def replay_command(plan: str) -> str:
     return f"crashsim replay {shlex.quote(plan)}"
 
 
+def precheck_line(results: list, before: str) -> str:
+    """How many crash states the spec's check judged read-only before `before`, by exit code, and how many were corrupt."""
+    exits: dict[str, int] = {}
+    for r in results:
+        for code, n in r.prechecks.items():
+            exits[code] = exits.get(code, 0) + n
+    return (f"{sum(exits.values())} crash states checked read-only before {before} ("
+            + ", ".join(f"exit {code}: {n}" for code, n in sorted(exits.items()))
+            + f"); {sum(r.precheck_corrupt for r in results)} reported corruption")
+
+
 def summary_lines(results: list[TaskResult], seconds: float) -> list[str]:
     """One line per (workload, model): states per tier (e = exhaustive, s = sampled), failures."""
     width = max([16] + [len(r.workload if not r.variant else f"{r.variant}:{r.workload}") for r in results])
@@ -37,14 +48,7 @@ def summary_lines(results: list[TaskResult], seconds: float) -> list[str]:
     lines.append(f"{total} crash states checked in {seconds:.1f} s wall ({total / seconds if seconds else 0:.0f} states/s; "
                  f"{total / cpu if cpu else 0:.0f} states/s per core); {failing} failing; seed {','.join(map(str, seeds))}; "
                  "e = exhaustive, s = seeded sample")
-    prechecked = sum(r.prechecked for r in results)
-    exits: dict[str, int] = {}
-    for r in results:
-        for code, n in r.prechecks.items():
-            exits[code] = exits.get(code, 0) + n
-    lines.append(f"{prechecked} crash states checked read-only before recovery ("
-                 + ", ".join(f"exit {code}: {n}" for code, n in sorted(exits.items()))
-                 + f"); {sum(r.precheck_corrupt for r in results)} reported corruption")
+    lines.append(precheck_line(results, "recovery"))
     orphans = sum(r.orphan_states for r in results)
     if orphans:
         lines.append(f"note: {orphans} states left an orphan file (e.g. `.creating` after a crash inside Image.create); "
@@ -170,6 +174,7 @@ def crash_repair_lines(results, seconds: float) -> list[str]:
     lines.append(f"{states} crash states during the repair of {faults} (fault, model) pairs checked in {seconds:.1f} s; "
                  f"{failing} failing; {same}/{follow} follow-ups byte-identical to the uninterrupted repair "
                  "(the others hold the same contents and the same root up to its generation); e = exhaustive, s = seeded sample")
+    lines.append(precheck_line(results, "the follow-up"))
     for r in results:
         for f in r.failures[:1]:
             lines.append(f"FAIL {r.workload} [{r.model}] ({f.tier}) {f.fault}: {f.message}")
