@@ -111,6 +111,17 @@ def _skip_intents(self, regions) -> None:
     """Image._ensure_intents that never lists a region (breaks rule 1: intent before data)."""
 
 
+def _resize_cut_first(real: Callable) -> Callable:
+    """Image.resize whose shrink cuts the file (durably) before the root write records the new size."""
+    def resize(self, virtual_size: int) -> None:
+        if virtual_size < self.virtual_size:
+            self.flush()
+            self.file.truncate(self.geometry.with_virtual_size(virtual_size).file_length)
+            self.file.fsync()
+        real(self, virtual_size)
+    return resize
+
+
 CONTROLS: dict[str, Control] = {c.name: c for c in [
     Control("skip-intent", "rule 1: a region is in the durable intent list before its first write",
             "strict", "allocate", "fails", lambda: {"Image._ensure_intents": _skip_intents}),
@@ -129,6 +140,9 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
     # Redundant for a single image (an absent sector whose data is lost reads zero, its old value), but not
     # over a base: a map marking a sector present may reach the disk before its data, and the sector then
     # reads zero instead of the base's bytes (old) or the new bytes.
+    # The old oracle judged the size and each sector apart, so "old size, flushed sectors zero" passed.
+    Control("shrink-cut-before-root", "a shrink writes the root with the new size before it cuts the file (FORMAT §6)",
+            "strict", "resize", "fails", lambda: {"Image.resize": _resize_cut_first(image_module.Image.resize)}),
     Control("skip-data-fsync", "commit_maps' first fsync (data and earlier second copies before first copies)",
             "reorder", "layer-base-first-write", "fails", lambda: {"commit_maps": _commit_maps_skip_data_fsync}),
 ]}

@@ -141,24 +141,33 @@ def legal_at(rec: Recording, crash: int) -> Legal:
     if flushed_disk is None:  # crash inside create: no image, or an empty one
         create = rec.events[0]
         return Legal((Outcome(create.disk.virtual_size, {}, {}),), True)
-    resizes = [i for i, e in enumerate(after) if e.kind == "resize"]
-    outcomes = tuple(_outcome(flushed_disk, after, applied) for applied in [-1] + resizes)
-    return Legal(outcomes, not created)
+    steps = [(e.disk.virtual_size if e.kind == "resize" else None, e.changes) for e in after]
+    return Legal(outcomes_of(flushed_disk, steps), not created)
 
 
-def _outcome(flushed_disk: Disk, after: list, applied: int) -> Outcome:
-    """The outcome in which the resizes among `after[: applied + 1]` happened and the later ones did not."""
-    size = flushed_disk.virtual_size if applied < 0 else after[applied].disk.virtual_size
-    flushed = dict(flushed_disk.sectors)
+Step = tuple[int | None, tuple[tuple[int, bytes], ...]]  # (new size of a resize, or None for a write; (sector, value) changes)
+
+
+def outcomes_of(flushed: Disk, steps: list[Step]) -> tuple[Outcome, ...]:
+    """The whole outcomes of one disk after unacknowledged steps: none of its resizes happened, or the first k of them."""
+    resizes = [i for i, (size, _) in enumerate(steps) if size is not None]
+    return tuple(_outcome(flushed, steps, applied) for applied in [-1] + resizes)
+
+
+def _outcome(disk: Disk, steps: list[Step], applied: int) -> Outcome:
+    """The outcome in which the resizes among `steps[: applied + 1]` happened and the later ones did not."""
+    resized = steps[applied][0] if applied >= 0 else None
+    size = disk.virtual_size if resized is None else resized
+    flushed = dict(disk.sectors)
     alternatives: dict[int, set[bytes]] = {}
-    for i, event in enumerate(after):
-        if event.kind == "resize":
+    for i, (new_size, changes) in enumerate(steps):
+        if new_size is not None:
             if i <= applied:  # it happened: what it dropped reads zero, whatever was written before it
-                for sector, _ in event.changes:
+                for sector, _ in changes:
                     flushed.pop(sector, None)
                     alternatives.pop(sector, None)
             continue
-        for sector, value in event.changes:
+        for sector, value in changes:
             if value != flushed.get(sector, ZERO_SECTOR):
                 alternatives.setdefault(sector, set()).add(value)
     return Outcome(size, flushed, {s: frozenset(v) for s, v in alternatives.items()})
@@ -173,20 +182,26 @@ def judge(opened: Opened, legal: Legal, garbage: dict[int, bytes] | None = None)
         return opened.problem
     if not opened.exists:
         return None if legal.may_be_absent else "the image vanished although its creation had returned"
-    reasons = [_mismatch(opened, outcome, garbage or {}) for outcome in legal.outcomes]
+    return outcomes_mismatch(opened.virtual_size, opened.contents, legal.outcomes, garbage or {})
+
+
+def outcomes_mismatch(size: int, contents: Mapping[int, bytes], outcomes: tuple[Outcome, ...],
+                      garbage: Mapping[int, bytes]) -> str | None:
+    """None when (size, contents) is one of the outcomes as a whole, else why it is none of them."""
+    reasons = [_mismatch(size, contents, outcome, garbage) for outcome in outcomes]
     if None in reasons:
         return None
     if len(reasons) == 1:
         return reasons[0]
-    return "no legal outcome: " + "; ".join(f"not {o.size} bytes: {r}" for o, r in zip(legal.outcomes, reasons))
+    return "no legal outcome: " + "; ".join(f"not {o.size} bytes: {r}" for o, r in zip(outcomes, reasons))
 
 
-def _mismatch(opened: Opened, outcome: Outcome, garbage: dict[int, bytes]) -> str | None:
-    """Why the opened state is not this outcome (None: it is)."""
-    if opened.virtual_size != outcome.size:
-        return f"virtual size {opened.virtual_size}, not {outcome.size}"
-    limit = opened.virtual_size // SECTOR_SIZE
-    actual, flushed = opened.contents, outcome.flushed
+def _mismatch(size: int, actual: Mapping[int, bytes], outcome: Outcome, garbage: Mapping[int, bytes]) -> str | None:
+    """Why (size, contents) is not this outcome (None: it is)."""
+    if size != outcome.size:
+        return f"virtual size {size}, not {outcome.size}"
+    limit = size // SECTOR_SIZE
+    flushed = outcome.flushed
     for sector in set(actual) | set(flushed):
         if sector >= limit:
             continue

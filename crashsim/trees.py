@@ -49,7 +49,7 @@ from lamina.spec.tree import check_tree, root_of
 
 from .controls import variant
 from .memstore import DiskState, MemStorage, Op, ReadOnlyStorage, Trace
-from .oracle import read_only_verdict
+from .oracle import Outcome, outcomes_mismatch, outcomes_of, read_only_verdict
 from .workloads import CLUSTER, K, pattern_bytes
 
 # An absolute directory that exists only in the simulated storage (never on the machine):
@@ -533,12 +533,15 @@ class TreeOpened:
 
 @attrs.frozen
 class Candidate:
-    """One legal whole tree: exact, except the R5 freedom of un-flushed guest writes."""
+    """One legal whole tree: exact, except the R5 freedom of un-flushed guest writes.
+
+    `outcomes`: per image with unacknowledged guest events, its legal (size,
+    contents) outcomes, each judged as a whole (see `oracle.outcomes_of`).
+    """
 
     kind: str  # "before", "after", "flushed"
     view: View
-    sizes: Mapping[str, frozenset[int]] = attrs.field(factory=dict)
-    alternatives: Mapping[tuple[str, int], frozenset[bytes]] = attrs.field(factory=dict)
+    outcomes: Mapping[str, tuple[Outcome, ...]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -593,21 +596,18 @@ def tree_legal_at(rec: TreeRecording, crash: int) -> TreeLegal:
             flushed, pending = event.tree, []
         elif event.start < crash or event.end <= crash:
             pending.append(event)
-    sizes: dict[str, set[int]] = {n: {b.disk.virtual_size} for n, b in flushed.items()}
-    alternatives: dict[tuple[str, int], set[bytes]] = {}
-    candidates = []
+    candidates = [Candidate("after", view_of(e.tree, rec.workload)) for e in pending if e.management]
+    steps: dict[str, list] = {}
     for event in pending:
         if event.management:
-            candidates.append(Candidate("after", view_of(event.tree, rec.workload)))
             continue
-        if event.size is not None:
-            sizes.setdefault(event.size[0], set()).add(event.size[1])
-        for name, sector, value in event.changes:
-            if value != flushed[name].disk.sectors.get(sector, ZERO_SECTOR):
-                alternatives.setdefault((name, sector), set()).add(value)
+        names = {name for name, _, _ in event.changes} | ({event.size[0]} if event.size else set())
+        for name in names:
+            resized = event.size[1] if event.size and event.size[0] == name else None
+            steps.setdefault(name, []).append((resized, tuple((s, v) for n, s, v in event.changes if n == name)))
+    outcomes = {name: outcomes_of(flushed[name].disk, s) for name, s in steps.items()}
     kind = "before" if candidates else "flushed"
-    candidates.insert(0, Candidate(kind, view_of(flushed, rec.workload), {n: frozenset(v) for n, v in sizes.items()},
-                                   {k: frozenset(v) for k, v in alternatives.items()}))
+    candidates.insert(0, Candidate(kind, view_of(flushed, rec.workload), outcomes))
     return TreeLegal(tuple(candidates))
 
 
@@ -615,23 +615,14 @@ def _match(actual: View, candidate: Candidate, garbage: Mapping[int, bytes]) -> 
     for (name, a), (_, e) in zip(actual, candidate.view):
         if a == e:
             continue
-        if a is None or e is None or not candidate.alternatives and not candidate.sizes:
+        outcomes = candidate.outcomes.get(name)
+        if a is None or e is None or not outcomes or (a.base, a.raw, a.snapshots) != (e.base, e.raw, e.snapshots):
             return _differences(((name, a),), ((name, e),))
-        if (a.base, a.raw, a.snapshots) != (e.base, e.raw, e.snapshots):
-            return _differences(((name, a),), ((name, e),))
-        if a.size not in candidate.sizes.get(name, {e.size}):
-            return f"{name}: virtual size {a.size} is none of the legal sizes {sorted(candidate.sizes.get(name, {e.size}))}"
-        da, de = dict(a.sectors), dict(e.sectors)
-        limit = a.size // SECTOR_SIZE
-        for s in set(da) | set(de):
-            if s >= limit:
-                continue
-            value, old = da.get(s, ZERO_SECTOR), de.get(s, ZERO_SECTOR)
-            alts = candidate.alternatives.get((name, s), ())
-            if value == old or value in alts or (alts and garbage.get(s) == value):
-                continue
-            return (f"{name}: guest sector {s} (offset {s * SECTOR_SIZE}) reads {value[:8].hex()}..., none of its "
-                    f"{1 + len(alts)} legal values (flushed {old[:8].hex()}...)")
+        # Garbage of a torn write is accepted only where an unflushed write may have left new bytes.
+        loose = {s: g for s, g in garbage.items() if any(s in o.alternatives for o in outcomes)}
+        reason = outcomes_mismatch(a.size, dict(a.sectors), outcomes, loose)
+        if reason is not None:
+            return f"{name}: {reason}"
     return None
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,12 +11,15 @@ from hypothesis import strategies as st
 from lamina.crashsim.cli import main
 from lamina.crashsim.errors import BadPlan, UnknownModel, UnknownWorkload
 from lamina.crashsim.explore import DEFAULT_MODELS, Budget, Materialiser, Model, Plan, barrier_of, explore, pending_at
-from lamina.crashsim.memstore import BLOCK, DiskState, FileData, MemStorage, Trace
+from lamina.crashsim.controls import variant
+from lamina.crashsim.memstore import BLOCK, DiskState, FileData, MemStorage, ReadOnlyStorage, Trace
+from lamina.crashsim.record import IMAGE_PATH
 from lamina.crashsim.oracle import Legal, Opened, Outcome, judge, legal_at
 from lamina.crashsim.record import record_workload
-from lamina.crashsim.runner import replay, run_task
+from lamina.crashsim.runner import Explorer, load_recording, replay, run_task
 from lamina.crashsim.workloads import LIBRARY, get_workload, random_workload
 from lamina.impl.image import Image
+from lamina.spec.abstraction import abstract_image
 from lamina.spec.check import check_image
 
 
@@ -171,6 +175,44 @@ def test_judge_rejects_a_sector_that_is_neither_old_nor_new():
     assert judge(Opened(None, 4096, {}, exists=False), legal) is not None
 
 
+# A shrink that cuts the file before its root write (durably), crashed in between: after recovery the old
+# size is back and the flushed sectors past the new size read zero.  The oracle once judged the size and
+# each sector apart (zero was "legal" for a sector a shrink drops) and accepted it.
+SHRINK_CUT_FIRST = "v=shrink-cut-before-root/w=resize/x=4/m=strict/s=0/p=24"
+# The same defect shrunk to its minimum: caught before recovery, by the read-only check (file too short).
+SHRINK_CUT_FIRST_MINIMAL = "v=shrink-cut-before-root/w=resize/x=1,2,4/m=strict/s=0/p=13"
+
+
+def test_size_and_contents_are_judged_as_one_outcome():
+    plan = Plan.parse(SHRINK_CUT_FIRST)
+    rec = load_recording(plan.workload, plan.dropped_steps, plan.variant)
+    state = Explorer(rec, Model.parse(plan.model), plan.seed).state(plan.crash, {})
+    with variant(plan.variant):
+        disk = abstract_image(Image.open(IMAGE_PATH, storage=MemStorage(state)).file)
+    legal = legal_at(rec, plan.crash)
+    flushed = legal.outcomes[0]
+    assert disk.virtual_size == flushed.size  # the old size is back...
+    assert any(disk.sectors.get(s, bytes(512)) != v for s, v in flushed.flushed.items())  # ...without its flushed data
+    assert "no legal outcome" in judge(Opened(None, disk.virtual_size, disk.sectors), legal)
+    assert replay(plan)[1] is not None
+    assert replay(attrs.evolve(plan, variant=None))[1] is None  # the implementation writes the root first
+
+
+def test_every_crash_state_is_checked_read_only_before_recovery():
+    result = run_task("resize", "reorder+torn", Budget(), seed=0)
+    assert result.failing_states == 0
+    assert result.prechecked == result.states  # every state judged, recovery-tier states included
+    assert result.precheck_corrupt == 0
+    assert result.prechecks.get("3", 0) > 0  # copies being rewritten (degraded), tails not yet cut (leaks)
+    message = replay(Plan.parse(SHRINK_CUT_FIRST_MINIMAL))[1]
+    assert message.startswith("read-only check of vm/disk.lam before recovery: exit 2 (corruption:file-length")
+    read_only = ReadOnlyStorage(MemStorage(Explorer(record_workload(LIBRARY["allocate"]), Model(), 0).state(0, {})))
+    with pytest.raises(PermissionError):
+        read_only.open(IMAGE_PATH, writable=True)
+    with pytest.raises(PermissionError):
+        read_only.unlink(IMAGE_PATH)
+
+
 @pytest.mark.parametrize("workload", sorted(LIBRARY))
 def test_named_workloads_survive_every_model(workload):
     """The must-show result: zero failing states for every named workload under every default model."""
@@ -179,6 +221,7 @@ def test_named_workloads_survive_every_model(workload):
         assert [] == [f.message for f in result.failures], (workload, model)
         assert result.counts["prefix"] == result.ops + 1
         assert result.counts.get("recovery", 0) > 0  # crashes during recovery were explored too
+        assert result.precheck_corrupt == 0 and result.prechecked > 0
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -218,6 +261,9 @@ def test_cli_run_json_and_exit_code(capsys):
     assert 0 == code
     assert ["strict", "reorder"] == [r["model"] for r in out["results"]]
     assert all(r["failing_states"] == 0 and r["states"] > 0 for r in out["results"])
+    assert all(r["prechecked"] == r["states"] and r["precheck_corrupt"] == 0 for r in out["results"])
+    assert 0 == main(["run", "allocate", "--model", "strict"])
+    assert "crash states checked read-only before recovery" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line_with_documented_codes(capsys):
