@@ -34,8 +34,17 @@ def test_every_finding_kind_has_a_documented_class_and_exit_code():
     for kind, cls, _ in FINDING_KINDS:
         assert cls in FINDING_CLASSES
         assert f"| `{kind}` | *{cls}* |" in document
-    with pytest.raises(ValueError, match="not in FINDING_KINDS"):
-        Finding(CORRUPTION, "intents", "an intent list is pending work, never corruption")
+    names = {"CORRUPTION": CORRUPTION, "DEGRADED": DEGRADED, "LEAK": LEAK, "PENDING": PENDING}
+    made = set()
+    for path in sorted((ROOT / "spec").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == Finding.__name__:
+                arg = node.args[0]
+                choices = [arg.body, arg.orelse] if isinstance(arg, ast.IfExp) else [arg]
+                classes = {getattr(c, "id", ast.unparse(c)) for c in choices}
+                assert classes <= set(names), f"{path.name}: a finding's class must be named in the call"
+                made |= {(node.args[1].value, names[c]) for c in classes}
+    assert made and made <= {(kind, cls) for kind, cls, _ in FINDING_KINDS}, sorted(made - {(k, c) for k, c, _ in FINDING_KINDS})
 
 
 def test_check_in_the_middle_of_a_write_reports_pending_work_not_corruption(image_path, capsys):
