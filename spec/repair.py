@@ -14,8 +14,8 @@ from __future__ import annotations
 import attrs
 
 from .check import CheckReport, check_image
-from .protocol import read_map_copies, read_root_copies, recover, write_root, write_root_copy
-from .replication import select_map, select_root
+from .protocol import read_map_copies, recover, write_root, write_root_copy
+from .replication import select_map
 from .storage import File
 from .structures import FLAG_COMMITTING, encode_map_copy
 
