@@ -74,11 +74,14 @@ def _commit_maps_current_slot_first(file, geometry, maps, image_uuid) -> None:
     protocol.commit_maps(_SkipFsync(file, lambda n: n == 0 and bool(maps)), geometry, maps, image_uuid)
 
 
+_WRITE_ROOT = protocol.write_root  # the real one, also while a variant replaces recovery's binding of it
+
+
 def _write_root_skip_copy_fsync(file, root, best_slot, unsynced) -> int:
     """write_root with no fsync between the two root copies (breaks rule 2 for the root)."""
     if unsynced:
         file.fsync()
-    return protocol.write_root(_SkipFsync(file, lambda n: True), root, best_slot, False)
+    return _WRITE_ROOT(_SkipFsync(file, lambda n: True), root, best_slot, False)
 
 
 def _write_root_no_barrier(file, root, best_slot, unsynced) -> int:
@@ -120,6 +123,10 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
             "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_current_slot_first}),
     Control("skip-root-copy-fsync", "rule 2 for the root: fsync between the two root copies",
             "torn", "allocate", "fails", lambda: {"write_root": _write_root_skip_copy_fsync}),
+    # Only a tear catches it (both copies torn at once); its failures are crashes of recovery, whose plans
+    # the shrinker must rebuild when it drops steps or outcomes of the crash they follow.
+    Control("recovery-root-copy-fsync", "rule 2 inside recovery: the root that empties the intent list, one copy at a time",
+            "torn", "resize", "fails", lambda: {"protocol:write_root": _write_root_skip_copy_fsync}),
     Control("root-without-barrier", "rule 3: every root write is preceded by an fsync of all earlier writes",
             "reorder", "multi-region", "fails", lambda: {"write_root": _write_root_no_barrier}),
     Control("trust-unverified-copy", "R7: recovery takes only a copy whose CRC32C verifies",

@@ -514,13 +514,7 @@ def shrink_repair_plan(plan: RepairPlan) -> RepairPlan:
     """Fewer deviating outcomes, torn sectors made new where the failure stays; then the earliest failing crash point."""
     fr = _fault_repair(plan)
 
-    def fails(p: RepairPlan) -> bool:
-        try:
-            return replay_repair(p, fr)[1] is not None
-        except BadPlan:
-            return False
-
-    plan = minimize_outcomes(plan, fails)
+    plan = minimize_outcomes(plan, lambda p: replay_repair(p, fr)[1] is not None)  # a plan that does not fit is skipped
     return attrs.evolve(plan, pending=tuple(pending_at(fr.barriers, plan.crash)))
 
 
