@@ -20,7 +20,7 @@ import attrs
 import lamina.impl.image as image_module
 from lamina.spec import protocol
 from lamina.spec.layout import ROOT_SIZE
-from lamina.spec.replication import Selection, select_map, select_root
+from lamina.spec.replication import Selection, select_map, select_root, slot_1_is_current
 from lamina.spec.structures import MAP_CRC_OFFSET, ROOT_CRC_OFFSET, structure_crc
 
 from .errors import UnknownControl
@@ -106,6 +106,19 @@ def _trusting_select_map(copies, geometry, region, image_uuid) -> Selection:
     return select_map(fixed, geometry, region, image_uuid)
 
 
+def _older_copy_preferred(copy_0: tuple, copy_1: tuple) -> bool:
+    """The selection rule with generations negated: of two valid copies, the lower generation wins."""
+    return slot_1_is_current((copy_0[0], -copy_0[1]), (copy_1[0], -copy_1[1]))
+
+
+def _older_select_root(copies: list[bytes]) -> Selection:
+    return select_root(copies, _older_copy_preferred)
+
+
+def _older_select_map(copies, geometry, region, image_uuid) -> Selection:
+    return select_map(copies, geometry, region, image_uuid, _older_copy_preferred)
+
+
 def _no_reconcile(*args, **kwargs) -> None:
     """reconcile_region that leaves a region's map as it was (recovery trusts stale checksums and presence)."""
 
@@ -131,6 +144,10 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
             "reorder", "multi-region", "fails", lambda: {"write_root": _write_root_no_barrier}),
     Control("trust-unverified-copy", "R7: recovery takes only a copy whose CRC32C verifies",
             "torn", "allocate", "fails", lambda: {"protocol:select_root": _trusting_select_root, "protocol:select_map": _trusting_select_map}),
+    Control("prefer-older-copy", "selection rule: of two valid copies the one with the higher generation is current",
+            "reorder", "allocate", "fails",
+            lambda: {"protocol:select_root": _older_select_root, "protocol:select_map": _older_select_map,
+                     "select_root": _older_select_root, "select_map": _older_select_map}),
     Control("no-reconcile", "recovery reconciles every region in the intent list",
             "reorder", "overwrite", "fails", lambda: {"protocol:reconcile_region": _no_reconcile}),
     # Redundant for a single image (an absent sector whose data is lost reads zero, its old value), but not
