@@ -74,6 +74,13 @@ def _commit_maps_current_slot_first(file, geometry, maps, image_uuid) -> None:
     protocol.commit_maps(_SkipFsync(file, lambda n: n == 0 and bool(maps)), geometry, maps, image_uuid)
 
 
+def _commit_maps_first_map_only(file, geometry, maps, image_uuid) -> None:
+    """commit_maps that makes only the first region's map durable; the other maps' copies follow with no fsync at all."""
+    protocol.commit_maps(file, geometry, maps[:1], image_uuid)
+    if len(maps) > 1:
+        protocol.commit_maps(_SkipFsync(file, lambda n: True), geometry, maps[1:], image_uuid)
+
+
 _WRITE_ROOT = protocol.write_root  # the real one, also while a variant replaces recovery's binding of it
 
 
@@ -140,6 +147,9 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
     # the shrinker must rebuild when it drops steps or outcomes of the crash they follow.
     Control("recovery-root-copy-fsync", "rule 2 inside recovery: the root that empties the intent list, one copy at a time",
             "torn", "resize", "fails", lambda: {"protocol:write_root": _write_root_skip_copy_fsync}),
+    # Needs a flush of fresh sectors in a region other than the first dirty one, and a crash after it returns.
+    Control("first-map-only-durable", "a flush returns only once the first copy of every dirty region's map is durable",
+            "reorder", "dirty-regions", "fails", lambda: {"commit_maps": _commit_maps_first_map_only}),
     Control("root-without-barrier", "rule 3: every root write is preceded by an fsync of all earlier writes",
             "reorder", "multi-region", "fails", lambda: {"write_root": _write_root_no_barrier}),
     Control("trust-unverified-copy", "R7: recovery takes only a copy whose CRC32C verifies",
