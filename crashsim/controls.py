@@ -1,9 +1,10 @@
 """Negative controls: deliberately broken variants of the implementation (checkers with teeth).
 
-Each variant breaks one rule of `spec/protocol.py` by patching names in
-`lamina.impl.image` (the implementation's view of the protocol) or, for
-recovery, module globals of `lamina.spec.protocol` for the duration of a
-`variant(...)` block; no file of `spec/` or `impl/` is edited, and the spec's
+Each variant breaks one rule of `spec/protocol.py` (or of the layer
+operations) by patching names in `lamina.impl.image` (the implementation's
+view of the protocol), `lamina.impl.layers` (prefix `layers:`) or, for
+recovery, module globals of `lamina.spec.protocol` (prefix `protocol:`) for
+the duration of a `variant(...)` block; no file of `spec/` or `impl/` is edited, and the spec's
 `check` (which has its own bindings) stays the real one.  The
 manifest `CONTROLS` says, per variant, which rule it breaks, the model and
 workload that must catch it, and the expected result.  CI asserts each
@@ -18,6 +19,7 @@ from typing import Callable, Iterator
 import attrs
 
 import lamina.impl.image as image_module
+import lamina.impl.layers as layers_module
 from lamina.spec import protocol
 from lamina.spec.layout import ROOT_SIZE
 from lamina.spec.replication import Selection, select_map, select_root, slot_1_is_current
@@ -130,6 +132,19 @@ def _no_reconcile(*args, **kwargs) -> None:
     """reconcile_region that leaves a region's map as it was (recovery trusts stale checksums and presence)."""
 
 
+# ------------------------------------------------------------------ broken layer operations
+_COPY_ABSENT = layers_module._copy_absent
+
+
+def _copy_absent_whole_clusters(child, source, start: int, end: int) -> None:
+    """A merge's copy that skips partial clusters: sectors of a cluster it does not fill are dropped."""
+    size = child.cluster_size
+    for lo, hi in child.absent_ranges(start, end):
+        first, last = -(-lo // size) * size, hi // size * size
+        if last > first:
+            _COPY_ABSENT(child, source, first, last)
+
+
 def _skip_intents(self, regions) -> None:
     """Image._ensure_intents that never lists a region (breaks rule 1: intent before data)."""
 
@@ -158,6 +173,8 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
             "reorder", "allocate", "fails",
             lambda: {"protocol:select_root": _older_select_root, "protocol:select_map": _older_select_map,
                      "select_root": _older_select_root, "select_map": _older_select_map}),
+    Control("merge-drops-partial-clusters", "a delete's merge copies every sector of the deleted layer the child lacks",
+            "strict", "layer-delete-merge", "fails", lambda: {"layers:_copy_absent": _copy_absent_whole_clusters}),
     Control("no-reconcile", "recovery reconciles every region in the intent list",
             "reorder", "overwrite", "fails", lambda: {"protocol:reconcile_region": _no_reconcile}),
     # Redundant for a single image (an absent sector whose data is lost reads zero, its old value), but not
@@ -185,7 +202,7 @@ def variant(name: str | None) -> Iterator[None]:
     try:
         for target, value in patches.items():
             module, _, dotted = target.rpartition(":")
-            owner: object = protocol if module == "protocol" else image_module
+            owner: object = {"protocol": protocol, "layers": layers_module}.get(module, image_module)
             *path, attr = dotted.split(".")
             for part in path:
                 owner = getattr(owner, part)
