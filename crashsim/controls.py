@@ -13,6 +13,7 @@ workload that must catch it, and the expected result.  CI asserts each
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from typing import Callable, Iterator
 
@@ -22,6 +23,7 @@ import lamina.impl.image as image_module
 import lamina.impl.layers as layers_module
 from lamina.spec import protocol
 from lamina.spec.layout import ROOT_SIZE
+from lamina.spec.references import LAYER_NAME
 from lamina.spec.replication import Selection, select_map, select_root, slot_1_is_current
 from lamina.spec.structures import MAP_CRC_OFFSET, ROOT_CRC_OFFSET, structure_crc
 
@@ -145,6 +147,33 @@ def _copy_absent_whole_clusters(child, source, start: int, end: int) -> None:
             _COPY_ABSENT(child, source, first, last)
 
 
+_DURABLE_FILE = layers_module._durable_file
+_UNREFERENCED_FILES = layers_module.unreferenced_files
+
+
+class _NoFsyncStorage:
+    """A Storage whose new files forward everything except fsync."""
+
+    def __init__(self, storage) -> None:
+        self._storage = storage
+
+    def create(self, path: str):
+        return _SkipFsync(self._storage.create(path), lambda n: True)
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
+
+
+def _durable_file_without_fsync(storage, path: str, data: bytes) -> None:
+    """_durable_file that renames the VM state into place without fsyncing its bytes first."""
+    _DURABLE_FILE(_NoFsyncStorage(storage), path, data)
+
+
+def _unreferenced_layers_only(path: str, storage=None) -> list[str]:
+    """unreferenced_files that lists only layer files: a VM state nothing references any more stays behind."""
+    return [p for p in _UNREFERENCED_FILES(path, storage) if LAYER_NAME.match(os.path.basename(p))]
+
+
 def _skip_intents(self, regions) -> None:
     """Image._ensure_intents that never lists a region (breaks rule 1: intent before data)."""
 
@@ -175,6 +204,10 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
                      "select_root": _older_select_root, "select_map": _older_select_map}),
     Control("merge-drops-partial-clusters", "a delete's merge copies every sector of the deleted layer the child lacks",
             "strict", "layer-delete-merge", "fails", lambda: {"layers:_copy_absent": _copy_absent_whole_clusters}),
+    Control("vmstate-without-fsync", "T3: a snapshot's VM state is durable, with its size and CRC32C, before the snapshot is",
+            "reorder", "layer-snapshot", "fails", lambda: {"layers:_durable_file": _durable_file_without_fsync}),
+    Control("orphan-vmstate-kept", "T4: every file of the layer directory nothing references is removed (VM states too)",
+            "strict", "layer-delete-merge", "fails", lambda: {"layers:unreferenced_files": _unreferenced_layers_only}),
     Control("no-reconcile", "recovery reconciles every region in the intent list",
             "reorder", "overwrite", "fails", lambda: {"protocol:reconcile_region": _no_reconcile}),
     # Redundant for a single image (an absent sector whose data is lost reads zero, its old value), but not
