@@ -13,6 +13,7 @@ from lamina.crashsim.explore import Budget, Model, Plan
 from lamina.crashsim.runner import _first_failure, minimize_outcomes, plan_fails, replay, run_task
 from lamina.crashsim.workloads import get_workload
 import lamina.impl.image as image_module
+import lamina.impl.layers as layers_module
 from lamina.spec import protocol
 
 # Failing plans the simulator found and shrank, saved as regression tests.  Op
@@ -64,14 +65,17 @@ def test_saved_failures_still_fail_and_pass_without_the_variant(text):
 
 
 def test_variants_restore_what_they_patch():
-    before = (image_module.commit_maps, image_module.write_root, protocol.select_map, protocol.reconcile_region,
-              image_module.Image._ensure_intents)
+    def patched() -> tuple:
+        return (image_module.commit_maps, image_module.write_root, image_module.select_root, image_module.select_map,
+                protocol.select_map, protocol.select_root, protocol.write_root, protocol.reconcile_region,
+                image_module.Image._ensure_intents, layers_module._copy_absent, layers_module._durable_file,
+                layers_module.unreferenced_files)
+
+    before = patched()
     for name in CONTROLS:
         with variant(name):
             pass
-    after = (image_module.commit_maps, image_module.write_root, protocol.select_map, protocol.reconcile_region,
-             image_module.Image._ensure_intents)
-    assert before == after
+    assert before == patched()
 
 
 def test_cli_replay_reproduces_a_control_failure(capsys):
