@@ -98,8 +98,8 @@ def test_bitvector_arithmetic_flags_a_wrap() -> None:
 
 
 def test_protocol_counterexample_replays_in_the_spec() -> None:
-    """The spec's own select_root, fed the counterexample's copies, also returns a forbidden outcome."""
-    for variant in ("no_fsync_between_slots", "durable_slot_first"):
+    """The spec's own select_root (with the variant's rule), fed the counterexample's copies, also returns a forbidden outcome."""
+    for variant in ("no_fsync_between_slots", "durable_slot_first", "older_copy_preferred"):
         detail = check_crash_refinement(variant).detail
         allowed = re.search(r"allowed: (.*)", detail).group(1).split(" or ")
         replayed = re.search(r"spec's select_root on the encoded copies: (.*)", detail).group(1)
