@@ -214,7 +214,7 @@ def _cmd_controls() -> int:
         caught = "fails" if result.failing_states else "passes"
         ok = caught == c.expected
         bad += not ok
-        print(f"{'ok ' if ok else 'BAD'} {c.name:<24} expected {c.expected:<6} got {caught:<6} ({c.model}, {c.workload}, {result.states} states)")
+        print(f"{'ok ' if ok else 'BAD'} {c.name:<30} expected {c.expected:<6} got {caught:<6} ({c.model}, {c.workload}, {result.states} states)")
         if result.failures:
             print(f"    {result.failures[0].message}\n    {replay_command(result.failures[0].plan)}")
     return 1 if bad else 0
