@@ -2,8 +2,9 @@
 
 Exit codes: 0 everything passed; 1 a failing crash state, an undetected or
 unrepaired fault, or a replayed plan that still fails; 2 bad usage
-(argparse); 4 a simulator error; 5 a bad plan; 6 an unknown workload, model
-or control.  Errors print on one line, without a traceback.
+(argparse); 4 a simulator error; 5 a plan given to `replay` that does not
+parse or fit its trace (`run` never makes one: its shrinker keeps only plans
+that replay); 6 an unknown workload, model or control.  Errors print on one line, without a traceback.
 """
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ def _cmd_controls() -> int:
         caught = "fails" if result.failing_states else "passes"
         ok = caught == c.expected
         bad += not ok
-        print(f"{'ok ' if ok else 'BAD'} {c.name:<24} expected {c.expected:<6} got {caught:<6} ({c.model}, {c.workload}, {result.states} states)")
+        print(f"{'ok ' if ok else 'BAD'} {c.name:<30} expected {c.expected:<6} got {caught:<6} ({c.model}, {c.workload}, {result.states} states)")
         if result.failures:
             print(f"    {result.failures[0].message}\n    {replay_command(result.failures[0].plan)}")
     return 1 if bad else 0

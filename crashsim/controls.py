@@ -1,9 +1,10 @@
 """Negative controls: deliberately broken variants of the implementation (checkers with teeth).
 
-Each variant breaks one rule of `spec/protocol.py` by patching names in
-`lamina.impl.image` (the implementation's view of the protocol) or, for
-recovery, module globals of `lamina.spec.protocol` for the duration of a
-`variant(...)` block; no file of `spec/` or `impl/` is edited, and the spec's
+Each variant breaks one rule of `spec/protocol.py` (or of the layer
+operations) by patching names in `lamina.impl.image` (the implementation's
+view of the protocol), `lamina.impl.layers` (prefix `layers:`) or, for
+recovery, module globals of `lamina.spec.protocol` (prefix `protocol:`) for
+the duration of a `variant(...)` block; no file of `spec/` or `impl/` is edited, and the spec's
 `check` (which has its own bindings) stays the real one.  The
 manifest `CONTROLS` says, per variant, which rule it breaks, the model and
 workload that must catch it, and the expected result.  CI asserts each
@@ -12,15 +13,18 @@ workload that must catch it, and the expected result.  CI asserts each
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from typing import Callable, Iterator
 
 import attrs
 
 import lamina.impl.image as image_module
+import lamina.impl.layers as layers_module
 from lamina.spec import protocol
 from lamina.spec.layout import ROOT_SIZE
-from lamina.spec.replication import Selection, select_map, select_root
+from lamina.spec.references import LAYER_NAME
+from lamina.spec.replication import Selection, select_map, select_root, slot_1_is_current
 from lamina.spec.structures import MAP_CRC_OFFSET, ROOT_CRC_OFFSET, structure_crc
 
 from .errors import UnknownControl
@@ -74,11 +78,21 @@ def _commit_maps_current_slot_first(file, geometry, maps, image_uuid) -> None:
     protocol.commit_maps(_SkipFsync(file, lambda n: n == 0 and bool(maps)), geometry, maps, image_uuid)
 
 
+def _commit_maps_first_map_only(file, geometry, maps, image_uuid) -> None:
+    """commit_maps that makes only the first region's map durable; the other maps' copies follow with no fsync at all."""
+    protocol.commit_maps(file, geometry, maps[:1], image_uuid)
+    if len(maps) > 1:
+        protocol.commit_maps(_SkipFsync(file, lambda n: True), geometry, maps[1:], image_uuid)
+
+
+_WRITE_ROOT = protocol.write_root  # the real one, also while a variant replaces recovery's binding of it
+
+
 def _write_root_skip_copy_fsync(file, root, best_slot, unsynced) -> int:
     """write_root with no fsync between the two root copies (breaks rule 2 for the root)."""
     if unsynced:
         file.fsync()
-    return protocol.write_root(_SkipFsync(file, lambda n: True), root, best_slot, False)
+    return _WRITE_ROOT(_SkipFsync(file, lambda n: True), root, best_slot, False)
 
 
 def _write_root_no_barrier(file, root, best_slot, unsynced) -> int:
@@ -103,8 +117,61 @@ def _trusting_select_map(copies, geometry, region, image_uuid) -> Selection:
     return select_map(fixed, geometry, region, image_uuid)
 
 
+def _older_copy_preferred(copy_0: tuple, copy_1: tuple) -> bool:
+    """The selection rule with generations negated: of two valid copies, the lower generation wins."""
+    return slot_1_is_current((copy_0[0], -copy_0[1]), (copy_1[0], -copy_1[1]))
+
+
+def _older_select_root(copies: list[bytes]) -> Selection:
+    return select_root(copies, _older_copy_preferred)
+
+
+def _older_select_map(copies, geometry, region, image_uuid) -> Selection:
+    return select_map(copies, geometry, region, image_uuid, _older_copy_preferred)
+
+
 def _no_reconcile(*args, **kwargs) -> None:
     """reconcile_region that leaves a region's map as it was (recovery trusts stale checksums and presence)."""
+
+
+# ------------------------------------------------------------------ broken layer operations
+_COPY_ABSENT = layers_module._copy_absent
+
+
+def _copy_absent_whole_clusters(child, source, start: int, end: int) -> None:
+    """A merge's copy that skips partial clusters: sectors of a cluster it does not fill are dropped."""
+    size = child.cluster_size
+    for lo, hi in child.absent_ranges(start, end):
+        first, last = -(-lo // size) * size, hi // size * size
+        if last > first:
+            _COPY_ABSENT(child, source, first, last)
+
+
+_DURABLE_FILE = layers_module._durable_file
+_UNREFERENCED_FILES = layers_module.unreferenced_files
+
+
+class _NoFsyncStorage:
+    """A Storage whose new files forward everything except fsync."""
+
+    def __init__(self, storage) -> None:
+        self._storage = storage
+
+    def create(self, path: str):
+        return _SkipFsync(self._storage.create(path), lambda n: True)
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
+
+
+def _durable_file_without_fsync(storage, path: str, data: bytes) -> None:
+    """_durable_file that renames the VM state into place without fsyncing its bytes first."""
+    _DURABLE_FILE(_NoFsyncStorage(storage), path, data)
+
+
+def _unreferenced_layers_only(path: str, storage=None) -> list[str]:
+    """unreferenced_files that lists only layer files: a VM state nothing references any more stays behind."""
+    return [p for p in _UNREFERENCED_FILES(path, storage) if LAYER_NAME.match(os.path.basename(p))]
 
 
 def _skip_intents(self, regions) -> None:
@@ -131,10 +198,27 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
             "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_current_slot_first}),
     Control("skip-root-copy-fsync", "rule 2 for the root: fsync between the two root copies",
             "torn", "allocate", "fails", lambda: {"write_root": _write_root_skip_copy_fsync}),
+    # Only a tear catches it (both copies torn at once); its failures are crashes of recovery, whose plans
+    # the shrinker must rebuild when it drops steps or outcomes of the crash they follow.
+    Control("recovery-root-copy-fsync", "rule 2 inside recovery: the root that empties the intent list, one copy at a time",
+            "torn", "resize", "fails", lambda: {"protocol:write_root": _write_root_skip_copy_fsync}),
+    # Needs a flush of fresh sectors in a region other than the first dirty one, and a crash after it returns.
+    Control("first-map-only-durable", "a flush returns only once the first copy of every dirty region's map is durable",
+            "reorder", "dirty-regions", "fails", lambda: {"commit_maps": _commit_maps_first_map_only}),
     Control("root-without-barrier", "rule 3: every root write is preceded by an fsync of all earlier writes",
             "reorder", "multi-region", "fails", lambda: {"write_root": _write_root_no_barrier}),
     Control("trust-unverified-copy", "R7: recovery takes only a copy whose CRC32C verifies",
             "torn", "allocate", "fails", lambda: {"protocol:select_root": _trusting_select_root, "protocol:select_map": _trusting_select_map}),
+    Control("prefer-older-copy", "selection rule: of two valid copies the one with the higher generation is current",
+            "reorder", "allocate", "fails",
+            lambda: {"protocol:select_root": _older_select_root, "protocol:select_map": _older_select_map,
+                     "select_root": _older_select_root, "select_map": _older_select_map}),
+    Control("merge-drops-partial-clusters", "a delete's merge copies every sector of the deleted layer the child lacks",
+            "strict", "layer-delete-merge", "fails", lambda: {"layers:_copy_absent": _copy_absent_whole_clusters}),
+    Control("vmstate-without-fsync", "T3: a snapshot's VM state is durable, with its size and CRC32C, before the snapshot is",
+            "reorder", "layer-snapshot", "fails", lambda: {"layers:_durable_file": _durable_file_without_fsync}),
+    Control("orphan-vmstate-kept", "T4: every file of the layer directory nothing references is removed (VM states too)",
+            "strict", "layer-delete-merge", "fails", lambda: {"layers:unreferenced_files": _unreferenced_layers_only}),
     Control("no-reconcile", "recovery reconciles every region in the intent list",
             "reorder", "overwrite", "fails", lambda: {"protocol:reconcile_region": _no_reconcile}),
     # Redundant for a single image (an absent sector whose data is lost reads zero, its old value), but not
@@ -165,7 +249,7 @@ def variant(name: str | None) -> Iterator[None]:
     try:
         for target, value in patches.items():
             module, _, dotted = target.rpartition(":")
-            owner: object = protocol if module == "protocol" else image_module
+            owner: object = {"protocol": protocol, "layers": layers_module}.get(module, image_module)
             *path, attr = dotted.split(".")
             for part in path:
                 owner = getattr(owner, part)

@@ -55,12 +55,12 @@ from lamina.spec.replication import select_root
 from lamina.spec.tree import check_tree, repair_tree
 
 from .errors import BadPlan, CrashsimError
-from .explore import Budget, Materialiser, Model, barrier_of, explore, pending_at, tear_units
+from .explore import Budget, Materialiser, Model, barrier_of, explore, pending_at
 from .inject import Fault, metadata_faults
 from .memstore import DiskState, MemStorage, Op, ReadOnlyStorage, Trace
 from .oracle import read_only_verdict
 from .record import IMAGE_PATH
-from .runner import minimize_outcomes
+from .runner import check_fits, minimize_outcomes
 
 REPAIR_MODELS = ("strict", "reorder", "torn", "reorder+torn")
 REPAIR_TIERS = ("prefix", "targeted", "subsets", "torn")
@@ -531,14 +531,7 @@ def replay_repair(plan: RepairPlan, fr: FaultRepair | None = None) -> tuple[Faul
     fr = fr or _fault_repair(plan)
     if fr.uninterrupted_problem:
         return fr, "the uninterrupted repair: " + fr.uninterrupted_problem
-    if plan.crash > len(fr.ops):
-        raise BadPlan(f"crash point {plan.crash} is past the {len(fr.ops)} ops of the repair of fault {plan.fault}")
-    stray = set(dict(plan.outcomes)) - set(pending_at(fr.barriers, plan.crash))
-    if stray:
-        raise BadPlan(f"ops {sorted(stray)} are not un-synced at crash point {plan.crash} under model {plan.model}")
-    for index, outcome in plan.outcomes:
-        if outcome.startswith("t:") and len(outcome) - 2 != len(tear_units(fr.ops[index], fr.model.torn_unit or 512)):
-            raise BadPlan(f"torn pattern of op {index} does not match the sectors its write covers")
+    check_fits(tuple(fr.ops), fr.model, plan.crash, dict(plan.outcomes), f"the repair of fault {plan.fault}: ")
     return fr, fr.judge(plan.crash, dict(plan.outcomes), plan.after)[0]
 
 
@@ -546,13 +539,7 @@ def shrink_repair_plan(plan: RepairPlan) -> RepairPlan:
     """Fewer deviating outcomes, torn sectors made new where the failure stays; then the earliest failing crash point."""
     fr = _fault_repair(plan)
 
-    def fails(p: RepairPlan) -> bool:
-        try:
-            return replay_repair(p, fr)[1] is not None
-        except BadPlan:
-            return False
-
-    plan = minimize_outcomes(plan, fails)
+    plan = minimize_outcomes(plan, lambda p: replay_repair(p, fr)[1] is not None)  # a plan that does not fit is skipped
     return attrs.evolve(plan, pending=tuple(pending_at(fr.barriers, plan.crash)))
 
 

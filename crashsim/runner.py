@@ -17,13 +17,14 @@ from .errors import BadPlan
 from lamina.spec.layout import SECTOR_SIZE, Geometry
 
 from .explore import Budget, Materialiser, Model, Plan, barrier_of, explore, garbage, pending_at, tear_units
-from .memstore import DiskState, Trace
+from .memstore import PWRITE, DiskState, Op, Trace
 from .oracle import Legal, Opened, judge, legal_at, open_state
 from .record import Recording, record_workload
 from .trees import TreeRecording, judge_tree, open_tree_state, record_tree_workload, tree_legal_at
 from .workloads import get_workload
 
 MAX_REPORTED_FAILURES = 5
+SHRINK_RECOVERY_IMAGES = 16  # distinct crashed images whose recovery a shrink step crashes
 
 
 @attrs.frozen
@@ -161,26 +162,37 @@ class Explorer:
         return Plan(base_name, self.model.name, self.seed, crash, tuple(sorted(outcomes.items())), dropped,
                     self.rec.variant, pending=tuple(pending_at(self.barriers, crash)), **extra)
 
-    def check_recovery(self, crash: int, outcomes: dict[int, str], limit_states: int = 400) -> Iterable[tuple[Plan, str | None]]:
-        """Crash the recovery of one state at every point (and the model's drops/tears): same result each time."""
+    def recovery_trace(self, crash: int, outcomes: dict[int, str]) -> tuple[Opened, Materialiser] | None:
+        """The first recovery of one state and the materialiser of its ops (None: nothing to recover)."""
         first = self.opened(self.state(crash, outcomes))[1]
         if first.problem or not first.exists:
-            return
+            return None
         trace = Trace()
         open_any(self.state(crash, outcomes), self.rec, trace)
-        rops = tuple(trace.ops)
-        rmat = Materialiser(self.state(crash, outcomes), rops)
+        return first, Materialiser(self.state(crash, outcomes), tuple(trace.ops))
+
+    def judge_recovery(self, first: Opened, rmat: Materialiser, rcrash: int, routcomes: dict[int, str]) -> str | None:
+        """The failure of one crash during recovery: recovering again must succeed and read what `first` read."""
+        again = self.opened(rmat.state(rcrash, routcomes, self.seed, self.model.torn_unit or 512))[1]
+        self._count_precheck(again)
+        if again.problem:
+            return "recovery after a crash during recovery: " + again.problem
+        if again.view != first.view:
+            return "recovery is not idempotent: a crash during recovery recovers to different guest contents"
+        return None
+
+    def check_recovery(self, crash: int, outcomes: dict[int, str], limit_states: int = 400) -> Iterable[tuple[Plan, str | None]]:
+        """Crash the recovery of one state at every point (and the model's drops/tears): same result each time."""
+        traced = self.recovery_trace(crash, outcomes)
+        if traced is None:
+            return
+        first, rmat = traced
+        rops = rmat.ops
         count = 0
         for _tier, rcrash, routcomes, _ in explore(rops, self.model, Budget(max_subset=3, subset_samples=4, torn_cap=9, torn_samples=4), self.seed):
             if rcrash == len(rops) and not routcomes:
                 continue
-            again = self.opened(rmat.state(rcrash, routcomes, self.seed, self.model.torn_unit or 512))[1]
-            self._count_precheck(again)
-            message = None
-            if again.problem:
-                message = "recovery after a crash during recovery: " + again.problem
-            elif again.view != first.view:
-                message = "recovery is not idempotent: a crash during recovery recovers to different guest contents"
+            message = self.judge_recovery(first, rmat, rcrash, routcomes)
             yield self.plan(crash, outcomes, recovery_crash=rcrash, recovery_outcomes=tuple(sorted(routcomes.items()))), message
             count += 1
             if count >= limit_states:
@@ -273,86 +285,121 @@ def run_task(workload: str, model_name: str, budget: Budget = Budget(), seed: in
     if failures and shrink:
         first = failures[0]
         small = shrink_plan(Plan.parse(first.plan), budget)
-        small_rec = load_recording(small.workload, small.dropped_steps, small.variant)
+        small_rec, message = replay(small)
         so, sg = _timeline(small_rec)
-        failures[0] = Failure(small.to_string(), replay(small)[1] or first.message, first.tier, so, sg)
+        failures[0] = Failure(small.to_string(), message or first.message, first.tier, so, sg)
     if progress:
         progress(sum(counts.values()) % 256)
     return TaskResult(workload, model.name, variant, seed, len(rec.ops), counts, exhaustive, ex.distinct_images,
                       orphans, tuple(failures), failing, time.perf_counter() - started, dict(ex.prechecks))
 
 
+def check_fits(ops: tuple[Op, ...], model: Model, crash: int, outcomes: dict[int, str], what: str) -> None:
+    """Raise BadPlan unless a crash point and its outcomes fit a trace: every changed op un-synced, every tear its sectors."""
+    if crash > len(ops):
+        raise BadPlan(f"{what}crash point {crash} is past the {len(ops)} ops")
+    stray = set(outcomes) - set(pending_at(barrier_of(ops, model), crash))
+    if stray:
+        raise BadPlan(f"{what}ops {sorted(stray)} are not un-synced at crash point {crash} under model {model.name}")
+    for index, outcome in outcomes.items():
+        if outcome.startswith("t:") and (ops[index].kind != PWRITE or
+                                         len(outcome) - 2 != len(tear_units(ops[index], model.torn_unit or 512))):
+            raise BadPlan(f"{what}torn pattern of op {index} does not match the sectors its write covers")
+
+
 def replay(plan: Plan) -> tuple[Recording, str | None]:
     """Re-run exactly the state a plan names; return the recording and the failure (None: state is fine)."""
     rec = load_recording(plan.workload, plan.dropped_steps, plan.variant)
     model = Model.parse(plan.model)
-    if plan.crash > len(rec.ops):
-        raise BadPlan(f"crash point {plan.crash} is past the {len(rec.ops)} ops of workload {plan.workload}")
-    ex = Explorer(rec, model, plan.seed)
-    pending = set(pending_at(ex.barriers, plan.crash))
     outcomes = dict(plan.outcomes)
-    stray = set(outcomes) - pending
-    if stray:
-        raise BadPlan(f"ops {sorted(stray)} are not un-synced at crash point {plan.crash} under model {model.name}")
+    check_fits(rec.ops, model, plan.crash, outcomes, f"workload {plan.workload}: ")
+    ex = Explorer(rec, model, plan.seed)
     if plan.recovery_crash is None:
         return rec, ex.check(plan.crash, outcomes)[1]
-    for candidate, message in ex.check_recovery(plan.crash, outcomes, limit_states=10**9):
-        if candidate.recovery_crash == plan.recovery_crash and candidate.recovery_outcomes == tuple(sorted(plan.recovery_outcomes)):
-            return rec, message
-    # Not among explored recovery states: materialise it directly.
-    state = ex.state(plan.crash, outcomes)
-    trace = Trace()
-    first = open_any(state.copy(), rec, trace)
-    rstate = Materialiser(state, tuple(trace.ops)).state(plan.recovery_crash, dict(plan.recovery_outcomes), plan.seed,
-                                                         model.torn_unit or 512)
-    again = open_any(rstate, rec)
-    if again.problem:
-        return rec, "recovery after a crash during recovery: " + again.problem
-    if again.view != first.view:
-        return rec, "recovery is not idempotent"
-    return rec, None
+    traced = ex.recovery_trace(plan.crash, outcomes)
+    if traced is None:
+        raise BadPlan(f"plan {plan.to_string()}: the crash state does not recover cleanly, so its recovery is not crashed")
+    first, rmat = traced
+    routcomes = dict(plan.recovery_outcomes)
+    check_fits(rmat.ops, model, plan.recovery_crash, routcomes, "recovery: ")
+    return rec, ex.judge_recovery(first, rmat, plan.recovery_crash, routcomes)
+
+
+def plan_fails(plan: Plan) -> bool:
+    """Whether a candidate plan replays and fails; a plan that does not fit its trace is no failure, never an error."""
+    try:
+        return replay(plan)[1] is not None
+    except BadPlan:
+        return False
 
 
 def _first_failure(workload: str, dropped: tuple[int, ...], variant: str | None, model: Model, budget: Budget,
-                   seed: int, limit: int = 20000) -> Plan | None:
+                   seed: int, limit: int = 20000, recovery: bool = False) -> Plan | None:
+    """The first failing plan of a (shrunk) workload; with `recovery`, the first failing crash of a recovery."""
     try:
         rec = load_recording(workload, dropped, variant)
     except Exception:  # noqa: BLE001 - a shrunk workload may be invalid (e.g. a write past a dropped resize)
         return None
     ex = Explorer(rec, model, seed)
-    for k, (_tier, crash, outcomes, _) in enumerate(explore(rec.ops, model, budget, seed)):
-        if ex.check(crash, outcomes)[1] is not None:
+    recovered: set[tuple] = set()
+    checked = 0
+    for _tier, crash, outcomes, _ in explore(rec.ops, model, budget, seed):
+        key, message = ex.check(crash, outcomes)
+        checked += 1
+        if not recovery and message is not None:
             return ex.plan(crash, outcomes)
-        if k >= limit:
+        if recovery and message is None and key not in recovered and len(recovered) < SHRINK_RECOVERY_IMAGES:
+            recovered.add(key)
+            for plan, rmessage in ex.check_recovery(crash, outcomes):
+                checked += 1
+                if rmessage is not None:
+                    return plan
+        if checked >= limit:
             break
     return None
 
 
 def shrink_plan(plan: Plan, budget: Budget = Budget()) -> Plan:
-    """A smaller failing plan: fewer workload steps, then fewer deviating outcomes."""
+    """A smaller failing plan: fewer workload steps, then fewer deviating outcomes (of the crash, then of its recovery).
+
+    Every candidate is judged by `plan_fails`: one that does not fit its
+    trace is skipped, so the result always replays (and fails).
+    """
     model = Model.parse(plan.model)
-    if plan.recovery_crash is None:
-        steps = len(get_workload(plan.workload).steps)
-        dropped = set(plan.dropped_steps)
-        for j in reversed(range(steps)):
-            if j in dropped:
-                continue
-            candidate = _first_failure(plan.workload, tuple(sorted(dropped | {j})), plan.variant, model, budget, plan.seed)
-            if candidate is not None:
-                dropped.add(j)
-                plan = candidate
-    return minimize_outcomes(plan, lambda p: replay(p)[1] is not None)
+    recovery = plan.recovery_crash is not None
+    original = plan
+    steps = len(get_workload(plan.workload).steps)
+    dropped = set(plan.dropped_steps)
+    for j in reversed(range(steps)):
+        if j in dropped:
+            continue
+        candidate = _first_failure(plan.workload, tuple(sorted(dropped | {j})), plan.variant, model, budget, plan.seed,
+                                   recovery=recovery)
+        if candidate is not None:
+            dropped.add(j)
+            plan = candidate
+    plan = minimize_outcomes(plan, plan_fails)
+    if recovery:
+        plan = minimize_outcomes(plan, plan_fails, "recovery_outcomes")
+    return plan if plan_fails(plan) else original
 
 
 P = TypeVar("P")
 
 
-def minimize_outcomes(plan: P, fails: Callable[[P], bool]) -> P:
-    """Fewer deviating outcomes: each dropped or torn op is made "kept" where the failure stays, sector by sector."""
-    outcomes = dict(plan.outcomes)  # type: ignore[attr-defined]
+def minimize_outcomes(plan: P, fails: Callable[[P], bool], field: str = "outcomes") -> P:
+    """Fewer deviating outcomes: each dropped or torn op is made "kept" where the failure stays, sector by sector.
+
+    `field` names the outcomes to reduce (a plan's crash, or its recovery's).
+    A candidate that does not fit its trace (BadPlan) is no failure: skipped.
+    """
+    outcomes = dict(getattr(plan, field))
 
     def attempt(trial: dict) -> bool:
-        return fails(attrs.evolve(plan, outcomes=tuple(sorted(trial.items()))))
+        try:
+            return fails(attrs.evolve(plan, **{field: tuple(sorted(trial.items()))}))
+        except BadPlan:
+            return False
 
     for index in sorted(outcomes):
         trial = {k: v for k, v in outcomes.items() if k != index}
@@ -370,7 +417,7 @@ def minimize_outcomes(plan: P, fails: Callable[[P], bool]) -> P:
                     outcomes = trial
                 else:
                     letters[k] = letter
-    return attrs.evolve(plan, outcomes=tuple(sorted(outcomes.items())))
+    return attrs.evolve(plan, **{field: tuple(sorted(outcomes.items()))})
 
 
 def run_all(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: str | None = None, jobs: int = 1,

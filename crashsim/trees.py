@@ -161,10 +161,15 @@ _TREE_LIBRARY = [
                  ("disk.lam", "base.lam"),
                  (("revert", "disk.lam", "s1"),),
                  setup=(*_LAM_BASE, _OVER_LAM, *_SNAPS)),
-    TreeWorkload("layer-delete-merge", "delete a middle snapshot with children: its sectors merge into the layers above",
+    TreeWorkload("layer-delete-merge", "delete a middle snapshot with children: its sectors merge into the layer above, "
+                 "whole clusters, partial clusters and a sector of a cluster the child holds part of, beside sectors "
+                 "the child overwrote (which stay the child's); the deleted snapshot's VM state goes with it",
                  ("disk.lam", "base.lam"),
                  (("delete", "disk.lam", "s1"),),
-                 setup=(*_LAM_BASE, _OVER_LAM, *_SNAPS)),
+                 setup=(*_LAM_BASE, _OVER_LAM, ("write", "disk.lam", 0, 8 * K, 21), ("write", "disk.lam", 16 * K + 512, 1 * K, 24),
+                        ("write", "disk.lam", 24 * K + 1536, 512, 25), ("close", "disk.lam"), ("snapshot", "disk.lam", "s1", 1000),
+                        ("write", "disk.lam", 4 * K, 8 * K, 22), ("write", "disk.lam", 24 * K, 1 * K, 26), ("close", "disk.lam"),
+                        ("snapshot", "disk.lam", "s2", 0), ("write", "disk.lam", 10 * K, 4 * K, 23), ("close", "disk.lam"))),
     TreeWorkload("layer-clone", "clone from a snapshot into a new image of the same directory",
                  ("disk.lam", "clone.lam", "base.lam"),
                  (("clone", "disk.lam", "s1", "clone.lam"),),

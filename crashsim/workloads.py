@@ -74,6 +74,11 @@ _LIBRARY = [
     Workload("multi-region", "writes that span two regions and so two intents and two maps",
              2 * REGION, (("write", REGION - 4 * K, 8 * K, 2), ("flush",), ("write", 0, 4 * K, 3), ("write", REGION + 8 * K, 4 * K, 4)),
              setup=(("write", REGION - 8 * K, 16 * K, 1),)),
+    Workload("dirty-regions", "two regions dirty before one flush: fresh sectors in both (one write across the region "
+             "boundary, overwriting flushed data on its way), then an overwrite of what that flush acknowledged",
+             2 * REGION, (("write", 4 * K, 4 * K, 2), ("write", REGION - 4 * K, 8 * K, 3), ("flush",),
+                          ("write", REGION + 512, 1 * K, 4)),
+             setup=(("write", REGION - 8 * K, 8 * K, 1),)),
     Workload("create", "creation of the image itself (temporary file, rename, directory fsync) and a first write",
              REGION, (("write", 0, 4 * K, 1), ("flush",)), create_in_trace=True),
 ]

@@ -19,6 +19,21 @@ from .structures import MapCopy, Root, decode_map_copy, decode_root
 T = TypeVar("T")
 
 
+def slot_1_is_current(copy_0: tuple, copy_1: tuple):
+    """The selection rule on two copies, each (valid, generation): whether slot 1 holds the current version.
+
+    The valid copy with the higher generation; slot 0 on a tie, or when
+    neither is valid.  Written with `&`, `|` and comparisons only, so the
+    same function decides concrete copies here and symbolic ones (z3 values)
+    in the commit protocol's proof (`lamina.spec.proofs.commit`).
+    """
+    (valid_0, generation_0), (valid_1, generation_1) = copy_0, copy_1
+    return valid_1 & ((valid_0 == False) | (generation_1 > generation_0))  # noqa: E712 - `not` has no z3 meaning
+
+
+SelectionRule = Callable[[tuple, tuple], object]
+
+
 @attrs.frozen
 class CopyProblem:
     slot: int
@@ -42,7 +57,7 @@ class Selection(Generic[T]):
 
 
 def _select(copies: list[bytes], decode: Callable[[bytes, int], T], generation: Callable[[T], int],
-            same: Callable[[T, T], bool], what: str, allow_empty: bool) -> Selection[T]:
+            same: Callable[[T, T], bool], what: str, allow_empty: bool, rule: SelectionRule) -> Selection[T]:
     decoded: list[T | None] = []
     problems: list[CopyProblem] = []
     for slot, raw in enumerate(copies):
@@ -58,7 +73,10 @@ def _select(copies: list[bytes], decode: Callable[[bytes, int], T], generation: 
             # Never written (both holes), or one copy damaged in a region that never held a valid map.
             return Selection(None, 0, tuple(p for p in problems if p.kind != "zeroed"))
         raise NoValidCopy(f"no valid copy of {what}: " + "; ".join(p.message for p in problems))
-    best_slot, best = max(valid, key=lambda item: (generation(item[1]), -item[0]))
+    first, second = ((value is not None, 0 if value is None else generation(value)) for value in decoded)
+    best_slot = 1 if rule(first, second) else 0
+    best = decoded[best_slot]
+    assert best is not None
     for slot, value in valid:
         if slot != best_slot and (generation(value) != generation(best) or not same(value, best)):
             problems.append(CopyProblem(
@@ -68,8 +86,11 @@ def _select(copies: list[bytes], decode: Callable[[bytes, int], T], generation: 
     return Selection(best, best_slot, tuple(sorted(problems, key=lambda p: p.slot)))
 
 
-def select_root(copies: list[bytes]) -> Selection[Root]:
-    """The current root.  A copy that verifies but needs a newer reader is fatal, never skipped."""
+def select_root(copies: list[bytes], rule: SelectionRule = slot_1_is_current) -> Selection[Root]:
+    """The current root.  A copy that verifies but needs a newer reader is fatal, never skipped.
+
+    `rule` is the selection rule; only negative controls pass another one.
+    """
     errors: list[FormatError] = []
     for slot, raw in enumerate(copies):
         try:
@@ -81,10 +102,11 @@ def select_root(copies: list[bytes]) -> Selection[Root]:
     if len(errors) == len(copies):
         # Both unusable: report the first copy's kind of error, naming both.
         raise type(errors[0])("both root copies are unusable: " + "; ".join(map(str, errors)))
-    return _select(copies, decode_root, lambda r: r.generation, Root.same_content, "the root", False)
+    return _select(copies, decode_root, lambda r: r.generation, Root.same_content, "the root", False, rule)
 
 
-def select_map(copies: list[bytes], geometry: Geometry, region: int, image_uuid: bytes) -> Selection[MapCopy]:
+def select_map(copies: list[bytes], geometry: Geometry, region: int, image_uuid: bytes,
+               rule: SelectionRule = slot_1_is_current) -> Selection[MapCopy]:
     """The current map of a region; value None when the region was never written."""
     def decode(raw: bytes, slot: int) -> MapCopy:
         return decode_map_copy(raw, geometry, region, slot, image_uuid)
@@ -92,5 +114,5 @@ def select_map(copies: list[bytes], geometry: Geometry, region: int, image_uuid:
     def same(a: MapCopy, b: MapCopy) -> bool:
         return attrs.evolve(a, slot=0, crc=0) == attrs.evolve(b, slot=0, crc=0)
 
-    return _select(copies, decode, lambda m: m.generation, same, f"region {region}'s map", True)
+    return _select(copies, decode, lambda m: m.generation, same, f"region {region}'s map", True, rule)
 

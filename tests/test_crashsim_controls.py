@@ -1,15 +1,19 @@
 """Negative controls (checkers with teeth): every broken variant in the manifest is caught, with a minimal replayable trace."""
 from __future__ import annotations
 
+import json
+
 import attrs
 import pytest
 
 from lamina.crashsim.cli import main
 from lamina.crashsim.controls import CONTROLS, variant
+from lamina.crashsim.errors import BadPlan
 from lamina.crashsim.explore import Budget, Model, Plan
-from lamina.crashsim.runner import _first_failure, replay, run_task
+from lamina.crashsim.runner import _first_failure, minimize_outcomes, plan_fails, replay, run_task
 from lamina.crashsim.workloads import get_workload
 import lamina.impl.image as image_module
+import lamina.impl.layers as layers_module
 from lamina.spec import protocol
 
 # Failing plans the simulator found and shrank, saved as regression tests.  Op
@@ -61,14 +65,17 @@ def test_saved_failures_still_fail_and_pass_without_the_variant(text):
 
 
 def test_variants_restore_what_they_patch():
-    before = (image_module.commit_maps, image_module.write_root, protocol.select_map, protocol.reconcile_region,
-              image_module.Image._ensure_intents)
+    def patched() -> tuple:
+        return (image_module.commit_maps, image_module.write_root, image_module.select_root, image_module.select_map,
+                protocol.select_map, protocol.select_root, protocol.write_root, protocol.reconcile_region,
+                image_module.Image._ensure_intents, layers_module._copy_absent, layers_module._durable_file,
+                layers_module.unreferenced_files)
+
+    before = patched()
     for name in CONTROLS:
         with variant(name):
             pass
-    after = (image_module.commit_maps, image_module.write_root, protocol.select_map, protocol.reconcile_region,
-             image_module.Image._ensure_intents)
-    assert before == after
+    assert before == patched()
 
 
 def test_cli_replay_reproduces_a_control_failure(capsys):
@@ -77,3 +84,23 @@ def test_cli_replay_reproduces_a_control_failure(capsys):
     out = capsys.readouterr().out
     # Both map copies torn: the read-only check before recovery already names it as corruption.
     assert "corruption:map-unrecoverable" in out and "no valid copy" in out and "torn g" in out
+
+
+def test_a_failure_of_a_crashed_recovery_shrinks_to_a_plan_that_replays(capsys):
+    """A failure that needs a tear inside recovery: `run` exits 1 with a shrunk plan, never 5 (a bad plan of its own)."""
+    assert 1 == main(["run", "multi-region", "--model", "torn", "--control", "recovery-root-copy-fsync", "--output", "json"])
+    failure = json.loads(capsys.readouterr().out)["results"][0]["failures"][0]
+    plan = Plan.parse(failure["plan"])
+    assert plan.recovery_crash is not None and plan.dropped_steps  # steps dropped although the failure is in recovery
+    assert failure["message"] == replay(plan)[1]
+
+
+def test_the_shrinker_skips_candidates_that_do_not_fit_their_trace():
+    """Keeping the crash's torn op changes the recovery's ops: that candidate names recovery ops that do not exist."""
+    plan = Plan.parse("v=recovery-root-copy-fsync/w=overwrite/m=torn/s=0/p=23/o=21t:ngnggonn,22k/rp=11/ro=7t:oooooooo,9t:gooooooo")
+    assert plan_fails(plan)
+    with pytest.raises(BadPlan):
+        replay(attrs.evolve(plan, outcomes=()))
+    assert not plan_fails(attrs.evolve(plan, outcomes=()))
+    assert plan_fails(minimize_outcomes(plan, plan_fails))
+    assert plan_fails(minimize_outcomes(plan, plan_fails, "recovery_outcomes"))

@@ -18,6 +18,7 @@ SAME_RULE = {
     "NEG-COMMIT-001": "skip-map-copy-fsync",  # both copies written, one fsync
     "NEG-COMMIT-002": "map-current-slot-first",  # the durable slot written first
     "NEG-COMMIT-003": "trust-unverified-copy",  # recovery without verifying
+    "NEG-COMMIT-004": "prefer-older-copy",  # the lower generation preferred
     "NEG-INTENT-001": "skip-intent",  # data before its intent
     "NEG-INTENT-002": "root-without-barrier",  # root write without the fsync before it
 }

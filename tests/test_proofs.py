@@ -4,6 +4,7 @@ Property IDs are cited by the format document through `properties_markdown()`.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import time
 
@@ -97,8 +98,8 @@ def test_bitvector_arithmetic_flags_a_wrap() -> None:
 
 
 def test_protocol_counterexample_replays_in_the_spec() -> None:
-    """The spec's own select_root, fed the counterexample's copies, also returns a forbidden outcome."""
-    for variant in ("no_fsync_between_slots", "durable_slot_first"):
+    """The spec's own select_root (with the variant's rule), fed the counterexample's copies, also returns a forbidden outcome."""
+    for variant in ("no_fsync_between_slots", "durable_slot_first", "older_copy_preferred"):
         detail = check_crash_refinement(variant).detail
         allowed = re.search(r"allowed: (.*)", detail).group(1).split(" or ")
         replayed = re.search(r"spec's select_root on the encoded copies: (.*)", detail).group(1)
@@ -111,6 +112,21 @@ def test_unverified_recovery_differs_from_the_spec() -> None:
     allowed = re.search(r"allowed: (.*)", detail).group(1).split(" or ")
     replayed = re.search(r"spec's select_root on the encoded copies: (.*)", detail).group(1)
     assert any(replayed.startswith(v + " ") for v in allowed), detail
+
+
+def test_the_proof_decides_with_the_spec_selection_rule() -> None:
+    """One rule for both: on every concrete pair of copies, z3's value of the rule is the spec's `select_root` choice."""
+    from lamina.spec.replication import select_root, slot_1_is_current
+    from lamina.spec.structures import Root, encode_root
+
+    for valid_0, valid_1, gen_0, gen_1 in itertools.product((True, False), (True, False), (1, 2), (1, 2)):
+        symbolic = z3.simplify(slot_1_is_current((z3.BoolVal(valid_0), z3.IntVal(gen_0)), (z3.BoolVal(valid_1), z3.IntVal(gen_1))))
+        assert z3.is_true(symbolic) == bool(slot_1_is_current((valid_0, gen_0), (valid_1, gen_1)))
+        if valid_0 or valid_1:
+            copies = [bytearray(encode_root(Root(generation=g, slot=s, image_uuid=b"\x11" * 16))) for s, g in enumerate((gen_0, gen_1))]
+            for copy, valid in zip(copies, (valid_0, valid_1)):
+                copy[200] ^= 0 if valid else 0xFF
+            assert select_root([bytes(c) for c in copies]).slot == int(z3.is_true(symbolic))
 
 
 def test_commit_model_allowed_outcomes() -> None:

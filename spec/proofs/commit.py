@@ -8,8 +8,9 @@ visible.  The model starts where any open starts: slot 0 holds the durable
 current version 0 (the slot recovery chose), slot 1 holds an equal copy, an
 older valid copy, or garbage.  The protocol then commits `COMMITS` versions;
 z3 picks the crash point, which writes persisted, in which order, and which
-tore.  Recovery is `lamina.spec.replication`'s rule: the valid copy with the
-highest generation, slot 0 on a tie.
+tore.  Recovery is `lamina.spec.replication`'s own rule (`slot_1_is_current`,
+the function `select_root` and `select_map` decide with), applied to the
+symbolic copies: the valid copy with the highest generation, slot 0 on a tie.
 
 Claim (crash refinement): recovery returns exactly the last acknowledged
 version or the one in flight.  A counterexample is replayed through the
@@ -23,7 +24,7 @@ import attrs
 import z3
 
 from ..errors import FormatError
-from ..replication import select_root
+from ..replication import SelectionRule, select_root, slot_1_is_current
 from ..structures import Root, encode_root
 from .core import Outcome, as_bool, as_int, prove
 from .disk import Copy, Fsync, Op, SymbolicDisk, Write, choose
@@ -32,7 +33,12 @@ COMMITS = 4
 FIRST_GENERATION = 2  # version 0; an older copy left in slot 1 has generation 1
 SLOTS = ("slot 0", "slot 1")
 
-Variant = Literal["spec", "no_fsync_between_slots", "durable_slot_first", "unverified_recovery"]
+Variant = Literal["spec", "no_fsync_between_slots", "durable_slot_first", "unverified_recovery", "older_copy_preferred"]
+
+
+def older_copy_preferred(copy_0: tuple, copy_1: tuple):
+    """A broken selection rule (negative control): the spec's rule with generations negated, so the lower one wins."""
+    return slot_1_is_current((copy_0[0], -copy_0[1]), (copy_1[0], -copy_1[1]))
 
 
 @attrs.frozen
@@ -45,11 +51,11 @@ class Recovery:
     slot: z3.ArithRef
 
 
-def recover(slot_0: Copy, slot_1: Copy, verify: bool = True) -> Recovery:
-    """The selection rule of `lamina.spec.replication`: the valid copy with the highest generation."""
+def recover(slot_0: Copy, slot_1: Copy, verify: bool = True, rule: SelectionRule = slot_1_is_current) -> Recovery:
+    """Recovery's choice between the two copies, by the spec's selection rule (`verify` False: no copy is checked)."""
     ok_0 = slot_0.valid if verify else z3.BoolVal(True)
     ok_1 = slot_1.valid if verify else z3.BoolVal(True)
-    take_1 = z3.And(ok_1, z3.Or(z3.Not(ok_0), slot_1.generation > slot_0.generation))
+    take_1 = rule((ok_0, slot_0.generation), (ok_1, slot_1.generation))
     chosen = choose([(take_1, slot_1)], slot_0)
     return Recovery(z3.Or(ok_0, ok_1), chosen.generation, chosen.content, z3.If(take_1, 1, 0))
 
@@ -112,8 +118,12 @@ class CommitModel:
     def is_version(self, rec: Recovery, v: int) -> z3.BoolRef:
         return z3.And(rec.found, rec.generation == FIRST_GENERATION + v, rec.content == self.contents[v])
 
+    @property
+    def rule(self) -> SelectionRule:
+        return older_copy_preferred if self.variant == "older_copy_preferred" else slot_1_is_current
+
     def recovery(self, slot_0: Copy, slot_1: Copy) -> Recovery:
-        return recover(slot_0, slot_1, verify=self.variant != "unverified_recovery")
+        return recover(slot_0, slot_1, verify=self.variant != "unverified_recovery", rule=self.rule)
 
     def name_copy(self, model: z3.ModelRef, copy: Copy) -> str:
         if not as_bool(model, copy.valid):
@@ -130,7 +140,7 @@ class CommitModel:
 
 
 def replay_with_spec(model: z3.ModelRef, cm: CommitModel, slot_0: Copy, slot_1: Copy) -> str:
-    """Encode the two final copies as real root copies and run the spec's `select_root` on them."""
+    """Encode the two final copies as real root copies and run the spec's `select_root` (with the variant's rule) on them."""
     tags = {as_int(model, tag): v for v, tag in enumerate(cm.contents)}
     raw = []
     for slot, copy in enumerate((slot_0, slot_1)):
@@ -142,7 +152,7 @@ def replay_with_spec(model: z3.ModelRef, cm: CommitModel, slot_0: Copy, slot_1: 
             data[200] ^= 0xFF  # a torn copy: its CRC32C no longer matches
         raw.append(bytes(data))
     try:
-        chosen = select_root(raw).value
+        chosen = select_root(raw, cm.rule).value
     except FormatError as exc:
         return f"spec's select_root on the encoded copies: no copy accepted ({type(exc).__name__})"
     assert chosen is not None
