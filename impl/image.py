@@ -39,7 +39,8 @@ from lamina.spec.regionmap import RegionMap, absent_runs, zero_absent
 from lamina.spec.replication import select_map, select_root
 from lamina.spec.storage import File, Storage
 from lamina.spec.references import ChainWalk, ImageContext, check_identity, layer_dir_of, resolve_base
-from lamina.spec.structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root
+from lamina.spec.structures import (BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root,
+                                    next_counter)
 
 from .osfile import OsStorage
 
@@ -576,12 +577,13 @@ class Image:
         """
         if self._content_changed or self.preserve_content:
             return {}
-        self._content_changed = True
-        return {"data_generation": self._root.data_generation + 1}
+        return {"data_generation": next_counter(self._root.data_generation, f"{self.path}: data_generation")}
 
     def _write_root(self, **changes: object) -> None:
-        root = attrs.evolve(self._root, generation=self._root.generation + 1, **changes)
+        root = attrs.evolve(self._root, generation=next_counter(self._root.generation, f"{self.path}: the root's generation"),
+                           **changes)
         self._root_best = write_root(self.file, root, self._root_best, self._unsynced)
+        self._content_changed |= root.data_generation != self._root.data_generation  # only once the bump is written
         self._root = root
         self._geometry = root.geometry
         self._intents = frozenset(root.intents)

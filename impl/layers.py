@@ -35,7 +35,8 @@ from lamina.spec.protocol import read_root_copies, recover
 from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
 from lamina.spec.tree import read_vmstate_chunks, vmstate_matches
-from lamina.spec.structures import BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry
+from lamina.spec.structures import (BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry,
+                                    next_counter)
 
 from .image import Image, RawBase, write_new_layer
 from .osfile import OsStorage
@@ -117,6 +118,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
             raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
         if len(root.snapshots) >= MAX_SNAPSHOTS:
             raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
+    next_id = next_counter(root.next_snapshot_id, f"{path}: next_snapshot_id")
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
         name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=time.time_ns(),
@@ -128,7 +130,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
     storage.link(path, os.path.join(directory, frozen))
     storage.fsync_dir(directory)
     write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
-                                               next_snapshot_id=root.next_snapshot_id + 1))
+                                               next_snapshot_id=next_id))
     return entry
 
 
