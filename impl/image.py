@@ -7,13 +7,14 @@ are loaded, which clusters are dirty) and the guest-facing API.
 """
 from __future__ import annotations
 
+import functools
 import os
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import attrs
 
-from lamina.spec.errors import ImageClosed, InvalidArgument, OutOfBounds, ReadOnlyImage
+from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 from lamina.spec.layout import (
     CLUSTERS_PER_REGION,
     DEFAULT_CLUSTER_BITS,
@@ -68,6 +69,22 @@ class MetadataRegion:
 
 INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
 
+Method = TypeVar("Method", bound=Callable)
+
+
+def _marks_failure(method: Method) -> Method:
+    """A step that stops midway (ENOSPC, EIO) leaves bytes in unknown state: `close` must know (see there)."""
+
+    @functools.wraps(method)
+    def run(self: "Image", *args: object, **kwargs: object) -> object:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self._failed = True
+            raise
+
+    return run  # type: ignore[return-value]
+
 
 class RawBase:
     """A raw file as the bottom of a chain: its bytes are the guest's, and it is never written."""
@@ -103,6 +120,7 @@ class Image:
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
         self._unsynced = False
         self._content_changed = False  # whether data_generation was bumped since open
+        self._failed = False  # a mutating step failed midway since open
         self.preserve_content = False  # set by merges: they copy bytes the guest already sees
 
     # ----------------------------------------------------------------- life cycle
@@ -178,14 +196,25 @@ class Image:
             raise
 
     def close(self) -> None:
-        """Flush, empty the intent list, and make both root copies durable."""
+        """Flush, empty the intent list, and make both root copies durable.
+
+        After a step that failed midway, the regions in the intent list may
+        hold bytes no map accounts for, so they stay listed (F-PROTO-001) and
+        the next writable open reconciles them; the root is still written
+        again, so that both copies are current and `check` sees pending work,
+        not a root update cut short.
+        """
         if self._file is None:
             return
         try:
             if self._writable:
-                self.flush()
-                if self._root.intents:
-                    self._write_root(intents=())
+                try:
+                    self.flush()
+                    if self._root.intents and not self._failed:
+                        self._write_root(intents=())
+                finally:
+                    if self._failed:
+                        self._write_root()
                 if self._unsynced:
                     self._file.fsync()
                     self._unsynced = False
@@ -302,6 +331,7 @@ class Image:
         """Drop a range; it reads as zero afterwards."""
         self.write_zeroes(offset, length)
 
+    @_marks_failure
     def flush(self) -> None:
         """Make every write so far durable: checksum dirty clusters, then commit their maps."""
         self._check_open()
@@ -329,6 +359,7 @@ class Image:
         self._unsynced = True
         self._dirty.clear()
 
+    @_marks_failure
     def resize(self, virtual_size: int) -> None:
         """Grow or shrink the guest disk; the root write that records the new size is the switch."""
         self._check_writable()
@@ -384,6 +415,7 @@ class Image:
             pos = stop
         return out
 
+    @_marks_failure
     def discard_own(self, offset: int, length: int) -> None:
         """Drop this layer's own sectors in a range so that the base shows through (used by commit).
 
@@ -582,11 +614,29 @@ class Image:
     def _write_root(self, **changes: object) -> None:
         root = attrs.evolve(self._root, generation=next_counter(self._root.generation, f"{self.path}: the root's generation"),
                            **changes)
-        self._root_best = write_root(self.file, root, self._root_best, self._unsynced)
+        try:
+            self._root_best = write_root(self.file, root, self._root_best, self._unsynced)
+        except BaseException:
+            self._failed = True
+            self._reload_root()
+            raise
         self._content_changed |= root.data_generation != self._root.data_generation  # only once the bump is written
         self._root = root
         self._geometry = root.geometry
         self._intents = frozenset(root.intents)
+        self._unsynced = True
+
+    def _reload_root(self) -> None:
+        """After a root write failed midway, which copy is current is on disk: the next write must spare it (rule 2)."""
+        try:
+            selection = select_root(read_root_copies(self.file))
+        except LaminaError:
+            return  # unreadable now: the error being raised says why; a writable open recovers
+        chosen = selection.value
+        if chosen is not None and chosen.generation > self._root.generation:
+            self._content_changed |= chosen.data_generation != self._root.data_generation
+            self._root, self._geometry, self._intents = chosen, chosen.geometry, frozenset(chosen.intents)
+        self._root_best = selection.slot
         self._unsynced = True
 
     def _mark(self, pos: int, stop: int, present: bool) -> None:
@@ -599,11 +649,13 @@ class Image:
         clusters = self._dirty.setdefault(region, set())
         clusters.update(range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1))
 
+    @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
         self.file.pwrite(self.geometry.guest_to_file(pos), data)
         self._unsynced = True
         self._mark(pos, pos + len(data), True)
 
+    @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:
         """Punch the bytes; over a base the sectors stay present (as holes) so the base does not show through."""
         self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
@@ -618,16 +670,18 @@ def write_new_layer(storage: Storage, path: str, root: Root) -> None:
         storage.unlink(temporary)  # left by a crash during an earlier create: never visible, never used
     file = storage.create(temporary)
     try:
-        file.truncate(root.geometry.file_length)
-        for slot in (0, 1):
-            file.pwrite(root_copy_offset(slot), encode_root(attrs.evolve(root, slot=slot)))
-        file.fsync()
+        try:
+            file.truncate(root.geometry.file_length)
+            for slot in (0, 1):
+                file.pwrite(root_copy_offset(slot), encode_root(attrs.evolve(root, slot=slot)))
+            file.fsync()
+        finally:
+            file.close()
+        storage.rename(temporary, path)
     except BaseException:
-        file.close()
-        storage.unlink(temporary)
+        if storage.exists(temporary):
+            storage.unlink(temporary)
         raise
-    file.close()
-    storage.rename(temporary, path)
     storage.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

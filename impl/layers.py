@@ -34,7 +34,7 @@ from lamina.spec.references import (
 from lamina.spec.protocol import read_root_copies, recover
 from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
-from lamina.spec.tree import read_vmstate_chunks, vmstate_matches
+from lamina.spec.tree import read_vmstate_chunks, root_of, vmstate_matches
 from lamina.spec.structures import (BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry,
                                     next_counter)
 
@@ -82,11 +82,35 @@ def _durable_file(storage: Storage, path: str, data: bytes) -> None:
         storage.unlink(temporary)
     file = storage.create(temporary)
     try:
-        file.pwrite(0, data)
-        file.fsync()
-    finally:
-        file.close()
-    storage.rename(temporary, path)
+        try:
+            file.pwrite(0, data)
+            file.fsync()
+        finally:
+            file.close()
+        storage.rename(temporary, path)
+    except BaseException:
+        _remove(storage, [temporary])
+        raise
+
+
+def _remove(storage: Storage, paths: list[str]) -> None:
+    """Undo the files a failed operation made before its switch; what this cannot remove, a writable open does."""
+    try:
+        for path in paths:
+            if storage.exists(path):
+                storage.unlink(path)
+        for directory in sorted({os.path.dirname(p) for p in paths}):
+            storage.fsync_dir(directory)
+    except LaminaError:
+        pass  # the error being raised already says what failed
+
+
+def _is_top(storage: Storage, path: str, image_uuid: bytes) -> bool:
+    """Whether the layer file under `path` is still the one with `image_uuid` (the switch has not happened)."""
+    try:
+        return root_of(storage, path).image_uuid == image_uuid
+    except LaminaError:
+        return False
 
 
 def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
@@ -124,13 +148,21 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
         name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=time.time_ns(),
         vm_clock_ns=vm_clock_ns, disk_size=root.virtual_size, vmstate_size=len(vmstate or b""),
         vmstate_crc=crc32c.crc32c(vmstate) if vmstate else 0)
-    if vmstate:
-        _durable_file(storage, os.path.join(directory, vmstate_file_name(root.image_uuid)), vmstate)
     frozen = layer_file_name(root.image_uuid)
-    storage.link(path, os.path.join(directory, frozen))
-    storage.fsync_dir(directory)
-    write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
-                                               next_snapshot_id=next_id))
+    made: list[str] = []
+    try:
+        if vmstate:
+            made.append(os.path.join(directory, vmstate_file_name(root.image_uuid)))
+            _durable_file(storage, made[-1], vmstate)
+        made.append(os.path.join(directory, frozen))
+        storage.link(path, made[-1])
+        storage.fsync_dir(directory)
+        write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
+                                                   next_snapshot_id=next_id))
+    except BaseException:
+        if _is_top(storage, path, root.image_uuid):  # before the switch: nothing references what was made
+            _remove(storage, made)
+        raise
     return entry
 
 
@@ -254,17 +286,22 @@ def _unshare(storage: Storage, path: str) -> None:
     temporary = path + ".creating"
     if storage.exists(temporary):
         storage.unlink(temporary)
-    target = storage.create(temporary)
     try:
-        target.truncate(source.size())
-        for offset, length in source.data_extents():
-            for pos in range(offset, offset + length, CHUNK):
-                target.pwrite(pos, source.pread(pos, min(CHUNK, offset + length - pos)))
-        target.fsync()
+        target = storage.create(temporary)
+        try:
+            target.truncate(source.size())
+            for offset, length in source.data_extents():
+                for pos in range(offset, offset + length, CHUNK):
+                    target.pwrite(pos, source.pread(pos, min(CHUNK, offset + length - pos)))
+            target.fsync()
+        finally:
+            target.close()
+        storage.rename(temporary, path)
+    except BaseException:
+        _remove(storage, [temporary])
+        raise
     finally:
         source.close()
-        target.close()
-    storage.rename(temporary, path)
     storage.fsync_dir(os.path.dirname(path))
 
 
@@ -299,13 +336,20 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
         current = current_root.base_path
     new_context = ImageContext.for_top(new_path)
     directory = _ensure_layer_dir(storage, new_path)
-    for name_ in chain:
-        target = os.path.join(directory, name_)
-        if not storage.exists(target):
-            storage.link(os.path.join(context.layer_dir, name_), target)
-    storage.fsync_dir(directory)
-    parent = _layer_root(storage, new_context, layer)
-    write_new_layer(storage, new_path, _child_root(parent, layer))
+    made: list[str] = []
+    try:
+        for name_ in chain:
+            target = os.path.join(directory, name_)
+            if not storage.exists(target):
+                storage.link(os.path.join(context.layer_dir, name_), target)
+                made.append(target)
+        storage.fsync_dir(directory)
+        parent = _layer_root(storage, new_context, layer)
+        write_new_layer(storage, new_path, _child_root(parent, layer))
+    except BaseException:
+        if not storage.exists(new_path):  # before the switch: the links serve nothing
+            _remove(storage, made)
+        raise
 
 
 # ---------------------------------------------------------------------------- commit and rebase

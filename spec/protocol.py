@@ -82,10 +82,11 @@ def commit_maps(file: File, geometry: Geometry, maps: list[RegionMap], image_uui
         first = 1 - m.best_slot
         file.pwrite(geometry.map_copy_offset(m.region, first), encode_map_copy(m.to_copy(first, image_uuid), geometry))
     file.fsync()
+    for m in maps:  # the first copies are durable: they are the current ones, even if a second write fails
+        m.best_slot = 1 - m.best_slot
     for m in maps:
-        second = m.best_slot
+        second = 1 - m.best_slot
         file.pwrite(geometry.map_copy_offset(m.region, second), encode_map_copy(m.to_copy(second, image_uuid), geometry))
-        m.best_slot = 1 - second
 
 
 def cluster_crc(data: bytes, mask: int) -> int:
