@@ -7,6 +7,7 @@ are loaded, which clusters are dirty) and the guest-facing API.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import uuid
@@ -105,8 +106,10 @@ class Image:
     """A Lamina image opened for guest I/O.  Use `Image.create` or `Image.open`."""
 
     def __init__(self, path: str, file: File, root: Root, root_best: int, writable: bool,
-                 storage: Storage, context: ImageContext, base: "Image | RawBase | None" = None) -> None:
+                 storage: Storage, context: ImageContext, base: "Image | RawBase | None" = None,
+                 force_share: bool = False) -> None:
         self.path = path
+        self.force_share = force_share  # a read-only inspection that takes no lock anywhere in the chain (-U)
         self._file: File | None = file
         self._root = root
         self._geometry = root.geometry
@@ -152,8 +155,17 @@ class Image:
     @classmethod
     def open(cls, path: str, readonly: bool = False, storage: Storage | None = None,
              allow_bases: tuple[str, ...] = (), context: ImageContext | None = None,
-             walk: ChainWalk | None = None) -> "Image":
-        """Open an image and its chain of bases; a writable open recovers it from any crash first."""
+             walk: ChainWalk | None = None, lock: bool = True, force_share: bool = False) -> "Image":
+        """Open an image and its chain of bases; a writable open recovers it from any crash first.
+
+        The image's file is locked exclusive for a writer and shared for a
+        reader, and every base below shared (R11).  `lock=False` skips the
+        lock on this file alone: the caller holds it (`image_lock`).
+        `force_share` takes no lock anywhere, for read-only inspection at
+        the caller's risk (`-U/--force-share`, as with qemu-img).
+        """
+        if force_share and not readonly:
+            raise InvalidArgument(f"{path}: -U/--force-share is only for read-only opens")
         storage = storage or OsStorage()
         context = context or ImageContext.for_top(path, allow_bases)
         walk = walk or ChainWalk()
@@ -161,6 +173,8 @@ class Image:
         file = storage.open(path, writable=not readonly)
         base: Image | RawBase | None = None
         try:
+            if lock and not force_share:
+                file.lock(exclusive=not readonly)
             if readonly:
                 selection = select_root(read_root_copies(file))
                 assert selection.value is not None
@@ -174,8 +188,8 @@ class Image:
                     from .layers import recover_layers
 
                     recover_layers(path, storage)
-            base = open_base(root, context, storage, walk, path)
-            image = cls(path, file, root, best, not readonly, storage, context, base)
+            base = open_base(root, context, storage, walk, path, force_share)
+            image = cls(path, file, root, best, not readonly, storage, context, base, force_share)
             if not readonly:
                 unknown = root.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0)
                 if unknown:
@@ -443,7 +457,7 @@ class Image:
         """Open the base again after its reference or contents changed."""
         if self.base is not None:
             self.base.close()
-        self.base = open_base(self._root, self.context, self._storage, ChainWalk(), self.path)
+        self.base = open_base(self._root, self.context, self._storage, ChainWalk(), self.path, self.force_share)
 
     def read_padded(self, offset: int, length: int) -> bytes:
         """Like `read`, with bytes past the virtual size read as zero."""
@@ -630,7 +644,7 @@ class Image:
         """After a root write failed midway, which copy is current is on disk: the next write must spare it (rule 2)."""
         try:
             selection = select_root(read_root_copies(self.file))
-        except LaminaError:
+        except (LaminaError, OSError):
             return  # unreadable now: the error being raised says why; a writable open recovers
         chosen = selection.value
         if chosen is not None and chosen.generation > self._root.generation:
@@ -685,21 +699,25 @@ def write_new_layer(storage: Storage, path: str, root: Root) -> None:
     storage.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWalk, where: str) -> "Image | RawBase | None":
-    """Open a layer's base read-only, after checking that it may be followed and is the one recorded."""
+def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWalk, where: str,
+              force_share: bool = False) -> "Image | RawBase | None":
+    """Open a layer's base read-only and locked shared, after checking that it may be followed and is the one recorded."""
     real = resolve_base(root, context, where, storage)
     if real is None:
         return None
     if root.base_kind == BASE_RAW:
         walk.visit(real, where)
-        raw = RawBase(real, storage.open(real, writable=False))
+        file = storage.open(real, writable=False)
+        raw = RawBase(real, file)
         try:
+            if not force_share:
+                file.lock(exclusive=False)
             check_identity(root, None, raw.virtual_size, where)
         except BaseException:
             raw.close()
             raise
         return raw
-    base = Image.open(real, readonly=True, storage=storage, context=context, walk=walk)
+    base = Image.open(real, readonly=True, storage=storage, context=context, walk=walk, force_share=force_share)
     try:
         if root.flags & FLAG_COMMITTING:  # the commit in flight writes the base: its generation moves on
             root = attrs.evolve(root, base_data_generation=base.root.data_generation)
@@ -708,6 +726,22 @@ def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWa
         base.close()
         raise
     return base
+
+
+@contextlib.contextmanager
+def image_lock(path: str, exclusive: bool, storage: Storage | None = None) -> Iterator[None]:
+    """Hold an image's lock across an operation that opens and closes it several times, or reads it through the spec.
+
+    Opens inside pass `lock=False`: the lock held here, on its own open
+    file, keeps every other process out until the operation ends.
+    """
+    storage = storage or OsStorage()
+    file = storage.open(path, writable=exclusive)
+    try:
+        file.lock(exclusive)
+        yield
+    finally:
+        file.close()
 
 
 def reference_base(root: Root, base: str, base_format: str | None, context: ImageContext, storage: Storage) -> Root:

@@ -13,10 +13,12 @@ format document, section "Layers"):
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import time
 import uuid as uuidlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import attrs
 import crc32c
@@ -38,7 +40,7 @@ from lamina.spec.tree import read_vmstate_chunks, root_of, vmstate_matches
 from lamina.spec.structures import (BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry,
                                     next_counter)
 
-from .image import Image, RawBase, write_new_layer
+from .image import Image, RawBase, image_lock, write_new_layer
 from .osfile import OsStorage
 
 CHUNK = 1 << 20
@@ -58,6 +60,28 @@ class VmStateCorrupt(LaminaError):
 
 def _storage(storage: Storage | None) -> Storage:
     return storage or OsStorage()
+
+
+Operation = TypeVar("Operation", bound=Callable)
+
+
+def _holding_lock(exclusive: bool) -> Callable[[Operation], Operation]:
+    """Hold the image's lock for a whole operation: its steps open and close the image several times,
+    and no other process may open it in between (its opens of the image pass `lock=False`)."""
+
+    def wrap(operation: Operation) -> Operation:
+        signature = inspect.signature(operation)
+
+        @functools.wraps(operation)
+        def run(*args: object, **kwargs: object) -> object:
+            bound = signature.bind(*args, **kwargs)
+            storage = bound.arguments["storage"] = _storage(bound.arguments.get("storage"))
+            with image_lock(bound.arguments["path"], exclusive, storage):
+                return operation(*bound.args, **bound.kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
 
 
 def _entry(root: Root, name: str, path: str) -> SnapshotEntry:
@@ -123,6 +147,7 @@ def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
 
 
 # ---------------------------------------------------------------------------- snapshots
+@_holding_lock(exclusive=True)
 def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock_ns: int = 0,
                     storage: Storage | None = None) -> SnapshotEntry:
     """Freeze the current contents as snapshot `name`; the image goes on as an empty layer over it.
@@ -136,7 +161,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
     raw_name = name.encode("utf-8")
     if not 1 <= len(raw_name) <= 255 or "\0" in name or name.isdigit():
         raise InvalidArgument(f"snapshot name {name!r} must be 1 to 255 bytes of UTF-8, not all digits")
-    with Image.open(path, storage=storage) as top:
+    with Image.open(path, storage=storage, lock=False) as top:
         root = top.root
         if root.snapshot(name) is not None:
             raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
@@ -166,18 +191,19 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
     return entry
 
 
-def list_snapshots(path: str, storage: Storage | None = None) -> tuple[SnapshotEntry, ...]:
-    with Image.open(path, readonly=True, storage=storage) as top:
+def list_snapshots(path: str, storage: Storage | None = None, force_share: bool = False) -> tuple[SnapshotEntry, ...]:
+    with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
         return top.root.snapshots
 
 
+@_holding_lock(exclusive=True)
 def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
     """Make the image's contents those of snapshot `name` again; the current contents are dropped.
 
     The switch is the rename of a new empty top over the snapshot's layer.
     """
     storage = _storage(storage)
-    with Image.open(path, storage=storage) as top:
+    with Image.open(path, storage=storage, lock=False) as top:
         root = top.root
         entry = _entry(root, name, path)
         frozen = layer_file_name(entry.layer_uuid)
@@ -188,9 +214,9 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     collect_garbage(path, storage)
 
 
-def _vmstate(path: str, name: str, storage: Storage) -> tuple[str, SnapshotEntry]:
+def _vmstate(path: str, name: str, storage: Storage, force_share: bool = False) -> tuple[str, SnapshotEntry]:
     """The verified VM-state file of a snapshot (checked before any byte is used)."""
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
         entry = _entry(top.root, name, path)
         vm_path = os.path.join(top.context.layer_dir, vmstate_file_name(entry.layer_uuid))
     if entry.vmstate_size and not vmstate_matches(storage, vm_path, entry):
@@ -204,10 +230,10 @@ def read_vmstate(path: str, name: str, storage: Storage | None = None) -> bytes:
     return b"".join(read_vmstate_chunks(storage, vm_path, entry)) if entry.vmstate_size else b""
 
 
-def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = None) -> int:
+def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = None, force_share: bool = False) -> int:
     """Copy a snapshot's verified VM state to `outfile` in bounded memory; return its size."""
     storage = _storage(storage)
-    vm_path, entry = _vmstate(path, name, storage)
+    vm_path, entry = _vmstate(path, name, storage, force_share)
     with open(outfile, "xb") as out:
         if entry.vmstate_size:
             for chunk in read_vmstate_chunks(storage, vm_path, entry):
@@ -220,14 +246,14 @@ def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:
         return layer.root
 
 
-def merge_base_into(child_path: str, context: ImageContext, storage: Storage) -> None:
+def merge_base_into(child_path: str, context: ImageContext, storage: Storage, lock: bool = True) -> None:
     """Copy the sectors of a child's base layer that the child lacks into the child, then point it past the base.
 
     The guest contents of the child never change: every sector copied
     already read the same through the base.  So a crash at any point leaves
     the child as it was, and the final root write is the switch.
     """
-    with Image.open(child_path, storage=storage, context=context) as child:
+    with Image.open(child_path, storage=storage, context=context, lock=lock) as child:
         child.preserve_content = True
         base = child.base
         assert isinstance(base, Image)
@@ -254,10 +280,11 @@ def _copy_absent(child: Image, source: Image | RawBase, start: int, end: int) ->
             pos += step
 
 
+@_holding_lock(exclusive=True)
 def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
     """Drop snapshot `name`; layers built on it get its sectors first, so no branch changes content."""
     storage = _storage(storage)
-    with Image.open(path, storage=storage) as top:
+    with Image.open(path, storage=storage, lock=False) as top:
         root, context = top.root, top.context
     entry = _entry(root, name, path)
     frozen = layer_file_name(entry.layer_uuid)
@@ -270,8 +297,8 @@ def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     for child in children:
         if child != path and storage.stat(child).nlink > 1:
             _unshare(storage, child)
-        merge_base_into(child, context, storage)
-    with Image.open(path, storage=storage) as top:
+        merge_base_into(child, context, storage, lock=child != path)
+    with Image.open(path, storage=storage, lock=False) as top:
         top.set_root(snapshots=tuple(s for s in top.root.snapshots if s.id != entry.id))
     collect_garbage(path, storage)
 
@@ -306,6 +333,7 @@ def _unshare(storage: Storage, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------- clones
+@_holding_lock(exclusive=False)
 def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -> None:
     """A new writable image over snapshot `name`, independent of the source from then on.
 
@@ -316,7 +344,7 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
     storage = _storage(storage)
     if storage.exists(new_path):
         raise InvalidArgument(f"{new_path}: already exists")
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, lock=False) as top:
         entry = _entry(top.root, name, path)
         context = top.context
     chain = []
@@ -353,6 +381,7 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
 
 
 # ---------------------------------------------------------------------------- commit and rebase
+@_holding_lock(exclusive=True)
 def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
     """Write the top's sectors into its base (a file the user chose, never a snapshot) and empty the top.
 
@@ -361,7 +390,7 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
     finishes an interrupted commit.
     """
     storage = _storage(storage)
-    with Image.open(path, storage=storage, allow_bases=allow_bases) as top:
+    with Image.open(path, storage=storage, allow_bases=allow_bases, lock=False) as top:
         if top.root.base_kind == BASE_NONE:
             raise InvalidArgument(f"{path}: has no base to commit into")
         if LAYER_NAME.match(top.root.base_path):
@@ -382,6 +411,11 @@ def finish_commit(top: Image) -> None:
         base_size = target.virtual_size
     else:
         handle = top._storage.open(real, writable=True)
+        try:
+            handle.lock(exclusive=True)
+        except BaseException:
+            handle.close()
+            raise
         base_size = handle.size()
 
         def write(offset: int, data: bytes) -> None:
@@ -422,13 +456,14 @@ def _copy_range(write, read, start: int, end: int) -> None:
         pos += step
 
 
+@_holding_lock(exclusive=True)
 def rebase(path: str, new_base: str | None, base_format: str | None = None, unsafe: bool = False,
            storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
     """Put the image on another base.  Safe mode first copies every sector where old and new bases differ."""
     from .image import reference_base
 
     storage = _storage(storage)
-    with Image.open(path, storage=storage, allow_bases=allow_bases) as top:
+    with Image.open(path, storage=storage, allow_bases=allow_bases, lock=False) as top:
         probe = attrs.evolve(top.root, base_kind=BASE_NONE, base_path="", base_uuid=bytes(16), base_data_generation=0,
                              base_size=0)
         new_root = reference_base(probe, new_base, base_format, top.context, storage) if new_base else probe
@@ -488,9 +523,12 @@ class _NoImage:
 
 # ---------------------------------------------------------------------------- garbage
 def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
-    """Names in the layer directory that the image reaches: snapshot layers, their VM state, every chain member."""
+    """Names in the layer directory that the image reaches: snapshot layers, their VM state, every chain member.
+
+    Its callers hold the image (a writable open, an operation): so it takes no lock of its own.
+    """
     storage = _storage(storage)
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, lock=False) as top:
         context, root = top.context, top.root
     names: set[str] = set()
     pending = [root.base_path] if LAYER_NAME.match(root.base_path) else []
@@ -561,19 +599,19 @@ def parse_target(text: str) -> tuple[str, str | None]:
 
 
 def open_target(text: str, storage: Storage | None = None, readonly: bool = True,
-                allow_bases: tuple[str, ...] = ()) -> Image:
+                allow_bases: tuple[str, ...] = (), force_share: bool = False) -> Image:
     """Open `IMAGE` or the frozen layer of `IMAGE@SNAPSHOT` (read-only), with its chain."""
     storage = _storage(storage)
     path, snap = parse_target(text)
     if snap is None:
-        return Image.open(path, readonly=readonly, storage=storage, allow_bases=allow_bases)
+        return Image.open(path, readonly=readonly, storage=storage, allow_bases=allow_bases, force_share=force_share)
     if not readonly:
         raise InvalidArgument(f"{text}: a snapshot is read-only")
     context = ImageContext.for_top(path, allow_bases)
-    with Image.open(path, readonly=True, storage=storage, context=context) as top:
+    with Image.open(path, readonly=True, storage=storage, context=context, force_share=force_share) as top:
         entry = _entry(top.root, snap, path)
     return Image.open(os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid)), readonly=True,
-                      storage=storage, context=context)
+                      storage=storage, context=context, force_share=force_share)
 
 
 def _chain(image: Image) -> list[Image]:
@@ -632,10 +670,10 @@ def _merge(ranges) -> Iterator[tuple[int, int]]:
         yield current
 
 
-def tree(path: str, storage: Storage | None = None) -> dict:
+def tree(path: str, storage: Storage | None = None, force_share: bool = False) -> dict:
     """The image's layers as nested nodes: bases at the root, snapshots, and the current state."""
     storage = _storage(storage)
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
         root, context = top.root, top.context
         disk_usage = os.stat(path).st_blocks * 512 if os.path.exists(path) else 0
     nodes: dict[str, dict] = {}
