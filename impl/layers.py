@@ -65,9 +65,13 @@ def _storage(storage: Storage | None) -> Storage:
 Operation = TypeVar("Operation", bound=Callable)
 
 
-def _holding_lock(exclusive: bool) -> Callable[[Operation], Operation]:
+def _holding_lock(exclusive: bool, collect: bool = False) -> Callable[[Operation], Operation]:
     """Hold the image's lock for a whole operation: its steps open and close the image several times,
-    and no other process may open it in between (its opens of the image pass `lock=False`)."""
+    and no other process may open it in between (its opens of the image pass `lock=False`).
+
+    With `collect`, the files the operation leaves unreferenced are removed at its end, also when
+    it fails after its switch (a root write whose second copy failed is done all the same).
+    """
 
     def wrap(operation: Operation) -> Operation:
         signature = inspect.signature(operation)
@@ -75,9 +79,21 @@ def _holding_lock(exclusive: bool) -> Callable[[Operation], Operation]:
         @functools.wraps(operation)
         def run(*args: object, **kwargs: object) -> object:
             bound = signature.bind(*args, **kwargs)
+            path = bound.arguments["path"]
             storage = bound.arguments["storage"] = _storage(bound.arguments.get("storage"))
-            with image_lock(bound.arguments["path"], exclusive, storage):
-                return operation(*bound.args, **bound.kwargs)
+            with image_lock(path, exclusive, storage):
+                try:
+                    result = operation(*bound.args, **bound.kwargs)
+                except BaseException:
+                    if collect:
+                        try:
+                            collect_garbage(path, storage)
+                        except LaminaError:
+                            pass  # the error being raised says what failed; a writable open collects later
+                    raise
+                if collect:
+                    collect_garbage(path, storage)
+                return result
 
         return run  # type: ignore[return-value]
 
@@ -196,7 +212,7 @@ def list_snapshots(path: str, storage: Storage | None = None, force_share: bool 
         return top.root.snapshots
 
 
-@_holding_lock(exclusive=True)
+@_holding_lock(exclusive=True, collect=True)
 def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
     """Make the image's contents those of snapshot `name` again; the current contents are dropped.
 
@@ -211,7 +227,6 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
                         context=top.context) as layer:
             new_root = _child_root(layer.root, frozen, snapshots=root.snapshots, next_snapshot_id=root.next_snapshot_id)
     write_new_layer(storage, path, new_root)
-    collect_garbage(path, storage)
 
 
 def _vmstate(path: str, name: str, storage: Storage, force_share: bool = False) -> tuple[str, SnapshotEntry]:
@@ -280,7 +295,7 @@ def _copy_absent(child: Image, source: Image | RawBase, start: int, end: int) ->
             pos += step
 
 
-@_holding_lock(exclusive=True)
+@_holding_lock(exclusive=True, collect=True)
 def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
     """Drop snapshot `name`; layers built on it get its sectors first, so no branch changes content."""
     storage = _storage(storage)
@@ -300,7 +315,6 @@ def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
         merge_base_into(child, context, storage, lock=child != path)
     with Image.open(path, storage=storage, lock=False) as top:
         top.set_root(snapshots=tuple(s for s in top.root.snapshots if s.id != entry.id))
-    collect_garbage(path, storage)
 
 
 def _unshare(storage: Storage, path: str) -> None:
@@ -456,7 +470,7 @@ def _copy_range(write, read, start: int, end: int) -> None:
         pos += step
 
 
-@_holding_lock(exclusive=True)
+@_holding_lock(exclusive=True, collect=True)
 def rebase(path: str, new_base: str | None, base_format: str | None = None, unsafe: bool = False,
            storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
     """Put the image on another base.  Safe mode first copies every sector where old and new bases differ."""
@@ -485,7 +499,6 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
         top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,
                      base_data_generation=new_root.base_data_generation, base_size=new_root.base_size,
                      base_visible=min(new_root.base_size, top.virtual_size))
-    collect_garbage(path, storage)
 
 
 def _differing_sectors(a: bytes, b: bytes) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ import pytest
 
 from lamina.impl.cli import main
 from lamina.impl.image import Image
-from lamina.impl.layers import create_snapshot, open_target
+from lamina.impl.layers import clone, create_snapshot, delete_snapshot, open_target, revert_snapshot
 from lamina.impl.osfile import OsStorage, StorageError
 from lamina.spec.errors import LaminaError
 from lamina.spec.layout import SECTOR_SIZE
@@ -154,5 +154,47 @@ def test_a_failed_operation_leaves_a_consistent_image(tmp_path, fail_at, capsys)
     if snapshotted:
         _assert_old_or_new(_readable(path, "s"), *seen["s"])
     with Image.open(path) as image:  # a writable open recovers
+        image.write(0, b"\x5a" * 4096)
+    assert 0 == main(["check", path]), capsys.readouterr().out
+
+
+def _snapshots(path: str) -> dict[str, bytes]:
+    with Image.open(path, readonly=True) as image:
+        names = [e.text_name for e in image.root.snapshots]
+    return {name: _readable(path, name) for name in names}
+
+
+@pytest.mark.parametrize("fail_at", range(1, OPERATIONS))
+def test_a_failed_management_operation_leaves_a_consistent_tree(tmp_path, fail_at, capsys):
+    """Snapshot delete (a merge), clone and revert, each failing at every step in turn."""
+    path, copy = str(tmp_path / "disk.lam"), str(tmp_path / "copy.lam")
+    with Image.create(path, SIZE, 4096) as image:
+        image.write(0, pattern(1, 12288))
+    create_snapshot(path, "a")
+    with Image.open(path) as image:
+        image.write(4096, pattern(2, 8192))
+    create_snapshot(path, "b")
+    before, current = _snapshots(path), _readable(path, None)
+    disk = FullDisk(fail_at)
+    try:
+        delete_snapshot(path, "a", storage=disk)
+        clone(path, "b", copy, storage=disk)
+        revert_snapshot(path, "b", storage=disk)
+    except LaminaError as exc:
+        assert "no space left" in str(exc)
+    else:
+        assert disk.count < OPERATIONS
+        return
+    assert 0 == main(["check", path]), capsys.readouterr().out
+    after = _snapshots(path)
+    assert set(after) <= set(before) and "b" in after
+    assert all(before[name] == data for name, data in after.items())
+    assert _readable(path, None) in (current, before["b"])  # reverted or not, nothing in between
+    if os.path.exists(copy):
+        assert 0 == main(["check", copy]), capsys.readouterr().out
+        assert before["b"] == _readable(copy, None)
+    else:
+        assert not os.path.exists(copy + ".layers") or os.listdir(copy + ".layers") == []
+    with Image.open(path) as image:
         image.write(0, b"\x5a" * 4096)
     assert 0 == main(["check", path]), capsys.readouterr().out
