@@ -3,13 +3,6 @@
 `impl/` and the spec's `check` only ever touch an image through these
 methods, so the crash simulator can put a recording backend in place of the
 operating system's and replay any prefix, subset or tear of the operations.
-
-Locks (R11) are taken on open files, as QEMU takes them: the writer of an
-image holds an exclusive lock on its file, every reader (a layer below a
-writer included) a shared one, so two writers, or a writer and a reader,
-never use one file at once.  A lock belongs to the open file, not to the
-process (on Linux an OFD lock), so two opens inside one process conflict too,
-and closing another descriptor of the same file never drops it.
 """
 from __future__ import annotations
 
@@ -49,7 +42,14 @@ class File(Protocol):
 
     def lock(self, exclusive: bool) -> None:
         """Lock the whole file, shared or exclusive, without waiting; raise ImageLocked when another
-        open file holds a conflicting lock.  `close` releases it."""
+        open file holds a conflicting lock.  `close` releases it.
+
+        As QEMU locks its images (R11): the writer of an image holds an
+        exclusive lock on its file, every reader (a layer below a writer
+        included) a shared one.  A lock belongs to the open file, not to the
+        process (on Linux an OFD lock), so two opens in one process conflict
+        too, and closing another descriptor of the same file never drops it.
+        """
 
     def close(self) -> None: ...
 
