@@ -250,8 +250,20 @@ class MemFile:
     def data_extents(self) -> list[tuple[int, int]]:
         return self._data.data_extents()
 
+    def lock(self, exclusive: bool) -> None:
+        """The in-memory equivalent of an OFD lock: held by this open file until it is closed."""
+        from lamina.spec.errors import ImageLocked
+
+        holders = self._storage.locks.setdefault(self.inode, {})
+        others = [held for holder, held in holders.items() if holder is not self]
+        if others and (exclusive or any(others)):
+            raise ImageLocked(f"{self.path}: is locked by another process (use -U/--force-share for read-only inspection)")
+        holders[self] = exclusive
+
     def close(self) -> None:
-        pass
+        holders = self._storage.locks.get(self.inode)
+        if holders:
+            holders.pop(self, None)
 
     def _check_writable(self) -> None:
         if not self.writable:
@@ -264,6 +276,7 @@ class MemStorage:
     def __init__(self, state: DiskState | None = None, trace: Trace | None = None) -> None:
         self.state = DiskState() if state is None else state
         self.trace = trace
+        self.locks: dict[int, dict[MemFile, bool]] = {}  # inode -> open files holding a lock -> exclusive
 
     def record(self, op: Op) -> None:
         if self.trace is not None:

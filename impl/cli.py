@@ -22,7 +22,7 @@ from lamina.spec.tree import check_tree, repair_tree
 
 from .convert import convert, detect_format
 from . import layers
-from .image import Image
+from .image import Image, image_lock
 from .iocmd import run_command
 from .osfile import OsStorage
 from .sizes import format_size, parse_size
@@ -57,7 +57,15 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace, readonly: bool = True) -> Image:
-    return layers.open_target(args.image, readonly=readonly, allow_bases=tuple(getattr(args, "allow_base", None) or ()))
+    return layers.open_target(args.image, readonly=readonly, allow_bases=tuple(getattr(args, "allow_base", None) or ()),
+                              force_share=_force_share(args, readonly))
+
+
+def _force_share(args: argparse.Namespace, readonly: bool = True) -> bool:
+    """`-U`: inspect without the shared lock, as `qemu-img -U` does; a command that writes cannot."""
+    if getattr(args, "force_share", False) and not readonly:
+        raise InvalidArgument("-U/--force-share is only for read-only inspection (with io: add -r)")
+    return getattr(args, "force_share", False)
 
 
 def _snapshot_json(entry) -> dict:
@@ -73,7 +81,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 vmstate = f.read()
         layers.create_snapshot(args.image, args.name, vmstate, args.vm_clock or 0)
     elif args.action == "list":
-        entries = layers.list_snapshots(args.image)
+        entries = layers.list_snapshots(args.image, force_share=_force_share(args))
         rows = ["ID        TAG                 VM SIZE                DATE       VM CLOCK     DISK SIZE"]
         for e in entries:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.creation_time_ns / 1e9))
@@ -87,7 +95,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     elif args.action == "delete":
         layers.delete_snapshot(args.image, args.name)
     elif args.action == "vmstate":
-        size = layers.save_vmstate(args.image, args.name, args.outfile)
+        size = layers.save_vmstate(args.image, args.name, args.outfile, force_share=_force_share(args))
         print(f"{size} bytes of VM state written to {args.outfile}")
     return EXIT_OK
 
@@ -109,7 +117,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    with layers.open_target(args.a) as a, layers.open_target(args.b) as b:
+    share = _force_share(args)
+    with layers.open_target(args.a, force_share=share) as a, layers.open_target(args.b, force_share=share) as b:
         ranges = [{"start": lo, "length": hi - lo} for lo, hi in layers.diff(a, b)]
     text = "\n".join(f"{hex(r['start']):<16}{hex(r['length']):<16}" for r in ranges)
     _emit(args, ranges, ("Offset          Length\n" + text) if ranges else "The images are identical.")
@@ -118,7 +127,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     if args.tree:
-        data = layers.tree(layers.parse_target(args.image)[0])
+        data = layers.tree(layers.parse_target(args.image)[0], force_share=_force_share(args))
         _emit(args, data, layers.draw_tree(data))
         return EXIT_OK
     with _open(args) as image:
@@ -185,7 +194,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     storage = OsStorage()
     allowed = tuple(args.allow_base or ())
     if args.repair:
-        before, after = repair_tree(args.image, storage, allowed)
+        _force_share(args, readonly=False)
+        with image_lock(args.image, True, storage):
+            before, after = repair_tree(args.image, storage, allowed)
+
         def problems(r: CheckReport) -> int:
             return len(r.corruptions) + len(r.degraded) + len(r.leaks)
 
@@ -196,7 +208,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                 + _describe(after)) if before.findings else _describe(after)
         _emit(args, data, text)
         return after.exit_code
-    report = check_tree(args.image, storage, allowed)
+    if args.force_share:
+        report = check_tree(args.image, storage, allowed)
+    else:
+        with image_lock(args.image, False, storage):
+            report = check_tree(args.image, storage, allowed)
     _emit(args, report.to_json(), _describe(report))
     return report.exit_code
 
@@ -222,7 +238,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src_format = args.f or detect_format(args.src)
     bar = tqdm(total=None, unit="B", unit_scale=True, disable=not args.progress, desc="convert")
     try:
-        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar.update)
+        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar.update,
+                force_share=_force_share(args))
     finally:
         bar.close()
     return EXIT_OK
@@ -257,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     def output(p: argparse.ArgumentParser) -> None:
         p.add_argument("--output", choices=("human", "json"), default="human")
 
+    def share(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-U", "--force-share", action="store_true",
+                       help="read without the shared lock, even while another process writes (results may be inconsistent)")
+
     def allow(p: argparse.ArgumentParser) -> None:
         p.add_argument("--allow-base", action="append", metavar="PATH",
                        help="a base outside the image's directory that may be followed")
@@ -279,12 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q = snap.add_parser("list")
     output(q)
+    share(q)
     q.add_argument("image")
     for action in ("revert", "delete"):
         q = snap.add_parser(action)
         q.add_argument("image")
         q.add_argument("name")
     q = snap.add_parser("vmstate")
+    share(q)
     q.add_argument("image")
     q.add_argument("name")
     q.add_argument("outfile")
@@ -311,12 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diff", help="guest ranges that differ between two images or snapshots (IMAGE@SNAP)")
     output(p)
+    share(p)
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(run=cmd_diff)
 
     p = sub.add_parser("info", help="show an image's geometry and state; --tree draws its layers")
     output(p)
+    share(p)
     p.add_argument("--tree", action="store_true")
     allow(p)
     p.add_argument("image")
@@ -325,12 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="verify an image and its layers; exit 0/1/2/3 as qemu-img check")
     output(p)
     p.add_argument("--repair", action="store_true", help="restore damaged metadata from its good copy, reclaim leaks")
+    share(p)
     p.add_argument("--allow-base", action="append", metavar="PATH", help="a base outside the image's directory to follow")
     p.add_argument("image")
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("map", help="list guest extents (and metadata regions)")
     output(p)
+    share(p)
     allow(p)
     p.add_argument("--metadata", action="store_true", help="also list every metadata copy in the file")
     p.add_argument("image")
@@ -341,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-O", choices=("raw", "lamina"), default="lamina", help="target format")
     p.add_argument("--cluster-size", default="64k")
     p.add_argument("-p", "--progress", action="store_true")
+    share(p)
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(run=cmd_convert)
@@ -354,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("io", help="run qemu-io-like commands: -c 'write -P 0xab 0 64k'")
     p.add_argument("-c", action="append", metavar="CMD")
     p.add_argument("-r", "--read-only", action="store_true")
+    share(p)
     allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_io)

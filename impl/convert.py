@@ -37,8 +37,8 @@ class RawSource:
 
 
 class LaminaSource:
-    def __init__(self, path: str) -> None:
-        self._image = Image.open(path, readonly=True)
+    def __init__(self, path: str, force_share: bool = False) -> None:
+        self._image = Image.open(path, readonly=True, force_share=force_share)
         self.virtual_size = self._image.virtual_size
 
     def data_ranges(self) -> Iterator[tuple[int, int]]:
@@ -54,7 +54,7 @@ class LaminaSource:
 
 
 def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | None = None,
-            cluster_size: int = 1 << 16, progress: Callable[[int], None] | None = None) -> int:
+            cluster_size: int = 1 << 16, progress: Callable[[int], None] | None = None, force_share: bool = False) -> int:
     """Copy the guest contents of `src` into a new `dst`; return the bytes of data written.
 
     Only ranges that hold data are read, and chunks that are all zero are not
@@ -65,7 +65,7 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
         raise InvalidArgument(f"formats must be raw or lamina, not {src_format!r} -> {dst_format!r}")
     if os.path.lexists(dst):
         raise InvalidArgument(f"{dst}: already exists")
-    source = RawSource(src) if src_format == "raw" else LaminaSource(src)
+    source = RawSource(src) if src_format == "raw" else LaminaSource(src, force_share)
     written = 0
     try:
         size = source.virtual_size

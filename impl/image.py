@@ -7,13 +7,15 @@ are loaded, which clusters are dirty) and the guest-facing API.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import attrs
 
-from lamina.spec.errors import ImageClosed, InvalidArgument, OutOfBounds, ReadOnlyImage
+from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 from lamina.spec.layout import (
     CLUSTERS_PER_REGION,
     DEFAULT_CLUSTER_BITS,
@@ -39,7 +41,8 @@ from lamina.spec.regionmap import RegionMap, absent_runs, zero_absent
 from lamina.spec.replication import select_map, select_root
 from lamina.spec.storage import File, Storage
 from lamina.spec.references import ChainWalk, ImageContext, check_identity, layer_dir_of, resolve_base
-from lamina.spec.structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root
+from lamina.spec.structures import (BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root,
+                                    next_counter)
 
 from .osfile import OsStorage
 
@@ -67,6 +70,22 @@ class MetadataRegion:
 
 INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
 
+Method = TypeVar("Method", bound=Callable)
+
+
+def _marks_failure(method: Method) -> Method:
+    """A step that stops midway (ENOSPC, EIO) leaves bytes in unknown state: `close` must know (see there)."""
+
+    @functools.wraps(method)
+    def run(self: "Image", *args: object, **kwargs: object) -> object:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self._failed = True
+            raise
+
+    return run  # type: ignore[return-value]
+
 
 class RawBase:
     """A raw file as the bottom of a chain: its bytes are the guest's, and it is never written."""
@@ -87,8 +106,10 @@ class Image:
     """A Lamina image opened for guest I/O.  Use `Image.create` or `Image.open`."""
 
     def __init__(self, path: str, file: File, root: Root, root_best: int, writable: bool,
-                 storage: Storage, context: ImageContext, base: "Image | RawBase | None" = None) -> None:
+                 storage: Storage, context: ImageContext, base: "Image | RawBase | None" = None,
+                 force_share: bool = False) -> None:
         self.path = path
+        self.force_share = force_share  # a read-only inspection that takes no lock anywhere in the chain (-U)
         self._file: File | None = file
         self._root = root
         self._geometry = root.geometry
@@ -102,6 +123,7 @@ class Image:
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
         self._unsynced = False
         self._content_changed = False  # whether data_generation was bumped since open
+        self._failed = False  # a mutating step failed midway since open
         self.preserve_content = False  # set by merges: they copy bytes the guest already sees
 
     # ----------------------------------------------------------------- life cycle
@@ -133,8 +155,17 @@ class Image:
     @classmethod
     def open(cls, path: str, readonly: bool = False, storage: Storage | None = None,
              allow_bases: tuple[str, ...] = (), context: ImageContext | None = None,
-             walk: ChainWalk | None = None) -> "Image":
-        """Open an image and its chain of bases; a writable open recovers it from any crash first."""
+             walk: ChainWalk | None = None, lock: bool = True, force_share: bool = False) -> "Image":
+        """Open an image and its chain of bases; a writable open recovers it from any crash first.
+
+        The image's file is locked exclusive for a writer and shared for a
+        reader, and every base below shared (R11).  `lock=False` skips the
+        lock on this file alone: the caller holds it (`image_lock`).
+        `force_share` takes no lock anywhere, for read-only inspection at
+        the caller's risk (`-U/--force-share`, as with qemu-img).
+        """
+        if force_share and not readonly:
+            raise InvalidArgument(f"{path}: -U/--force-share is only for read-only opens")
         storage = storage or OsStorage()
         context = context or ImageContext.for_top(path, allow_bases)
         walk = walk or ChainWalk()
@@ -142,6 +173,8 @@ class Image:
         file = storage.open(path, writable=not readonly)
         base: Image | RawBase | None = None
         try:
+            if lock and not force_share:
+                file.lock(exclusive=not readonly)
             if readonly:
                 selection = select_root(read_root_copies(file))
                 root, best = selection.current(), selection.slot
@@ -154,8 +187,8 @@ class Image:
                     from .layers import recover_layers
 
                     recover_layers(path, storage)
-            base = open_base(root, context, storage, walk, path)
-            image = cls(path, file, root, best, not readonly, storage, context, base)
+            base = open_base(root, context, storage, walk, path, force_share)
+            image = cls(path, file, root, best, not readonly, storage, context, base, force_share)
             if not readonly:
                 unknown = root.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0)
                 if unknown:
@@ -176,14 +209,25 @@ class Image:
             raise
 
     def close(self) -> None:
-        """Flush, empty the intent list, and make both root copies durable."""
+        """Flush, empty the intent list, and make both root copies durable.
+
+        After a step that failed midway, the regions in the intent list may
+        hold bytes no map accounts for, so they stay listed (F-PROTO-001) and
+        the next writable open reconciles them; the root is still written
+        again, so that both copies are current and `check` sees pending work,
+        not a root update cut short.
+        """
         if self._file is None:
             return
         try:
             if self._writable:
-                self.flush()
-                if self._root.intents:
-                    self._write_root(intents=())
+                try:
+                    self.flush()
+                    if self._root.intents and not self._failed:
+                        self._write_root(intents=())
+                finally:
+                    if self._failed:
+                        self._write_root()
                 if self._unsynced:
                     self._file.fsync()
                     self._unsynced = False
@@ -300,6 +344,7 @@ class Image:
         """Drop a range; it reads as zero afterwards."""
         self.write_zeroes(offset, length)
 
+    @_marks_failure
     def flush(self) -> None:
         """Make every write so far durable: checksum dirty clusters, then commit their maps."""
         self._check_open()
@@ -327,6 +372,7 @@ class Image:
         self._unsynced = True
         self._dirty.clear()
 
+    @_marks_failure
     def resize(self, virtual_size: int) -> None:
         """Grow or shrink the guest disk; the root write that records the new size is the switch."""
         self._check_writable()
@@ -382,6 +428,7 @@ class Image:
             pos = stop
         return out
 
+    @_marks_failure
     def discard_own(self, offset: int, length: int) -> None:
         """Drop this layer's own sectors in a range so that the base shows through (used by commit).
 
@@ -409,7 +456,7 @@ class Image:
         """Open the base again after its reference or contents changed."""
         if self.base is not None:
             self.base.close()
-        self.base = open_base(self._root, self.context, self._storage, ChainWalk(), self.path)
+        self.base = open_base(self._root, self.context, self._storage, ChainWalk(), self.path, self.force_share)
 
     def read_padded(self, offset: int, length: int) -> bytes:
         """Like `read`, with bytes past the virtual size read as zero."""
@@ -575,15 +622,34 @@ class Image:
         """
         if self._content_changed or self.preserve_content:
             return {}
-        self._content_changed = True
-        return {"data_generation": self._root.data_generation + 1}
+        return {"data_generation": next_counter(self._root.data_generation, f"{self.path}: data_generation")}
 
     def _write_root(self, **changes: object) -> None:
-        root = attrs.evolve(self._root, generation=self._root.generation + 1, **changes)
-        self._root_best = write_root(self.file, root, self._root_best, self._unsynced)
+        root = attrs.evolve(self._root, generation=next_counter(self._root.generation, f"{self.path}: the root's generation"),
+                           **changes)
+        try:
+            self._root_best = write_root(self.file, root, self._root_best, self._unsynced)
+        except BaseException:
+            self._failed = True
+            self._reload_root()
+            raise
+        self._content_changed |= root.data_generation != self._root.data_generation  # only once the bump is written
         self._root = root
         self._geometry = root.geometry
         self._intents = frozenset(root.intents)
+        self._unsynced = True
+
+    def _reload_root(self) -> None:
+        """After a root write failed midway, which copy is current is on disk: the next write must spare it (rule 2)."""
+        try:
+            selection = select_root(read_root_copies(self.file))
+        except (LaminaError, OSError):
+            return  # unreadable now: the error being raised says why; a writable open recovers
+        chosen = selection.value
+        if chosen is not None and chosen.generation > self._root.generation:
+            self._content_changed |= chosen.data_generation != self._root.data_generation
+            self._root, self._geometry, self._intents = chosen, chosen.geometry, frozenset(chosen.intents)
+        self._root_best = selection.slot
         self._unsynced = True
 
     def _mark(self, pos: int, stop: int, present: bool) -> None:
@@ -596,11 +662,13 @@ class Image:
         clusters = self._dirty.setdefault(region, set())
         clusters.update(range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1))
 
+    @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
         self.file.pwrite(self.geometry.guest_to_file(pos), data)
         self._unsynced = True
         self._mark(pos, pos + len(data), True)
 
+    @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:
         """Punch the bytes; over a base the sectors stay present (as holes) so the base does not show through."""
         self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
@@ -615,34 +683,40 @@ def write_new_layer(storage: Storage, path: str, root: Root) -> None:
         storage.unlink(temporary)  # left by a crash during an earlier create: never visible, never used
     file = storage.create(temporary)
     try:
-        file.truncate(root.geometry.file_length)
-        for slot in (0, 1):
-            file.pwrite(root_copy_offset(slot), encode_root(attrs.evolve(root, slot=slot)))
-        file.fsync()
+        try:
+            file.truncate(root.geometry.file_length)
+            for slot in (0, 1):
+                file.pwrite(root_copy_offset(slot), encode_root(attrs.evolve(root, slot=slot)))
+            file.fsync()
+        finally:
+            file.close()
+        storage.rename(temporary, path)
     except BaseException:
-        file.close()
-        storage.unlink(temporary)
+        if storage.exists(temporary):
+            storage.unlink(temporary)
         raise
-    file.close()
-    storage.rename(temporary, path)
     storage.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWalk, where: str) -> "Image | RawBase | None":
-    """Open a layer's base read-only, after checking that it may be followed and is the one recorded."""
+def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWalk, where: str,
+              force_share: bool = False) -> "Image | RawBase | None":
+    """Open a layer's base read-only and locked shared, after checking that it may be followed and is the one recorded."""
     real = resolve_base(root, context, where, storage)
     if real is None:
         return None
     if root.base_kind == BASE_RAW:
         walk.visit(real, where)
-        raw = RawBase(real, storage.open(real, writable=False))
+        file = storage.open(real, writable=False)
+        raw = RawBase(real, file)
         try:
+            if not force_share:
+                file.lock(exclusive=False)
             check_identity(root, None, raw.virtual_size, where)
         except BaseException:
             raw.close()
             raise
         return raw
-    base = Image.open(real, readonly=True, storage=storage, context=context, walk=walk)
+    base = Image.open(real, readonly=True, storage=storage, context=context, walk=walk, force_share=force_share)
     try:
         if root.flags & FLAG_COMMITTING:  # the commit in flight writes the base: its generation moves on
             root = attrs.evolve(root, base_data_generation=base.root.data_generation)
@@ -651,6 +725,22 @@ def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWa
         base.close()
         raise
     return base
+
+
+@contextlib.contextmanager
+def image_lock(path: str, exclusive: bool, storage: Storage | None = None) -> Iterator[None]:
+    """Hold an image's lock across an operation that opens and closes it several times, or reads it through the spec.
+
+    Opens inside pass `lock=False`: the lock held here, on its own open
+    file, keeps every other process out until the operation ends.
+    """
+    storage = storage or OsStorage()
+    file = storage.open(path, writable=exclusive)
+    try:
+        file.lock(exclusive)
+        yield
+    finally:
+        file.close()
 
 
 def reference_base(root: Root, base: str, base_format: str | None, context: ImageContext, storage: Storage) -> Root:

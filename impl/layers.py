@@ -13,10 +13,12 @@ format document, section "Layers"):
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import time
 import uuid as uuidlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import attrs
 import crc32c
@@ -35,10 +37,11 @@ from lamina.spec.references import (
 from lamina.spec.protocol import read_root_copies, recover
 from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
-from lamina.spec.tree import read_vmstate_chunks, vmstate_matches
-from lamina.spec.structures import BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry
+from lamina.spec.tree import read_vmstate_chunks, root_of, vmstate_matches
+from lamina.spec.structures import (BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry,
+                                    next_counter)
 
-from .image import Image, RawBase, write_new_layer
+from .image import Image, RawBase, image_lock, write_new_layer
 from .osfile import OsStorage
 
 CHUNK = 1 << 20
@@ -58,6 +61,44 @@ class VmStateCorrupt(LaminaError):
 
 def _storage(storage: Storage | None) -> Storage:
     return storage or OsStorage()
+
+
+Operation = TypeVar("Operation", bound=Callable)
+
+
+def _holding_lock(exclusive: bool, collect: bool = False) -> Callable[[Operation], Operation]:
+    """Hold the image's lock for a whole operation: its steps open and close the image several times,
+    and no other process may open it in between (its opens of the image pass `lock=False`).
+
+    With `collect`, the files the operation leaves unreferenced are removed at its end, also when
+    it fails after its switch (a root write whose second copy failed is done all the same).
+    """
+
+    def wrap(operation: Operation) -> Operation:
+        signature = inspect.signature(operation)
+
+        @functools.wraps(operation)
+        def run(*args: object, **kwargs: object) -> object:
+            bound = signature.bind(*args, **kwargs)
+            path = bound.arguments["path"]
+            storage = bound.arguments["storage"] = _storage(bound.arguments.get("storage"))
+            with image_lock(path, exclusive, storage):
+                try:
+                    result = operation(*bound.args, **bound.kwargs)
+                except BaseException:
+                    if collect:
+                        try:
+                            collect_garbage(path, storage)
+                        except LaminaError:
+                            pass  # the error being raised says what failed; a writable open collects later
+                    raise
+                if collect:
+                    collect_garbage(path, storage)
+                return result
+
+        return run  # type: ignore[return-value]
+
+    return wrap
 
 
 def _entry(root: Root, name: str, path: str) -> SnapshotEntry:
@@ -82,11 +123,35 @@ def _durable_file(storage: Storage, path: str, data: bytes) -> None:
         storage.unlink(temporary)
     file = storage.create(temporary)
     try:
-        file.pwrite(0, data)
-        file.fsync()
-    finally:
-        file.close()
-    storage.rename(temporary, path)
+        try:
+            file.pwrite(0, data)
+            file.fsync()
+        finally:
+            file.close()
+        storage.rename(temporary, path)
+    except BaseException:
+        _remove(storage, [temporary])
+        raise
+
+
+def _remove(storage: Storage, paths: list[str]) -> None:
+    """Undo the files a failed operation made before its switch; what this cannot remove, a writable open does."""
+    try:
+        for path in paths:
+            if storage.exists(path):
+                storage.unlink(path)
+        for directory in sorted({os.path.dirname(p) for p in paths}):
+            storage.fsync_dir(directory)
+    except LaminaError:
+        pass  # the error being raised already says what failed
+
+
+def _is_top(storage: Storage, path: str, image_uuid: bytes) -> bool:
+    """Whether the layer file under `path` is still the one with `image_uuid` (the switch has not happened)."""
+    try:
+        return root_of(storage, path).image_uuid == image_uuid
+    except LaminaError:
+        return False
 
 
 def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
@@ -99,6 +164,7 @@ def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
 
 
 # ---------------------------------------------------------------------------- snapshots
+@_holding_lock(exclusive=True)
 def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock_ns: int = 0,
                     storage: Storage | None = None) -> SnapshotEntry:
     """Freeze the current contents as snapshot `name`; the image goes on as an empty layer over it.
@@ -112,39 +178,49 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
     raw_name = name.encode("utf-8")
     if not 1 <= len(raw_name) <= 255 or "\0" in name or name.isdigit():
         raise InvalidArgument(f"snapshot name {name!r} must be 1 to 255 bytes of UTF-8, not all digits")
-    with Image.open(path, storage=storage) as top:
+    with Image.open(path, storage=storage, lock=False) as top:
         root = top.root
         if root.snapshot(name) is not None:
             raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
         if len(root.snapshots) >= MAX_SNAPSHOTS:
             raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
+    next_id = next_counter(root.next_snapshot_id, f"{path}: next_snapshot_id")
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
         name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=time.time_ns(),
         vm_clock_ns=vm_clock_ns, disk_size=root.virtual_size, vmstate_size=len(vmstate or b""),
         vmstate_crc=crc32c.crc32c(vmstate) if vmstate else 0)
-    if vmstate:
-        _durable_file(storage, os.path.join(directory, vmstate_file_name(root.image_uuid)), vmstate)
     frozen = layer_file_name(root.image_uuid)
-    storage.link(path, os.path.join(directory, frozen))
-    storage.fsync_dir(directory)
-    write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
-                                               next_snapshot_id=root.next_snapshot_id + 1))
+    made: list[str] = []
+    try:
+        if vmstate:
+            made.append(os.path.join(directory, vmstate_file_name(root.image_uuid)))
+            _durable_file(storage, made[-1], vmstate)
+        made.append(os.path.join(directory, frozen))
+        storage.link(path, made[-1])
+        storage.fsync_dir(directory)
+        write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
+                                                   next_snapshot_id=next_id))
+    except BaseException:
+        if _is_top(storage, path, root.image_uuid):  # before the switch: nothing references what was made
+            _remove(storage, made)
+        raise
     return entry
 
 
-def list_snapshots(path: str, storage: Storage | None = None) -> tuple[SnapshotEntry, ...]:
-    with Image.open(path, readonly=True, storage=storage) as top:
+def list_snapshots(path: str, storage: Storage | None = None, force_share: bool = False) -> tuple[SnapshotEntry, ...]:
+    with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
         return top.root.snapshots
 
 
+@_holding_lock(exclusive=True, collect=True)
 def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
     """Make the image's contents those of snapshot `name` again; the current contents are dropped.
 
     The switch is the rename of a new empty top over the snapshot's layer.
     """
     storage = _storage(storage)
-    with Image.open(path, storage=storage) as top:
+    with Image.open(path, storage=storage, lock=False) as top:
         root = top.root
         entry = _entry(root, name, path)
         frozen = layer_file_name(entry.layer_uuid)
@@ -152,12 +228,11 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
                         context=top.context) as layer:
             new_root = _child_root(layer.root, frozen, snapshots=root.snapshots, next_snapshot_id=root.next_snapshot_id)
     write_new_layer(storage, path, new_root)
-    collect_garbage(path, storage)
 
 
-def _vmstate(path: str, name: str, storage: Storage) -> tuple[str, SnapshotEntry]:
+def _vmstate(path: str, name: str, storage: Storage, force_share: bool = False) -> tuple[str, SnapshotEntry]:
     """The verified VM-state file of a snapshot (checked before any byte is used)."""
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
         entry = _entry(top.root, name, path)
         vm_path = os.path.join(top.context.layer_dir, vmstate_file_name(entry.layer_uuid))
     if entry.vmstate_size and not vmstate_matches(storage, vm_path, entry):
@@ -171,10 +246,10 @@ def read_vmstate(path: str, name: str, storage: Storage | None = None) -> bytes:
     return b"".join(read_vmstate_chunks(storage, vm_path, entry)) if entry.vmstate_size else b""
 
 
-def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = None) -> int:
+def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = None, force_share: bool = False) -> int:
     """Copy a snapshot's verified VM state to `outfile` in bounded memory; return its size."""
     storage = _storage(storage)
-    vm_path, entry = _vmstate(path, name, storage)
+    vm_path, entry = _vmstate(path, name, storage, force_share)
     with open(outfile, "xb") as out:
         if entry.vmstate_size:
             for chunk in read_vmstate_chunks(storage, vm_path, entry):
@@ -187,14 +262,14 @@ def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:
         return layer.root
 
 
-def merge_base_into(child_path: str, context: ImageContext, storage: Storage) -> None:
+def merge_base_into(child_path: str, context: ImageContext, storage: Storage, lock: bool = True) -> None:
     """Copy the sectors of a child's base layer that the child lacks into the child, then point it past the base.
 
     The guest contents of the child never change: every sector copied
     already read the same through the base.  So a crash at any point leaves
     the child as it was, and the final root write is the switch.
     """
-    with Image.open(child_path, storage=storage, context=context) as child:
+    with Image.open(child_path, storage=storage, context=context, lock=lock) as child:
         child.preserve_content = True
         base = child.base
         if not isinstance(base, Image):
@@ -223,10 +298,11 @@ def _copy_absent(child: Image, source: Image | RawBase, start: int, end: int) ->
             pos += step
 
 
+@_holding_lock(exclusive=True, collect=True)
 def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
     """Drop snapshot `name`; layers built on it get its sectors first, so no branch changes content."""
     storage = _storage(storage)
-    with Image.open(path, storage=storage) as top:
+    with Image.open(path, storage=storage, lock=False) as top:
         root, context = top.root, top.context
     entry = _entry(root, name, path)
     frozen = layer_file_name(entry.layer_uuid)
@@ -239,10 +315,9 @@ def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     for child in children:
         if child != path and storage.stat(child).nlink > 1:
             _unshare(storage, child)
-        merge_base_into(child, context, storage)
-    with Image.open(path, storage=storage) as top:
+        merge_base_into(child, context, storage, lock=child != path)
+    with Image.open(path, storage=storage, lock=False) as top:
         top.set_root(snapshots=tuple(s for s in top.root.snapshots if s.id != entry.id))
-    collect_garbage(path, storage)
 
 
 def _unshare(storage: Storage, path: str) -> None:
@@ -255,21 +330,27 @@ def _unshare(storage: Storage, path: str) -> None:
     temporary = path + ".creating"
     if storage.exists(temporary):
         storage.unlink(temporary)
-    target = storage.create(temporary)
     try:
-        target.truncate(source.size())
-        for offset, length in source.data_extents():
-            for pos in range(offset, offset + length, CHUNK):
-                target.pwrite(pos, source.pread(pos, min(CHUNK, offset + length - pos)))
-        target.fsync()
+        target = storage.create(temporary)
+        try:
+            target.truncate(source.size())
+            for offset, length in source.data_extents():
+                for pos in range(offset, offset + length, CHUNK):
+                    target.pwrite(pos, source.pread(pos, min(CHUNK, offset + length - pos)))
+            target.fsync()
+        finally:
+            target.close()
+        storage.rename(temporary, path)
+    except BaseException:
+        _remove(storage, [temporary])
+        raise
     finally:
         source.close()
-        target.close()
-    storage.rename(temporary, path)
     storage.fsync_dir(os.path.dirname(path))
 
 
 # ---------------------------------------------------------------------------- clones
+@_holding_lock(exclusive=False)
 def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -> None:
     """A new writable image over snapshot `name`, independent of the source from then on.
 
@@ -280,7 +361,7 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
     storage = _storage(storage)
     if storage.exists(new_path):
         raise InvalidArgument(f"{new_path}: already exists")
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, lock=False) as top:
         entry = _entry(top.root, name, path)
         context = top.context
     chain = []
@@ -300,16 +381,24 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
         current = current_root.base_path
     new_context = ImageContext.for_top(new_path)
     directory = _ensure_layer_dir(storage, new_path)
-    for name_ in chain:
-        target = os.path.join(directory, name_)
-        if not storage.exists(target):
-            storage.link(os.path.join(context.layer_dir, name_), target)
-    storage.fsync_dir(directory)
-    parent = _layer_root(storage, new_context, layer)
-    write_new_layer(storage, new_path, _child_root(parent, layer))
+    made: list[str] = []
+    try:
+        for name_ in chain:
+            target = os.path.join(directory, name_)
+            if not storage.exists(target):
+                storage.link(os.path.join(context.layer_dir, name_), target)
+                made.append(target)
+        storage.fsync_dir(directory)
+        parent = _layer_root(storage, new_context, layer)
+        write_new_layer(storage, new_path, _child_root(parent, layer))
+    except BaseException:
+        if not storage.exists(new_path):  # before the switch: the links serve nothing
+            _remove(storage, made)
+        raise
 
 
 # ---------------------------------------------------------------------------- commit and rebase
+@_holding_lock(exclusive=True)
 def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
     """Write the top's sectors into its base (a file the user chose, never a snapshot) and empty the top.
 
@@ -318,7 +407,7 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
     finishes an interrupted commit.
     """
     storage = _storage(storage)
-    with Image.open(path, storage=storage, allow_bases=allow_bases) as top:
+    with Image.open(path, storage=storage, allow_bases=allow_bases, lock=False) as top:
         if top.root.base_kind == BASE_NONE:
             raise InvalidArgument(f"{path}: has no base to commit into")
         if LAYER_NAME.match(top.root.base_path):
@@ -341,6 +430,11 @@ def finish_commit(top: Image) -> None:
         base_size = target.virtual_size
     else:
         handle = top._storage.open(real, writable=True)
+        try:
+            handle.lock(exclusive=True)
+        except BaseException:
+            handle.close()
+            raise
         base_size = handle.size()
 
         def write(offset: int, data: bytes) -> None:
@@ -381,13 +475,14 @@ def _copy_range(write, read, start: int, end: int) -> None:
         pos += step
 
 
+@_holding_lock(exclusive=True, collect=True)
 def rebase(path: str, new_base: str | None, base_format: str | None = None, unsafe: bool = False,
            storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
     """Put the image on another base.  Safe mode first copies every sector where old and new bases differ."""
     from .image import reference_base
 
     storage = _storage(storage)
-    with Image.open(path, storage=storage, allow_bases=allow_bases) as top:
+    with Image.open(path, storage=storage, allow_bases=allow_bases, lock=False) as top:
         probe = attrs.evolve(top.root, base_kind=BASE_NONE, base_path="", base_uuid=bytes(16), base_data_generation=0,
                              base_size=0)
         new_root = reference_base(probe, new_base, base_format, top.context, storage) if new_base else probe
@@ -409,7 +504,6 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
         top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,
                      base_data_generation=new_root.base_data_generation, base_size=new_root.base_size,
                      base_visible=min(new_root.base_size, top.virtual_size))
-    collect_garbage(path, storage)
 
 
 def _differing_sectors(a: bytes, b: bytes) -> list[tuple[int, int]]:
@@ -447,9 +541,12 @@ class _NoImage:
 
 # ---------------------------------------------------------------------------- garbage
 def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
-    """Names in the layer directory that the image reaches: snapshot layers, their VM state, every chain member."""
+    """Names in the layer directory that the image reaches: snapshot layers, their VM state, every chain member.
+
+    Its callers hold the image (a writable open, an operation): so it takes no lock of its own.
+    """
     storage = _storage(storage)
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, lock=False) as top:
         context, root = top.context, top.root
     names: set[str] = set()
     pending = [root.base_path] if LAYER_NAME.match(root.base_path) else []
@@ -520,19 +617,19 @@ def parse_target(text: str) -> tuple[str, str | None]:
 
 
 def open_target(text: str, storage: Storage | None = None, readonly: bool = True,
-                allow_bases: tuple[str, ...] = ()) -> Image:
+                allow_bases: tuple[str, ...] = (), force_share: bool = False) -> Image:
     """Open `IMAGE` or the frozen layer of `IMAGE@SNAPSHOT` (read-only), with its chain."""
     storage = _storage(storage)
     path, snap = parse_target(text)
     if snap is None:
-        return Image.open(path, readonly=readonly, storage=storage, allow_bases=allow_bases)
+        return Image.open(path, readonly=readonly, storage=storage, allow_bases=allow_bases, force_share=force_share)
     if not readonly:
         raise InvalidArgument(f"{text}: a snapshot is read-only")
     context = ImageContext.for_top(path, allow_bases)
-    with Image.open(path, readonly=True, storage=storage, context=context) as top:
+    with Image.open(path, readonly=True, storage=storage, context=context, force_share=force_share) as top:
         entry = _entry(top.root, snap, path)
     return Image.open(os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid)), readonly=True,
-                      storage=storage, context=context)
+                      storage=storage, context=context, force_share=force_share)
 
 
 def _chain(image: Image) -> list[Image]:
@@ -591,10 +688,10 @@ def _merge(ranges) -> Iterator[tuple[int, int]]:
         yield current
 
 
-def tree(path: str, storage: Storage | None = None) -> dict:
+def tree(path: str, storage: Storage | None = None, force_share: bool = False) -> dict:
     """The image's layers as nested nodes: bases at the root, snapshots, and the current state."""
     storage = _storage(storage)
-    with Image.open(path, readonly=True, storage=storage) as top:
+    with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
         root, context = top.root, top.context
         disk_usage = os.stat(path).st_blocks * 512 if os.path.exists(path) else 0
     nodes: dict[str, dict] = {}

@@ -45,6 +45,14 @@ class ImageTooLarge(LaminaError):
     """The requested virtual size exceeds the format's maximum or the host file system's limit."""
 
 
+class ImageLocked(LaminaError):
+    """Another open of the image holds a lock that conflicts: one writer, or any number of readers (R11)."""
+
+
+class CounterExhausted(LaminaError):
+    """A counter (a generation or the next snapshot id) is at the format's bound: the step that increments it is refused."""
+
+
 class InvalidArgument(LaminaError):
     """A caller passed a value the operation does not accept (size, offset, cluster size...)."""
 

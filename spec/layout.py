@@ -39,6 +39,9 @@ MAX_SNAPSHOTS = 1024
 MAX_CHAIN_DEPTH = 1000
 MAX_VIRTUAL_SIZE = 1 << 50  # (= 1 PiB)
 MAX_INTENTS = 960
+# Every counter (generations, snapshot ids) stays at most 2^63 - 1, so an increment never overflows its u64
+# field; a million increments a second would take 292,000 years to get there, so only a forged image does.
+MAX_COUNTER = (1 << 63) - 1  # (= 9223372036854775807)
 MAP_HEADER_SIZE = 64
 MAP_CRCS_OFFSET = MAP_HEADER_SIZE  # (= 64)
 MAP_BITMAP_OFFSET = MAP_CRCS_OFFSET + 4 * CLUSTERS_PER_REGION  # (= 576)

@@ -28,7 +28,7 @@ from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE,
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
-from .structures import Root, encode_map_copy, encode_root, root_length_of
+from .structures import Root, encode_map_copy, encode_root, next_counter, root_length_of
 
 
 def read_root_copies(file: File) -> list[bytes]:
@@ -76,15 +76,17 @@ def commit_maps(file: File, geometry: Geometry, maps: list[RegionMap], image_uui
     file.fsync()
     if not maps:
         return
-    for m in maps:
-        m.generation += 1
+    generations = [next_counter(m.generation, f"the map generation of region {m.region}") for m in maps]  # all, before any write
+    for m, generation in zip(maps, generations):
+        m.generation = generation
         first = 1 - m.best_slot
         file.pwrite(geometry.map_copy_offset(m.region, first), encode_map_copy(m.to_copy(first, image_uuid), geometry))
     file.fsync()
+    for m in maps:  # the first copies are durable: they are the current ones, even if a second write fails
+        m.best_slot = 1 - m.best_slot
     for m in maps:
-        second = m.best_slot
+        second = 1 - m.best_slot
         file.pwrite(geometry.map_copy_offset(m.region, second), encode_map_copy(m.to_copy(second, image_uuid), geometry))
-        m.best_slot = 1 - second
 
 
 def cluster_crc(data: bytes, mask: int) -> int:
@@ -149,7 +151,7 @@ def recover(file: File) -> Recovered:
         maps.append(m)
     commit_maps(file, geometry, maps, root.image_uuid)
     if root.intents or selection.problems:
-        root = attrs.evolve(root, intents=(), generation=root.generation + 1)
+        root = attrs.evolve(root, intents=(), generation=next_counter(root.generation, "the root's generation"))
         best = write_root(file, root, best, unsynced=True)
     file.fsync()
     return Recovered(root, best)

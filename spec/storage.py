@@ -40,6 +40,17 @@ class File(Protocol):
     def data_extents(self) -> list[tuple[int, int]]:
         """(offset, length) of the ranges that may hold data; everything else is a hole."""
 
+    def lock(self, exclusive: bool) -> None:
+        """Lock the whole file, shared or exclusive, without waiting; raise ImageLocked when another
+        open file holds a conflicting lock.  `close` releases it.
+
+        As QEMU locks its images (R11): the writer of an image holds an
+        exclusive lock on its file, every reader (a layer below a writer
+        included) a shared one.  A lock belongs to the open file, not to the
+        process (on Linux an OFD lock), so two opens in one process conflict
+        too, and closing another descriptor of the same file never drops it.
+        """
+
     def close(self) -> None: ...
 
 

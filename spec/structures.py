@@ -13,10 +13,11 @@ import attrs
 import crc32c
 
 from .declare import decode_fields, encode_fields, field
-from .errors import BadChecksum, BadMagic, FieldOutOfRange, UnknownIncompatibleFeature, UnsupportedVersion
+from .errors import BadChecksum, BadMagic, CounterExhausted, FieldOutOfRange, UnknownIncompatibleFeature, UnsupportedVersion
 from .layout import (
     CLUSTERS_PER_REGION,
     MAX_BASE_PATH,
+    MAX_COUNTER,
     MAX_SNAPSHOTS,
     ROOT_SLOT_SIZE,
     SNAPSHOT_ENTRY_SIZE,
@@ -63,6 +64,20 @@ KNOWN_FLAGS = FLAG_COMMITTING
 ROOT_RESERVED_TAIL = ROOT_CRC_OFFSET - 3996  # (= 96)
 
 
+COUNTER_RULE = "1 to 2^63 - 1 (`MAX_COUNTER`)"
+
+
+def _counter(value: int) -> bool:
+    return 1 <= value <= MAX_COUNTER
+
+
+def next_counter(value: int, what: str) -> int:
+    """`value + 1`, or a named error at the bound: an increment never wraps and never overflows its field."""
+    if value >= MAX_COUNTER:
+        raise CounterExhausted(f"{what} is at the format's bound 2^63 - 1; the image takes no step that increments it")
+    return value + 1
+
+
 def _pad8(n: int) -> int:
     return -(-n // 8) * 8
 
@@ -71,8 +86,8 @@ def _pad8(n: int) -> int:
 class SnapshotEntry:
     """One snapshot in the root's table: a frozen layer file and what the VM was doing."""
 
-    id: int = field(0, "u64", "snapshot id, unique in the image", constraint=">= 1, below `next_snapshot_id`",
-                    valid=lambda v: v >= 1, default=1)
+    id: int = field(0, "u64", "snapshot id, unique in the image", constraint=f"{COUNTER_RULE}, below `next_snapshot_id`",
+                    valid=_counter, default=1)
     layer_uuid: bytes = field(8, "bytes", "`image_uuid` of the frozen layer file `<uuid hex>.lam`", size=16,
                               constraint="not all zero, unique", valid=lambda v: any(v), default=bytes(16))
     creation_time_ns: int = field(24, "u64", "host time of creation, ns since the Unix epoch", constraint="any", default=0)
@@ -127,7 +142,7 @@ class Root:
                               constraint=f"multiple of {SECTOR_SIZE}, at most 2^50",
                               valid=lambda v: v % SECTOR_SIZE == 0 and v <= MAX_VIRTUAL_SIZE, default=0)
     generation: int = field(24, "u64", "incremented by every root write; the higher valid copy is current",
-                            constraint=">= 1", valid=lambda v: v >= 1, default=1)
+                            constraint=COUNTER_RULE, valid=_counter, default=1)
     incompatible_features: int = field(32, "u64", "features a reader must know to open the image",
                                        constraint="no unknown bit", default=0)
     compatible_features: int = field(40, "u64", "features a reader may ignore",
@@ -145,11 +160,12 @@ class Root:
     base_kind: int = field(84, "u32", "0 no base, 1 a raw file, 2 a Lamina layer",
                            constraint="0, 1 or 2", valid=lambda v: v in (BASE_NONE, BASE_RAW, BASE_LAMINA), default=0)
     data_generation: int = field(88, "u64", "changes whenever the guest contents of this layer may change; children record it",
-                                 constraint=">= 1", valid=lambda v: v >= 1, default=1)
+                                 constraint=COUNTER_RULE, valid=_counter, default=1)
     base_uuid: bytes = field(96, "bytes", "`image_uuid` of a Lamina base", size=16,
                              constraint="zero unless `base_kind` = 2", default=bytes(16))
     base_data_generation: int = field(112, "u64", "`data_generation` of a Lamina base when referenced",
-                                      constraint="zero unless `base_kind` = 2", default=0)
+                                      constraint="zero unless `base_kind` = 2; at most `MAX_COUNTER`",
+                                      valid=lambda v: v <= MAX_COUNTER, default=0)
     base_size: int = field(120, "u64", "virtual size (raw: file size) of the base when referenced",
                            constraint="zero when `base_kind` = 0", default=0)
     intents: tuple[int, ...] = field(128, f"u32[{MAX_INTENTS}]",
@@ -162,7 +178,7 @@ class Root:
     num_snapshots: int = field(3972, "u32", "entries in the snapshot table",
                                constraint=f"at most {MAX_SNAPSHOTS}", valid=lambda v: v <= MAX_SNAPSHOTS, default=0)
     next_snapshot_id: int = field(3976, "u64", "the id the next snapshot gets",
-                                  constraint="greater than every id in the table", valid=lambda v: v >= 1, default=1)
+                                  constraint=f"{COUNTER_RULE}; greater than every id in the table", valid=_counter, default=1)
     flags: int = field(3984, "u32", "bit 0: a commit into the base is in progress",
                        constraint="no unknown bit", valid=lambda v: not v & ~KNOWN_FLAGS, default=0)
     base_visible: int = field(3988, "u64", "the base shows through only below this guest offset; a shrink lowers it, "
@@ -303,7 +319,7 @@ class MapCopy:
     slot: int = field(12, "u32", "0 for copy A (first cluster of the region), 1 for copy B (last)",
                       constraint="equals the copy's position", valid=lambda v: v in (0, 1), default=0)
     generation: int = field(16, "u64", "incremented by every commit of this region; the higher valid copy is current",
-                            constraint=">= 1", valid=lambda v: v >= 1, default=1)
+                            constraint=COUNTER_RULE, valid=_counter, default=1)
     image_uuid: bytes = field(24, "bytes", "the root's `image_uuid`", size=16,
                               constraint="equals the root's", default=bytes(16))
     reserved: bytes = field(40, "bytes", "reserved", size=MAP_CRC_OFFSET - 40, constraint="all zero",
