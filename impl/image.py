@@ -38,7 +38,15 @@ from lamina.spec.protocol import (
 from lamina.spec.regionmap import RegionMap, absent_runs, zero_absent
 from lamina.spec.replication import select_map, select_root
 from lamina.spec.storage import File, Storage
-from lamina.spec.references import ChainWalk, ImageContext, check_identity, layer_dir_of, resolve_base
+from lamina.spec.references import (
+    ChainWalk,
+    ImageContext,
+    check_identity,
+    check_layer_file,
+    layer_dir_of,
+    open_tree_file,
+    resolve_base,
+)
 from lamina.spec.structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root
 
 from .osfile import OsStorage
@@ -139,18 +147,17 @@ class Image:
         context = context or ImageContext.for_top(path, allow_bases)
         walk = walk or ChainWalk()
         walk.visit(os.path.realpath(path), path)
-        file = storage.open(path, writable=not readonly)
+        file = open_tree_file(storage, path, not readonly, context)
         base: Image | RawBase | None = None
         try:
+            selection = select_root(read_root_copies(file))
+            assert selection.value is not None
+            check_layer_file(path, selection.value, context)  # before recovery writes anything into it
             if readonly:
-                selection = select_root(read_root_copies(file))
-                assert selection.value is not None
                 root, best = selection.value, selection.slot
             else:
                 recovered = recover(file)
                 root, best = recovered.root, recovered.root_best_slot
-                if storage.exists(f"{path}.creating"):  # a new top a crash kept from its rename: never visible
-                    storage.unlink(f"{path}.creating")
                 if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
                     from .layers import recover_layers
 
@@ -165,7 +172,7 @@ class Image:
                     from .layers import finish_commit
 
                     finish_commit(image)
-                if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
+                if context.layer_dir == layer_dir_of(os.path.abspath(path)):
                     from .layers import collect_garbage
 
                     collect_garbage(path, storage)
@@ -636,7 +643,7 @@ def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWa
         return None
     if root.base_kind == BASE_RAW:
         walk.visit(real, where)
-        raw = RawBase(real, storage.open(real, writable=False))
+        raw = RawBase(real, open_tree_file(storage, real, False, context))
         try:
             check_identity(root, None, raw.virtual_size, where)
         except BaseException:
@@ -664,7 +671,7 @@ def reference_base(root: Root, base: str, base_format: str | None, context: Imag
         raise InvalidArgument(f"base path is longer than {MAX_BASE_PATH} bytes")
     real = resolve_base(attrs.evolve(root, base_kind=kind, base_path=name), context, "base", storage)
     assert real is not None
-    file = storage.open(real, writable=False)
+    file = open_tree_file(storage, real, False, context)
     try:
         size = file.size()
         if base_format is None and file.pread(0, len(ROOT_MAGIC)) == ROOT_MAGIC:

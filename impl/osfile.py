@@ -7,7 +7,7 @@ import errno
 import os
 import stat
 
-from lamina.spec.errors import ImageTooLarge, InvalidArgument, LaminaError
+from lamina.spec.errors import ImageTooLarge, LaminaError, UnsafeFile
 from lamina.spec.storage import FileStat
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -26,6 +26,15 @@ def _host_error(exc: OSError, what: str, path: str) -> LaminaError:
     if exc.errno == errno.ENOSPC:
         return StorageError(f"{path}: no space left on the host file system ({what})")
     return StorageError(f"{path}: {what}: {exc.strerror}")
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular name is, for a message."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "of another kind"
 
 
 class OsFile:
@@ -104,14 +113,27 @@ class OsFile:
 class OsStorage:
     """Files and directories of the host."""
 
-    def open(self, path: str, writable: bool) -> OsFile:
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> OsFile:
+        """The guarded open of the storage interface: no symlink unless asked, never blocking, a regular file."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
         try:
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            fd = os.open(path, flags)
         except OSError as exc:
+            if exc.errno == errno.ELOOP and not follow_symlinks:
+                raise UnsafeFile(f"{path}: is a symbolic link; refusing to follow it") from None
+            if exc.errno == errno.EISDIR:
+                raise UnsafeFile(f"{path}: is a directory, not a regular file") from None
             raise StorageError(f"{path}: cannot open: {exc.strerror}") from None
-        if not os.path.isfile(path):
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise UnsafeFile(f"{path}: is {_kind(mode)}, not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
             os.close(fd)
-            raise InvalidArgument(f"{path}: not a regular file")
+            raise
         return OsFile(path, fd)
 
     def create(self, path: str) -> OsFile:
@@ -137,14 +159,17 @@ class OsStorage:
         return sorted(os.listdir(path))
 
     def unlink(self, path: str) -> None:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFile(f"{path}: is {_kind(mode)}; only regular files are ever removed")
         os.unlink(path)
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
 
     def stat(self, path: str) -> FileStat:
-        info = os.stat(path)
-        return FileStat(stat.S_ISREG(info.st_mode), info.st_nlink)
+        info = os.lstat(path)
+        return FileStat(stat.S_ISREG(info.st_mode), info.st_nlink, stat.S_ISDIR(info.st_mode))
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
