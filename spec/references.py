@@ -140,7 +140,8 @@ def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage
     except OSError as exc:
         raise BaseReferenceError(f"{where}: base {name!r} cannot be found ({exc.strerror})") from None
     if not info.is_file:
-        raise BaseReferenceError(f"{where}: base {name!r} is not a regular file")
+        raise BaseReferenceError(f"{where}: base {name!r} is not a regular file (a symbolic link, FIFO or directory "
+                                 "is never followed)")
     return real
 
 

@@ -264,8 +264,8 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
                 else "not part of the image (an interrupted operation left it)")
         findings.append(Finding(LEAK, "orphan-file", f"{path} is {what}; a writable open removes it", ("unlink", path)))
     for path in foreign:
-        findings.append(Finding(LEAK, "foreign-file", f"{path} is not a file the format puts there (a symbolic link, "
-                                "FIFO, directory or another name); never removed automatically: remove it by hand"))
+        findings.append(Finding(LEAK, "foreign-file", f"{path} is a foreign file: not one the format puts there (a "
+                                "symbolic link, FIFO, directory or another name); never removed automatically"))
     return CheckReport(tuple(findings), root, regions, clusters, completed)
 
 
