@@ -223,6 +223,14 @@ def test_the_top_may_be_a_symlink_but_nothing_else_is_followed(tmp_path):
         OsStorage().unlink(str(link))
 
 
+def test_convert_follows_a_symlinked_source_and_never_waits_on_a_fifo(tmp_path):
+    (tmp_path / "a.raw").write_bytes(pattern(4, MiB))
+    os.symlink(tmp_path / "a.raw", tmp_path / "link.raw")
+    os.mkfifo(tmp_path / "fifo")
+    assert 0 == lamina("convert", str(tmp_path / "link.raw"), str(tmp_path / "a.lam")).returncode
+    assert_one_line_error(lamina("convert", str(tmp_path / "fifo"), str(tmp_path / "b.lam"), timeout=30), "FIFO")
+
+
 def test_the_simulated_storage_refuses_directories_as_files():
     from lamina.crashsim.memstore import MemStorage
 
