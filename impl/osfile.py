@@ -116,13 +116,12 @@ class OsStorage:
     def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> OsFile:
         """The guarded open of the storage interface: no symlink unless asked, never blocking, a regular file."""
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
-        if not follow_symlinks:
-            flags |= os.O_NOFOLLOW
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, flags) if follow_symlinks else self._open_without_links(path, flags)
         except OSError as exc:
-            if exc.errno == errno.ELOOP and not follow_symlinks:
-                raise UnsafeFile(f"{path}: is a symbolic link; refusing to follow it") from None
+            if not follow_symlinks and exc.errno in (errno.ELOOP, errno.ENOTDIR) and (
+                    os.path.islink(path) or os.path.islink(os.path.dirname(path) or ".")):  # only to name the refusal
+                raise UnsafeFile(f"{path}: the name or its directory is a symbolic link; refusing to follow it") from None
             if exc.errno == errno.EISDIR:
                 raise UnsafeFile(f"{path}: is a directory, not a regular file") from None
             raise StorageError(f"{path}: cannot open: {exc.strerror}") from None
@@ -135,6 +134,15 @@ class OsStorage:
             os.close(fd)
             raise
         return OsFile(path, fd)
+
+    @staticmethod
+    def _open_without_links(path: str, flags: int) -> int:
+        """Open through a descriptor of the directory, following neither it nor the name (no link swapped in between)."""
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.open(os.path.basename(path), flags | os.O_NOFOLLOW, dir_fd=directory)
+        finally:
+            os.close(directory)
 
     def create(self, path: str) -> OsFile:
         try:

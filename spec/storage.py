@@ -8,9 +8,10 @@ Hostile names (R10, F-OPEN-001..003 in the format document).  The interface
 itself is the one guard every opened or removed file goes through, so no
 caller can forget it:
 
-- `open` opens exactly the name given: a symbolic link as its last component
-  is refused unless the caller says `follow_symlinks` (only for the top file
-  the user named, as qemu follows a symlinked image); it never blocks (a
+- `open` opens exactly the name given: a symbolic link as its last component,
+  or as the directory holding it, is refused unless the caller says
+  `follow_symlinks` (only for the top file the user named, as qemu follows a
+  symlinked image); it never blocks (a
   FIFO or device opens without waiting and is then refused); and what it
   opened must be a regular file, judged on the open file itself, not on the
   name (which another process could swap in between);

@@ -221,6 +221,9 @@ def test_the_top_may_be_a_symlink_but_nothing_else_is_followed(tmp_path):
     assert time.perf_counter() - started < 5
     with pytest.raises(UnsafeFile):
         OsStorage().unlink(str(link))
+    os.symlink(tmp_path, tmp_path / "dir-link")
+    with pytest.raises(UnsafeFile, match="directory is a symbolic link"):
+        OsStorage().open(str(tmp_path / "dir-link" / "d.lam"), writable=False)
 
 
 def test_convert_follows_a_symlinked_source_and_never_waits_on_a_fifo(tmp_path):
