@@ -21,7 +21,7 @@ from typing import Iterator
 import attrs
 import crc32c
 
-from lamina.spec.errors import InvalidArgument, LaminaError
+from lamina.spec.errors import InvalidArgument, LaminaError, UnsafeFile
 from lamina.spec.layout import MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
 from lamina.spec.references import (
     LAYER_NAME,
@@ -91,6 +91,13 @@ def _ensure_layer_dir(storage: Storage, top: str) -> str:
     return directory
 
 
+def _require_own_name(storage: Storage, top: str) -> None:
+    """Snapshot create and revert rename a new top over the image's name: through a link they would replace the link."""
+    if not storage.stat(top).is_file:
+        raise UnsafeFile(f"{top}: is a symbolic link or not a regular file; snapshot create and revert replace the "
+                         "image file itself, so name it, not a link to it")
+
+
 def _durable_file(storage: Storage, path: str, data: bytes) -> None:
     """Write a whole small file under `path` atomically (VM state)."""
     temporary = path + ".creating"
@@ -130,6 +137,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
         raise InvalidSnapshotName(f"snapshot name {name!r} {problem}")
     if len(vmstate or b"") > MAX_VMSTATE_SIZE:
         raise InvalidArgument(f"a VM state is at most {MAX_VMSTATE_SIZE} bytes (the format's MAX_VMSTATE_SIZE)")
+    _require_own_name(storage, path)
     with Image.open(path, storage=storage) as top:
         root = top.root
         if root.snapshot(name) is not None:
@@ -162,6 +170,7 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     The switch is the rename of a new empty top over the snapshot's layer.
     """
     storage = _storage(storage)
+    _require_own_name(storage, path)
     with Image.open(path, storage=storage) as top:
         root = top.root
         entry = _entry(root, name, path)

@@ -212,6 +212,8 @@ def test_the_top_may_be_a_symlink_but_nothing_else_is_followed(tmp_path):
     os.symlink(tmp_path / "d.lam", link)
     assert 0 == lamina("io", "-c", "read -P 0xcd 0 4k", str(link)).returncode
     assert 0 == lamina("check", str(link)).returncode
+    assert_one_line_error(lamina("snapshot", "create", str(link), "s"), "symbolic link")  # it would replace the link
+    assert os.path.islink(link) and not os.path.exists(str(link) + ".layers")
     with pytest.raises(UnsafeFile):
         OsStorage().open(str(link), writable=False)
     os.mkfifo(tmp_path / "fifo")
