@@ -182,31 +182,31 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     collect_garbage(path, storage)
 
 
-def _vmstate(path: str, name: str, storage: Storage) -> tuple[str, SnapshotEntry]:
+def _vmstate(path: str, name: str, storage: Storage) -> tuple[str, SnapshotEntry, ImageContext]:
     """The verified VM-state file of a snapshot (checked before any byte is used)."""
     with Image.open(path, readonly=True, storage=storage) as top:
         entry = _entry(top.root, name, path)
-        vm_path = os.path.join(top.context.layer_dir, vmstate_file_name(entry.layer_uuid))
-    problem = vmstate_problem(storage, vm_path, entry, ImageContext.for_top(path)) if entry.vmstate_size else None
+        context = top.context
+        vm_path = os.path.join(context.layer_dir, vmstate_file_name(entry.layer_uuid))
+    problem = vmstate_problem(storage, vm_path, entry, context) if entry.vmstate_size else None
     if problem:
         raise VmStateCorrupt(f"{vm_path}: VM state of snapshot {name!r} {problem}")
-    return vm_path, entry
+    return vm_path, entry, context
 
 
 def read_vmstate(path: str, name: str, storage: Storage | None = None) -> bytes:
     storage = _storage(storage)
-    vm_path, entry = _vmstate(path, name, storage)
-    chunks = read_vmstate_chunks(storage, vm_path, entry, ImageContext.for_top(path))
-    return b"".join(chunks) if entry.vmstate_size else b""
+    vm_path, entry, context = _vmstate(path, name, storage)
+    return b"".join(read_vmstate_chunks(storage, vm_path, entry, context)) if entry.vmstate_size else b""
 
 
 def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = None) -> int:
     """Copy a snapshot's verified VM state to `outfile` in bounded memory; return its size."""
     storage = _storage(storage)
-    vm_path, entry = _vmstate(path, name, storage)
+    vm_path, entry, context = _vmstate(path, name, storage)
     with open(outfile, "xb") as out:
         if entry.vmstate_size:
-            for chunk in read_vmstate_chunks(storage, vm_path, entry, ImageContext.for_top(path)):
+            for chunk in read_vmstate_chunks(storage, vm_path, entry, context):
                 out.write(chunk)
     return entry.vmstate_size
 
