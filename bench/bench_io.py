@@ -101,8 +101,8 @@ class CountingStorage(OsStorage):
         file.fsync = fsync
         return file
 
-    def open(self, path: str, writable: bool):
-        return self._count(super().open(path, writable))
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False):
+        return self._count(super().open(path, writable, follow_symlinks))
 
     def create(self, path: str):
         return self._count(super().create(path))

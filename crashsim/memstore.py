@@ -8,6 +8,7 @@ prefix, subset or tear of the operations can be materialised again later.
 """
 from __future__ import annotations
 
+from lamina.spec.errors import UnsafeFile
 from lamina.spec.storage import FileStat
 
 import os
@@ -282,11 +283,14 @@ class MemStorage:
         if self.trace is not None:
             self.trace.ops.append(op)
 
-    def open(self, path: str, writable: bool) -> MemFile:
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> MemFile:
+        """As the interface says; the simulation has no symlinks or FIFOs, but it has directories, refused as files."""
         from lamina.crashsim.errors import CrashsimError
 
         inode = self.state.names.get(path)
         if inode is None:
+            if self._is_dir(path):
+                raise UnsafeFile(f"{path}: is a directory, not a regular file")
             raise CrashsimError(f"{path}: cannot open: no such file in the simulated directory")
         return MemFile(self, inode, path, writable)
 
@@ -327,6 +331,8 @@ class MemStorage:
         return sorted(names)
 
     def unlink(self, path: str) -> None:
+        if path not in self.state.names and self._is_dir(path):
+            raise UnsafeFile(f"{path}: is a directory; only regular files are ever removed")
         op = Op(UNLINK, _directory_of(path), path=path)
         self.record(op)
         self.state.apply(op)
@@ -337,10 +343,15 @@ class MemStorage:
     def stat(self, path: str) -> FileStat:
         inode = self.state.names.get(path)
         if inode is None:
-            if os.path.abspath(path) in self.state.dirs:
-                return FileStat(False, 1)
+            if self._is_dir(path):
+                return FileStat(False, 1, True)
             raise FileNotFoundError(2, "No such file or directory", path)
         return FileStat(True, sum(1 for i in self.state.names.values() if i == inode))
+
+    def _is_dir(self, path: str) -> bool:
+        """A directory made by mkdir, or one that holds a name (directories exist implicitly)."""
+        where = os.path.abspath(path)
+        return where in self.state.dirs or any(_directory_of(p) == where for p in self.state.names)
 
     def fsync_dir(self, path: str) -> None:
         self.record(Op(FSYNC_DIR, os.path.abspath(path or ".")))

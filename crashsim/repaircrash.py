@@ -129,8 +129,8 @@ class _BrokenRepairStorage:
         self._storage = storage
         self._how = how
 
-    def open(self, path: str, writable: bool):
-        file = self._storage.open(path, writable)
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False):
+        file = self._storage.open(path, writable, follow_symlinks)
         return _BrokenRepairFile(file, self._how) if writable else file
 
     def __getattr__(self, name: str):

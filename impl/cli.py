@@ -29,13 +29,31 @@ from .sizes import format_size, parse_size
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+PROG = "lamina"
+
+
+class UsageError(InvalidArgument):
+    """The command line does not parse: an unknown command, a missing or unknown argument."""
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a usage error; 2 means corruption for `check`, so usage errors raise."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise InvalidArgument(f"{self.prog}: {message}")
+        command = self.prog.removeprefix(PROG).strip()  # "snapshot create" below the top parser
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line the command prints for an error: `lamina: WHAT`, with the file names an OSError carries."""
+    if isinstance(exc, OSError):
+        names = " -> ".join(os.fsdecode(n) if isinstance(n, bytes) else str(n)
+                            for n in (exc.filename, exc.filename2) if n is not None)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        text = f"{names}: {reason}" if names else reason
+    else:
+        text = str(exc) or type(exc).__name__
+    return f"{PROG}: " + " ".join(text.splitlines())
 
 
 def _emit(args: argparse.Namespace, data: object, text: str) -> None:
@@ -268,7 +286,7 @@ def cmd_io(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lamina", description="Lamina virtual-disk images: create, inspect, check, convert, run I/O.")
+    parser = _Parser(prog=PROG, description="Lamina virtual-disk images: create, inspect, check, convert, run I/O.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def output(p: argparse.ArgumentParser) -> None:
@@ -391,16 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 prints escaped, as on stderr
     if argv[:1] == ["resize"] and argv[-1][:1] == "-" and argv[-1][1:2].isdigit():
         argv.insert(len(argv) - 1, "--")  # `resize IMG -1G` shrinks, as with qemu-img
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except LaminaError as exc:
-        print(f"lamina: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        print(f"lamina: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+    except (LaminaError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -15,15 +15,18 @@ CHUNK = 1 << 20
 
 def detect_format(path: str) -> str:
     """`lamina` when the file starts with a root copy's magic, else `raw`."""
-    with open(path, "rb") as f:
-        return "lamina" if f.read(len(ROOT_MAGIC)) == ROOT_MAGIC else "raw"
+    file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
+    try:
+        return "lamina" if file.pread(0, len(ROOT_MAGIC)) == ROOT_MAGIC else "raw"
+    finally:
+        file.close()
 
 
 class RawSource:
     """A raw file read through the storage interface, so its holes are seen as holes."""
 
     def __init__(self, path: str) -> None:
-        self._file = OsStorage().open(path, writable=False)
+        self._file = OsStorage().open(path, writable=False, follow_symlinks=True)  # a file the user named
         self.virtual_size = self._file.size()
 
     def data_ranges(self) -> Iterator[tuple[int, int]]:

@@ -40,7 +40,15 @@ from lamina.spec.protocol import (
 from lamina.spec.regionmap import RegionMap, absent_runs, zero_absent
 from lamina.spec.replication import select_map, select_root
 from lamina.spec.storage import File, Storage
-from lamina.spec.references import ChainWalk, ImageContext, check_identity, layer_dir_of, resolve_base
+from lamina.spec.references import (
+    ChainWalk,
+    ImageContext,
+    check_identity,
+    check_layer_file,
+    layer_dir_of,
+    open_tree_file,
+    resolve_base,
+)
 from lamina.spec.structures import (BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root,
                                     next_counter)
 
@@ -170,19 +178,18 @@ class Image:
         context = context or ImageContext.for_top(path, allow_bases)
         walk = walk or ChainWalk()
         walk.visit(os.path.realpath(path), path)
-        file = storage.open(path, writable=not readonly)
+        file = open_tree_file(storage, path, not readonly, context)
         base: Image | RawBase | None = None
         try:
             if lock and not force_share:
                 file.lock(exclusive=not readonly)
+            selection = select_root(read_root_copies(file))
+            check_layer_file(path, selection.current(), context)  # before recovery writes anything into it
             if readonly:
-                selection = select_root(read_root_copies(file))
                 root, best = selection.current(), selection.slot
             else:
                 recovered = recover(file)
                 root, best = recovered.root, recovered.root_best_slot
-                if storage.exists(f"{path}.creating"):  # a new top a crash kept from its rename: never visible
-                    storage.unlink(f"{path}.creating")
                 if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
                     from .layers import recover_layers
 
@@ -197,7 +204,7 @@ class Image:
                     from .layers import finish_commit
 
                     finish_commit(image)
-                if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
+                if context.layer_dir == layer_dir_of(os.path.abspath(path)):
                     from .layers import collect_garbage
 
                     collect_garbage(path, storage)
@@ -706,7 +713,7 @@ def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWa
         return None
     if root.base_kind == BASE_RAW:
         walk.visit(real, where)
-        file = storage.open(real, writable=False)
+        file = open_tree_file(storage, real, False, context)
         raw = RawBase(real, file)
         try:
             if not force_share:
@@ -753,7 +760,7 @@ def reference_base(root: Root, base: str, base_format: str | None, context: Imag
         raise InvalidArgument(f"base path is longer than {MAX_BASE_PATH} bytes")
     real = resolve_base(attrs.evolve(root, base_kind=kind, base_path=name), context, "base", storage)
     assert real is not None
-    file = storage.open(real, writable=False)
+    file = open_tree_file(storage, real, False, context)
     try:
         size = file.size()
         if base_format is None and file.pread(0, len(ROOT_MAGIC)) == ROOT_MAGIC:

@@ -9,6 +9,10 @@ Commands (offsets and lengths accept k/M/G suffixes):
     flush                                  make every write so far durable
     truncate SIZE                          resize the guest disk
     info                                   print the virtual and cluster size
+
+Reads and writes of any length stream in bounded chunks (`IO_CHUNK`), so
+memory does not grow with the length asked for; the whole range is checked
+against the virtual size before the first byte moves.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .image import Image
 from .sizes import format_size, parse_size
 
 DEFAULT_PATTERN = 0xCD
+IO_CHUNK = 1 << 22  # (= 4 MiB) the most a read or write command holds in memory at once
 
 
 def _parse_pattern(text: str) -> int:
@@ -73,9 +78,39 @@ def _hexdump(out: TextIO, offset: int, data: bytes) -> None:
         out.write(f"{offset + i:08x}:  {' '.join(f'{b:02x}' for b in row):<47}  {text}\n")
 
 
+def _chunks(image: Image, offset: int, length: int) -> range:
+    """Chunk starts over a range; a range reaching past the image is refused whole, before any byte moves."""
+    image._check_range(offset, length)
+    return range(offset, offset + length, IO_CHUNK)
+
+
+def _read(image: Image, offset: int, length: int, pattern: int | None, out: TextIO | None) -> None:
+    """Read in chunks: verify each against `pattern`, hex-dump each to `out`."""
+    for pos in _chunks(image, offset, length):
+        data = image.read(pos, min(IO_CHUNK, offset + length - pos))
+        if pattern is not None:
+            differing = data.lstrip(bytes([pattern]))
+            if differing:
+                bad = len(data) - len(differing)
+                raise PatternMismatch(
+                    f"Pattern verification failed at offset {pos + bad}, {offset + length - pos - bad} bytes "
+                    f"(expected {pattern:#04x}, found {data[bad]:#04x})")
+        if out is not None:
+            _hexdump(out, pos, data)
+
+
+def _write_pattern(image: Image, offset: int, length: int, pattern: int) -> None:
+    chunk = bytes([pattern]) * min(IO_CHUNK, length)
+    for pos in _chunks(image, offset, length):
+        image.write(pos, chunk[: offset + length - pos])
+
+
 def run_command(image: Image, line: str, out: TextIO) -> None:
     """Run one qemu-io-style command line against `image`."""
-    words = shlex.split(line)
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise InvalidArgument(f"cannot parse command {line!r}: {exc}") from None
     if not words:
         return
     name, args = words[0], words[1:]
@@ -83,16 +118,8 @@ def run_command(image: Image, line: str, out: TextIO) -> None:
     if name == "read":
         opts, rest = _split(args, "v", "P")
         offset, length = _range(rest, name)
-        data = image.read(offset, length)
-        if "P" in opts:
-            pattern = _parse_pattern(str(opts["P"]))
-            bad = next((i for i, b in enumerate(data) if b != pattern), None)
-            if bad is not None:
-                raise PatternMismatch(
-                    f"Pattern verification failed at offset {offset + bad}, {length - bad} bytes "
-                    f"(expected {pattern:#04x}, found {data[bad]:#04x})")
-        if opts.get("v"):
-            _hexdump(out, offset, data)
+        pattern = _parse_pattern(str(opts["P"])) if "P" in opts else None
+        _read(image, offset, length, pattern, out if opts.get("v") else None)
         _done(out, "read", length, offset, started)
     elif name == "write":
         opts, rest = _split(args, "zu", "P")
@@ -103,7 +130,7 @@ def run_command(image: Image, line: str, out: TextIO) -> None:
             raise InvalidArgument("write: -u (unmap) goes with -z")
         else:
             pattern = _parse_pattern(str(opts["P"])) if "P" in opts else DEFAULT_PATTERN
-            image.write(offset, bytes([pattern]) * length)
+            _write_pattern(image, offset, length, pattern)
         _done(out, "wrote", length, offset, started)
     elif name == "discard":
         offset, length = _range(args, name)

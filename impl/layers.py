@@ -23,23 +23,35 @@ from typing import Callable, Iterator, TypeVar
 import attrs
 import crc32c
 
-from lamina.spec.errors import CommittingWithoutBase, InvalidArgument, LaminaError
-from lamina.spec.layout import MAX_SNAPSHOTS, SECTOR_SIZE
+from lamina.spec.errors import CommittingWithoutBase, InvalidArgument, LaminaError, UnsafeFile
+from lamina.spec.layout import MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
 from lamina.spec.references import (
     LAYER_NAME,
     BaseReferenceError,
     ImageContext,
+    LayerMismatch,
+    check_layer_dir,
+    check_layer_file,
     layer_dir_of,
     layer_file_name,
+    open_tree_file,
     resolve_base,
     vmstate_file_name,
 )
 from lamina.spec.protocol import read_root_copies, recover
 from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
-from lamina.spec.tree import read_vmstate_chunks, root_of, vmstate_matches
-from lamina.spec.structures import (BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry,
-                                    next_counter)
+from lamina.spec.tree import orphans, read_vmstate_chunks, root_of, vmstate_problem
+from lamina.spec.structures import (
+    BASE_LAMINA,
+    BASE_NONE,
+    FLAG_COMMITTING,
+    Root,
+    SnapshotEntry,
+    make_snapshot_entry,
+    next_counter,
+    snapshot_name_problem,
+)
 
 from .image import Image, RawBase, image_lock, write_new_layer
 from .osfile import OsStorage
@@ -57,6 +69,10 @@ class SnapshotExists(LaminaError):
 
 class VmStateCorrupt(LaminaError):
     """A VM-state file does not match the size and CRC32C its snapshot recorded."""
+
+
+class InvalidSnapshotName(InvalidArgument):
+    """A name the format does not admit for a snapshot (F-SNAP-001)."""
 
 
 def _storage(storage: Storage | None) -> Storage:
@@ -113,7 +129,15 @@ def _ensure_layer_dir(storage: Storage, top: str) -> str:
     if not storage.exists(directory):
         storage.mkdir(directory)
         storage.fsync_dir(os.path.dirname(directory))
+    check_layer_dir(storage, ImageContext.for_top(top))  # never write through a symlinked layer directory
     return directory
+
+
+def _require_own_name(storage: Storage, top: str) -> None:
+    """Snapshot create and revert rename a new top over the image's name: through a link they would replace the link."""
+    if not storage.stat(top).is_file:
+        raise UnsafeFile(f"{top}: is a symbolic link or not a regular file; snapshot create and revert replace the "
+                         "image file itself, so name it, not a link to it")
 
 
 def _durable_file(storage: Storage, path: str, data: bytes) -> None:
@@ -175,9 +199,12 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
     over the image (the switch).
     """
     storage = _storage(storage)
-    raw_name = name.encode("utf-8")
-    if not 1 <= len(raw_name) <= 255 or "\0" in name or name.isdigit():
-        raise InvalidArgument(f"snapshot name {name!r} must be 1 to 255 bytes of UTF-8, not all digits")
+    problem = snapshot_name_problem(name)
+    if problem:
+        raise InvalidSnapshotName(f"snapshot name {name!r} {problem}")
+    if len(vmstate or b"") > MAX_VMSTATE_SIZE:
+        raise InvalidArgument(f"a VM state is at most {MAX_VMSTATE_SIZE} bytes (the format's MAX_VMSTATE_SIZE)")
+    _require_own_name(storage, path)
     with Image.open(path, storage=storage, lock=False) as top:
         root = top.root
         if root.snapshot(name) is not None:
@@ -220,6 +247,7 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     The switch is the rename of a new empty top over the snapshot's layer.
     """
     storage = _storage(storage)
+    _require_own_name(storage, path)
     with Image.open(path, storage=storage, lock=False) as top:
         root = top.root
         entry = _entry(root, name, path)
@@ -230,29 +258,31 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
     write_new_layer(storage, path, new_root)
 
 
-def _vmstate(path: str, name: str, storage: Storage, force_share: bool = False) -> tuple[str, SnapshotEntry]:
+def _vmstate(path: str, name: str, storage: Storage, force_share: bool = False) -> tuple[str, SnapshotEntry, ImageContext]:
     """The verified VM-state file of a snapshot (checked before any byte is used)."""
     with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
         entry = _entry(top.root, name, path)
-        vm_path = os.path.join(top.context.layer_dir, vmstate_file_name(entry.layer_uuid))
-    if entry.vmstate_size and not vmstate_matches(storage, vm_path, entry):
-        raise VmStateCorrupt(f"{vm_path}: VM state of snapshot {name!r} does not match its recorded size and CRC32C")
-    return vm_path, entry
+        context = top.context
+        vm_path = os.path.join(context.layer_dir, vmstate_file_name(entry.layer_uuid))
+    problem = vmstate_problem(storage, vm_path, entry, context) if entry.vmstate_size else None
+    if problem:
+        raise VmStateCorrupt(f"{vm_path}: VM state of snapshot {name!r} {problem}")
+    return vm_path, entry, context
 
 
 def read_vmstate(path: str, name: str, storage: Storage | None = None) -> bytes:
     storage = _storage(storage)
-    vm_path, entry = _vmstate(path, name, storage)
-    return b"".join(read_vmstate_chunks(storage, vm_path, entry)) if entry.vmstate_size else b""
+    vm_path, entry, context = _vmstate(path, name, storage)
+    return b"".join(read_vmstate_chunks(storage, vm_path, entry, context)) if entry.vmstate_size else b""
 
 
 def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = None, force_share: bool = False) -> int:
     """Copy a snapshot's verified VM state to `outfile` in bounded memory; return its size."""
     storage = _storage(storage)
-    vm_path, entry = _vmstate(path, name, storage, force_share)
+    vm_path, entry, context = _vmstate(path, name, storage, force_share)
     with open(outfile, "xb") as out:
         if entry.vmstate_size:
-            for chunk in read_vmstate_chunks(storage, vm_path, entry):
+            for chunk in read_vmstate_chunks(storage, vm_path, entry, context):
                 out.write(chunk)
     return entry.vmstate_size
 
@@ -314,19 +344,19 @@ def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
                 children.append(os.path.join(context.layer_dir, other_name))
     for child in children:
         if child != path and storage.stat(child).nlink > 1:
-            _unshare(storage, child)
+            _unshare(storage, child, context)
         merge_base_into(child, context, storage, lock=child != path)
     with Image.open(path, storage=storage, lock=False) as top:
         top.set_root(snapshots=tuple(s for s in top.root.snapshots if s.id != entry.id))
 
 
-def _unshare(storage: Storage, path: str) -> None:
+def _unshare(storage: Storage, path: str, context: ImageContext) -> None:
     """Give this image its own copy of a frozen layer that a clone also links, before changing its bytes.
 
     The copy has the same uuid and contents, so nothing that references the
     layer changes; the clone keeps the old file, and the chain it needs.
     """
-    source = storage.open(path, writable=False)
+    source = open_tree_file(storage, path, False, context)
     temporary = path + ".creating"
     if storage.exists(temporary):
         storage.unlink(temporary)
@@ -567,12 +597,11 @@ def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
 
 
 def unreferenced_files(path: str, storage: Storage | None = None) -> list[str]:
+    """What a writable open removes: the orphans F-TREE-002 allows removing, and nothing else."""
     storage = _storage(storage)
-    directory = layer_dir_of(os.path.abspath(path))
-    if not storage.exists(directory):
-        return []
-    keep = referenced_files(path, storage)
-    return [os.path.join(directory, n) for n in storage.listdir(directory) if n not in keep]
+    context = ImageContext.for_top(path)
+    keep = referenced_files(path, storage) if storage.exists(context.layer_dir) else set()
+    return orphans(storage, context, keep)[0]
 
 
 def recover_layers(path: str, storage: Storage | None = None) -> None:
@@ -583,13 +612,21 @@ def recover_layers(path: str, storage: Storage | None = None) -> None:
     crashsim, workload layer-delete-merge).
     """
     storage = _storage(storage)
-    directory = layer_dir_of(os.path.abspath(path))
-    for name in storage.listdir(directory):
-        if not LAYER_NAME.match(name):
-            continue
-        file = storage.open(os.path.join(directory, name), writable=True)
+    context = ImageContext.for_top(path)
+    if not storage.stat(context.layer_dir).is_dir:
+        return  # a symbolic link: nothing inside is touched (F-OPEN-002); check reports it
+    for name in storage.listdir(context.layer_dir):
+        layer = os.path.join(context.layer_dir, name)
+        if not LAYER_NAME.match(name) or not storage.stat(layer).is_file:
+            continue  # not a layer: check reports it, nothing writes into it
+        file = open_tree_file(storage, layer, True, context)
         try:
             selection = select_root(read_root_copies(file))
+            if selection.value is not None:
+                try:
+                    check_layer_file(layer, selection.value, context)
+                except LayerMismatch:
+                    continue  # another layer under this name: never written; check reports it
             if selection.value is not None and (selection.value.intents or selection.problems):
                 recover(file)
         finally:
@@ -602,8 +639,8 @@ def collect_garbage(path: str, storage: Storage | None = None) -> list[str]:
     removed = unreferenced_files(path, storage)
     for name in removed:
         storage.unlink(name)
-    if removed:
-        storage.fsync_dir(layer_dir_of(os.path.abspath(path)))
+    for directory in sorted({os.path.dirname(name) for name in removed}):
+        storage.fsync_dir(directory)
     return removed
 
 

@@ -9,7 +9,7 @@ import os
 import stat
 import struct
 
-from lamina.spec.errors import ImageLocked, ImageTooLarge, InvalidArgument, LaminaError
+from lamina.spec.errors import ImageLocked, ImageTooLarge, LaminaError, UnsafeFile
 from lamina.spec.storage import FileStat
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -28,6 +28,15 @@ def _host_error(exc: OSError, what: str, path: str) -> LaminaError:
     if exc.errno == errno.ENOSPC:
         return StorageError(f"{path}: no space left on the host file system ({what})")
     return StorageError(f"{path}: {what}: {exc.strerror}")
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular name is, for a message."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "of another kind"
 
 
 class OsFile:
@@ -123,15 +132,36 @@ class OsFile:
 class OsStorage:
     """Files and directories of the host."""
 
-    def open(self, path: str, writable: bool) -> OsFile:
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> OsFile:
+        """The guarded open of the storage interface: no symlink unless asked, never blocking, a regular file."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            fd = os.open(path, flags) if follow_symlinks else self._open_without_links(path, flags)
         except OSError as exc:
+            if not follow_symlinks and exc.errno in (errno.ELOOP, errno.ENOTDIR) and (
+                    os.path.islink(path) or os.path.islink(os.path.dirname(path) or ".")):  # only to name the refusal
+                raise UnsafeFile(f"{path}: the name or its directory is a symbolic link; refusing to follow it") from None
+            if exc.errno == errno.EISDIR:
+                raise UnsafeFile(f"{path}: is a directory, not a regular file") from None
             raise StorageError(f"{path}: cannot open: {exc.strerror}") from None
-        if not os.path.isfile(path):
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise UnsafeFile(f"{path}: is {_kind(mode)}, not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
             os.close(fd)
-            raise InvalidArgument(f"{path}: not a regular file")
+            raise
         return OsFile(path, fd)
+
+    @staticmethod
+    def _open_without_links(path: str, flags: int) -> int:
+        """Open through a descriptor of the directory, following neither it nor the name (no link swapped in between)."""
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.open(os.path.basename(path), flags | os.O_NOFOLLOW, dir_fd=directory)
+        finally:
+            os.close(directory)
 
     def create(self, path: str) -> OsFile:
         try:
@@ -156,14 +186,17 @@ class OsStorage:
         return sorted(os.listdir(path))
 
     def unlink(self, path: str) -> None:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFile(f"{path}: is {_kind(mode)}; only regular files are ever removed")
         os.unlink(path)
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
 
     def stat(self, path: str) -> FileStat:
-        info = os.stat(path)
-        return FileStat(stat.S_ISREG(info.st_mode), info.st_nlink)
+        info = os.lstat(path)
+        return FileStat(stat.S_ISREG(info.st_mode), info.st_nlink, stat.S_ISDIR(info.st_mode))
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)

@@ -28,7 +28,8 @@ def constants_table() -> str:
     for name in ("FORMAT_VERSION", "SECTOR_SIZE", "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "DEFAULT_CLUSTER_BITS",
                  "CLUSTERS_PER_REGION", "REGION_STRIDE_CLUSTERS", "ROOT_SIZE", "ROOT_SLOT_SIZE", "ROOT_SLOTS",
                  "ROOT_AREA_SIZE", "MAX_VIRTUAL_SIZE", "MAX_INTENTS", "MAP_HEADER_SIZE", "MAP_CRCS_OFFSET",
-                 "MAP_BITMAP_OFFSET", "MAX_BASE_PATH", "SNAPSHOT_ENTRY_SIZE", "MAX_SNAPSHOTS", "MAX_CHAIN_DEPTH"):
+                 "MAP_BITMAP_OFFSET", "MAX_BASE_PATH", "SNAPSHOT_ENTRY_SIZE", "MAX_SNAPSHOTS", "MAX_CHAIN_DEPTH",
+                 "MAX_VMSTATE_SIZE"):
         rows.append(f"| `{name}` | {getattr(layout, name)} |")
     return "\n".join(rows)
 

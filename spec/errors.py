@@ -71,3 +71,7 @@ class ImageClosed(LaminaError):
 
 class PatternMismatch(LaminaError):
     """`lamina io read -P` found bytes that differ from the expected pattern."""
+
+
+class UnsafeFile(LaminaError):
+    """A name the tools will not open or remove: a symbolic link where none may be, a FIFO, a device, a directory."""

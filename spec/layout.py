@@ -37,6 +37,8 @@ MAX_BASE_PATH = 4096
 SNAPSHOT_ENTRY_SIZE = 320
 MAX_SNAPSHOTS = 1024
 MAX_CHAIN_DEPTH = 1000
+# A VM state is the guest's RAM and device state; the largest machines sold hold 24 TiB of RAM.
+MAX_VMSTATE_SIZE = 1 << 46  # (= 64 TiB)
 MAX_VIRTUAL_SIZE = 1 << 50  # (= 1 PiB)
 MAX_INTENTS = 960
 # Every counter (generations, snapshot ids) stays at most 2^63 - 1, so an increment never overflows its u64

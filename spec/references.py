@@ -12,6 +12,13 @@ names a regular file inside the image's directory tree, or a file the user
 explicitly allowed.  A chain is followed at most `MAX_CHAIN_DEPTH` layers
 deep, and a file met twice is a loop.  The identity the child recorded
 (uuid, data generation, size) must match the base found.
+
+Inside the layer directory nothing is followed (F-OPEN-002): the directory
+must be a real directory, a layer name is opened as exactly that name (a
+symbolic link there is refused, even one to a sibling), and a layer found by
+its name must hold the layer of that uuid (F-OPEN-003).  Only the top file
+the user named may itself be a symbolic link, as qemu allows; its layer
+directory is then the one beside the name the user gave.
 """
 from __future__ import annotations
 
@@ -20,12 +27,14 @@ import re
 
 import attrs
 
-from .errors import LaminaError
+from .errors import LaminaError, UnsafeFile
 from .layout import MAX_CHAIN_DEPTH
-from .storage import Storage
+from .storage import File, Storage
 from .structures import BASE_LAMINA, BASE_NONE, BASE_RAW, Root
 
 LAYER_NAME = re.compile(r"^[0-9a-f]{32}\.lam$")
+# Every name the format puts in a layer directory: layers, VM states, and their files being written.
+LAYER_DIR_ENTRY = re.compile(r"^[0-9a-f]{32}\.(lam|vmstate)(\.creating)?$")
 LAYER_DIR_SUFFIX = ".layers"
 
 
@@ -63,6 +72,45 @@ class ImageContext:
         top_path = os.path.abspath(top_path)
         return cls(os.path.dirname(top_path), layer_dir_of(top_path), frozenset(os.path.realpath(a) for a in allowed))
 
+    @property
+    def top_path(self) -> str:
+        """The top file as the user named it (absolute): the one name that may be a symbolic link."""
+        return self.layer_dir[: -len(LAYER_DIR_SUFFIX)]
+
+
+class LayerMismatch(LaminaError):
+    """A file in the layer directory holds another layer than its name says (copied, linked or swapped in)."""
+
+
+def check_layer_dir(storage: Storage, context: ImageContext) -> None:
+    """F-OPEN-002: nothing inside a layer directory is opened or removed unless it is a real directory."""
+    try:
+        info = storage.stat(context.layer_dir)
+    except FileNotFoundError:
+        return  # nothing inside it can be opened either
+    if not info.is_dir:
+        raise UnsafeFile(f"{context.layer_dir}: the layer directory is not a directory (a symbolic link?); "
+                         "refusing to use anything inside it")
+
+
+def in_layer_dir(path: str, context: ImageContext) -> bool:
+    return os.path.dirname(os.path.abspath(path)) == context.layer_dir
+
+
+def open_tree_file(storage: Storage, path: str, writable: bool, context: ImageContext) -> File:
+    """The one guarded open of a file of an image (F-OPEN-001): the storage refuses symlinks, FIFOs and
+    anything not a regular file; a symlink is followed only as the top the user named."""
+    if in_layer_dir(path, context):
+        check_layer_dir(storage, context)
+    return storage.open(path, writable, follow_symlinks=os.path.abspath(path) == context.top_path)
+
+
+def check_layer_file(path: str, root: Root, context: ImageContext) -> None:
+    """F-OPEN-003: a layer found by its name `<uuid hex>.lam` holds the layer of that uuid."""
+    name = os.path.basename(path)
+    if in_layer_dir(path, context) and LAYER_NAME.match(name) and root.image_uuid.hex() != name[:32]:
+        raise LayerMismatch(f"{path}: holds layer {root.image_uuid.hex()}, not the layer its name says")
+
 
 def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage) -> str | None:
     """The real path of a layer's base, refused with a named error unless the rules above allow it."""
@@ -70,6 +118,7 @@ def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage
         return None
     name = root.base_path
     if LAYER_NAME.match(name):
+        check_layer_dir(storage, context)
         directory, candidate = context.layer_dir, os.path.join(context.layer_dir, name)
     else:
         if os.path.isabs(name):
@@ -77,8 +126,11 @@ def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage
         else:
             candidate = os.path.join(context.top_dir, name)
         directory = context.top_dir
-    real = os.path.realpath(candidate)
-    inside = os.path.commonpath([real, os.path.realpath(directory)]) == os.path.realpath(directory)
+    if directory == context.layer_dir:
+        real, inside = candidate, True  # a layer name has no '/': inside by construction, never resolved (F-OPEN-002)
+    else:
+        real = os.path.realpath(candidate)
+        inside = os.path.commonpath([real, os.path.realpath(directory)]) == os.path.realpath(directory)
     if not inside and real not in context.allowed:
         raise BaseReferenceError(
             f"{where}: base {name!r} resolves to {real}, outside the image's directory {context.top_dir}; "
@@ -88,7 +140,8 @@ def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage
     except OSError as exc:
         raise BaseReferenceError(f"{where}: base {name!r} cannot be found ({exc.strerror})") from None
     if not info.is_file:
-        raise BaseReferenceError(f"{where}: base {name!r} is not a regular file")
+        raise BaseReferenceError(f"{where}: base {name!r} is not a regular file (a symbolic link, FIFO or directory "
+                                 "is never followed)")
     return real
 
 

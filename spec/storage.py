@@ -3,6 +3,25 @@
 `impl/` and the spec's `check` only ever touch an image through these
 methods, so the crash simulator can put a recording backend in place of the
 operating system's and replay any prefix, subset or tear of the operations.
+
+Hostile names (R10, F-OPEN-001..003 in the format document).  The interface
+itself is the one guard every opened or removed file goes through, so no
+caller can forget it:
+
+- `open` opens exactly the name given: a symbolic link as its last component,
+  or as the directory holding it, is refused unless the caller says
+  `follow_symlinks` (only for the top file the user named, as qemu follows a
+  symlinked image); it never blocks (a
+  FIFO or device opens without waiting and is then refused); and what it
+  opened must be a regular file, judged on the open file itself, not on the
+  name (which another process could swap in between);
+- `stat` describes the name itself (as lstat): a symbolic link is reported
+  as neither a file nor a directory, and is never followed;
+- `unlink` removes only a regular file (never a link's target, never a
+  directory, never a FIFO).
+
+Which names a caller may open or remove at all (inside the image's own layer
+directory, a real directory) is the spec's rule, in `references.py`.
 """
 from __future__ import annotations
 
@@ -13,10 +32,11 @@ import attrs
 
 @attrs.frozen
 class FileStat:
-    """What the format needs to know of a name: is it a regular file, and how many names share it."""
+    """What the format needs to know of a name itself (never of a link's target): its kind, how many names share it."""
 
     is_file: bool
     nlink: int
+    is_dir: bool = False
 
 
 class File(Protocol):
@@ -57,7 +77,11 @@ class File(Protocol):
 class Storage(Protocol):
     """A directory tree of files: open, create, and the namespace operations."""
 
-    def open(self, path: str, writable: bool) -> File: ...
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> File:
+        """Open the regular file `path`; refuse (UnsafeFile) a symlink unless `follow_symlinks`, or anything not a regular file.
+
+        Never blocks: a FIFO is refused, not waited on.
+        """
 
     def create(self, path: str) -> File:
         """Create a new empty file; fail if it exists."""
@@ -71,12 +95,13 @@ class Storage(Protocol):
 
     def listdir(self, path: str) -> list[str]: ...
 
-    def unlink(self, path: str) -> None: ...
+    def unlink(self, path: str) -> None:
+        """Remove the name of a regular file; refuse (UnsafeFile) a symlink, a directory or any other kind."""
 
     def exists(self, path: str) -> bool: ...
 
     def stat(self, path: str) -> FileStat:
-        """Raises FileNotFoundError when nothing has that name."""
+        """The name itself, a symlink not followed; raises FileNotFoundError when nothing has that name."""
 
     def fsync_dir(self, path: str) -> None:
         """Make creates, renames and unlinks in the directory `path` durable."""

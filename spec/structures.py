@@ -19,6 +19,7 @@ from .layout import (
     MAX_BASE_PATH,
     MAX_COUNTER,
     MAX_SNAPSHOTS,
+    MAX_VMSTATE_SIZE,
     ROOT_SLOT_SIZE,
     SNAPSHOT_ENTRY_SIZE,
     FORMAT_VERSION,
@@ -93,18 +94,44 @@ class SnapshotEntry:
     creation_time_ns: int = field(24, "u64", "host time of creation, ns since the Unix epoch", constraint="any", default=0)
     vm_clock_ns: int = field(32, "u64", "guest clock at the snapshot, ns", constraint="any", default=0)
     vmstate_size: int = field(40, "u64", "bytes of the VM-state file `<uuid hex>.vmstate`; 0 for none",
-                              constraint="any", default=0)
+                              constraint="at most `MAX_VMSTATE_SIZE`", valid=lambda v: v <= MAX_VMSTATE_SIZE, default=0)
     disk_size: int = field(48, "u64", "virtual size of the disk at the snapshot",
                            constraint="multiple of 512", valid=lambda v: v % SECTOR_SIZE == 0, default=0)
     vmstate_crc: int = field(56, "u32", "CRC32C of the VM-state file", constraint="0 when `vmstate_size` is 0", default=0)
     name_length: int = field(60, "u32", "bytes of `name`", constraint="1 to 255",
                              valid=lambda v: 1 <= v <= 255, default=1)
     name: bytes = field(64, "bytes", "snapshot name, UTF-8, zero padded", size=256,
-                        constraint="unique in the image; bytes past `name_length` zero", default=bytes(256))
+                        constraint="unique in the image; a valid name (F-SNAP-001); bytes past `name_length` zero",
+                        default=bytes(256))
 
     @property
     def text_name(self) -> str:
         return self.name[: self.name_length].decode("utf-8")
+
+
+# Characters a name may not hold: it is printed in a table (`snapshot list`) and must not forge or reorder
+# rows: C0 controls, DEL and C1 controls; line and paragraph separators; bidirectional embeddings,
+# overrides and isolates.
+NAME_FORBIDDEN_CHARS = frozenset([*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029",
+                                  *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))])
+NAME_SEPARATORS = "@/"  # '@' separates IMAGE@SNAPSHOT; '/' separates directories
+
+
+def snapshot_name_problem(name: str) -> str | None:
+    """F-SNAP-001: why `name` cannot name a snapshot, or None when it can."""
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if not 1 <= len(raw) <= 255:
+        return f"is {len(raw)} bytes of UTF-8; a name is 1 to 255"
+    if name.isdigit():
+        return "is all digits, which names a snapshot id"
+    bad = next((c for c in name if c in NAME_FORBIDDEN_CHARS or c in NAME_SEPARATORS), None)
+    if bad is not None:
+        return f"holds {bad!r} (U+{ord(bad):04X}); a name holds no control, line-separator or bidirectional " \
+               f"control characters, and no '@' or '/'"
+    return None
 
 
 def make_snapshot_entry(name: str, **values: int | bytes) -> SnapshotEntry:
@@ -118,9 +145,12 @@ def _decode_snapshot(data: bytes, where: str) -> SnapshotEntry:
     if any(entry.name[entry.name_length :]):
         raise FieldOutOfRange(f"{where}bytes past name_length are not zero")
     try:
-        entry.name[: entry.name_length].decode("utf-8")
+        text = entry.name[: entry.name_length].decode("utf-8")
     except UnicodeDecodeError:
         raise FieldOutOfRange(f"{where}name is not valid UTF-8") from None
+    problem = snapshot_name_problem(text)
+    if problem:
+        raise FieldOutOfRange(f"{where}name {text!r} {problem}")
     if not entry.vmstate_size and entry.vmstate_crc:
         raise FieldOutOfRange(f"{where}vmstate_crc is set but there is no VM state")
     return entry

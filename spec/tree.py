@@ -9,13 +9,19 @@ Invariants beyond those of one file (I1-I7):
 - T3 every snapshot's VM-state file has the size and CRC32C recorded;
 - T4 every file in the layer directory is reached from the top (a snapshot,
   its VM state, or a member of a chain), and no `<top>.creating` is left
-  beside the top.  What is left there is the pending work of an interrupted
-  operation (a snapshot create or delete, a clone, a new top a crash kept
-  from its rename), which a writable open removes: a note, not an error.
+  beside the top.  What is left there by an interrupted operation (a
+  snapshot create or delete, a clone, a new top a crash kept from its
+  rename) is pending work, which a writable open removes: a note, not an
+  error.  Anything else there is a foreign file: leaked space.
 
 A top marked committing finds its base written by the commit in progress:
 its data generation moved on, and that is pending too (a writable open
 finishes the commit).
+
+Every file is opened by the guarded open of `references.py` (F-OPEN), and
+only what F-TREE-002 allows is ever removed: a regular file, in a layer
+directory that is a real directory, named as the format names its files,
+and not reached.  Anything else there is reported, never removed.
 """
 from __future__ import annotations
 
@@ -25,27 +31,41 @@ from typing import Iterator
 import attrs
 import crc32c
 
-from .check import CORRUPTION, PENDING, CheckReport, Finding, check_image
+from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
 from .errors import FormatError, LaminaError
 from .protocol import read_root_copies
-from .references import LAYER_NAME, ChainWalk, ImageContext, check_identity, layer_file_name, resolve_base, vmstate_file_name
+from .references import (
+    LAYER_DIR_ENTRY,
+    LAYER_NAME,
+    ChainWalk,
+    ImageContext,
+    check_identity,
+    check_layer_file,
+    layer_file_name,
+    open_tree_file,
+    resolve_base,
+    vmstate_file_name,
+)
 from .repair import repair_image
 from .replication import select_root
 from .storage import Storage
 from .structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, Root, SnapshotEntry
 
 
-def root_of(storage: Storage, path: str) -> Root:
-    """The current root of a layer file (raises a FormatError when neither copy is usable)."""
-    file = storage.open(path, writable=False)
+def root_of(storage: Storage, path: str, context: ImageContext | None = None) -> Root:
+    """The current root of a layer file of `context` (None: `path` is a top); a FormatError when neither copy is usable."""
+    context = context or ImageContext.for_top(path)
+    file = open_tree_file(storage, path, False, context)
     try:
-        return select_root(read_root_copies(file)).current()
+        root = select_root(read_root_copies(file)).current()
+        check_layer_file(path, root, context)
+        return root
     finally:
         file.close()
 
 
-def _file_size(storage: Storage, path: str) -> int:
-    file = storage.open(path, writable=False)
+def _file_size(storage: Storage, path: str, context: ImageContext) -> int:
+    file = open_tree_file(storage, path, False, context)
     try:
         return file.size()
     finally:
@@ -57,11 +77,38 @@ def _prefixed(report: CheckReport, label: str) -> list[Finding]:
 
 
 VMSTATE_CHUNK = 1 << 20
+CRC32C_POLY = 0x82F63B78  # the Castagnoli polynomial, bit-reflected as CRC32C computes
 
 
-def read_vmstate_chunks(storage: Storage, path: str, entry: SnapshotEntry) -> Iterator[bytes]:
+def _multiply_mod_poly(a: int, b: int) -> int:
+    """a * b modulo the CRC32C polynomial, in the bit-reflected representation (bit 31 is x^0)."""
+    product = 0
+    for bit in range(31, -1, -1):
+        if a >> bit & 1:
+            product ^= b
+        b = (b >> 1) ^ CRC32C_POLY if b & 1 else b >> 1
+    return product
+
+
+def crc32c_extend_zeros(crc: int, count: int) -> int:
+    """The CRC32C of some bytes followed by `count` zero bytes, from the CRC of those bytes, in O(log count).
+
+    With zero input a CRC register only advances: count zero bytes multiply
+    it by x^(8 count) modulo the polynomial (as zlib's crc32_combine uses).
+    So a hole of any length costs nothing to checksum.
+    """
+    power, square = 1 << 31, 1 << 23  # x^0, and x^8 (one zero byte)
+    while count:
+        if count & 1:
+            power = _multiply_mod_poly(square, power)
+        square = _multiply_mod_poly(square, square)
+        count >>= 1
+    return _multiply_mod_poly(power, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+def read_vmstate_chunks(storage: Storage, path: str, entry: SnapshotEntry, context: ImageContext) -> Iterator[bytes]:
     """The VM state in chunks, so that a recorded size of any value costs bounded memory."""
-    file = storage.open(path, writable=False)
+    file = open_tree_file(storage, path, False, context)
     try:
         for pos in range(0, entry.vmstate_size, VMSTATE_CHUNK):
             yield file.pread(pos, min(VMSTATE_CHUNK, entry.vmstate_size - pos))
@@ -69,20 +116,36 @@ def read_vmstate_chunks(storage: Storage, path: str, entry: SnapshotEntry) -> It
         file.close()
 
 
-def vmstate_matches(storage: Storage, path: str, entry: SnapshotEntry) -> bool:
-    """T3: the file exists, has the recorded size, and the recorded CRC32C."""
+def vmstate_problem(storage: Storage, path: str, entry: SnapshotEntry, context: ImageContext) -> str | None:
+    """T3: why the VM-state file is not the one recorded (missing, not a regular file, size, CRC32C), or None.
+
+    Only the file's data extents are read; holes enter the CRC by
+    `crc32c_extend_zeros`, so the time is that of the bytes the file holds
+    on disk, whatever length it claims.
+    """
     if not storage.exists(path):
-        return False
-    file = storage.open(path, writable=False)
+        return "is missing"
     try:
-        if file.size() != entry.vmstate_size:
-            return False
+        file = open_tree_file(storage, path, False, context)
+    except LaminaError as exc:
+        return f"cannot be read ({exc})"
+    try:
+        size = file.size()
+        if size != entry.vmstate_size:
+            return f"is {size} bytes, {entry.vmstate_size} recorded"
+        crc = pos = 0
+        for start, length in file.data_extents():
+            start, end = max(start, pos), min(start + length, size)
+            if start >= end:
+                continue
+            crc = crc32c_extend_zeros(crc, start - pos)
+            for at in range(start, end, VMSTATE_CHUNK):
+                crc = crc32c.crc32c(file.pread(at, min(VMSTATE_CHUNK, end - at)), crc)
+            pos = end
+        crc = crc32c_extend_zeros(crc, size - pos)
     finally:
         file.close()
-    crc = 0
-    for chunk in read_vmstate_chunks(storage, path, entry):
-        crc = crc32c.crc32c(chunk, crc)
-    return crc == entry.vmstate_crc
+    return None if crc == entry.vmstate_crc else "does not match its recorded CRC32C"
 
 
 def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> tuple[list[str], list[Finding]]:
@@ -90,7 +153,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     context = ImageContext.for_top(top_path, allowed)
     findings: list[Finding] = []
     files: list[str] = []
-    top = root_of(storage, top_path)
+    top = root_of(storage, top_path, context)
     starts = [(top_path, top)]
     for entry in top.snapshots:
         path = os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid))
@@ -99,17 +162,16 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
             findings.append(Finding(CORRUPTION, "snapshot-layer", f"{where}: layer file {path} is missing"))
             continue
         try:
-            layer = root_of(storage, path)
+            layer = root_of(storage, path, context)  # F-OPEN-003: the layer of the entry's uuid
         except LaminaError as exc:
             findings.append(Finding(CORRUPTION, "snapshot-layer", f"{where}: {exc}"))
             continue
-        if layer.image_uuid != entry.layer_uuid:
-            findings.append(Finding(CORRUPTION, "snapshot-layer", f"{where}: {path} holds another layer"))
         starts.append((path, layer))
         if entry.vmstate_size:
             vm = os.path.join(context.layer_dir, vmstate_file_name(entry.layer_uuid))
-            if not vmstate_matches(storage, vm, entry):
-                findings.append(Finding(CORRUPTION, "vmstate", f"{where}: VM state {vm} is missing or does not match its CRC32C"))
+            problem = vmstate_problem(storage, vm, entry, context)
+            if problem:
+                findings.append(Finding(CORRUPTION, "vmstate", f"{where}: VM state {vm} {problem}"))
     seen: set[str] = set()
     for path, root in starts:
         walk = ChainWalk()
@@ -129,9 +191,9 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
                 if base is None:
                     break
                 if root.base_kind == BASE_RAW:
-                    check_identity(root, None, _file_size(storage, base), path)
+                    check_identity(root, None, _file_size(storage, base, context), path)
                     break
-                base_root = root_of(storage, base)
+                base_root = root_of(storage, base, context)
                 check_identity(_committing_view(root, base_root, path, findings), base_root, base_root.virtual_size, path)
             except LaminaError as exc:
                 findings.append(Finding(CORRUPTION, "base-reference", str(exc)))
@@ -153,10 +215,34 @@ def _committing_view(root: Root, base_root: Root, path: str, findings: list[Find
 
 def referenced_names(top_path: str, storage: Storage, files: list[str]) -> set[str]:
     """File names in the layer directory that the tree reaches (T4)."""
-    top = root_of(storage, top_path)
+    top = root_of(storage, top_path, ImageContext.for_top(top_path))
     names = {os.path.basename(f) for f in files if LAYER_NAME.match(os.path.basename(f))}
     names |= {vmstate_file_name(e.layer_uuid) for e in top.snapshots if e.vmstate_size}
     return names
+
+
+def orphans(storage: Storage, context: ImageContext, keep: set[str]) -> tuple[list[str], list[str]]:
+    """Names beside the top and in its layer directory that the top does not reach (T4): (removable, foreign).
+
+    F-TREE-002: removable are regular files (not symbolic links) named as the
+    format names its files, `<top>.creating` or in a layer directory that is a
+    real directory; a writable open and `check --repair` remove those and only
+    those.  Everything else is foreign: reported, never removed.
+    """
+    removable: list[str] = []
+    foreign: list[str] = []
+    creating = f"{context.top_path}.creating"
+    if storage.exists(creating):
+        (removable if storage.stat(creating).is_file else foreign).append(creating)
+    if not storage.exists(context.layer_dir):
+        return removable, foreign
+    if not storage.stat(context.layer_dir).is_dir:
+        return removable, foreign + [context.layer_dir]
+    for name in storage.listdir(context.layer_dir):
+        if name not in keep:
+            path = os.path.join(context.layer_dir, name)
+            (removable if LAYER_DIR_ENTRY.match(name) and storage.stat(path).is_file else foreign).append(path)
+    return removable, foreign
 
 
 def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> CheckReport:
@@ -165,7 +251,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
     try:
         files, findings = layer_files(top_path, storage, allowed)
     except (FormatError, AssertionError) as exc:
-        file = storage.open(top_path, writable=False)
+        file = open_tree_file(storage, top_path, False, context)
         try:
             report = check_image(file)
         finally:
@@ -177,7 +263,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
     completed = True
     root = None
     for path in files:
-        file = storage.open(path, writable=False)
+        file = open_tree_file(storage, path, False, context)
         try:
             report = check_image(file)
         finally:
@@ -186,16 +272,15 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
         findings += _prefixed(report, os.path.basename(path)) if path != top_path else list(report.findings)
         regions, clusters = regions + report.regions_checked, clusters + report.clusters_checked
         completed = completed and report.completed
-    if storage.exists(f"{top_path}.creating"):
-        findings.append(Finding(PENDING, "orphan-file", f"{top_path}.creating is a new top that a crash kept from its rename; "
-                                "a writable open removes it", ("unlink", f"{top_path}.creating")))
-    if storage.exists(context.layer_dir):
-        keep = referenced_names(top_path, storage, files)
-        for name in storage.listdir(context.layer_dir):
-            if name not in keep:
-                path = os.path.join(context.layer_dir, name)
-                findings.append(Finding(PENDING, "orphan-file", f"{path} is not part of the image (an interrupted operation left it; a writable open removes it)",
-                                        ("unlink", path)))
+    keep = referenced_names(top_path, storage, files) if storage.exists(context.layer_dir) else set()
+    removable, foreign = orphans(storage, context, keep)
+    for path in removable:
+        what = ("a new top that a crash kept from its rename" if path == f"{context.top_path}.creating"
+                else "not part of the image (an interrupted operation left it)")
+        findings.append(Finding(PENDING, "orphan-file", f"{path} is {what}; a writable open removes it", ("unlink", path)))
+    for path in foreign:
+        findings.append(Finding(LEAK, "foreign-file", f"{path} is a foreign file: not one the format puts there (a "
+                                "symbolic link, FIFO, directory or another name); never removed automatically"))
     return CheckReport(tuple(findings), root, regions, clusters, completed)
 
 
@@ -207,7 +292,7 @@ def repair_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     except (FormatError, AssertionError):
         files = [top_path]
     for path in files:
-        file = storage.open(path, writable=True)
+        file = open_tree_file(storage, path, True, ImageContext.for_top(top_path, allowed))
         try:
             repair_image(file)
         finally:

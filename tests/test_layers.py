@@ -385,14 +385,15 @@ def test_a_new_top_left_by_a_crash_before_its_rename_is_pending_until_opened(wor
 
 
 def test_a_hostile_vm_state_size_costs_no_memory(workdir, tmp_path):
-    """R10: a snapshot entry claiming an exabyte of VM state is refused without reading it."""
+    """R10: a snapshot entry claiming the format's largest VM state is refused without reading it."""
     import attrs as attrs_module
+    from lamina.spec.layout import MAX_VMSTATE_SIZE
 
     Image.create("d.lam", MiB).close()
     layers.create_snapshot("d.lam", "s", vmstate=b"state")
     with Image.open("d.lam") as top:
         entry = top.root.snapshots[0]
-        top.set_root(snapshots=(attrs_module.evolve(entry, vmstate_size=1 << 60, vmstate_crc=1),))
+        top.set_root(snapshots=(attrs_module.evolve(entry, vmstate_size=MAX_VMSTATE_SIZE, vmstate_crc=1),))
     with pytest.raises(layers.VmStateCorrupt):
         layers.read_vmstate("d.lam", "s")
     assert 1 == main(["snapshot", "vmstate", "d.lam", "s", str(tmp_path / "out.bin")])
