@@ -368,10 +368,10 @@ class ReadOnlyStorage:
     def __init__(self, storage: MemStorage) -> None:
         self._storage = storage
 
-    def open(self, path: str, writable: bool) -> MemFile:
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> MemFile:
         if writable:
             raise PermissionError(f"{path}: the storage is read-only")
-        return self._storage.open(path, False)
+        return self._storage.open(path, False, follow_symlinks)
 
     def _refuse(self, *args: object) -> None:
         raise PermissionError(f"the storage is read-only (namespace change on {args[0]!r})")

@@ -742,7 +742,7 @@ def image_lock(path: str, exclusive: bool, storage: Storage | None = None) -> It
     file, keeps every other process out until the operation ends.
     """
     storage = storage or OsStorage()
-    file = storage.open(path, writable=exclusive)
+    file = open_tree_file(storage, path, exclusive, ImageContext.for_top(path))
     try:
         file.lock(exclusive)
         yield

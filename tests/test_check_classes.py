@@ -54,11 +54,11 @@ def test_check_in_the_middle_of_a_write_reports_pending_work_not_corruption(imag
     image = Image.open(image_path)
     try:
         image.write(4096, pattern(2, 8192))  # listed in the intents, not flushed: the file is as a crash leaves it
-        assert 0 == main(["check", "--output", "json", image_path])
+        assert 0 == main(["check", "-U", "--output", "json", image_path])  # the writer holds the lock
         report = json.loads(capsys.readouterr().out)
         assert (0, 0, 0) == (report["corruptions"], report["degraded"], report["leaks"])
         assert report["pending_recovery"] >= 1
-        assert 0 == main(["check", image_path])
+        assert 0 == main(["check", "-U", image_path])
         out = capsys.readouterr().out
         assert "PENDING:" in out and "a writable open finishes it" in out
     finally:
@@ -131,6 +131,7 @@ INTERNAL_ASSERTS = {
     ("impl/image.py", "m is not None"),  # _map(for_write=True) always returns a map
     ("impl/image.py", "real is not None"),  # reference_base sets a base kind, so resolve_base returns a path
     ("spec/references.py", "base_root is not None"),  # callers pass the base's root for a Lamina base
+    ("spec/replication.py", "best is not None"),  # the selection rule never prefers an invalid copy over a valid one
 }
 
 

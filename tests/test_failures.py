@@ -39,8 +39,8 @@ class FullDisk:
         if self.count == self.fail_at:
             raise StorageError(f"{path}: no space left on the host file system ({what})")
 
-    def open(self, path: str, writable: bool) -> "FullFile":
-        return FullFile(self, self._os.open(path, writable))
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> "FullFile":
+        return FullFile(self, self._os.open(path, writable, follow_symlinks))
 
     def create(self, path: str) -> "FullFile":
         self.tick("create", path)
