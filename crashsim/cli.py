@@ -80,7 +80,8 @@ def _trace_parser(sub) -> None:
     trace.add_argument("--workload", action="append", metavar="NAME",
                        help=f"a lamina workload (repeatable; default all): {', '.join(CLI_WORKLOADS)}")
     trace.add_argument("--checker", metavar="'CMD {dir}'",
-                       help="with PROGRAM: a shell command run on every crash state's directory ({dir}); exit 0 passes")
+                       help="with PROGRAM: a shell command run on every crash state's directory ({dir}; {done} is 1 "
+                       "after the program's last call, else 0; {crash} the calls issued); exit 0 passes")
     trace.add_argument("--init", metavar="DIR", help="with PROGRAM: the files the working directory starts with (copied)")
     trace.add_argument("--control", help=f"record a broken lamina (negative control): {', '.join(RECORD_CONTROLS)}")
     trace.add_argument("--count-before-recovery", action="store_true",
@@ -245,7 +246,7 @@ def _cmd_controls() -> int:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from .cliworkloads import CLI_WORKLOADS, run_cli_workloads
-    from .syscalls import command_checker, trace_program
+    from .syscalls import trace_program
 
     models = [Model.parse(m).name for m in args.model.split(",") if m]
     budget = Budget(max_subset=args.max_subset, subset_samples=args.samples, torn_samples=args.torn_samples)
@@ -253,7 +254,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     if args.program:
         if not args.checker or args.workload or args.control:
             raise CrashsimError("a PROGRAM needs --checker 'CMD {dir}' and takes neither --workload nor --control")
-        _, results, seconds = trace_program(args.program, command_checker(args.checker), models, budget, args.seed, args.init)
+        _, results, seconds = trace_program(args.program, args.checker, models, budget, args.seed, args.init)
     else:
         if args.checker or args.init:
             raise CrashsimError("--checker and --init go with a PROGRAM (after --)")

@@ -33,6 +33,7 @@ import attrs
 
 from .errors import UnknownControl, UnknownWorkload
 from .explore import Budget
+from .memstore import DiskState
 from .syscalls import ProgramFailed, Recorder, TraceResult, compare_with_directory, explore_trace, record, \
     snapshot_directory
 
@@ -54,8 +55,8 @@ class CliWorkload:
     steps: tuple[Step, ...]
 
 
-def _step(*argv: str, **promises: object) -> Step:
-    return Step(tuple(argv), tuple(promises.get("p", ())))  # type: ignore[arg-type]
+def _step(*argv: str, p: tuple[tuple[Key, int | None], ...] = ()) -> Step:
+    return Step(tuple(argv), p)
 
 
 K = 1024
@@ -126,7 +127,7 @@ def promises_after(workload: CliWorkload) -> list[dict[Key, int]]:
 @attrs.frozen
 class Recording:
     workload: CliWorkload
-    base: object  # DiskState of the empty directory
+    base: DiskState  # the empty directory
     ops: tuple
     ends: tuple[int, ...]  # ops issued when each step returned
 
