@@ -100,6 +100,8 @@ CLI_WORKLOADS = {w.name: w for w in (
 RECORD_CONTROLS = {
     "skip-dir-fsync": "from lamina.impl.osfile import OsStorage\n"
                       "OsStorage.fsync_dir = lambda self, path: None  # names stay in the page cache\n",
+    "skip-file-fsync": "from lamina.impl.osfile import OsFile\n"
+                       "OsFile.fsync = lambda self: None  # a flush returns with its data in the page cache\n",
 }
 
 

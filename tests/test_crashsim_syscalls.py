@@ -136,3 +136,10 @@ def test_a_missing_directory_fsync_in_the_os_backend_is_caught():
                                       stop_at_first=True, judge_before_recovery=False)
     assert all(r.failing_states for r in results)
     assert "img.lam is missing, though a returned `lamina` promised its contents" in results[0].failures[0].message
+
+
+def test_a_missing_file_fsync_in_the_os_backend_is_caught():
+    """Negative control: OsFile.fsync as a no-op; a flushed write or its metadata can be lost under reorder."""
+    results, _, _ = run_cli_workloads(["create-write"], ["reorder"], Budget(), control="skip-file-fsync",
+                                      stop_at_first=True, judge_before_recovery=False)
+    assert results[0].failing_states
