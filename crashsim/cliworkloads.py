@@ -10,10 +10,12 @@ the concatenated trace is written out as a directory and judged in-process
    (a crash may leave leaks or pending work, never corruption);
 2. a writable open, `lamina io TOP -c 'read 0 512'`: exit 0 (recovery);
 3. `lamina check TOP`: exit 0;
-4. every range a returned invocation promised reads its pattern
-   (`lamina io -r REF -c 'read -P ...'`); while the crash interrupts an
-   invocation, a promised range reads its promise before or after it, and a
-   range it removes (a deleted snapshot) may be gone.
+4. every 512 B sector of a range a returned invocation promised reads its
+   pattern (read through `open_target`, as `lamina io -r REF` does); while
+   the crash interrupts an invocation, a range it rewrites reads anything
+   (old, new or a torn sector's garbage, as crashsim's oracle allows; the
+   read-back check of the sectors is the next invocation's), and a range it
+   removes (a deleted snapshot) may be gone or must read its old pattern.
 
 A top that no returned invocation has promised anything about may be absent
 (a crash before `create` renamed it into place).

@@ -143,3 +143,20 @@ def test_a_missing_file_fsync_in_the_os_backend_is_caught():
     results, _, _ = run_cli_workloads(["create-write"], ["reorder"], Budget(), control="skip-file-fsync",
                                       stop_at_first=True, judge_before_recovery=False)
     assert results[0].failing_states
+
+
+def test_a_state_is_written_out_sparse_with_its_links_and_without_names_in_a_lost_directory(tmp_path):
+    from lamina.crashsim.explore import Materialiser
+    from lamina.crashsim.memstore import LINK, MKDIR, Op
+    from lamina.crashsim.syscalls import materialise
+
+    ops = [Op(CREATE, ROOT, path=ROOT + "/f", inode=1), Op(PWRITE, 1, 1 << 20, 3, b"abc"),
+           Op(LINK, ROOT, path=ROOT + "/f", path2=ROOT + "/g"),
+           Op(MKDIR, ROOT, path=ROOT + "/d"), Op(LINK, ROOT + "/d", path=ROOT + "/f", path2=ROOT + "/d/h")]
+    m = Materialiser(snapshot_directory(str(tmp_path / ".")), ops)
+    materialise(m.state(5, {}, 0), str(tmp_path / "all"))
+    assert (tmp_path / "all" / "d" / "h").read_bytes()[-3:] == b"abc"
+    assert os.stat(tmp_path / "all" / "f").st_ino == os.stat(tmp_path / "all" / "g").st_ino
+    assert os.stat(tmp_path / "all" / "f").st_blocks * 512 < 1 << 20  # the hole stays a hole
+    materialise(m.state(5, {3: "d"}, 0), str(tmp_path / "lost"))  # the mkdir was lost: so is the name inside
+    assert sorted(os.listdir(tmp_path / "lost")) == ["f", "g"]
