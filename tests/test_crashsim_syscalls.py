@@ -114,6 +114,20 @@ def test_trace_command_line(initial, capsys):
     assert "0 failing" in capsys.readouterr().out
 
 
+def test_another_implementation_qemu_io_on_qcow2(tmp_path):
+    """C6 on a C program with I/O threads: qemu-io on qcow2, `qemu-img check` (leaks allowed) as the checker."""
+    import subprocess
+
+    (tmp_path / "init").mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "init" / "img.qcow2"), "1M"], check=True)
+    checker = ("qemu-img check -q {dir}/img.qcow2; r=$?; [ $r = 0 -o $r = 3 ] || exit $r; "
+               "[ {done} = 0 ] || qemu-io -r -c 'read -P 0xab 0 64k' {dir}/img.qcow2 >/dev/null")
+    rec, results, _ = trace_program(["qemu-io", "-c", "write -P 0xab 0 64k", "-c", "flush", "img.qcow2"], checker,
+                                    ["strict", "reorder"], Budget(), initial=str(tmp_path / "init"))
+    assert {PWRITE, FSYNC} <= {op.kind for op in rec.ops}
+    assert all(r.states > 0 and r.failing_states == 0 for r in results)
+
+
 def test_real_lamina_command_every_crash_state_recovers_with_its_promises():
     """The real OS backend, crashed under strict and reorder+torn+namespace on every CLI workload: 0 failing."""
     results, tallies, seconds = run_cli_workloads(list(CLI_WORKLOADS), CI_MODELS, CI_BUDGET, judge_before_recovery=False)
