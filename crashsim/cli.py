@@ -260,7 +260,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
             raise CrashsimError("--checker and --init go with a PROGRAM (after --)")
         results, tallies, seconds = run_cli_workloads(args.workload or list(CLI_WORKLOADS), models, budget, args.seed,
                                                       args.control, judge_before_recovery=not args.count_before_recovery)
-    workloads = list(dict.fromkeys(r.workload for r in results))
+    workloads = list(dict.fromkeys(r.workload for r in results))  # one result per workload and model
     ops = sum(r.ops for r in results if r.model == results[0].model) if results else 0
     totals = {"workloads": len(workloads), "ops": ops, "states": sum(r.states for r in results),
               "checked": sum(r.checked for r in results), "failing": sum(r.failing_states for r in results),
@@ -272,10 +272,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
                                        "failures": [attrs.asdict(f) for f in r.failures]} for r in results]}, indent=1))
     else:
         for r in results:
-            print(f"{r.workload:<30} {r.model:<24} {r.ops:>5} ops {r.states:>6} states {r.checked:>5} checked "
+            label = r.workload + (f" (v={r.variant})" if r.variant else "")
+            print(f"{label:<30} {r.model:<24} {r.ops:>5} ops {r.states:>6} states {r.checked:>5} checked "
                   f"{r.failing_states:>5} failing")
             for f in r.failures[:3]:
-                print(f"    FAIL {f.plan}\n         {f.message}")
+                print(f"    FAIL {f.plan}\n         {f.message}" + "".join(f"\n         {line}" for line in f.lost))
         for w, t in tallies.items():
             print(f"{w}: read-only check before recovery: " + ", ".join(f"{k}: {n}" for k, n in sorted(t.items())))
         print(f"{totals['workloads']} workloads, {ops} ops recorded, {totals['states']} states explored "

@@ -263,7 +263,6 @@ def run_cli_workloads(names: Sequence[str], models: Sequence[str], budget: Budge
     for name in names:
         recording = record_workload(get_cli_workload(name), control)
         check, context, tallies[name] = lamina_checker(recording, judge_before_recovery)
-        label = name if control is None else f"{name}/v={control}"
-        results += explore_trace(label, recording.base, recording.ops, models, budget, seed, check, context,
-                                 stop_at_first=stop_at_first)
+        results += explore_trace(name, recording.base, recording.ops, models, budget, seed, check, context,
+                                 stop_at_first=stop_at_first, variant=control)
     return results, tallies, time.perf_counter() - started

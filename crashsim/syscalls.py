@@ -592,6 +592,19 @@ class Failure:
     plan: str
     message: str
     tier: str
+    lost: tuple[str, ...] = ()  # the ops the crash dropped or tore, described
+
+
+def describe_op(op: Op) -> str:
+    """An op as a person reads it: the kind, the simulated path or inode, the range."""
+    if op.kind in (RENAME, LINK):
+        return f"{op.kind} {op.path.removeprefix(ROOT + '/')} -> {op.path2.removeprefix(ROOT + '/')}"
+    if op.kind in (CREATE, UNLINK, MKDIR):
+        return f"{op.kind} {op.path.removeprefix(ROOT + '/')}"
+    if op.kind == FSYNC_DIR:
+        return f"fsync_dir {op.target}"
+    return f"{op.kind} inode {op.target}" + (f" at {op.offset} length {len(op.data) or op.length}"
+                                             if op.kind in (PWRITE, PUNCH) else f" to {op.offset}" if op.kind == TRUNCATE else "")
 
 
 @attrs.define
@@ -601,6 +614,7 @@ class TraceResult:
     workload: str
     model: str
     ops: int
+    variant: str | None = None  # the broken variant recorded (a negative control)
     states: int = 0  # plans explored
     checked: int = 0  # distinct directories the checker ran on
     failures: list[Failure] = attrs.Factory(list)
@@ -616,7 +630,7 @@ Checker = Callable[[str, int], "str | None"]
 
 def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequence[str], budget: Budget, seed: int,
                   checker: Checker, context: Callable[[int], object] = lambda crash: None,
-                  stop_at_first: bool = False) -> list[TraceResult]:
+                  stop_at_first: bool = False, variant: str | None = None) -> list[TraceResult]:
     """Check every crash state the explorer yields under each model; a directory seen before reuses its verdict.
 
     `context(crash)` names what a verdict depends on besides the directory
@@ -630,7 +644,7 @@ def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequenc
         for model_name in models:
             model = Model.parse(model_name)
             barriers = barrier_of(ops, model)
-            result = TraceResult(name, model.name, len(ops))
+            result = TraceResult(name, model.name, len(ops), variant)
             for tier, crash, outcomes, _ in explore(ops, model, budget, seed):
                 result.states += 1
                 state = materialiser.state(crash, outcomes, seed, model.torn_unit or 512)
@@ -644,9 +658,11 @@ def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequenc
                         shutil.rmtree(where, ignore_errors=True)
                     result.checked += 1
                 if verdicts[key] is not None:
-                    plan = Plan(name, model.name, seed, crash, tuple(sorted(outcomes.items())),
+                    plan = Plan(name, model.name, seed, crash, tuple(sorted(outcomes.items())), variant=variant,
                                 pending=tuple(pending_at(barriers, crash)))
-                    result.failures.append(Failure(plan.to_string(), verdicts[key], tier))
+                    lost = tuple(f"op {i}: {describe_op(ops[i])}: {'dropped' if o == 'd' else 'torn ' + o[2:]}"
+                                 for i, o in sorted(outcomes.items()))
+                    result.failures.append(Failure(plan.to_string(), verdicts[key], tier, lost))
                     if stop_at_first:
                         break
             results.append(result)
