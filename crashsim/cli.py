@@ -68,7 +68,32 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("plan")
     rep.add_argument("--output", choices=["human", "json"], default="human")
     sub.add_parser("controls", help="run every negative control and say whether each is caught")
+    _trace_parser(sub)
     return p
+
+
+def _trace_parser(sub) -> None:
+    from .cliworkloads import CLI_WORKLOADS, RECORD_CONTROLS
+
+    trace = sub.add_parser("trace", help="record a real program's system calls with strace and check its crash states",
+                           description="Without PROGRAM: the real `lamina` command on its workloads, judged in-process. "
+                           "With `-- PROGRAM ARGS`: any program, run in a fresh directory, judged by --checker.")
+    trace.add_argument("--workload", action="append", metavar="NAME",
+                       help=f"a lamina workload (repeatable; default all): {', '.join(CLI_WORKLOADS)}")
+    trace.add_argument("--checker", metavar="'CMD {dir}'",
+                       help="with PROGRAM: a shell command run on every crash state's directory ({dir}; {done} is 1 "
+                       "after the program's last call, else 0; {crash} the calls issued); exit 0 passes")
+    trace.add_argument("--init", metavar="DIR", help="with PROGRAM: the files the working directory starts with (copied)")
+    trace.add_argument("--control", help=f"record a broken lamina (negative control): {', '.join(RECORD_CONTROLS)}")
+    trace.add_argument("--count-before-recovery", action="store_true",
+                       help="count the exit codes of the read-only check before recovery instead of requiring 0 or 3")
+    trace.add_argument("--model", default=",".join(DEFAULT_MODELS), help="comma-separated models; combine flags with +")
+    trace.add_argument("--max-subset", type=int, default=Budget().max_subset, metavar="K")
+    trace.add_argument("--samples", type=int, default=Budget().subset_samples, help="sampled subsets per crash point beyond K")
+    trace.add_argument("--torn-samples", type=int, default=Budget().torn_samples, help="sampled tear patterns per write beyond the cap")
+    trace.add_argument("--seed", type=int, default=0)
+    trace.add_argument("--output", choices=["human", "json"], default="human")
+    trace.add_argument("program", nargs="*", metavar="PROGRAM", help="after --: the program and its arguments")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -221,6 +246,46 @@ def _cmd_controls() -> int:
     return 1 if bad else 0
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from .cliworkloads import CLI_WORKLOADS, run_cli_workloads
+    from .syscalls import trace_program
+
+    models = [Model.parse(m).name for m in args.model.split(",") if m]
+    budget = Budget(max_subset=args.max_subset, subset_samples=args.samples, torn_samples=args.torn_samples)
+    tallies: dict = {}
+    if args.program:
+        if not args.checker or args.workload or args.control:
+            raise CrashsimError("a PROGRAM needs --checker 'CMD {dir}' and takes neither --workload nor --control")
+        _, results, seconds = trace_program(args.program, args.checker, models, budget, args.seed, args.init)
+    else:
+        if args.checker or args.init:
+            raise CrashsimError("--checker and --init go with a PROGRAM (after --)")
+        results, tallies, seconds = run_cli_workloads(args.workload or list(CLI_WORKLOADS), models, budget, args.seed,
+                                                      args.control, judge_before_recovery=not args.count_before_recovery)
+    workloads = list(dict.fromkeys(r.workload for r in results))  # one result per workload and model
+    ops = sum(r.ops for r in results if r.model == results[0].model) if results else 0
+    totals = {"workloads": len(workloads), "ops": ops, "states": sum(r.states for r in results),
+              "checked": sum(r.checked for r in results), "failing": sum(r.failing_states for r in results),
+              "seconds": round(seconds, 2)}
+    if args.output == "json":
+        print(json.dumps({**totals, "seed": args.seed, "budget": attrs.asdict(budget),
+                          "before_recovery": {w: dict(t) for w, t in tallies.items()},
+                          "results": [{**attrs.asdict(r, filter=lambda a, v: a.name != "failures"),
+                                       "failures": [attrs.asdict(f) for f in r.failures]} for r in results]}, indent=1))
+    else:
+        for r in results:
+            label = r.workload + (f" (v={r.variant})" if r.variant else "")
+            print(f"{label:<30} {r.model:<24} {r.ops:>5} ops {r.states:>6} states {r.checked:>5} checked "
+                  f"{r.failing_states:>5} failing")
+            for f in r.failures[:3]:
+                print(f"    FAIL {f.plan}\n         {f.message}" + "".join(f"\n         {line}" for line in f.lost))
+        for w, t in tallies.items():
+            print(f"{w}: read-only check before recovery: " + ", ".join(f"{k}: {n}" for k, n in sorted(t.items())))
+        print(f"{totals['workloads']} workloads, {ops} ops recorded, {totals['states']} states explored "
+              f"({totals['checked']} distinct directories checked), {totals['failing']} failing, {seconds:.1f} s")
+    return 1 if totals["failing"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -230,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_inject(args)
         if args.command == "replay":
             return _cmd_replay(args)
+        if args.command == "trace":
+            return _cmd_trace(args)
         return _cmd_controls()
     except CrashsimError as exc:
         print(f"crashsim: error: {exc}", file=sys.stderr)
