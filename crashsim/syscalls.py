@@ -54,7 +54,7 @@ class ProgramFailed(CrashsimError):
 
 # ---------------------------------------------------------------------------- parsing strace's output
 _LINE = re.compile(r"^(\d+)\s+(.*)$")
-_FD = re.compile(r"^(AT_FDCWD|-?\d+|0x[0-9a-f]+)(?:<(.*)>)?$")
+_FD = re.compile(r"^(AT_FDCWD|-?\d+|0x[0-9a-f]+)(?:<(.*)>)?(?:\(deleted\))?$")  # strace -y marks an unlinked file "(deleted)"
 _HEX = re.compile(r"\\x([0-9a-f]{2})")
 
 
