@@ -32,6 +32,7 @@ Run longer outside CI: `python tests/fuzzing.py --cases 20000 --seed 7`.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import os
@@ -46,12 +47,13 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid as uuidlib
 from typing import Callable, Iterator
 
 import attrs
 
 from lamina.impl import cli, layers
-from lamina.impl.image import Image
+from lamina.impl.image import Image, write_new_layer
 from lamina.spec.declare import declared_fields
 from lamina.spec.errors import FormatError, UnknownIncompatibleFeature, UnsupportedVersion
 from lamina.spec.layout import ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, root_copy_offset
@@ -62,6 +64,7 @@ from lamina.impl.osfile import OsStorage
 from lamina.spec.structures import (
     MAP_CRC_OFFSET,
     ROOT_CRC_OFFSET,
+    BASE_LAMINA,
     MapCopy,
     Root,
     SnapshotEntry,
@@ -229,6 +232,36 @@ def _shape_chain_elsewhere(m: _Model, rng: random.Random) -> dict[str, Tree]:
     return {"disk.lam": Tree("disk.lam", files, [], [os.path.join("sub", "base.raw")], [], {"disk.lam": bytes(m.data["disk.lam"])})}
 
 
+DEEP = 350  # layers under the top (the format allows MAX_CHAIN_DEPTH): past where a recursive walk of reads fails
+
+
+def _shape_deep(m: _Model, rng: random.Random) -> dict[str, Tree]:
+    """A chain of frozen layers hundreds deep, as that many snapshots make, written as `write_new_layer` writes them."""
+    os.mkdir("disk.lam.layers")
+    size = 64 << 10
+    names = []
+    below: Root | None = None
+    for i in range(DEEP + 1):
+        uuid = uuidlib.UUID(int=rng.getrandbits(128), version=4).bytes
+        root = Root(cluster_bits=12, virtual_size=size, image_uuid=uuid)
+        if below is not None:
+            root = attrs.evolve(root, base_kind=BASE_LAMINA, base_path=names[-1], base_uuid=below.image_uuid,
+                                base_data_generation=below.data_generation, base_size=size, base_visible=size)
+        path = "disk.lam" if i == DEEP else os.path.join("disk.lam.layers", layer_file_name(uuid))
+        write_new_layer(OsStorage(), path, root)
+        if i == 0:  # the bottom holds data; every layer above records its generation after that
+            m.data[path] = bytearray(size)
+            m.write(path, 4)
+            root = _root_of(path)
+        else:
+            m.data[path] = bytearray(m.data[files_below[-1]])
+        files_below = [path] if i == 0 else files_below + [path]
+        names.append(layer_file_name(uuid))
+        below = root
+    files = ["disk.lam"] + files_below[-2::-1]
+    return {"disk.lam": Tree("disk.lam", files, [], [], [], {"disk.lam": bytes(m.data["disk.lam"])})}
+
+
 SHAPES: dict[str, Callable[[_Model, random.Random], dict[str, Tree]]] = {
     "plain": _shape_plain,
     "regions": _shape_regions,
@@ -237,8 +270,11 @@ SHAPES: dict[str, Callable[[_Model, random.Random], dict[str, Tree]]] = {
     "raw-base": _shape_raw_base,
     "chain": _shape_chain,
     "chain-elsewhere": _shape_chain_elsewhere,
+    "deep": _shape_deep,
 }
 VARIANTS = 3  # templates per shape; damage and commands vary per case
+# The deep chain costs seconds per writable command (each open walks the chain once per layer): longer runs only
+DEFAULT_SHAPES = tuple(sorted(set(SHAPES) - {"deep"}))
 
 
 @contextlib.contextmanager
@@ -754,8 +790,9 @@ def run_forked(job: Callable[[], int], cwd: str, log: str, time_limit: int = TIM
 
     def text(suffix: str) -> str:
         try:
-            with open(log + suffix, "rb") as f:
-                return f.read(1 << 16).decode("utf-8", "backslashreplace")
+            with open(log + suffix, "rb") as f:  # the end: a traceback's last line names the exception
+                f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 16)))
+                return f.read().decode("utf-8", "backslashreplace")
         except FileNotFoundError:
             return ""
 
@@ -851,9 +888,11 @@ class Failure:
     damage: str
     command: list[str]
     detail: str
+    shapes: tuple[str, ...] = DEFAULT_SHAPES
 
     def reproduction(self) -> str:
-        return f"python tests/fuzzing.py --seed {self.seed} --case {self.case}  # {self.oracle}: lamina {' '.join(map(repr, self.command))}"
+        option = "" if self.shapes == DEFAULT_SHAPES else f" --shapes {','.join(self.shapes)}"
+        return f"python tests/fuzzing.py --seed {self.seed} --case {self.case}{option}  # {self.oracle}: lamina {' '.join(map(repr, self.command))}"
 
     def __str__(self) -> str:
         return (f"[{self.oracle}] seed {self.seed} case {self.case}: shape {self.shape}, damage {self.damage}\n"
@@ -863,10 +902,12 @@ class Failure:
 class Fuzzer:
     """Templates made once per run; each case copies one, damages it, and runs one command in a forked child."""
 
-    def __init__(self, seed: int, workdir: str) -> None:
+    def __init__(self, seed: int, workdir: str, shapes: tuple[str, ...] = DEFAULT_SHAPES) -> None:
         self.seed = seed
+        self.shapes = tuple(sorted(shapes))
         self.workdir = workdir
         self.templates: dict[tuple[str, int], tuple[str, Shape]] = {}
+        self.claims: collections.Counter[str] = collections.Counter()  # how often each oracle had something to judge
         secret = os.path.join(workdir, "secret-template", "secret.lam")
         os.makedirs(os.path.dirname(secret))
         with Image.create(secret, 256 << 10, 4096) as image:
@@ -885,7 +926,7 @@ class Fuzzer:
         """Shape, variant, damage rng and command index of a case: consecutive cases share the damage."""
         group, command = divmod(case, NUM_COMMANDS)
         rng = random.Random(f"case:{self.seed}:{group}")
-        name = rng.choice(sorted(SHAPES))
+        name = rng.choice(self.shapes)
         return name, rng.randrange(VARIANTS), rng, command
 
     def run_case(self, case: int) -> list[Failure]:
@@ -914,9 +955,13 @@ class Fuzzer:
         failures: list[Failure] = []
 
         def fail(oracle: str, detail: str, command: list[str] = argv) -> None:
-            failures.append(Failure(self.seed, case, oracle, f"{name}/{variant} top {tree.top}", damage.text, command, detail))
+            failures.append(Failure(self.seed, case, oracle, f"{name}/{variant} top {tree.top}", damage.text, command, detail,
+                                    self.shapes))
 
         logs = os.path.join(self.workdir, "log")
+        self.claims.update([damage.kind.split("+")[0]]
+                           + (["must-detect"] if damage.detect and argv[0] == "check" and "--repair" not in argv else [])
+                           + (["must-repair"] if (damage.single or damage.kind == "none") and argv[:2] == ["check", "--repair"] else []))
         outcome = run_forked(cli_job(argv), work, logs, file_size=file_size)
         self._judge(outcome, argv, damage, fail)
         if outcome.rc is not None and (damage.kind == "none" or damage.single):
@@ -985,18 +1030,21 @@ class Fuzzer:
                 fail("data", f"read through the API: {read.stdout.strip() or read.stderr.strip()[-300:]}")
 
 
-def run(seed: int, cases: range, workdir: str | None = None, progress: Callable[[int, list[Failure]], None] | None = None) -> list[Failure]:
-    """Run `cases` of `seed`; return every failure (each one carries its reproduction)."""
+def run(seed: int, cases: range, workdir: str | None = None, progress: Callable[[int, list[Failure]], None] | None = None,
+        claims: collections.Counter[str] | None = None, shapes: tuple[str, ...] = DEFAULT_SHAPES) -> list[Failure]:
+    """Run `cases` of `seed`; return every failure (each one carries its reproduction); count the claims judged."""
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="lamina-fuzz-")
     failures: list[Failure] = []
     try:
-        fuzzer = Fuzzer(seed, os.path.join(workdir, f"seed-{seed}"))
+        fuzzer = Fuzzer(seed, os.path.join(workdir, f"seed-{seed}"), shapes)
         for case in cases:
             found = fuzzer.run_case(case)
             failures += found
             if progress:
                 progress(case, found)
+        if claims is not None:
+            claims.update(fuzzer.claims)
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -1029,6 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--case", type=int, help="run this one case and print its failures")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep failing cases there")
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"comma-separated, of {', '.join(sorted(SHAPES))}")
     args = parser.parse_args(argv)
     cases = range(args.case, args.case + 1) if args.case is not None else range(args.first, args.first + args.cases)
     started = time.perf_counter()
@@ -1044,8 +1093,10 @@ def main(argv: list[str] | None = None) -> int:
         if done % 500 == 0:
             print(f"... {done} cases, {done / (time.perf_counter() - started):.1f}/s, {len(groups)} distinct findings", file=sys.stderr)
 
-    run(args.seed, cases, args.keep and os.path.abspath(args.keep), progress)
+    claims: collections.Counter[str] = collections.Counter()
+    run(args.seed, cases, args.keep and os.path.abspath(args.keep), progress, claims, tuple(args.shapes.split(",")))
     elapsed = time.perf_counter() - started
+    print("cases by damage, and claims judged:", ", ".join(f"{k} {v}" for k, v in sorted(claims.items())))
     print(f"\n{len(cases)} cases in {elapsed:.1f} s ({len(cases) / elapsed:.1f}/s); "
           f"{sum(map(len, groups.values()))} failures, {len(groups)} distinct:")
     for key, found in sorted(groups.items()):
