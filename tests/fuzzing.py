@@ -20,14 +20,23 @@ stdout and stderr go to files.  A case fails when:
   found: any changed byte of a Lamina file in the checked tree, a changed
   VM-state file, a snapshot's layer replaced, a reference that may not be
   followed (`false-clean`);
-- `check` exits other than 0 on an undamaged tree (`false-alarm`);
+- `check` exits other than 0 on an undamaged tree, or after any command on
+  one, failed or not (`false-alarm`, `left-unclean`); some undamaged cases
+  run under a file size limit, so that writes fail midway as on a full disk;
 - `check --repair` does not end at exit 0 although the damage touched only
   one copy of one structure, or only bytes no structure uses (`failed-repair`);
 - guest data differs from the model after a successful repair, or as read
-  by `convert` from an undamaged tree or one whose damage leaves the
-  current copies intact (`data`).
+  (through the API after `io -r`, or by `convert`) from an undamaged tree or
+  one whose damage leaves the current copies intact (`data`).
 
-Run longer outside CI: `python tests/fuzzing.py --cases 20000 --seed 7`.
+"Must be found" and "repairable" are claimed only where the format says so:
+a field damaged in both copies with a valid CRC is a different image, and is
+claimed found only when the spec's decoder refuses it; a copy that wins the
+selection (higher generation) may legitimately change the data.
+
+Run longer outside CI: `python tests/fuzzing.py --cases 20000 --seed 7`
+(`--shapes deep` adds a chain hundreds of layers deep; `--seed S --case C`
+replays one case).
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ def test_bounded_run(tmp_path):
 
 
 def _elsewhere(seed: int, case: int, finding: str, shapes: tuple[str, ...] = fuzzing.DEFAULT_SHAPES):
-    return pytest.param(seed, case, shapes, id=f"{seed}-{case}", marks=pytest.mark.xfail(strict=True, reason=finding))
+    return pytest.param(seed, case, shapes, id=f"{seed}-{case}",
+                        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=finding))
 
 
 # One case per distinct finding of a defect fixed on another branch (`python tests/fuzzing.py --seed S --case C`)
