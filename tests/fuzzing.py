@@ -63,17 +63,16 @@ import attrs
 
 from lamina.impl import cli, layers
 from lamina.impl.image import Image, write_new_layer
+from lamina.impl.osfile import OsStorage
 from lamina.spec.declare import declared_fields
 from lamina.spec.errors import FormatError, UnknownIncompatibleFeature, UnsupportedVersion
-from lamina.spec.layout import ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, root_copy_offset
-from lamina.spec.protocol import read_root_copies
+from lamina.spec.layout import ROOT_SLOT_SIZE, SECTOR_SIZE, root_copy_offset
 from lamina.spec.references import layer_file_name, vmstate_file_name
-from lamina.spec.replication import select_root
-from lamina.impl.osfile import OsStorage
+from lamina.spec.tree import root_of
 from lamina.spec.structures import (
+    BASE_LAMINA,
     MAP_CRC_OFFSET,
     ROOT_CRC_OFFSET,
-    BASE_LAMINA,
     MapCopy,
     Root,
     SnapshotEntry,
@@ -363,13 +362,7 @@ class Damage:
 
 
 def _root_of(path: str) -> Root:
-    file = OsStorage().open(path, False)
-    try:
-        root = select_root(read_root_copies(file)).value
-        assert root is not None
-        return root
-    finally:
-        file.close()
+    return root_of(OsStorage(), path)
 
 
 def _allocated_map_copies(path: str, root: Root) -> list[tuple[int, int]]:
