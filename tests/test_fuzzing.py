@@ -41,7 +41,7 @@ KNOWN: list[tuple[str, Callable[[Failure], bool]]] = [
     ("a chain a few hundred layers deep is a RecursionError", lambda f: f.oracle == "traceback" and "RecursionError" in f.detail),
     ("an io length of gigabytes is a MemoryError", lambda f: f.oracle == "memory" and f.command[0] == "io"),
     ("a bad command prints `lamina: lamina: ...`", lambda f: f.oracle == "message" and "lamina: lamina:" in f.detail),
-    ("a write that fails (a full disk, here a file size limit) leaves the image unclean",
+    ("a write that fails midway (a full disk, here a file size limit) leaves what check calls a leak or corruption",
      lambda f: f.oracle == "left-unclean" and "limited" in f.damage),
 ]
 
@@ -81,6 +81,7 @@ FOUND_ELSEWHERE = [
     _elsewhere(3, 27478, "a root generation at 2^64-1 passes check; io write is a struct.error traceback"),
     _elsewhere(3, 237758, "flags = 1 (commit in progress) on an image without a base: io write is an AssertionError"),
     _elsewhere(7, 1058, "resize --shrink failing on a write (file size limit): the close drops the intent, check exits 2"),
+    _elsewhere(7, 2039, "commit failing midway: read-only check calls the committing state corruption; a writable open finishes it"),
     _elsewhere(1, 8, "io -r on a chain of 350 layers: RecursionError traceback", ("deep",)),
 ]
 
