@@ -82,6 +82,7 @@ FOUND_ELSEWHERE = [
     _elsewhere(3, 237758, "flags = 1 (commit in progress) on an image without a base: io write is an AssertionError"),
     _elsewhere(7, 1058, "resize --shrink failing on a write (file size limit): the close drops the intent, check exits 2"),
     _elsewhere(7, 2039, "commit failing midway: read-only check calls the committing state corruption; a writable open finishes it"),
+    _elsewhere(7, 2478, "snapshot delete failing midway: its unshared copy `<uuid>.lam.creating` stays, check exits 3"),
     _elsewhere(1, 8, "io -r on a chain of 350 layers: RecursionError traceback", ("deep",)),
 ]
 
