@@ -70,6 +70,7 @@ FOUND_ELSEWHERE = [
     _elsewhere(3, 713, "a writable open (snapshot create) reads the files of a symlinked IMAGE.layers"),
     _elsewhere(3, 626, "io on the top reads a file outside through a symlink in the layer directory"),
     _elsewhere(3, 629, "snapshot create reads a file outside through a symlink in the layer directory"),
+    _elsewhere(7, 2443, "check --repair writes into a file outside through a symlink in place of a snapshot's layer"),
     _elsewhere(3, 257, "check hangs on a FIFO in place of a snapshot's layer file"),
     _elsewhere(3, 201, "check reads a sparse 64 GiB VM-state file that its entry declares"),
     _elsewhere(3, 237, "snapshot create with a name that is not UTF-8: UnicodeEncodeError traceback"),
