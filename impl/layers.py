@@ -34,7 +34,7 @@ from lamina.spec.references import (
 from lamina.spec.protocol import read_root_copies, recover
 from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
-from lamina.spec.tree import read_vmstate_chunks, vmstate_matches
+from lamina.spec.tree import read_vmstate_chunks, root_of, vmstate_matches
 from lamina.spec.structures import BASE_LAMINA, BASE_NONE, FLAG_COMMITTING, Root, SnapshotEntry, make_snapshot_entry
 
 from .image import Image, RawBase, write_new_layer
@@ -182,8 +182,8 @@ def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = N
 
 
 def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:
-    with Image.open(os.path.join(context.layer_dir, name), readonly=True, storage=storage, context=context) as layer:
-        return layer.root
+    """The root of a frozen layer alone: walking a tree must not open every layer's whole chain (quadratic)."""
+    return root_of(storage, os.path.join(context.layer_dir, name))
 
 
 def merge_base_into(child_path: str, context: ImageContext, storage: Storage) -> None:
@@ -326,12 +326,13 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
 
 def finish_commit(top: Image) -> None:
     """The body of `commit`, also run by a writable open that finds the committing flag: idempotent."""
-    real = resolve_base(top.root, top.context, top.path, top._storage)
-    assert real is not None and top.base is not None
+    found = resolve_base(top.root, top.context, top.path, top._storage)
+    assert found is not None and top.base is not None
+    real = found.path
     top.base.close()
     size = top.virtual_size
     if isinstance(top.base, Image):
-        target = Image.open(real, storage=top._storage, context=top.context)
+        target = Image.open(real, storage=top._storage, context=found.context)
         write, flush = target.write, target.close
         base_size = target.virtual_size
     else:
@@ -357,7 +358,7 @@ def finish_commit(top: Image) -> None:
         flush()
     generation = 0
     if isinstance(top.base, Image):
-        with Image.open(real, readonly=True, storage=top._storage, context=top.context) as reopened:
+        with Image.open(real, readonly=True, storage=top._storage, context=found.context) as reopened:
             generation = reopened.root.data_generation
     top.base = None
     top.preserve_content = True
@@ -385,11 +386,12 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
     with Image.open(path, storage=storage, allow_bases=allow_bases) as top:
         probe = attrs.evolve(top.root, base_kind=BASE_NONE, base_path="", base_uuid=bytes(16), base_data_generation=0,
                              base_size=0)
-        new_root = reference_base(probe, new_base, base_format, top.context, storage) if new_base else probe
+        new_root = reference_base(probe, new_base, base_format, top.context, storage, path) if new_base else probe
         if not unsafe:
             top.preserve_content = True
-            with (Image.open(os.path.join(top.context.top_dir, new_root.base_path), readonly=True, storage=storage,
-                             context=top.context) if new_root.base_kind == BASE_LAMINA else _NoImage(new_root, top, storage)) as fresh:
+            found = resolve_base(new_root, top.context, path, storage)
+            with (Image.open(found.path, readonly=True, storage=storage, context=found.context)
+                  if found is not None and new_root.base_kind == BASE_LAMINA else _NoImage(new_root, top, storage)) as fresh:
                 for lo, hi in top.absent_ranges(0, top.virtual_size):
                     pos = lo
                     while pos < hi:
@@ -423,8 +425,8 @@ class _NoImage:
     """A raw base, or no base at all, read as a rebase target."""
 
     def __init__(self, root: Root, top: Image, storage: Storage) -> None:
-        real = resolve_base(root, top.context, top.path, storage)
-        self._raw = RawBase(real, storage.open(real, writable=False)) if real else None
+        found = resolve_base(root, top.context, top.path, storage)
+        self._raw = RawBase(found.path, storage.open(found.path, writable=False)) if found else None
 
     def read_padded(self, offset: int, length: int) -> bytes:
         if self._raw is None or offset >= self._raw.virtual_size:
@@ -444,8 +446,7 @@ class _NoImage:
 def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
     """Names in the layer directory that the image reaches: snapshot layers, their VM state, every chain member."""
     storage = _storage(storage)
-    with Image.open(path, readonly=True, storage=storage) as top:
-        context, root = top.context, top.root
+    context, root = ImageContext.for_layer(path), root_of(storage, path)  # roots only: linear in the layers
     names: set[str] = set()
     pending = [root.base_path] if LAYER_NAME.match(root.base_path) else []
     for entry in root.snapshots:

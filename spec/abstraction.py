@@ -54,24 +54,37 @@ def abstract_image(file: File, base: Disk | None = None) -> Disk:
 
 
 def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: ChainWalk | None = None) -> Disk:
-    """What a layer file and its whole chain of bases denote, following references by the rules of F-REF."""
+    """What a layer file and its whole chain of bases denote, following references by the rules of F-REF.
+
+    The chain is followed down first, then its meaning is built from the
+    bottom up, so a chain of any depth the format allows costs no recursion.
+    """
     walk = walk or ChainWalk()
-    walk.visit(os.path.realpath(path), path)
-    file = storage.open(path, writable=False)
+    files: list[File] = []
+    base: Disk | None = None
     try:
-        root = select_root(read_root_copies(file)).value
-        assert root is not None
-        base_path = resolve_base(root, context, path, storage)
-        base = None
-        if base_path is not None and root.base_kind == BASE_RAW:
-            raw = storage.open(base_path, writable=False)
-            try:
-                size = raw.size()
-                base = write(empty_disk(size), 0, raw.pread(0, size))
-            finally:
-                raw.close()
-        elif base_path is not None:
-            base = abstract_layer(base_path, storage, context, walk)
-        return abstract_image(file, base)
+        while True:
+            walk.visit(os.path.realpath(path), path)
+            file = storage.open(path, writable=False)
+            files.append(file)
+            root = select_root(read_root_copies(file)).value
+            assert root is not None
+            found = resolve_base(root, context, path, storage)
+            if found is None:
+                break
+            if root.base_kind == BASE_RAW:
+                raw = storage.open(found.path, writable=False)
+                try:
+                    size = raw.size()
+                    base = write(empty_disk(size), 0, raw.pread(0, size))
+                finally:
+                    raw.close()
+                break
+            path, context = found.path, found.context
+        for file in reversed(files):
+            base = abstract_image(file, base)
+        assert base is not None
+        return base
     finally:
-        file.close()
+        for file in files:
+            file.close()

@@ -109,6 +109,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     seen: set[str] = set()
     for path, root in starts:
         walk = ChainWalk()
+        layer_context = context
         while True:
             real = os.path.realpath(path)
             try:
@@ -121,27 +122,28 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
             seen.add(real)
             files.append(path)
             try:
-                base = resolve_base(root, context, path, storage)
-                if base is None:
+                found = resolve_base(root, layer_context, path, storage)
+                if found is None:
                     break
                 if root.base_kind == BASE_RAW:
-                    check_identity(root, None, _file_size(storage, base), path)
+                    check_identity(root, None, _file_size(storage, found.path), path)
                     break
-                base_root = root_of(storage, base)
+                base_root = root_of(storage, found.path)
                 check_identity(root, base_root, base_root.virtual_size, path)
             except LaminaError as exc:
                 findings.append(Finding(CORRUPTION, "base-reference", str(exc)))
                 break
             if root.base_kind != BASE_LAMINA:
                 break
-            path, root = base, base_root
+            path, root, layer_context = found.path, base_root, found.context
     return files, findings
 
 
 def referenced_names(top_path: str, storage: Storage, files: list[str]) -> set[str]:
     """File names in the layer directory that the tree reaches (T4)."""
     top = root_of(storage, top_path)
-    names = {os.path.basename(f) for f in files if LAYER_NAME.match(os.path.basename(f))}
+    layer_dir = ImageContext.for_top(top_path).layer_dir
+    names = {os.path.basename(f) for f in files if os.path.dirname(os.path.abspath(f)) == layer_dir}  # this image's own
     names |= {vmstate_file_name(e.layer_uuid) for e in top.snapshots if e.vmstate_size}
     return names
 
