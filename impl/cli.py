@@ -212,7 +212,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src_format = args.f or detect_format(args.src)
     bar = tqdm(total=None, unit="B", unit_scale=True, disable=not args.progress, desc="convert")
     try:
-        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar.update)
+        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar.update,
+                tuple(args.allow_base or ()))
     finally:
         bar.close()
     return EXIT_OK
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-O", choices=("raw", "lamina"), default="lamina", help="target format")
     p.add_argument("--cluster-size", default="64k")
     p.add_argument("-p", "--progress", action="store_true")
-    p.add_argument("src")
+    allow(p)
+    p.add_argument("src", help="a raw file, IMAGE or IMAGE@SNAPSHOT")
     p.add_argument("dst")
     p.set_defaults(run=cmd_convert)
 

@@ -79,6 +79,10 @@ class RawBase:
     def read(self, offset: int, length: int) -> bytes:
         return self._file.pread(offset, length).ljust(length, b"\0")
 
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of the ranges of the file that may hold data; holes read zero."""
+        return self._file.data_extents()
+
     def close(self) -> None:
         self._file.close()
 
@@ -490,6 +494,30 @@ class Image:
             yield from emit(end, g.virtual_size - end, False)
         if run[1]:
             yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
+
+    def guest_data_ranges(self) -> list[tuple[int, int]]:
+        """Guest ranges [start, end) that some layer of the chain holds, merged; everything else reads zero.
+
+        Each layer counts only below the limit where the one above still
+        sees it (`base_visible`, sizes), as `read` does.
+        """
+        ranges: list[tuple[int, int]] = []
+        limit = self.virtual_size
+        for layer in self.chain():
+            if isinstance(layer, RawBase):
+                ranges += [(o, min(o + n, limit)) for o, n in layer.data_extents() if o < limit]
+                break
+            ranges += [(e.start, min(e.start + e.length, limit)) for e in layer.extents() if e.data and e.start < limit]
+            limit = min(limit, layer._base_limit())
+            if limit == 0:
+                break
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
 
     def _regions_in_use(self) -> list[int]:
         """Regions with allocated bytes on disk or a working map in memory."""

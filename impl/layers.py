@@ -22,9 +22,10 @@ import attrs
 import crc32c
 
 from lamina.spec.errors import InvalidArgument, LaminaError
-from lamina.spec.layout import MAX_SNAPSHOTS, SECTOR_SIZE
+from lamina.spec.layout import MAX_CHAIN_DEPTH, MAX_SNAPSHOTS, SECTOR_SIZE
 from lamina.spec.references import (
     LAYER_NAME,
+    ChainTooDeep,
     ImageContext,
     layer_dir_of,
     layer_file_name,
@@ -117,6 +118,8 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
             raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
         if len(root.snapshots) >= MAX_SNAPSHOTS:
             raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
+        if len(top.chain()) >= MAX_CHAIN_DEPTH:  # the new top adds a file to the chain
+            raise ChainTooDeep(f"{path}: its chain is already {MAX_CHAIN_DEPTH} files deep, the format's maximum")
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
         name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=time.time_ns(),
