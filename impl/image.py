@@ -171,13 +171,17 @@ class Image:
             raise
 
     @classmethod
-    def _open_layer(cls, path: str, readonly: bool, storage: Storage, context: ImageContext, walk: ChainWalk) -> "Image":
-        """One layer file, without its base; a writable open recovers it (and the image's frozen layers) first."""
+    def _open_layer(cls, path: str, readonly: bool, storage: Storage, context: ImageContext, walk: ChainWalk,
+                    table: bool = True) -> "Image":
+        """One layer file, without its base; a writable open recovers it (and the image's frozen layers) first.
+
+        A base is opened with `table` false: its snapshot table is not used (see `decode_root`).
+        """
         walk.visit(os.path.realpath(path), path)
         file = storage.open(path, writable=not readonly)
         try:
             if readonly:
-                selection = select_root(read_root_copies(file))
+                selection = select_root(read_root_copies(file), table)
                 assert selection.value is not None
                 root, best = selection.value, selection.slot
             else:
@@ -706,7 +710,7 @@ def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWa
                 walk.visit(found.path, where)
                 layer: Image | RawBase = RawBase(found.path, storage.open(found.path, writable=False))
             else:
-                layer = Image._open_layer(found.path, True, storage, found.context, walk)
+                layer = Image._open_layer(found.path, True, storage, found.context, walk, table=False)
             if above is None:
                 first = layer
             else:

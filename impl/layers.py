@@ -186,7 +186,7 @@ def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = N
 
 def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:
     """The root of a frozen layer alone: walking a tree must not open every layer's whole chain (quadratic)."""
-    return root_of(storage, os.path.join(context.layer_dir, name))
+    return root_of(storage, os.path.join(context.layer_dir, name), table=False)
 
 
 def merge_base_into(child_path: str, context: ImageContext, storage: Storage) -> None:
@@ -491,7 +491,7 @@ def recover_layers(path: str, storage: Storage | None = None) -> None:
             continue
         file = storage.open(os.path.join(directory, name), writable=True)
         try:
-            selection = select_root(read_root_copies(file))
+            selection = select_root(read_root_copies(file), table=False)
             if selection.value is not None and (selection.value.intents or selection.problems):
                 recover(file)
         finally:

@@ -29,11 +29,11 @@ from .storage import Storage
 from .structures import BASE_LAMINA, BASE_RAW, Root, SnapshotEntry
 
 
-def root_of(storage: Storage, path: str) -> Root:
-    """The current root of a layer file (raises a FormatError when neither copy is usable)."""
+def root_of(storage: Storage, path: str, table: bool = True) -> Root:
+    """The current root of a layer file (raises a FormatError when neither copy is usable); `table`: see `decode_root`."""
     file = storage.open(path, writable=False)
     try:
-        root = select_root(read_root_copies(file)).value
+        root = select_root(read_root_copies(file), table).value
         assert root is not None
         return root
     finally:
