@@ -23,7 +23,8 @@ from lamina.impl.cli import main
 from lamina.impl.image import Image, write_new_layer
 from lamina.impl.osfile import OsFile, OsStorage
 from lamina.spec.layout import MAX_CHAIN_DEPTH
-from lamina.spec.references import ChainTooDeep
+from lamina.spec.abstraction import abstract_layer
+from lamina.spec.references import ChainTooDeep, ImageContext
 from lamina.spec.structures import BASE_LAMINA, Root
 from lamina.spec.tree import check_tree
 
@@ -178,8 +179,12 @@ def test_a_chain_of_the_deepest_allowed_depth_opens_reads_and_checks(workdir, no
         assert MAX_CHAIN_DEPTH == len(image.chain())
         assert pattern(1, 4096) + bytes(4096) + pattern(2, 4096) == image.read(0, 3 * 4096)
         assert [(0, 4096), (8192, 12288)] == image.guest_data_ranges()
+        assert [(8192, 12288)] == list(layers.diff(image, image.base))  # diff walks both chains
+    disk = abstract_layer(top, OsStorage(), ImageContext.for_layer(top))  # the spec's meaning, as deep
+    assert pattern(1, 4096) + bytes(4096) + pattern(2, 4096) == disk.read(0, 3 * 4096)
     _clean(top)
-    assert 0 == main(["info", top])
+    for command in (["info", "--tree", top], ["diff", top, "l0.lam"]):
+        assert 0 == main(command), command
     with pytest.raises(ChainTooDeep):  # one file more is refused before anything is written
         Image.create("deeper.lam", base=top)
     assert not os.path.exists("deeper.lam")
