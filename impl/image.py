@@ -254,10 +254,13 @@ class Image:
         self._check_range(offset, length)
         g = self._geometry
         end = offset + length
+        first = None
         if length and (end - 1) // g.region_span == offset // g.region_span:
-            data, runs = self._own_piece(offset, end)
-            if data and not runs:
-                return data  # the whole request in one region of this layer: no copy
+            first = self._own_piece(offset, end)
+            if first[0] and not first[1]:
+                return first[0]  # the whole request in one region of this layer: no copy
+            if not first[0] and self._base_limit() <= offset:
+                return bytes(length)  # nothing here and nothing below
         out = bytearray(length)
         work: list[tuple[Image | RawBase, int, int]] = [(self, offset, end)]
         while work:
@@ -270,7 +273,8 @@ class Image:
             pos = lo
             while pos < hi:
                 stop = min(hi, (pos // span + 1) * span)
-                data, runs = layer._own_piece(pos, stop)
+                data, runs = first if first is not None else layer._own_piece(pos, stop)
+                first = None  # it was the top's only piece
                 if data:
                     out[pos - offset : stop - offset] = data
                 for a, b in runs:
