@@ -22,7 +22,8 @@ import crc32c
 from .check import CORRUPTION, LEAK, CheckReport, Finding, check_image
 from .errors import FormatError, LaminaError
 from .protocol import read_root_copies
-from .references import LAYER_NAME, ChainWalk, ImageContext, check_identity, layer_file_name, resolve_base, vmstate_file_name
+from .references import (ChainWalk, ImageContext, check_identity, image_of, layer_file_name, resolve_base,
+                         vmstate_file_name)
 from .repair import repair_image
 from .replication import select_root
 from .storage import Storage
@@ -82,13 +83,17 @@ def vmstate_matches(storage: Storage, path: str, entry: SnapshotEntry) -> bool:
 
 
 def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> tuple[list[str], list[Finding]]:
-    """The Lamina files of the tree (top first), and the findings T1-T3 met while walking it."""
-    context = ImageContext.for_top(top_path, allowed)
+    """The Lamina files of the tree (top first), and the findings T1-T3 met while walking it.
+
+    Given a frozen layer rather than a top, the tree is that layer and its
+    chain: the table it kept from when it was frozen is history, not snapshots.
+    """
+    context = ImageContext.for_layer(top_path, allowed)
     findings: list[Finding] = []
     files: list[str] = []
     top = root_of(storage, top_path)
     starts = [(top_path, top)]
-    for entry in top.snapshots:
+    for entry in top.snapshots if _is_top(top_path) else ():
         path = os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid))
         where = f"snapshot {entry.text_name!r}"
         if not storage.exists(path):
@@ -148,9 +153,13 @@ def referenced_names(top_path: str, storage: Storage, files: list[str]) -> set[s
     return names
 
 
+def _is_top(path: str) -> bool:
+    return image_of(path) == os.path.abspath(path)
+
+
 def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> CheckReport:
     """Check every layer of an image and the references between them; one report for the tree."""
-    context = ImageContext.for_top(top_path, allowed)
+    context = ImageContext.for_layer(top_path, allowed)
     try:
         files, findings = layer_files(top_path, storage, allowed)
     except (FormatError, AssertionError) as exc:
@@ -178,7 +187,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
     if storage.exists(f"{top_path}.creating"):
         findings.append(Finding(LEAK, "orphan-file", f"{top_path}.creating is a new top that a crash kept from its rename; "
                                 "a writable open removes it", ("unlink", f"{top_path}.creating")))
-    if storage.exists(context.layer_dir):
+    if _is_top(top_path) and storage.exists(context.layer_dir):
         keep = referenced_names(top_path, storage, files)
         for name in storage.listdir(context.layer_dir):
             if name not in keep:

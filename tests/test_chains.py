@@ -15,7 +15,6 @@ import collections
 import os
 import uuid
 
-import attrs
 import pytest
 
 from lamina.impl import layers
@@ -144,6 +143,8 @@ def test_an_image_with_snapshots_can_be_a_base(workdir, where):
         assert pattern(3, 512) + pattern(1, 4096)[512:] + pattern(2, 4096) == top.read(0, 8192)
     _clean(top_path, allowed)
     _clean(base)
+    for entry in layers.list_snapshots(base):  # a frozen layer checked by itself: its chain, found in its own image
+        _clean(os.path.join(f"{base}.layers", f"{entry.layer_uuid.hex()}.lam"))
 
 
 # ---------------------------------------------------------------------------- depth
