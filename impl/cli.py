@@ -257,7 +257,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     bar = tqdm(total=None, unit="B", unit_scale=True, disable=not args.progress, desc="convert")
     try:
         convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar.update,
-                force_share=_force_share(args))
+                tuple(args.allow_base or ()), force_share=_force_share(args))
     finally:
         bar.close()
     return EXIT_OK
@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-size", default="64k")
     p.add_argument("-p", "--progress", action="store_true")
     share(p)
-    p.add_argument("src")
+    allow(p)
+    p.add_argument("src", help="a raw file, IMAGE or IMAGE@SNAPSHOT")
     p.add_argument("dst")
     p.set_defaults(run=cmd_convert)
 

@@ -8,13 +8,16 @@ from lamina.spec.errors import InvalidArgument
 from lamina.spec.structures import ROOT_MAGIC
 
 from .image import Image
+from .layers import open_target, parse_target
 from .osfile import OsStorage
 
 CHUNK = 1 << 20
 
 
 def detect_format(path: str) -> str:
-    """`lamina` when the file starts with a root copy's magic, else `raw`."""
+    """`lamina` when the file starts with a root copy's magic (or names `IMAGE@SNAPSHOT`), else `raw`."""
+    if parse_target(path)[1] is not None:
+        return "lamina"
     file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
     try:
         return "lamina" if file.pread(0, len(ROOT_MAGIC)) == ROOT_MAGIC else "raw"
@@ -40,14 +43,15 @@ class RawSource:
 
 
 class LaminaSource:
-    def __init__(self, path: str, force_share: bool = False) -> None:
-        self._image = Image.open(path, readonly=True, force_share=force_share)
+    """`IMAGE` or `IMAGE@SNAPSHOT` as the guest sees it: through its whole chain of snapshots and bases."""
+
+    def __init__(self, path: str, allow_bases: tuple[str, ...] = (), force_share: bool = False) -> None:
+        self._image = open_target(path, allow_bases=allow_bases, force_share=force_share)
         self.virtual_size = self._image.virtual_size
 
     def data_ranges(self) -> Iterator[tuple[int, int]]:
-        for extent in self._image.extents():
-            if extent.data:
-                yield extent.start, extent.length
+        for start, end in self._image.guest_data_ranges():
+            yield start, end - start
 
     def read(self, offset: int, length: int) -> bytes:
         return self._image.read(offset, length)
@@ -57,18 +61,19 @@ class LaminaSource:
 
 
 def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | None = None,
-            cluster_size: int = 1 << 16, progress: Callable[[int], None] | None = None, force_share: bool = False) -> int:
+            cluster_size: int = 1 << 16, progress: Callable[[int], None] | None = None,
+            allow_bases: tuple[str, ...] = (), force_share: bool = False) -> int:
     """Copy the guest contents of `src` into a new `dst`; return the bytes of data written.
 
-    Only ranges that hold data are read, and chunks that are all zero are not
-    written, so holes and zeroes stay holes.
+    Only ranges that some layer of the source's chain holds are read, and
+    chunks that are all zero are not written, so holes and zeroes stay holes.
     """
     src_format = src_format or detect_format(src)
     if src_format not in ("raw", "lamina") or dst_format not in ("raw", "lamina"):
         raise InvalidArgument(f"formats must be raw or lamina, not {src_format!r} -> {dst_format!r}")
     if os.path.lexists(dst):
         raise InvalidArgument(f"{dst}: already exists")
-    source = RawSource(src) if src_format == "raw" else LaminaSource(src, force_share)
+    source = RawSource(src) if src_format == "raw" else LaminaSource(src, allow_bases, force_share)
     written = 0
     try:
         size = source.virtual_size

@@ -106,6 +106,14 @@ class RawBase:
     def read(self, offset: int, length: int) -> bytes:
         return self._file.pread(offset, length).ljust(length, b"\0")
 
+    def lock(self) -> None:
+        """Shared: a raw base is only ever read (R11)."""
+        self._file.lock(exclusive=False)
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of the ranges of the file that may hold data; holes read zero."""
+        return self._file.data_extents()
+
     def close(self) -> None:
         self._file.close()
 
@@ -153,7 +161,7 @@ class Image:
         context = ImageContext.for_top(path, allow_bases)
         root = Root(cluster_bits=bits, virtual_size=0, image_uuid=uuid.uuid4().bytes)
         if base is not None:
-            root = reference_base(root, base, base_format, context, storage)
+            root = reference_base(root, base, base_format, context, storage, path)
         size = root.base_size if virtual_size is None else virtual_size
         check_virtual_size(size)
         root = attrs.evolve(root, virtual_size=size, base_visible=min(size, root.base_size))
@@ -166,6 +174,8 @@ class Image:
              walk: ChainWalk | None = None, lock: bool = True, force_share: bool = False) -> "Image":
         """Open an image and its chain of bases; a writable open recovers it from any crash first.
 
+        `context` is the image the file belongs to (by default the one
+        `ImageContext.for_layer` names); each base resolves against its own.
         The image's file is locked exclusive for a writer and shared for a
         reader, and every base below shared (R11).  `lock=False` skips the
         lock on this file alone: the caller holds it (`image_lock`).
@@ -175,28 +185,14 @@ class Image:
         if force_share and not readonly:
             raise InvalidArgument(f"{path}: -U/--force-share is only for read-only opens")
         storage = storage or OsStorage()
-        context = context or ImageContext.for_top(path, allow_bases)
+        context = context or ImageContext.for_layer(path, allow_bases)
         walk = walk or ChainWalk()
-        walk.visit(os.path.realpath(path), path)
-        file = open_tree_file(storage, path, not readonly, context)
-        base: Image | RawBase | None = None
+        image = cls._open_layer(path, readonly, storage, context, walk, lock=lock and not force_share,
+                                force_share=force_share)
         try:
-            if lock and not force_share:
-                file.lock(exclusive=not readonly)
-            selection = select_root(read_root_copies(file))
-            check_layer_file(path, selection.current(), context)  # before recovery writes anything into it
-            if readonly:
-                root, best = selection.current(), selection.slot
-            else:
-                recovered = recover(file)
-                root, best = recovered.root, recovered.root_best_slot
-                if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
-                    from .layers import recover_layers
-
-                    recover_layers(path, storage)
-            base = open_base(root, context, storage, walk, path, force_share)
-            image = cls(path, file, root, best, not readonly, storage, context, base, force_share)
+            image.base = open_base(image.root, context, storage, walk, path, force_share)
             if not readonly:
+                root = image.root
                 unknown = root.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0)
                 if unknown:
                     image._write_root(autoclear_features=root.autoclear_features & ~unknown)
@@ -210,9 +206,39 @@ class Image:
                     collect_garbage(path, storage)
             return image
         except BaseException:
+            if image._file is not None:
+                image._file.close()
+                image._file = None
+            _close_chain(image.base)
+            raise
+
+    @classmethod
+    def _open_layer(cls, path: str, readonly: bool, storage: Storage, context: ImageContext, walk: ChainWalk,
+                    table: bool = True, lock: bool = True, force_share: bool = False) -> "Image":
+        """One layer file, without its base, locked unless `lock` is false; a writable open recovers it (and the
+        image's frozen layers) first.
+
+        A base is opened with `table` false: its snapshot table is not used (see `decode_root`).
+        """
+        walk.visit(os.path.realpath(path), path)
+        file = open_tree_file(storage, path, not readonly, context)
+        try:
+            if lock:
+                file.lock(exclusive=not readonly)
+            selection = select_root(read_root_copies(file), table=table)
+            check_layer_file(path, selection.current(), context)  # before recovery writes anything into it
+            if readonly:
+                root, best = selection.current(), selection.slot
+            else:
+                recovered = recover(file)
+                root, best = recovered.root, recovered.root_best_slot
+                if context.layer_dir == layer_dir_of(os.path.abspath(path)) and storage.exists(context.layer_dir):
+                    from .layers import recover_layers
+
+                    recover_layers(path, storage)
+            return cls(path, file, root, best, not readonly, storage, context, None, force_share)
+        except BaseException:
             file.close()
-            if base is not None:
-                base.close()
             raise
 
     def close(self) -> None:
@@ -241,8 +267,7 @@ class Image:
         finally:
             self._file.close()
             self._file = None
-            if self.base is not None:
-                self.base.close()
+            _close_chain(self.base)
 
     def __enter__(self) -> "Image":
         return self
@@ -275,44 +300,58 @@ class Image:
 
     # ----------------------------------------------------------------- guest I/O
     def read(self, offset: int, length: int) -> bytes:
-        """The guest's bytes at [offset, offset+length); absent sectors read from the base, or as zero."""
+        """The guest's bytes at [offset, offset+length); absent sectors read from the base, or as zero.
+
+        The chain is walked with a work list, not by recursion, so a chain
+        of any depth the format allows reads in bounded stack.
+        """
         self._check_range(offset, length)
         g = self._geometry
-        region = offset // g.region_span
         end = offset + length
-        if length and (end - 1) // g.region_span == region:
-            return self._read_piece(region, offset, end)  # the whole request in one region: no copy
+        first = None
+        if length and (end - 1) // g.region_span == offset // g.region_span:
+            first = self._own_piece(offset, end)
+            if first[0] and not first[1]:
+                return first[0]  # the whole request in one region of this layer: no copy
+            if not first[0] and self._base_limit() <= offset:
+                return bytes(length)  # nothing here and nothing below
         out = bytearray(length)
-        pos = offset
-        while pos < end:
-            stop = min(end, (pos // g.region_span + 1) * g.region_span)
-            out[pos - offset : stop - offset] = self._read_piece(pos // g.region_span, pos, stop)
-            pos = stop
+        work: list[tuple[Image | RawBase, int, int]] = [(self, offset, end)]
+        while work:
+            layer, lo, hi = work.pop()
+            if isinstance(layer, RawBase):
+                out[lo - offset : hi - offset] = layer.read(lo, hi - lo)
+                continue
+            span = layer._geometry.region_span
+            limit = layer._base_limit()
+            pos = lo
+            while pos < hi:
+                stop = min(hi, (pos // span + 1) * span)
+                data, runs = first if first is not None else layer._own_piece(pos, stop)
+                first = None  # it was the top's only piece
+                if data:
+                    out[pos - offset : stop - offset] = data
+                for a, b in runs:
+                    if data:
+                        out[a - offset : b - offset] = bytes(b - a)  # the file's bytes there mean nothing
+                    if a < min(b, limit):
+                        work.append((layer.base, a, min(b, limit)))
+                pos = stop
         return bytes(out)
 
-    def _read_piece(self, region: int, pos: int, stop: int) -> bytes:
-        m = self._map(region)
+    def _own_piece(self, pos: int, stop: int) -> tuple[bytes, list[tuple[int, int]]]:
+        """This layer's bytes over [pos, stop) within one region, and the runs it lacks (no bytes: it lacks all)."""
+        m = self._map(pos // self._geometry.region_span)
         if m is None or not m.any_present():
-            return self._read_base(pos, stop - pos)
+            return b"", [(pos, stop)]
         data = self.file.pread(self._geometry.guest_to_file(pos), stop - pos)
         if len(data) < stop - pos:
             data = data.ljust(stop - pos, b"\0")
-        runs = self._absent_runs(m, pos, stop)
-        if not runs:
-            return data
-        out = bytearray(data)
-        for lo, hi in runs:
-            out[lo - pos : hi - pos] = self._read_base(lo, hi - lo)
-        return bytes(out)
+        return data, self._absent_runs(m, pos, stop)
 
-    def _read_base(self, offset: int, length: int) -> bytes:
-        """Bytes of the base below this layer; zero where there is none or past its end."""
-        limit = min(self._root.base_visible, self.base.virtual_size) if self.base is not None else 0
-        if offset >= limit:
-            return bytes(length)
-        inside = min(length, limit - offset)
-        data = self.base.read(offset, inside)
-        return data if inside == length else data + bytes(length - inside)
+    def _base_limit(self) -> int:
+        """Guest bytes below which this layer sees its base; zero without one."""
+        return min(self._root.base_visible, self.base.virtual_size) if self.base is not None else 0
 
     def write(self, offset: int, data: bytes) -> None:
         """Write guest bytes; unaligned edges are merged with the sectors around them."""
@@ -465,6 +504,15 @@ class Image:
             self.base.close()
         self.base = open_base(self._root, self.context, self._storage, ChainWalk(), self.path, self.force_share)
 
+    def chain(self) -> list["Image | RawBase"]:
+        """This layer and every base below it, top first."""
+        out: list[Image | RawBase] = []
+        layer: Image | RawBase | None = self
+        while layer is not None:
+            out.append(layer)
+            layer = layer.base if isinstance(layer, Image) else None
+        return out
+
     def read_padded(self, offset: int, length: int) -> bytes:
         """Like `read`, with bytes past the virtual size read as zero."""
         inside = max(0, min(length, self.virtual_size - offset))
@@ -511,6 +559,30 @@ class Image:
             yield from emit(end, g.virtual_size - end, False)
         if run[1]:
             yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
+
+    def guest_data_ranges(self) -> list[tuple[int, int]]:
+        """Guest ranges [start, end) that some layer of the chain holds, merged; everything else reads zero.
+
+        Each layer counts only below the limit where the one above still
+        sees it (`base_visible`, sizes), as `read` does.
+        """
+        ranges: list[tuple[int, int]] = []
+        limit = self.virtual_size
+        for layer in self.chain():
+            if isinstance(layer, RawBase):
+                ranges += [(o, min(o + n, limit)) for o, n in layer.data_extents() if o < limit]
+                break
+            ranges += [(e.start, min(e.start + e.length, limit)) for e in layer.extents() if e.data and e.start < limit]
+            limit = min(limit, layer._base_limit())
+            if limit == 0:
+                break
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
 
     def _regions_in_use(self) -> list[int]:
         """Regions with allocated bytes on disk or a working map in memory."""
@@ -707,31 +779,39 @@ def write_new_layer(storage: Storage, path: str, root: Root) -> None:
 
 def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWalk, where: str,
               force_share: bool = False) -> "Image | RawBase | None":
-    """Open a layer's base read-only and locked shared, after checking that it may be followed and is the one recorded."""
-    real = resolve_base(root, context, where, storage)
-    if real is None:
-        return None
-    if root.base_kind == BASE_RAW:
-        walk.visit(real, where)
-        file = open_tree_file(storage, real, False, context)
-        raw = RawBase(real, file)
-        try:
-            if not force_share:
-                file.lock(exclusive=False)
-            check_identity(root, None, raw.virtual_size, where)
-        except BaseException:
-            raw.close()
-            raise
-        return raw
-    base = Image.open(real, readonly=True, storage=storage, context=context, walk=walk, force_share=force_share)
+    """Open a layer's chain of bases read-only and locked shared, each checked to be followable and the one recorded.
+
+    Iterative: each base resolves against its own image (`resolve_base`),
+    and `walk` bounds the depth and catches loops.
+    """
+    first: Image | RawBase | None = None
+    above: Image | None = None
     try:
-        if root.flags & FLAG_COMMITTING:  # the commit in flight writes the base: its generation moves on
-            root = attrs.evolve(root, base_data_generation=base.root.data_generation)
-        check_identity(root, base.root, base.virtual_size, where)
+        while True:
+            found = resolve_base(root, context, where, storage)
+            if found is None:
+                return first
+            if root.base_kind == BASE_RAW:
+                walk.visit(found.path, where)
+                layer: Image | RawBase = RawBase(found.path, open_tree_file(storage, found.path, False, found.context))
+            else:
+                layer = Image._open_layer(found.path, True, storage, found.context, walk, table=False,
+                                          lock=not force_share, force_share=force_share)
+            if above is None:
+                first = layer
+            else:
+                above.base = layer
+            if isinstance(layer, RawBase) and not force_share:
+                layer.lock()
+            if root.flags & FLAG_COMMITTING and isinstance(layer, Image):
+                root = attrs.evolve(root, base_data_generation=layer.root.data_generation)  # the commit in flight writes it
+            check_identity(root, layer.root if isinstance(layer, Image) else None, layer.virtual_size, where)
+            if isinstance(layer, RawBase):
+                return first
+            above, root, context, where = layer, layer.root, found.context, found.path
     except BaseException:
-        base.close()
+        _close_chain(first)
         raise
-    return base
 
 
 @contextlib.contextmanager
@@ -750,17 +830,34 @@ def image_lock(path: str, exclusive: bool, storage: Storage | None = None) -> It
         file.close()
 
 
-def reference_base(root: Root, base: str, base_format: str | None, context: ImageContext, storage: Storage) -> Root:
-    """`root` made to reference `base` (a path as the user gave it), with the identity found there."""
+
+def _close_chain(layer: "Image | RawBase | None") -> None:
+    """Close every layer of a chain of bases, from the top down, without recursion."""
+    while layer is not None:
+        below = layer.base if isinstance(layer, Image) else None
+        if isinstance(layer, Image):
+            layer.base = None
+        layer.close()
+        layer = below
+
+
+def reference_base(root: Root, base: str, base_format: str | None, context: ImageContext, storage: Storage,
+                   holder: str) -> Root:
+    """`root` made to reference `base` (a path as the user gave it), with the identity found there.
+
+    `holder` is the file that will hold the reference: a base whose chain
+    reaches it would make a loop, and a chain too deep with it is refused
+    too, both before anything is written.
+    """
     name = base if os.path.isabs(base) else os.path.relpath(os.path.abspath(base), context.top_dir)
     kind = {"raw": BASE_RAW, "lamina": BASE_LAMINA, None: BASE_RAW}.get(base_format)
     if kind is None:
         raise InvalidArgument(f"base format must be raw or lamina, not {base_format!r}")
     if len(name.encode("utf-8")) > MAX_BASE_PATH:
         raise InvalidArgument(f"base path is longer than {MAX_BASE_PATH} bytes")
-    real = resolve_base(attrs.evolve(root, base_kind=kind, base_path=name), context, "base", storage)
-    assert real is not None
-    file = open_tree_file(storage, real, False, context)
+    found = resolve_base(attrs.evolve(root, base_kind=kind, base_path=name), context, "base", storage)
+    assert found is not None
+    file = open_tree_file(storage, found.path, False, found.context)
     try:
         size = file.size()
         if base_format is None and file.pread(0, len(ROOT_MAGIC)) == ROOT_MAGIC:
@@ -768,10 +865,13 @@ def reference_base(root: Root, base: str, base_format: str | None, context: Imag
     finally:
         file.close()
     probe = attrs.evolve(root, base_kind=kind, base_path=name)
+    walk = ChainWalk()
+    walk.visit(os.path.realpath(holder), holder)
     if kind == BASE_RAW:
         if size % SECTOR_SIZE:
             raise InvalidArgument(f"raw base {base} is {size} bytes, not a multiple of {SECTOR_SIZE}")
+        walk.visit(found.path, holder)
         return attrs.evolve(probe, base_size=size)
-    with Image.open(real, readonly=True, storage=storage, context=context) as image:
+    with Image.open(found.path, readonly=True, storage=storage, context=found.context, walk=walk) as image:
         return attrs.evolve(probe, base_uuid=image.root.image_uuid, base_size=image.virtual_size,
                             base_data_generation=image.root.data_generation)

@@ -24,10 +24,11 @@ import attrs
 import crc32c
 
 from lamina.spec.errors import CommittingWithoutBase, InvalidArgument, LaminaError, UnsafeFile
-from lamina.spec.layout import MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
+from lamina.spec.layout import MAX_CHAIN_DEPTH, MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
 from lamina.spec.references import (
     LAYER_NAME,
     BaseReferenceError,
+    ChainTooDeep,
     ImageContext,
     LayerMismatch,
     check_layer_dir,
@@ -211,6 +212,8 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
             raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
         if len(root.snapshots) >= MAX_SNAPSHOTS:
             raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
+        if len(top.chain()) >= MAX_CHAIN_DEPTH:  # the new top adds a file to the chain
+            raise ChainTooDeep(f"{path}: its chain is already {MAX_CHAIN_DEPTH} files deep, the format's maximum")
     next_id = next_counter(root.next_snapshot_id, f"{path}: next_snapshot_id")
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
@@ -288,8 +291,8 @@ def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = N
 
 
 def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:
-    with Image.open(os.path.join(context.layer_dir, name), readonly=True, storage=storage, context=context) as layer:
-        return layer.root
+    """The root of a frozen layer alone: walking a tree must not open every layer's whole chain (quadratic)."""
+    return root_of(storage, os.path.join(context.layer_dir, name), table=False)
 
 
 def merge_base_into(child_path: str, context: ImageContext, storage: Storage, lock: bool = True) -> None:
@@ -448,14 +451,15 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
 
 def finish_commit(top: Image) -> None:
     """The body of `commit`, also run by a writable open that finds the committing flag: idempotent."""
-    real = resolve_base(top.root, top.context, top.path, top._storage)
-    if real is None or top.base is None:
+    found = resolve_base(top.root, top.context, top.path, top._storage)
+    if found is None or top.base is None:
         raise CommittingWithoutBase(f"{top.path}: the root is marked committing but the image has no base to commit into; "
                                     "`lamina check --repair` clears the mark")
+    real = found.path
     top.base.close()
     size = top.virtual_size
     if isinstance(top.base, Image):
-        target = Image.open(real, storage=top._storage, context=top.context)
+        target = Image.open(real, storage=top._storage, context=found.context)
         write, flush = target.write, target.close
         base_size = target.virtual_size
     else:
@@ -486,7 +490,7 @@ def finish_commit(top: Image) -> None:
         flush()
     generation = 0
     if isinstance(top.base, Image):
-        with Image.open(real, readonly=True, storage=top._storage, context=top.context) as reopened:
+        with Image.open(real, readonly=True, storage=top._storage, context=found.context) as reopened:
             generation = reopened.root.data_generation
     top.base = None
     top.preserve_content = True
@@ -515,11 +519,12 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
     with Image.open(path, storage=storage, allow_bases=allow_bases, lock=False) as top:
         probe = attrs.evolve(top.root, base_kind=BASE_NONE, base_path="", base_uuid=bytes(16), base_data_generation=0,
                              base_size=0)
-        new_root = reference_base(probe, new_base, base_format, top.context, storage) if new_base else probe
+        new_root = reference_base(probe, new_base, base_format, top.context, storage, path) if new_base else probe
         if not unsafe:
             top.preserve_content = True
-            with (Image.open(os.path.join(top.context.top_dir, new_root.base_path), readonly=True, storage=storage,
-                             context=top.context) if new_root.base_kind == BASE_LAMINA else _NoImage(new_root, top, storage)) as fresh:
+            found = resolve_base(new_root, top.context, path, storage)
+            with (Image.open(found.path, readonly=True, storage=storage, context=found.context)
+                  if found is not None and new_root.base_kind == BASE_LAMINA else _NoImage(new_root, top, storage)) as fresh:
                 for lo, hi in top.absent_ranges(0, top.virtual_size):
                     pos = lo
                     while pos < hi:
@@ -552,8 +557,8 @@ class _NoImage:
     """A raw base, or no base at all, read as a rebase target."""
 
     def __init__(self, root: Root, top: Image, storage: Storage) -> None:
-        real = resolve_base(root, top.context, top.path, storage)
-        self._raw = RawBase(real, storage.open(real, writable=False)) if real else None
+        found = resolve_base(root, top.context, top.path, storage)
+        self._raw = RawBase(found.path, storage.open(found.path, writable=False)) if found else None
 
     def read_padded(self, offset: int, length: int) -> bytes:
         if self._raw is None or offset >= self._raw.virtual_size:
@@ -576,8 +581,7 @@ def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
     Its callers hold the image (a writable open, an operation): so it takes no lock of its own.
     """
     storage = _storage(storage)
-    with Image.open(path, readonly=True, storage=storage, lock=False) as top:
-        context, root = top.context, top.root
+    context, root = ImageContext.for_layer(path), root_of(storage, path)  # roots only: linear in the layers
     names: set[str] = set()
     pending = [root.base_path] if LAYER_NAME.match(root.base_path) else []
     for entry in root.snapshots:
@@ -621,7 +625,7 @@ def recover_layers(path: str, storage: Storage | None = None) -> None:
             continue  # not a layer: check reports it, nothing writes into it
         file = open_tree_file(storage, layer, True, context)
         try:
-            selection = select_root(read_root_copies(file))
+            selection = select_root(read_root_copies(file), table=False)
             if selection.value is not None:
                 try:
                     check_layer_file(layer, selection.value, context)

@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, allocated_regions
 from .model import Disk, empty_disk, write
-from .references import ChainWalk, ImageContext, resolve_base
+from .references import ChainWalk, ImageContext, open_tree_file, resolve_base
 from .storage import Storage
 from .structures import BASE_RAW
 from .protocol import read_map_copies, read_root_copies
@@ -53,23 +53,35 @@ def abstract_image(file: File, base: Disk | None = None) -> Disk:
 
 
 def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: ChainWalk | None = None) -> Disk:
-    """What a layer file and its whole chain of bases denote, following references by the rules of F-REF."""
+    """What a layer file and its whole chain of bases denote, following references by the rules of F-REF.
+
+    The chain is followed down first, then its meaning is built from the
+    bottom up, so a chain of any depth the format allows costs no recursion.
+    """
     walk = walk or ChainWalk()
-    walk.visit(os.path.realpath(path), path)
-    file = storage.open(path, writable=False)
+    files: list[File] = []
+    base: Disk | None = None
     try:
-        root = select_root(read_root_copies(file)).current()
-        base_path = resolve_base(root, context, path, storage)
-        base = None
-        if base_path is not None and root.base_kind == BASE_RAW:
-            raw = storage.open(base_path, writable=False)
-            try:
-                size = raw.size()
-                base = write(empty_disk(size), 0, raw.pread(0, size))
-            finally:
-                raw.close()
-        elif base_path is not None:
-            base = abstract_layer(base_path, storage, context, walk)
-        return abstract_image(file, base)
+        while True:
+            walk.visit(os.path.realpath(path), path)
+            file = open_tree_file(storage, path, False, context)  # the guarded open (F-OPEN-001)
+            files.append(file)
+            root = select_root(read_root_copies(file)).current()
+            found = resolve_base(root, context, path, storage)
+            if found is None:
+                break
+            if root.base_kind == BASE_RAW:
+                raw = open_tree_file(storage, found.path, False, found.context)
+                try:
+                    size = raw.size()
+                    base = write(empty_disk(size), 0, raw.pread(0, size))
+                finally:
+                    raw.close()
+                break
+            path, context = found.path, found.context
+        for file in reversed(files[1:]):
+            base = abstract_image(file, base)
+        return abstract_image(files[0], base)
     finally:
-        file.close()
+        for file in files:
+            file.close()

@@ -36,7 +36,7 @@ ROOT_AREA_SIZE = ROOT_SLOT_SIZE * ROOT_SLOTS  # (= 1 MiB)
 MAX_BASE_PATH = 4096
 SNAPSHOT_ENTRY_SIZE = 320
 MAX_SNAPSHOTS = 1024
-MAX_CHAIN_DEPTH = 1000
+MAX_CHAIN_DEPTH = 2 * MAX_SNAPSHOTS  # (= 2048) files: a full snapshot table over a chain of bases as long
 # A VM state is the guest's RAM and device state; the largest machines sold hold 24 TiB of RAM.
 MAX_VMSTATE_SIZE = 1 << 46  # (= 64 TiB)
 MAX_VIRTUAL_SIZE = 1 << 50  # (= 1 PiB)

@@ -1,17 +1,28 @@
 """Base references: how a layer names its base, and which names a reader may follow (R1, R10).
 
-A layer names its base in its root's tail.  Two kinds of name exist:
+Every layer file belongs to one *image*: a file named `<32 hex digits>.lam`
+whose parent directory is `X.layers` is a frozen layer of the image whose top
+file is `X`; any other file is itself the top of an image.  A layer names its
+base in its root's tail, by one of two kinds of name, resolved against the
+image that holds the reference (as qemu resolves a backing name relative to
+the file that holds it), never against the top the user opened:
 
-- a *layer name*, `<32 hex digits>.lam`: a frozen layer of the same image,
-  found in the image's layer directory (`<image file>.layers/`);
-- a *path*, relative to the directory of the image's top file: a base the
-  user chose (`lamina create --base`), raw or Lamina.
+- a *layer name*, `<32 hex digits>.lam`: a frozen layer of the same image X,
+  found in `X.layers/` under exactly that name (nothing there is resolved
+  through a symbolic link: see below);
+- a *path*: a base the user chose (`lamina create --base`), raw or Lamina.
+  A relative path is joined to the directory of X's top file; an absolute
+  path is taken as it is.  Either way it must resolve, with every symbolic
+  link resolved, to a file inside that directory's tree, or to a file the
+  user explicitly allowed (`--allow-base`).  Following a path into a Lamina
+  file switches to that file's image: its own references resolve against it.
 
-A reader follows a path only when, after every symbolic link is resolved, it
-names a regular file inside the image's directory tree, or a file the user
-explicitly allowed.  A chain is followed at most `MAX_CHAIN_DEPTH` layers
-deep, and a file met twice is a loop.  The identity the child recorded
-(uuid, data generation, size) must match the base found.
+So a base is a self-contained image: an image with snapshots can be a base,
+and a base in another directory keeps its own relative references.  The
+files the user allowed stay allowed along the whole chain.  A chain is
+followed at most `MAX_CHAIN_DEPTH` files deep, and a file met twice is a
+loop.  The identity the child recorded (uuid, data generation, size) must
+match the base found.
 
 Inside the layer directory nothing is followed (F-OPEN-002): the directory
 must be a real directory, a layer name is opened as exactly that name (a
@@ -42,6 +53,14 @@ class BaseReferenceError(LaminaError):
     """A base reference that may not be followed: it escapes the image's tree, loops, or is not a file."""
 
 
+class BaseLoop(BaseReferenceError):
+    """A chain of bases that reaches a file it already passed: no layer of it could ever be read."""
+
+
+class ChainTooDeep(BaseReferenceError):
+    """A chain of bases longer than the format allows (MAX_CHAIN_DEPTH files)."""
+
+
 class BaseChanged(LaminaError):
     """The base found is not the one the child recorded: replaced or modified since."""
 
@@ -59,9 +78,19 @@ def layer_dir_of(top_path: str) -> str:
     return top_path + LAYER_DIR_SUFFIX
 
 
+def image_of(layer_path: str) -> str:
+    """The top file of the image a layer file belongs to: `X` for `X.layers/<uuid>.lam`, else the file itself."""
+    layer_path = os.path.abspath(layer_path)
+    directory = os.path.dirname(layer_path)
+    if LAYER_NAME.match(os.path.basename(layer_path)) and directory.endswith(LAYER_DIR_SUFFIX) \
+            and len(os.path.basename(directory)) > len(LAYER_DIR_SUFFIX):
+        return directory[: -len(LAYER_DIR_SUFFIX)]
+    return layer_path
+
+
 @attrs.frozen
 class ImageContext:
-    """What a reader needs to resolve references: the top file's directory, the layer directory, allowed paths."""
+    """The image whose references are being resolved: its top's directory, its layer directory, the allowed paths."""
 
     top_dir: str
     layer_dir: str
@@ -76,6 +105,11 @@ class ImageContext:
     def top_path(self) -> str:
         """The top file as the user named it (absolute): the one name that may be a symbolic link."""
         return self.layer_dir[: -len(LAYER_DIR_SUFFIX)]
+
+    @classmethod
+    def for_layer(cls, layer_path: str, allowed: tuple[str, ...] = ()) -> "ImageContext":
+        """The context of the image that a layer file belongs to (see `image_of`)."""
+        return cls.for_top(image_of(layer_path), allowed)
 
 
 class LayerMismatch(LaminaError):
@@ -112,29 +146,36 @@ def check_layer_file(path: str, root: Root, context: ImageContext) -> None:
         raise LayerMismatch(f"{path}: holds layer {root.image_uuid.hex()}, not the layer its name says")
 
 
-def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage) -> str | None:
-    """The real path of a layer's base, refused with a named error unless the rules above allow it."""
+@attrs.frozen
+class ResolvedBase:
+    """A base that may be followed: its real path, and the image its own references resolve against."""
+
+    path: str
+    context: ImageContext
+
+
+def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage) -> ResolvedBase | None:
+    """Where a layer of the image `context` finds its base, refused with a named error unless the rules above allow it.
+
+    This is the one resolution of references: the implementation opens,
+    and `check` verifies, exactly the files it returns.
+    """
     if root.base_kind == BASE_NONE:
         return None
     name = root.base_path
-    if LAYER_NAME.match(name):
+    layer = LAYER_NAME.match(name) is not None
+    directory = context.layer_dir if layer else context.top_dir
+    if layer:
         check_layer_dir(storage, context)
-        directory, candidate = context.layer_dir, os.path.join(context.layer_dir, name)
+        real, inside = os.path.join(directory, name), True  # a layer name has no '/': inside by construction, never resolved (F-OPEN-002)
     else:
-        if os.path.isabs(name):
-            candidate = name
-        else:
-            candidate = os.path.join(context.top_dir, name)
-        directory = context.top_dir
-    if directory == context.layer_dir:
-        real, inside = candidate, True  # a layer name has no '/': inside by construction, never resolved (F-OPEN-002)
-    else:
-        real = os.path.realpath(candidate)
+        real = os.path.realpath(os.path.join(directory, name))  # an absolute name stays as it is
         inside = os.path.commonpath([real, os.path.realpath(directory)]) == os.path.realpath(directory)
     if not inside and real not in context.allowed:
         raise BaseReferenceError(
-            f"{where}: base {name!r} resolves to {real}, outside the image's directory {context.top_dir}; "
-            f"refusing to follow it (allow it explicitly with --allow-base)")
+            f"{where}: base {name!r} resolves to {real}, outside the image's {'layer directory' if layer else 'directory'} "
+            f"{directory} (of the image that holds the reference); refusing to follow it"
+            + ("" if layer else " (allow it explicitly with --allow-base)"))
     try:
         info = storage.stat(real)
     except OSError as exc:
@@ -142,7 +183,8 @@ def resolve_base(root: Root, context: ImageContext, where: str, storage: Storage
     if not info.is_file:
         raise BaseReferenceError(f"{where}: base {name!r} is not a regular file (a symbolic link, FIFO or directory "
                                  "is never followed)")
-    return real
+    below = context if layer else attrs.evolve(ImageContext.for_layer(real), allowed=context.allowed)
+    return ResolvedBase(real, below)
 
 
 def check_identity(root: Root, base_root: Root | None, base_size: int, where: str) -> None:
@@ -167,7 +209,7 @@ class ChainWalk:
 
     def visit(self, real_path: str, where: str) -> None:
         if real_path in self.seen:
-            raise BaseReferenceError(f"{where}: base chain loops back to {real_path}")
+            raise BaseLoop(f"{where}: base chain loops back to {real_path}")
         if len(self.seen) >= MAX_CHAIN_DEPTH:
-            raise BaseReferenceError(f"{where}: base chain is deeper than {MAX_CHAIN_DEPTH} layers")
+            raise ChainTooDeep(f"{where}: base chain is deeper than {MAX_CHAIN_DEPTH} files")
         self.seen.add(real_path)

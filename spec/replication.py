@@ -86,15 +86,19 @@ def _select(copies: list[bytes], decode: Callable[[bytes, int], T], generation: 
     return Selection(best, best_slot, tuple(sorted(problems, key=lambda p: p.slot)))
 
 
-def select_root(copies: list[bytes], rule: SelectionRule = slot_1_is_current) -> Selection[Root]:
+def select_root(copies: list[bytes], rule: SelectionRule = slot_1_is_current, table: bool = True) -> Selection[Root]:
     """The current root.  A copy that verifies but needs a newer reader is fatal, never skipped.
 
-    `rule` is the selection rule; only negative controls pass another one.
+    `rule` is the selection rule (only negative controls pass another one);
+    `table=False` leaves the snapshot table undecoded (see `decode_root`).
     """
+    def decode(raw: bytes, slot: int) -> Root:
+        return decode_root(raw, slot, table)
+
     errors: list[FormatError] = []
     for slot, raw in enumerate(copies):
         try:
-            decode_root(raw, slot)
+            decode(raw, slot)
         except (UnsupportedVersion, UnknownIncompatibleFeature) as exc:
             raise type(exc)(str(exc)) from None
         except FormatError as exc:
@@ -102,7 +106,7 @@ def select_root(copies: list[bytes], rule: SelectionRule = slot_1_is_current) ->
     if len(errors) == len(copies):
         # Both unusable: report the first copy's kind of error, naming both.
         raise type(errors[0])("both root copies are unusable: " + "; ".join(map(str, errors)))
-    return _select(copies, decode_root, lambda r: r.generation, Root.same_content, "the root", False, rule)
+    return _select(copies, decode, lambda r: r.generation, Root.same_content, "the root", False, rule)
 
 
 def select_map(copies: list[bytes], geometry: Geometry, region: int, image_uuid: bytes,

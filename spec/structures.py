@@ -267,8 +267,14 @@ def root_length_of(head: bytes) -> int:
     return length if ROOT_SIZE <= length <= ROOT_SLOT_SIZE else ROOT_SIZE
 
 
-def decode_root(data: bytes, slot: int | None = None) -> Root:
-    """Decode and validate one root copy; raise a named FormatError saying what is wrong."""
+def decode_root(data: bytes, slot: int | None = None, table: bool = True) -> Root:
+    """Decode and validate one root copy; raise a named FormatError saying what is wrong.
+
+    With `table` false the snapshot table is covered by the CRC but neither
+    decoded nor validated, and `snapshots` is None: a frozen layer keeps the
+    table its image had when it was frozen, which no reader of the chain
+    needs, and decoding every one would make walking N snapshots cost N^2.
+    """
     where = f"root copy {'AB'[slot]}: " if slot is not None else "root: "
     if len(data) < ROOT_SIZE:
         raise FieldOutOfRange(f"{where}only {len(data)} bytes, a root copy has at least {ROOT_SIZE}")
@@ -313,7 +319,7 @@ def decode_root(data: bytes, slot: int | None = None) -> Root:
         raise FieldOutOfRange(f"{where}the base path is not valid UTF-8") from None
     at = ROOT_SIZE + _pad8(path_length)
     entries = []
-    for i in range(count):
+    for i in range(count if table else 0):
         entries.append(_decode_snapshot(data[at : at + SNAPSHOT_ENTRY_SIZE], f"{where}snapshot entry {i}: "))
         at += SNAPSHOT_ENTRY_SIZE
     for what, keys in (("id", [e.id for e in entries]), ("name", [e.text_name for e in entries]),
@@ -322,7 +328,7 @@ def decode_root(data: bytes, slot: int | None = None) -> Root:
             raise FieldOutOfRange(f"{where}two snapshots share one {what}")
     if entries and max(e.id for e in entries) >= values["next_snapshot_id"]:
         raise FieldOutOfRange(f"{where}a snapshot id is not below next_snapshot_id")
-    values["snapshots"] = tuple(entries)
+    values["snapshots"] = tuple(entries) if table else None
     count = values["num_intents"]
     intents = values["intents"]
     used, unused = intents[:count], intents[count:]

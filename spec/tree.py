@@ -36,11 +36,11 @@ from .errors import FormatError, LaminaError
 from .protocol import read_root_copies
 from .references import (
     LAYER_DIR_ENTRY,
-    LAYER_NAME,
     ChainWalk,
     ImageContext,
     check_identity,
     check_layer_file,
+    image_of,
     layer_file_name,
     open_tree_file,
     resolve_base,
@@ -52,12 +52,13 @@ from .storage import Storage
 from .structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, Root, SnapshotEntry
 
 
-def root_of(storage: Storage, path: str, context: ImageContext | None = None) -> Root:
-    """The current root of a layer file of `context` (None: `path` is a top); a FormatError when neither copy is usable."""
-    context = context or ImageContext.for_top(path)
+def root_of(storage: Storage, path: str, context: ImageContext | None = None, table: bool = True) -> Root:
+    """The current root of a layer file of `context` (None: the image `path` belongs to); a FormatError when
+    neither copy is usable.  `table`: see `decode_root`."""
+    context = context or ImageContext.for_layer(path)
     file = open_tree_file(storage, path, False, context)
     try:
-        root = select_root(read_root_copies(file)).current()
+        root = select_root(read_root_copies(file), table=table).current()
         check_layer_file(path, root, context)
         return root
     finally:
@@ -149,13 +150,17 @@ def vmstate_problem(storage: Storage, path: str, entry: SnapshotEntry, context: 
 
 
 def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> tuple[list[str], list[Finding]]:
-    """The Lamina files of the tree (top first), and the findings T1-T3 met while walking it."""
-    context = ImageContext.for_top(top_path, allowed)
+    """The Lamina files of the tree (top first), and the findings T1-T3 met while walking it.
+
+    Given a frozen layer rather than a top, the tree is that layer and its
+    chain: the table it kept from when it was frozen is history, not snapshots.
+    """
+    context = ImageContext.for_layer(top_path, allowed)
     findings: list[Finding] = []
     files: list[str] = []
     top = root_of(storage, top_path, context)
     starts = [(top_path, top)]
-    for entry in top.snapshots:
+    for entry in top.snapshots if _is_top(top_path) else ():
         path = os.path.join(context.layer_dir, layer_file_name(entry.layer_uuid))
         where = f"snapshot {entry.text_name!r}"
         if not storage.exists(path):
@@ -175,6 +180,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     seen: set[str] = set()
     for path, root in starts:
         walk = ChainWalk()
+        layer_context = context
         while True:
             real = os.path.realpath(path)
             try:
@@ -187,20 +193,20 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
             seen.add(real)
             files.append(path)
             try:
-                base = resolve_base(root, context, path, storage)
-                if base is None:
+                found = resolve_base(root, layer_context, path, storage)
+                if found is None:
                     break
                 if root.base_kind == BASE_RAW:
-                    check_identity(root, None, _file_size(storage, base, context), path)
+                    check_identity(root, None, _file_size(storage, found.path, found.context), path)
                     break
-                base_root = root_of(storage, base, context)
+                base_root = root_of(storage, found.path, found.context)
                 check_identity(_committing_view(root, base_root, path, findings), base_root, base_root.virtual_size, path)
             except LaminaError as exc:
                 findings.append(Finding(CORRUPTION, "base-reference", str(exc)))
                 break
             if root.base_kind != BASE_LAMINA:
                 break
-            path, root = base, base_root
+            path, root, layer_context = found.path, base_root, found.context
     return files, findings
 
 
@@ -215,8 +221,9 @@ def _committing_view(root: Root, base_root: Root, path: str, findings: list[Find
 
 def referenced_names(top_path: str, storage: Storage, files: list[str]) -> set[str]:
     """File names in the layer directory that the tree reaches (T4)."""
-    top = root_of(storage, top_path, ImageContext.for_top(top_path))
-    names = {os.path.basename(f) for f in files if LAYER_NAME.match(os.path.basename(f))}
+    top = root_of(storage, top_path)
+    layer_dir = ImageContext.for_top(top_path).layer_dir
+    names = {os.path.basename(f) for f in files if os.path.dirname(os.path.abspath(f)) == layer_dir}  # this image's own
     names |= {vmstate_file_name(e.layer_uuid) for e in top.snapshots if e.vmstate_size}
     return names
 
@@ -245,9 +252,13 @@ def orphans(storage: Storage, context: ImageContext, keep: set[str]) -> tuple[li
     return removable, foreign
 
 
+def _is_top(path: str) -> bool:
+    return image_of(path) == os.path.abspath(path)
+
+
 def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> CheckReport:
     """Check every layer of an image and the references between them; one report for the tree."""
-    context = ImageContext.for_top(top_path, allowed)
+    context = ImageContext.for_layer(top_path, allowed)
     try:
         files, findings = layer_files(top_path, storage, allowed)
     except (FormatError, AssertionError) as exc:
@@ -272,8 +283,11 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
         findings += _prefixed(report, os.path.basename(path)) if path != top_path else list(report.findings)
         regions, clusters = regions + report.regions_checked, clusters + report.clusters_checked
         completed = completed and report.completed
-    keep = referenced_names(top_path, storage, files) if storage.exists(context.layer_dir) else set()
-    removable, foreign = orphans(storage, context, keep)
+    if _is_top(top_path):
+        keep = referenced_names(top_path, storage, files) if storage.exists(context.layer_dir) else set()
+        removable, foreign = orphans(storage, context, keep)
+    else:
+        removable, foreign = [], []  # a frozen layer checked by itself: its image's directory is the top's to judge
     for path in removable:
         what = ("a new top that a crash kept from its rename" if path == f"{context.top_path}.creating"
                 else "not part of the image (an interrupted operation left it)")

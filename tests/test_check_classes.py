@@ -129,7 +129,7 @@ def test_an_interrupted_snapshot_leaves_pending_orphans(tmp_path, monkeypatch):
 # Asserts that check the code's own invariants, not bytes read from a file (which get named errors).
 INTERNAL_ASSERTS = {
     ("impl/image.py", "m is not None"),  # _map(for_write=True) always returns a map
-    ("impl/image.py", "real is not None"),  # reference_base sets a base kind, so resolve_base returns a path
+    ("impl/image.py", "found is not None"),  # reference_base sets a base kind, so resolve_base returns a path
     ("spec/references.py", "base_root is not None"),  # callers pass the base's root for a Lamina base
     ("spec/replication.py", "best is not None"),  # the selection rule never prefers an invalid copy over a valid one
 }

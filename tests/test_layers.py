@@ -13,7 +13,8 @@ from lamina.impl.cli import main
 from lamina.impl.image import Image
 from lamina.impl.osfile import OsStorage
 from lamina.spec.errors import LaminaError
-from lamina.spec.references import BaseChanged, BaseReferenceError
+from lamina.spec.references import BaseChanged, BaseLoop, BaseReferenceError
+from lamina.spec.structures import BASE_LAMINA
 from lamina.spec.tree import check_tree
 
 from conftest import pattern
@@ -86,15 +87,29 @@ def test_base_references_that_escape_are_refused(workdir):
         assert bytes(512) == image.read(0, 512)
 
 
+@pytest.mark.parametrize("unsafe", [True, False])
+def test_a_rebase_that_would_make_a_loop_is_refused_before_writing(workdir, unsafe):
+    Image.create("a.lam", MiB).close()
+    Image.create("b.lam", base="a.lam").close()
+    before = _sha("a.lam")
+    with pytest.raises(BaseLoop, match="loops back"):
+        layers.rebase("a.lam", "b.lam", unsafe=unsafe)  # a -> b -> a
+    assert 1 == main(["rebase", "-u", "-b", "b.lam", "a.lam"])
+    assert before == _sha("a.lam")
+    _clean("a.lam")
+    _clean("b.lam")
+
+
 def test_a_loop_in_a_chain_is_an_error_not_a_hang(workdir):
     Image.create("a.lam", MiB).close()
     Image.create("b.lam", base="a.lam").close()
     with Image.open("b.lam", readonly=True) as b:
-        b_root = b.root
-    with Image.open("a.lam") as a:  # a -> b -> a, written directly (rebase holds a's lock, and cannot open b over it)
-        a.set_root(base_kind=2, base_path="b.lam", base_uuid=b_root.image_uuid, base_size=b_root.virtual_size,
-                   base_data_generation=b_root.data_generation, base_visible=b_root.virtual_size)
-    with pytest.raises(BaseReferenceError, match="loops"):
+        identity = b.root
+    with Image.open("a.lam") as a:  # a hostile reference, written past the tools' own refusal: a -> b -> a
+        a.set_root(base_kind=BASE_LAMINA, base_path="b.lam", base_uuid=identity.image_uuid,
+                   base_data_generation=identity.data_generation, base_size=identity.virtual_size,
+                   base_visible=identity.virtual_size)
+    with pytest.raises(BaseLoop, match="loops"):
         Image.open("a.lam")
     assert 0 != main(["info", "a.lam"])
     assert 2 == main(["check", "a.lam"])

@@ -4,7 +4,8 @@ The model is a dictionary of disks: each image's current contents and each
 of its snapshots.  Management operations are pure functions of it: a
 snapshot copies a disk, a revert restores one, a delete drops one, a clone
 adds an image.  After every step every branch and snapshot reads as the
-model says, and `check` is clean over every tree.
+model says, `convert` (to raw and to Lamina) copies exactly what the guest
+sees through the whole chain, and `check` is clean over every tree.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from lamina.impl import layers
+from lamina.impl.convert import convert
 from lamina.impl.image import Image
 from lamina.impl.osfile import OsStorage
 from lamina.spec import model
@@ -147,6 +149,24 @@ class TreeMachine(RuleBasedStateMachine):
                 with layers.open_target(f"{path}@{name}") as image:
                     assert snap.read(0, snap.virtual_size) == image.read(0, image.virtual_size), f"{path}@{name}"
                 assert pattern(int(name[1:]), 100) == layers.read_vmstate(path, name)
+
+    @invariant()
+    def convert_copies_the_guest_view(self) -> None:
+        """The guest view, through every base and snapshot layer, is what `convert` writes out."""
+        targets = [(p, d) for p, d in self.images.items()]
+        targets += [(f"{p}@{n}", d) for p, snaps in self.snaps.items() for n, d in snaps.items()]
+        for source, disk in targets:
+            out = self.path("converted")
+            for fmt in ("raw", "lamina"):
+                convert(source, out, fmt, cluster_size=CLUSTER)
+                if fmt == "raw":
+                    with open(out, "rb") as f:
+                        got = f.read()
+                else:
+                    with Image.open(out, readonly=True) as image:
+                        got = image.read(0, image.virtual_size)
+                os.unlink(out)
+                assert disk.read(0, disk.virtual_size) == got, (source, fmt)
 
     @invariant()
     def check_is_clean_over_every_tree(self) -> None:
