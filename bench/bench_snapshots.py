@@ -40,9 +40,9 @@ class CountingStorage:
         self._inner = OsStorage()
         self.counts: collections.Counter[str] = collections.Counter()
 
-    def open(self, path: str, writable: bool):
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False):
         self.counts["open"] += 1
-        return _CountingFile(self._inner.open(path, writable), self.counts)
+        return _CountingFile(self._inner.open(path, writable, follow_symlinks), self.counts)
 
     def __getattr__(self, name: str):
         def call(*args, **kwargs):

@@ -108,8 +108,9 @@ def _with_fixed_crc(raw: bytes, crc_offset: int, used: int) -> bytes:
     return bytes(buf)
 
 
-def _trusting_select_root(copies: list[bytes]) -> Selection:
-    return select_root([_with_fixed_crc(c, ROOT_CRC_OFFSET, ROOT_SIZE) if c[:8] == b"\x8aLAMINA\n" else c for c in copies])
+def _trusting_select_root(copies: list[bytes], table: bool = True) -> Selection:
+    return select_root([_with_fixed_crc(c, ROOT_CRC_OFFSET, ROOT_SIZE) if c[:8] == b"\x8aLAMINA\n" else c for c in copies],
+                       table=table)
 
 
 def _trusting_select_map(copies, geometry, region, image_uuid) -> Selection:
@@ -122,8 +123,8 @@ def _older_copy_preferred(copy_0: tuple, copy_1: tuple) -> bool:
     return slot_1_is_current((copy_0[0], -copy_0[1]), (copy_1[0], -copy_1[1]))
 
 
-def _older_select_root(copies: list[bytes]) -> Selection:
-    return select_root(copies, _older_copy_preferred)
+def _older_select_root(copies: list[bytes], table: bool = True) -> Selection:
+    return select_root(copies, _older_copy_preferred, table)
 
 
 def _older_select_map(copies, geometry, region, image_uuid) -> Selection:

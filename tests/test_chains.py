@@ -210,9 +210,9 @@ class _CountingStorage(OsStorage):
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
 
-    def open(self, path: str, writable: bool) -> OsFile:
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> OsFile:
         self.counts["open"] += 1
-        return super().open(path, writable)
+        return super().open(path, writable, follow_symlinks)
 
 
 def _opens_for_writable_open(path: str) -> int:
