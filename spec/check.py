@@ -79,6 +79,7 @@ FINDING_KINDS: tuple[tuple[str, str, str], ...] = (
     ("base-reference", CORRUPTION, "a base reference may not be followed, loops, or finds another identity (T1)"),
     ("tree", CORRUPTION, "the top's root is unusable, so the tree cannot be walked"),
     ("orphan-file", PENDING, "a file of the layer directory that the top does not reach, or a `<top>.creating` (T4)"),
+    ("orphan-file", LEAK, "an unreached `<uuid>.lam` that is not a readable layer of that uuid: no crash leaves one (T4)"),
     ("foreign-file", LEAK, "a file in the layer directory that the format never puts there (a symbolic link, FIFO, "
                            "directory or another name): reported, never removed (F-TREE-002)"),
 )

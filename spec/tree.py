@@ -36,6 +36,7 @@ from .errors import FormatError, LaminaError
 from .protocol import read_root_copies
 from .references import (
     LAYER_DIR_ENTRY,
+    LAYER_NAME,
     ChainWalk,
     ImageContext,
     check_identity,
@@ -252,6 +253,18 @@ def orphans(storage: Storage, context: ImageContext, keep: set[str]) -> tuple[li
     return removable, foreign
 
 
+def _is_own_layer(storage: Storage, path: str, context: ImageContext) -> bool:
+    """An orphan an interrupted operation can leave: any name the format gives, except a `<uuid>.lam` that is not
+    a readable layer of that uuid (every operation links or renames a whole, durable layer under that name)."""
+    if not LAYER_NAME.match(os.path.basename(path)):
+        return True
+    try:
+        root_of(storage, path, context, table=False)
+        return True
+    except LaminaError:
+        return False
+
+
 def _is_top(path: str) -> bool:
     return image_of(path) == os.path.abspath(path)
 
@@ -289,9 +302,13 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
     else:
         removable, foreign = [], []  # a frozen layer checked by itself: its image's directory is the top's to judge
     for path in removable:
-        what = ("a new top that a crash kept from its rename" if path == f"{context.top_path}.creating"
-                else "not part of the image (an interrupted operation left it)")
-        findings.append(Finding(PENDING, "orphan-file", f"{path} is {what}; a writable open removes it", ("unlink", path)))
+        if path == f"{context.top_path}.creating":
+            severity, what = PENDING, "a new top that a crash kept from its rename"
+        elif _is_own_layer(storage, path, context):
+            severity, what = PENDING, "not part of the image (an interrupted operation left it)"
+        else:
+            severity, what = LEAK, "named as a layer but not that layer (no crash of the protocol leaves one)"
+        findings.append(Finding(severity, "orphan-file", f"{path} is {what}; a writable open removes it", ("unlink", path)))
     for path in foreign:
         findings.append(Finding(LEAK, "foreign-file", f"{path} is a foreign file: not one the format puts there (a "
                                 "symbolic link, FIFO, directory or another name); never removed automatically"))
