@@ -302,13 +302,13 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
     else:
         removable, foreign = [], []  # a frozen layer checked by itself: its image's directory is the top's to judge
     for path in removable:
-        if path == f"{context.top_path}.creating":
-            severity, what = PENDING, "a new top that a crash kept from its rename"
-        elif _is_own_layer(storage, path, context):
-            severity, what = PENDING, "not part of the image (an interrupted operation left it)"
-        else:
-            severity, what = LEAK, "named as a layer but not that layer (no crash of the protocol leaves one)"
-        findings.append(Finding(severity, "orphan-file", f"{path} is {what}; a writable open removes it", ("unlink", path)))
+        if path != f"{context.top_path}.creating" and not _is_own_layer(storage, path, context):
+            findings.append(Finding(LEAK, "orphan-file", f"{path} is named as a layer but is not that layer (no crash of "
+                                    "the protocol leaves one); a writable open removes it", ("unlink", path)))
+            continue
+        what = ("a new top that a crash kept from its rename" if path == f"{context.top_path}.creating"
+                else "not part of the image (an interrupted operation left it)")
+        findings.append(Finding(PENDING, "orphan-file", f"{path} is {what}; a writable open removes it", ("unlink", path)))
     for path in foreign:
         findings.append(Finding(LEAK, "foreign-file", f"{path} is a foreign file: not one the format puts there (a "
                                 "symbolic link, FIFO, directory or another name); never removed automatically"))

@@ -29,6 +29,8 @@ def _found(seed: int, case: int, finding: str, shapes: tuple[str, ...] = fuzzing
 
 # One case per distinct finding, each a defect since fixed (`python tests/fuzzing.py --seed S --case C`)
 FOUND = [
+    _found(2026, 509, "a look-alike file named as a layer in the layer directory: check called it pending (exit 0)"),
+    _found(2026, 901, "a foreign image under a layer's name in the layer directory: check called it pending (exit 0)"),
     _found(3, 103, "convert -O raw of an image over a Lamina base reads zeros where the base shows"),
     _found(3, 3312, "a base in a subdirectory whose own base is relative: a same-named file beside the top is read"),
     _found(3, 707, "check --repair with IMAGE.layers a symlink to another directory deletes every file there"),

@@ -13,7 +13,7 @@ from lamina.impl.cli import main
 from lamina.impl.image import Image
 from lamina.impl.osfile import OsStorage
 from lamina.spec.errors import LaminaError
-from lamina.spec.references import BaseChanged, BaseLoop, BaseReferenceError
+from lamina.spec.references import BaseChanged, BaseLoop, BaseReferenceError, layer_file_name
 from lamina.spec.structures import BASE_LAMINA
 from lamina.spec.tree import check_tree
 
@@ -380,8 +380,9 @@ def test_orphans_from_interrupted_operations_are_reported_and_collected(workdir,
     with Image.create("d.lam", MiB) as image:
         image.write(0, pattern(1, 512))
     layers.create_snapshot("d.lam", "s")
-    orphan = os.path.join("d.lam.layers", "0" * 32 + ".lam")
-    os.link("d.lam", orphan)  # as a crash between the link and the switch of a snapshot would leave
+    with Image.open("d.lam", readonly=True) as top:
+        orphan = os.path.join("d.lam.layers", layer_file_name(top.root.image_uuid))
+    os.link("d.lam", orphan)  # as a crash between the link and the switch of a second snapshot would leave
     assert 0 == main(["check", "d.lam"])  # pending work of the interrupted operation: a note, not an error
     assert "PENDING:" in capsys.readouterr().out
     Image.open("d.lam").close()  # a writable open collects it
