@@ -86,6 +86,13 @@ CLI_WORKLOADS = {w.name: w for w in (
         _step("clone", "img.lam", "s1", "clone.lam", p=((("clone.lam", 0, 8 * K), 0xAB),)),
         _step("io", "clone.lam", "-c", "write -P 0xee 0 8k", "-c", "flush", p=((("clone.lam", 0, 8 * K), 0xEE),)),
     )),
+    CliWorkload("shrink", ("img.lam",), (  # data past the new size stays readable until the new size is durable
+        _step(*_CREATE, "img.lam", "1M"),
+        _step("io", "img.lam", "-c", "write -P 0xab 0 8k", "-c", "write -P 0xcd 600k 8k", "-c", "flush",
+              p=((("img.lam", 0, 8 * K), 0xAB), (("img.lam", 600 * K, 8 * K), 0xCD))),
+        _step("resize", "--shrink", "img.lam", "300k", p=((("img.lam", 600 * K, 8 * K), None),)),
+        _step("resize", "img.lam", "1M", p=((("img.lam", 600 * K, 8 * K), 0),)),
+    )),
     CliWorkload("commit", ("over.lam",), (
         _step(*_CREATE, "base.lam", "1M"),
         _step("io", "base.lam", "-c", "write -P 0xab 0 8k", "-c", "flush", p=((("base.lam", 0, 8 * K), 0xAB),)),
@@ -104,6 +111,13 @@ RECORD_CONTROLS = {
                       "OsStorage.fsync_dir = lambda self, path: None  # names stay in the page cache\n",
     "skip-file-fsync": "from lamina.impl.osfile import OsFile\n"
                        "OsFile.fsync = lambda self: None  # a flush returns with its data in the page cache\n",
+    "shrink-cut-first": "from lamina.impl.image import Image\n"
+                        "_resize = Image.resize\n"
+                        "def _cut_first(self, size):  # the file is cut before the root records the smaller size\n"
+                        "    if size < self.virtual_size:\n"
+                        "        self.file.truncate(self.geometry.with_virtual_size(size).file_length)\n"
+                        "    _resize(self, size)\n"
+                        "Image.resize = _cut_first\n",
 }
 
 

@@ -175,3 +175,12 @@ def test_a_state_is_written_out_sparse_with_its_links_and_without_names_in_a_los
     assert os.stat(tmp_path / "all" / "f").st_blocks * 512 < 1 << 20  # the hole stays a hole
     materialise(m.state(5, {3: "d"}, 0), str(tmp_path / "lost"))  # the mkdir was lost: so is the name inside
     assert sorted(os.listdir(tmp_path / "lost")) == ["f", "g"]
+
+
+def test_a_shrink_that_cuts_the_file_before_its_root_write_loses_flushed_data_and_is_caught():
+    """Negative control: the file cut before the root records the smaller size; after a crash in between
+    the old size is back and a flushed sector past the new size reads zero (the state an outside test found)."""
+    results, _, _ = run_cli_workloads(["shrink"], ["strict"], Budget(), control="shrink-cut-first",
+                                      stop_at_first=True, judge_before_recovery=False)
+    assert results[0].failing_states
+    assert "img.lam bytes 614400+8192: sector at 614400 should read 0xcd" in results[0].failures[0].message
