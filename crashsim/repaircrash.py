@@ -60,7 +60,7 @@ from .inject import Fault, metadata_faults
 from .memstore import DiskState, MemStorage, Op, ReadOnlyStorage, Trace
 from .oracle import read_only_verdict
 from .record import IMAGE_PATH
-from .runner import check_fits, minimize_outcomes
+from .runner import PrecheckTally, check_fits, minimize_outcomes
 
 REPAIR_MODELS = ("strict", "reorder", "torn", "reorder+torn")
 REPAIR_TIERS = ("prefix", "targeted", "subsets", "torn")
@@ -251,7 +251,7 @@ class RepairFailure:
 
 
 @attrs.frozen
-class RepairCrashResult:
+class RepairCrashResult(PrecheckTally):
     """Counts of one (workload, model) exploration of crashes during repair."""
 
     workload: str
@@ -269,14 +269,6 @@ class RepairCrashResult:
     failures: tuple[RepairFailure, ...]
     seconds: float
     prechecks: dict[str, int] = attrs.field(factory=dict)  # exit code of the read-only check of each crash state -> states
-
-    @property
-    def prechecked(self) -> int:
-        return sum(self.prechecks.values())
-
-    @property
-    def precheck_corrupt(self) -> int:
-        return self.prechecks.get("1", 0) + self.prechecks.get("2", 0)
 
     @property
     def states(self) -> int:

@@ -36,8 +36,24 @@ class Failure:
     guest: tuple[tuple[str, int, int], ...] = ()  # (kind, first op, end op) of each guest event
 
 
+class PrecheckTally:
+    """The read-only check of every crash state before recovery, tallied by exit code (`prechecks`)."""
+
+    prechecks: dict[str, int]
+
+    @property
+    def prechecked(self) -> int:
+        """Crash states the spec's check judged read-only before recovery (all those with an image)."""
+        return sum(self.prechecks.values())
+
+    @property
+    def precheck_corrupt(self) -> int:
+        """Of those, the states it reported as corruption (exit 1 or 2); each is also a failing state."""
+        return self.prechecks.get("1", 0) + self.prechecks.get("2", 0)
+
+
 @attrs.frozen
-class TaskResult:
+class TaskResult(PrecheckTally):
     """Counts and failures of one (workload, model) exploration."""
 
     workload: str
@@ -57,16 +73,6 @@ class TaskResult:
     @property
     def states(self) -> int:
         return sum(self.counts.values())
-
-    @property
-    def prechecked(self) -> int:
-        """Crash states the spec's check judged read-only before recovery (all those with an image)."""
-        return sum(self.prechecks.values())
-
-    @property
-    def precheck_corrupt(self) -> int:
-        """Of those, the states it reported as corruption (exit 1 or 2); each is also a failing state."""
-        return self.prechecks.get("1", 0) + self.prechecks.get("2", 0)
 
 
 class Explorer:

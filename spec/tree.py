@@ -274,7 +274,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
     context = ImageContext.for_layer(top_path, allowed)
     try:
         files, findings = layer_files(top_path, storage, allowed)
-    except (FormatError, AssertionError) as exc:
+    except FormatError as exc:
         file = open_tree_file(storage, top_path, False, context)
         try:
             report = check_image(file)
@@ -320,7 +320,7 @@ def repair_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     before = check_tree(top_path, storage, allowed)
     try:
         files, _ = layer_files(top_path, storage, allowed)
-    except (FormatError, AssertionError):
+    except FormatError:
         files = [top_path]
     for path in files:
         file = open_tree_file(storage, path, True, ImageContext.for_top(top_path, allowed))
