@@ -29,6 +29,7 @@ def _found(seed: int, case: int, finding: str, shapes: tuple[str, ...] = fuzzing
 
 # One case per distinct finding, each a defect since fixed (`python tests/fuzzing.py --seed S --case C`)
 FOUND = [
+    _found(7, 7733, "the fuzzer's own claim: a `<top>.creating` of any bytes is what a crash inside a create leaves"),
     _found(2026, 509, "a look-alike file named as a layer in the layer directory: check called it pending (exit 0)"),
     _found(2026, 901, "a foreign image under a layer's name in the layer directory: check called it pending (exit 0)"),
     _found(3, 103, "convert -O raw of an image over a Lamina base reads zeros where the base shows"),
