@@ -32,7 +32,7 @@ from __future__ import annotations
 import attrs
 
 from .errors import FormatError
-from .layout import CLUSTERS_PER_REGION, ROOT_AREA_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, allocated_regions, overlaps, root_copy_offset
+from .layout import CLUSTERS_PER_REGION, MAX_COUNTER, ROOT_AREA_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, allocated_regions, overlaps, root_copy_offset
 from .protocol import cluster_crc, read_map_copies, read_root_copies
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
@@ -61,6 +61,8 @@ FINDING_KINDS: tuple[tuple[str, str, str], ...] = (
     ("root-unrecoverable", CORRUPTION, "neither root copy is usable (exit 1: the check cannot go on)"),
     ("root-copy", DEGRADED, "one root copy is invalid, zeroed or stale; the other is current"),
     ("commit-flag", CORRUPTION, "the root is marked committing but has no base (I8)"),
+    ("counter-exhausted", CORRUPTION, "a counter of the root or of a map is at `MAX_COUNTER`: no writer may move it on, "
+                                      "so the image cannot be written again; no real use gets there (F-ROOT-008)"),
     ("file-length", LEAK, "the file is longer than the root says (a shrink between its root write and the cut)"),
     ("file-length", CORRUPTION, "the file is shorter than the root says"),
     ("intents", PENDING, "the intent list names regions (an unclean shutdown)"),
@@ -172,6 +174,10 @@ def check_root(file: File, findings: list[Finding]) -> Root:
     if root.flags & FLAG_COMMITTING and root.base_kind == BASE_NONE:
         findings.append(Finding(CORRUPTION, "commit-flag", "the root is marked committing (a commit into the base "
                                 "in progress) but the image has no base; repair clears the mark", ("clear-commit-flag",)))
+    exhausted = [name for name in ("generation", "data_generation", "next_snapshot_id") if getattr(root, name) >= MAX_COUNTER]
+    if exhausted:
+        findings.append(Finding(CORRUPTION, "counter-exhausted", f"the root's {' and '.join(exhausted)} is at MAX_COUNTER: "
+                                "no writer may move it on, so the image cannot be written again"))
     return root
 
 
@@ -187,6 +193,9 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
         return 0
     for p in chosen.problems:
         findings.append(Finding(PENDING if pending else DEGRADED, "map-copy", p.message, None if pending else ("map-copy", region, p.slot)))
+    if chosen.value is not None and chosen.value.generation >= MAX_COUNTER:
+        findings.append(Finding(CORRUPTION, "counter-exhausted", f"region {region}'s map generation is at MAX_COUNTER: "
+                                "no commit may move it on, so the region cannot be written again", None, span))
     m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
     for slot in (0, 1):
         pad = geometry.map_copy_offset(region, slot) + geometry.map_used_length
