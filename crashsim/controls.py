@@ -165,9 +165,9 @@ class _NoFsyncStorage:
         return getattr(self._storage, name)
 
 
-def _durable_file_without_fsync(storage, path: str, data: bytes) -> None:
+def _durable_file_without_fsync(storage, path: str, write: Callable) -> None:
     """_durable_file that renames the VM state into place without fsyncing its bytes first."""
-    _DURABLE_FILE(_NoFsyncStorage(storage), path, data)
+    _DURABLE_FILE(_NoFsyncStorage(storage), path, write)
 
 
 def _unreferenced_layers_only(path: str, storage=None) -> list[str]:

@@ -93,11 +93,12 @@ def _snapshot_json(entry) -> dict:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.action == "create":
-        vmstate = None
-        if args.vmstate:
-            with open(args.vmstate, "rb") as f:
-                vmstate = f.read()
-        layers.create_snapshot(args.image, args.name, vmstate, args.vm_clock or 0)
+        vmstate = OsStorage().open(args.vmstate, False, follow_symlinks=True) if args.vmstate else None  # a file the user named
+        try:
+            layers.create_snapshot(args.image, args.name, vmstate, args.vm_clock or 0)
+        finally:
+            if vmstate is not None:
+                vmstate.close()
     elif args.action == "list":
         entries = layers.list_snapshots(args.image, force_share=_force_share(args))
         rows = ["ID        TAG                 VM SIZE                DATE       VM CLOCK     DISK SIZE"]

@@ -41,8 +41,8 @@ from lamina.spec.references import (
 )
 from lamina.spec.protocol import read_root_copies, recover
 from lamina.spec.replication import select_root
-from lamina.spec.storage import Storage
-from lamina.spec.tree import orphans, read_vmstate_chunks, root_of, vmstate_problem
+from lamina.spec.storage import File, Storage
+from lamina.spec.tree import orphans, read_vmstate_chunks, root_of, sparse_crc32c, vmstate_problem
 from lamina.spec.structures import (
     BASE_LAMINA,
     BASE_NONE,
@@ -141,15 +141,15 @@ def _require_own_name(storage: Storage, top: str) -> None:
                          "image file itself, so name it, not a link to it")
 
 
-def _durable_file(storage: Storage, path: str, data: bytes) -> None:
-    """Write a whole small file under `path` atomically (VM state)."""
+def _durable_file(storage: Storage, path: str, write: Callable[[File], None]) -> None:
+    """Make the file under `path` atomically: `write` fills `path.creating`, which is fsynced, then renamed."""
     temporary = path + ".creating"
     if storage.exists(temporary):
         storage.unlink(temporary)
-    file = storage.create(temporary)
     try:
+        file = storage.create(temporary)
         try:
-            file.pwrite(0, data)
+            write(file)
             file.fsync()
         finally:
             file.close()
@@ -157,6 +157,14 @@ def _durable_file(storage: Storage, path: str, data: bytes) -> None:
     except BaseException:
         _remove(storage, [temporary])
         raise
+
+
+def _copy_data(source: File, target: File) -> None:
+    """Copy a file's bytes in bounded memory; its holes stay holes."""
+    target.truncate(source.size())
+    for offset, length in source.data_extents():
+        for pos in range(offset, offset + length, CHUNK):
+            target.pwrite(pos, source.pread(pos, min(CHUNK, offset + length - pos)))
 
 
 def _remove(storage: Storage, paths: list[str]) -> None:
@@ -190,9 +198,12 @@ def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
 
 # ---------------------------------------------------------------------------- snapshots
 @_holding_lock(exclusive=True)
-def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock_ns: int = 0,
+def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, vm_clock_ns: int = 0,
                     storage: Storage | None = None) -> SnapshotEntry:
     """Freeze the current contents as snapshot `name`; the image goes on as an empty layer over it.
+
+    `vmstate` is the VM state as bytes, or an open file copied in bounded
+    memory (its holes stay holes and are never read).
 
     Order: flush and close the top; write the VM state; link the top's file
     into the layer directory under its uuid (the frozen layer: its bytes are
@@ -203,7 +214,15 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
     problem = snapshot_name_problem(name)
     if problem:
         raise InvalidSnapshotName(f"snapshot name {name!r} {problem}")
-    if len(vmstate or b"") > MAX_VMSTATE_SIZE:
+    if isinstance(vmstate, bytes):
+        vm_size, vm_crc = len(vmstate), crc32c.crc32c(vmstate)
+        write_vmstate: Callable[[File], None] = lambda target: target.pwrite(0, vmstate)
+    elif vmstate is not None:
+        vm_size, vm_crc, source = vmstate.size(), sparse_crc32c(vmstate), vmstate
+        write_vmstate = lambda target: _copy_data(source, target)
+    else:
+        vm_size, vm_crc = 0, 0
+    if vm_size > MAX_VMSTATE_SIZE:
         raise InvalidArgument(f"a VM state is at most {MAX_VMSTATE_SIZE} bytes (the format's MAX_VMSTATE_SIZE)")
     _require_own_name(storage, path)
     with Image.open(path, storage=storage, lock=False) as top:
@@ -218,14 +237,13 @@ def create_snapshot(path: str, name: str, vmstate: bytes | None = None, vm_clock
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
         name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=time.time_ns(),
-        vm_clock_ns=vm_clock_ns, disk_size=root.virtual_size, vmstate_size=len(vmstate or b""),
-        vmstate_crc=crc32c.crc32c(vmstate) if vmstate else 0)
+        vm_clock_ns=vm_clock_ns, disk_size=root.virtual_size, vmstate_size=vm_size, vmstate_crc=vm_crc if vm_size else 0)
     frozen = layer_file_name(root.image_uuid)
     made: list[str] = []
     try:
-        if vmstate:
+        if vm_size:
             made.append(os.path.join(directory, vmstate_file_name(root.image_uuid)))
-            _durable_file(storage, made[-1], vmstate)
+            _durable_file(storage, made[-1], write_vmstate)
         made.append(os.path.join(directory, frozen))
         storage.link(path, made[-1])
         storage.fsync_dir(directory)
@@ -285,8 +303,15 @@ def save_vmstate(path: str, name: str, outfile: str, storage: Storage | None = N
     vm_path, entry, context = _vmstate(path, name, storage, force_share)
     with open(outfile, "xb") as out:
         if entry.vmstate_size:
-            for chunk in read_vmstate_chunks(storage, vm_path, entry, context):
-                out.write(chunk)
+            source = open_tree_file(storage, vm_path, False, context)
+            try:
+                for offset, length in source.data_extents():  # holes stay holes
+                    for pos in range(offset, min(offset + length, entry.vmstate_size), CHUNK):
+                        out.seek(pos)
+                        out.write(source.pread(pos, min(CHUNK, offset + length - pos, entry.vmstate_size - pos)))
+            finally:
+                source.close()
+            out.truncate(entry.vmstate_size)
     return entry.vmstate_size
 
 
@@ -360,23 +385,8 @@ def _unshare(storage: Storage, path: str, context: ImageContext) -> None:
     layer changes; the clone keeps the old file, and the chain it needs.
     """
     source = open_tree_file(storage, path, False, context)
-    temporary = path + ".creating"
-    if storage.exists(temporary):
-        storage.unlink(temporary)
     try:
-        target = storage.create(temporary)
-        try:
-            target.truncate(source.size())
-            for offset, length in source.data_extents():
-                for pos in range(offset, offset + length, CHUNK):
-                    target.pwrite(pos, source.pread(pos, min(CHUNK, offset + length - pos)))
-            target.fsync()
-        finally:
-            target.close()
-        storage.rename(temporary, path)
-    except BaseException:
-        _remove(storage, [temporary])
-        raise
+        _durable_file(storage, path, lambda target: _copy_data(source, target))
     finally:
         source.close()
     storage.fsync_dir(os.path.dirname(path))

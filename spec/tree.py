@@ -49,7 +49,7 @@ from .references import (
 )
 from .repair import repair_image
 from .replication import select_root
-from .storage import Storage
+from .storage import File, Storage
 from .structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, Root, SnapshotEntry
 
 
@@ -108,6 +108,22 @@ def crc32c_extend_zeros(crc: int, count: int) -> int:
     return _multiply_mod_poly(power, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
 
 
+def sparse_crc32c(file: File) -> int:
+    """The CRC32C of a whole file, reading only its data extents: holes enter by `crc32c_extend_zeros`,
+    so the time is that of the bytes the file holds on disk, whatever length it claims."""
+    size = file.size()
+    crc = pos = 0
+    for start, length in file.data_extents():
+        start, end = max(start, pos), min(start + length, size)
+        if start >= end:
+            continue
+        crc = crc32c_extend_zeros(crc, start - pos)
+        for at in range(start, end, VMSTATE_CHUNK):
+            crc = crc32c.crc32c(file.pread(at, min(VMSTATE_CHUNK, end - at)), crc)
+        pos = end
+    return crc32c_extend_zeros(crc, size - pos)
+
+
 def read_vmstate_chunks(storage: Storage, path: str, entry: SnapshotEntry, context: ImageContext) -> Iterator[bytes]:
     """The VM state in chunks, so that a recorded size of any value costs bounded memory."""
     file = open_tree_file(storage, path, False, context)
@@ -121,9 +137,7 @@ def read_vmstate_chunks(storage: Storage, path: str, entry: SnapshotEntry, conte
 def vmstate_problem(storage: Storage, path: str, entry: SnapshotEntry, context: ImageContext) -> str | None:
     """T3: why the VM-state file is not the one recorded (missing, not a regular file, size, CRC32C), or None.
 
-    Only the file's data extents are read; holes enter the CRC by
-    `crc32c_extend_zeros`, so the time is that of the bytes the file holds
-    on disk, whatever length it claims.
+    Only the file's data extents are read (`sparse_crc32c`).
     """
     if not storage.exists(path):
         return "is missing"
@@ -135,16 +149,7 @@ def vmstate_problem(storage: Storage, path: str, entry: SnapshotEntry, context: 
         size = file.size()
         if size != entry.vmstate_size:
             return f"is {size} bytes, {entry.vmstate_size} recorded"
-        crc = pos = 0
-        for start, length in file.data_extents():
-            start, end = max(start, pos), min(start + length, size)
-            if start >= end:
-                continue
-            crc = crc32c_extend_zeros(crc, start - pos)
-            for at in range(start, end, VMSTATE_CHUNK):
-                crc = crc32c.crc32c(file.pread(at, min(VMSTATE_CHUNK, end - at)), crc)
-            pos = end
-        crc = crc32c_extend_zeros(crc, size - pos)
+        crc = sparse_crc32c(file)
     finally:
         file.close()
     return None if crc == entry.vmstate_crc else "does not match its recorded CRC32C"

@@ -357,3 +357,24 @@ def test_cli_errors_print_once_without_repeating_the_program_name(tmp_path, args
     image = str(tmp_path / "d.lam")
     Image.create(image, MiB).close()
     assert_one_line_error(lamina(*[image if a == "IMG" else a for a in args]), *words)
+
+
+def test_a_sparse_vm_state_of_gigabytes_is_kept_and_exported_in_bounded_memory(tmp_path):
+    """Before: `snapshot create --vmstate` read the whole file into memory and `snapshot vmstate` wrote its holes out."""
+    image, vm, out = str(tmp_path / "d.lam"), tmp_path / "vm", tmp_path / "out"
+    Image.create(image, MiB).close()
+    with open(vm, "wb") as f:
+        f.truncate(8 * GiB)
+        f.seek(3 * GiB)
+        f.write(b"device state")
+    done = lamina("snapshot", "create", "--vmstate", str(vm), image, "s", limit_memory=300 * MiB, timeout=60)
+    assert 0 == done.returncode, done.stderr
+    assert 0 == lamina("check", image, timeout=60).returncode
+    done = lamina("snapshot", "vmstate", image, "s", str(out), limit_memory=300 * MiB, timeout=60)
+    assert 0 == done.returncode, done.stderr
+    assert 8 * GiB == out.stat().st_size and out.stat().st_blocks * 512 < 16 * MiB  # the holes stay holes
+    with open(out, "rb") as f:
+        f.seek(3 * GiB)
+        assert b"device state" == f.read(12)
+    vm_copy = os.path.join(image + ".layers", next(n for n in os.listdir(image + ".layers") if n.endswith(".vmstate")))
+    assert os.stat(vm_copy).st_blocks * 512 < 16 * MiB
