@@ -7,15 +7,17 @@ Invariants of a well-formed image at rest:
 
 - I1 both root copies verify and carry the same version;
 - I2 the file is exactly `Geometry.file_length` bytes long;
-- I3 every region holding any byte has two valid map copies of one version
-  (a region never written has two holes);
+- I3 every region holding any byte has two valid map copies of one version,
+  or none valid and one all zero: never written, so its bytes are leaks
+  (F-CHECK-003);
 - I4 no sector at or past the virtual size is present;
 - I5 every cluster with a present sector matches its recorded CRC32C, and a
   cluster with none records 0;
 - I6 every byte that no present sector or used map length accounts for is
   zero (otherwise it is leaked space);
 - I7 the intent list is empty (after a crash it is not, and the regions it
-  lists are exempt from I3-I6 until recovery reconciles them);
+  lists are pending until recovery reconciles them, exempt from I3-I6 as
+  F-CHECK-002 says: not from an unreadable map or map-cluster padding);
 - I8 the root is marked committing only when it has a base to commit into.
 
 Every finding has a class (R12), so that `check` right after a crash, before

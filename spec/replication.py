@@ -1,8 +1,11 @@
 """Which copy of a replicated structure is current, and what is wrong with the other.
 
-Rule (R7): the current version is the valid copy with the highest generation.
-A copy that fails to verify is `invalid` (or `zeroed` when all its bytes are
-zero); a valid copy with a lower generation than its twin is `stale`.  Under a
+Rule (R7, F-ROOT-002, F-MAP-002): the current version is the valid copy with
+the highest generation, copy A (slot 0) on a tie.  A copy that fails to verify
+is `invalid` (or `zeroed` when all the bytes read for it are zero: the first
+4096 of a root slot, the used length of a map copy); a valid copy with a lower
+generation than its twin, or of the same generation with other content (every
+field but slot and crc), is `stale`.  Under a
 single fault at least one copy is always valid, because the commit protocol
 never writes a slot before the other holds the current version durably.
 """
