@@ -23,7 +23,7 @@ from typing import Callable, Iterator, TypeVar
 import attrs
 import crc32c
 
-from lamina.spec.errors import CommittingWithoutBase, InvalidArgument, LaminaError, UnsafeFile
+from lamina.spec.errors import CommittingIntoSnapshot, CommittingWithoutBase, InvalidArgument, LaminaError, UnsafeFile
 from lamina.spec.layout import MAX_CHAIN_DEPTH, MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
 from lamina.spec.references import (
     LAYER_NAME,
@@ -461,6 +461,9 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
 
 def finish_commit(top: Image) -> None:
     """The body of `commit`, also run by a writable open that finds the committing flag: idempotent."""
+    if LAYER_NAME.match(top.root.base_path):  # F-COMMIT-001: only a forged root asks for this
+        raise CommittingIntoSnapshot(f"{top.path}: the root is marked committing into its base, a snapshot, which never "
+                                     "changes; `lamina check --repair` clears the mark")
     found = resolve_base(top.root, top.context, top.path, top._storage)
     if found is None or top.base is None:
         raise CommittingWithoutBase(f"{top.path}: the root is marked committing but the image has no base to commit into; "

@@ -18,7 +18,7 @@ Invariants of a well-formed image at rest:
 - I7 the intent list is empty (after a crash it is not, and the regions it
   lists are pending until recovery reconciles them, exempt from I3-I6 as
   F-CHECK-002 says: not from an unreadable map or map-cluster padding);
-- I8 the root is marked committing only when it has a base to commit into.
+- I8 the root is marked committing only when it has a base to commit into that is not a snapshot.
 
 Every finding has a class (R12), so that `check` right after a crash, before
 anything repairs the image, tells what the protocol leaves by design from
@@ -39,6 +39,7 @@ from .protocol import cluster_crc, read_map_copies, read_root_copies
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
+from .references import LAYER_NAME
 from .structures import BASE_NONE, FLAG_COMMITTING, Root, encode_root
 
 CORRUPTION = "corruption"
@@ -62,7 +63,7 @@ FINDING_CLASSES: dict[str, tuple[int, str]] = {
 FINDING_KINDS: tuple[tuple[str, str, str], ...] = (
     ("root-unrecoverable", CORRUPTION, "neither root copy is usable (exit 1: the check cannot go on)"),
     ("root-copy", DEGRADED, "one root copy is invalid, zeroed or stale; the other is current"),
-    ("commit-flag", CORRUPTION, "the root is marked committing but has no base (I8)"),
+    ("commit-flag", CORRUPTION, "the root is marked committing but has no base, or its base is a snapshot (I8)"),
     ("counter-exhausted", CORRUPTION, "a counter of the root or of a map is at `MAX_COUNTER`: no writer may move it on, "
                                       "so the image cannot be written again; no real use gets there (F-ROOT-008)"),
     ("file-length", LEAK, "the file is longer than the root says (a shrink between its root write and the cut)"),
@@ -173,9 +174,10 @@ def check_root(file: File, findings: list[Finding]) -> Root:
     for p in selection.problems:
         findings.append(Finding(DEGRADED, "root-copy", p.message, ("root-copy", p.slot)))
     root = selection.current()
-    if root.flags & FLAG_COMMITTING and root.base_kind == BASE_NONE:
+    if root.flags & FLAG_COMMITTING and (root.base_kind == BASE_NONE or LAYER_NAME.match(root.base_path)):
+        what = "the image has no base" if root.base_kind == BASE_NONE else "its base is a snapshot, which never changes"
         findings.append(Finding(CORRUPTION, "commit-flag", "the root is marked committing (a commit into the base "
-                                "in progress) but the image has no base; repair clears the mark", ("clear-commit-flag",)))
+                                f"in progress) but {what}; repair clears the mark", ("clear-commit-flag",)))
     exhausted = [name for name in ("generation", "data_generation", "next_snapshot_id") if getattr(root, name) >= MAX_COUNTER]
     if exhausted:
         findings.append(Finding(CORRUPTION, "counter-exhausted", f"the root's {' and '.join(exhausted)} is at MAX_COUNTER: "

@@ -41,6 +41,10 @@ class CommittingWithoutBase(FormatError):
     """The root is marked committing (a commit into the base in progress) but the image has no base."""
 
 
+class CommittingIntoSnapshot(FormatError):
+    """The root is marked committing into a base that is a frozen layer (a snapshot), which never changes."""
+
+
 class ImageTooLarge(LaminaError):
     """The requested virtual size exceeds the format's maximum or the host file system's limit."""
 

@@ -143,3 +143,24 @@ def test_no_assert_judges_data_read_from_a_file():
             if isinstance(node, ast.Assert):
                 found.add((path.relative_to(ROOT).as_posix(), ast.unparse(node.test)))
     assert found <= INTERNAL_ASSERTS, sorted(found - INTERNAL_ASSERTS)
+
+
+def test_a_forged_commit_mark_over_a_snapshot_never_writes_the_snapshot(image_path, capsys):
+    """F-COMMIT-001: a committing root whose base is a frozen layer is corruption, refused before any write."""
+    from lamina.impl.layers import create_snapshot, open_target
+    from lamina.spec.errors import CommittingIntoSnapshot
+    from lamina.spec.structures import FLAG_COMMITTING
+
+    with Image.create(image_path, MiB, 4096) as image:
+        image.write(0, pattern(1, 4096))
+    create_snapshot(image_path, "s1")
+    with Image.open(image_path) as image:
+        image.write(0, pattern(2, 4096))
+        image.set_root(flags=image.root.flags | FLAG_COMMITTING)
+    assert 2 == main(["check", image_path])
+    assert "its base is a snapshot" in capsys.readouterr().out
+    with pytest.raises(CommittingIntoSnapshot):
+        Image.open(image_path).close()
+    with open_target(image_path + "@s1") as snap:
+        assert pattern(1, 4096) == snap.read(0, 4096)
+    assert 0 == main(["check", "--repair", image_path])
