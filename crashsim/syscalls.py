@@ -48,6 +48,12 @@ class TraceError(CrashsimError):
     """The program's trace holds a call the record cannot express, or the record disagrees with the real directory."""
 
 
+class RecordMismatch(TraceError):
+    """Replaying the whole record does not rebuild the directory's real final files (exit code 8): a missed call."""
+
+    exit_code = 8
+
+
 class ProgramFailed(CrashsimError):
     """The recorded program (or strace itself) exited with an error."""
 
@@ -542,16 +548,16 @@ def directory_key(state: DiskState) -> tuple:
 
 
 def compare_with_directory(state: DiskState, root: str) -> None:
-    """Raise TraceError unless the recorded state is what the directory really holds (nothing was missed)."""
+    """Raise RecordMismatch unless the recorded state is what the directory really holds (nothing was missed)."""
     real = snapshot_directory(root)
     model_names, model_dirs = visible(state)
     if set(model_names) != set(real.names) or model_dirs != real.dirs:
         missing = sorted(set(real.names) ^ set(model_names)) + sorted(model_dirs ^ real.dirs)
-        raise TraceError(f"the record's names differ from the directory's: {', '.join(missing)}")
+        raise RecordMismatch(f"the record's names differ from the directory's: {', '.join(missing)}")
     for path, inode in model_names.items():
         mine, theirs = state.files[inode], real.files[real.names[path]]
         if mine.size != theirs.size or mine.pread(0, mine.size) != theirs.pread(0, theirs.size):
-            raise TraceError(f"{path}: the record's contents differ from the file's (a write the record missed)")
+            raise RecordMismatch(f"{path}: the record's contents differ from the file's (a write the record missed)")
 
 
 # ---------------------------------------------------------------------------- recording
@@ -701,19 +707,30 @@ def command_checker(template: str, total: int, timeout: float = 60.0) -> tuple[C
     return check, context
 
 
+def record_in(argv: Sequence[str], workdir: str, initial: str | None = None) -> tuple[DiskState, Recorder]:
+    """Record `argv` in `workdir` (made as a copy of `initial` if given, else used as it is, made if missing).
+
+    Returns the starting state and the record, after checking that the record
+    rebuilds the directory's real final files (RecordMismatch if not).
+    """
+    if initial:
+        if os.path.exists(workdir) and os.listdir(workdir):
+            raise CrashsimError(f"{workdir}: with an initial directory the working directory must be new or empty")
+        shutil.copytree(initial, workdir, symlinks=True, dirs_exist_ok=True)
+    else:
+        os.makedirs(workdir, exist_ok=True)
+    base = snapshot_directory(workdir)
+    recorder = record(argv, workdir, base)
+    compare_with_directory(recorder.state, workdir)
+    return base, recorder
+
+
 def trace_program(argv: Sequence[str], checker: str, models: Sequence[str], budget: Budget, seed: int = 0,
                   initial: str | None = None, name: str = "program") -> tuple[Recorder, list[TraceResult], float]:
     """Record `argv` in a fresh directory (a copy of `initial`, if given); run the `checker` command on every crash state."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="crashsim-run-") as scratch:
-        workdir = os.path.join(scratch, "dir")
-        if initial:
-            shutil.copytree(initial, workdir, symlinks=True)
-        else:
-            os.mkdir(workdir)
-        base = snapshot_directory(workdir)
-        recorder = record(argv, workdir, base)
-        compare_with_directory(recorder.state, workdir)
+        base, recorder = record_in(argv, os.path.join(scratch, "dir"), initial)
     check, context = command_checker(checker, len(recorder.ops))
     results = explore_trace(name, base, recorder.ops, models, budget, seed, check, context)
     return recorder, results, time.perf_counter() - started
