@@ -101,6 +101,7 @@ def _record_parsers(sub) -> None:
     exp.add_argument("--check", required=True, metavar="'CMD {dir}'",
                      help="a shell command run on every crash state's directory ({dir}; {done} is 1 after the "
                      "program's last call, else 0; {crash} the calls issued); exit 0 passes")
+    exp.add_argument("--plan", metavar="PLAN", help="check only the crash state a printed plan names")
     _budget_options(exp)
 
 
@@ -339,13 +340,21 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 
 def _cmd_explore(args: argparse.Namespace) -> int:
-    from .syscalls import command_checker, explore_trace
+    from .syscalls import check_plan, command_checker, explore_trace
     from .tracefile import read_trace
 
     models, budget = _models_budget(args)
     started = time.perf_counter()
     trace = read_trace(args.trace)
     check, context = command_checker(args.check, len(trace.ops))
+    if args.plan:
+        plan = Plan.parse(args.plan)
+        message = check_plan(trace.base, trace.ops, plan, check)
+        if args.output == "json":
+            print(json.dumps({"plan": plan.to_string(), "ops": len(trace.ops), "failure": message}))
+        else:
+            print(f"FAIL: {message}" if message else f"ok: the checker passes on the state of {plan.to_string()}")
+        return 1 if message else 0
     results = explore_trace("program", trace.base, trace.ops, models, budget, args.seed, check, context)
     return _print_trace_results(args, budget, results, {}, time.perf_counter() - started)
 

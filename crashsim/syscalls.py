@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 import attrs
 
-from .errors import CrashsimError
+from .errors import BadPlan, CrashsimError
 from .explore import Budget, Materialiser, Model, Plan, explore, pending_at, barrier_of
 from .memstore import BLOCK, CREATE, FSYNC, FSYNC_DIR, LINK, MKDIR, PUNCH, PWRITE, RENAME, TRUNCATE, UNLINK, ZERO_BLOCK, \
     DiskState, FileData, Op
@@ -673,6 +673,18 @@ def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequenc
                         break
             results.append(result)
     return results
+
+
+def check_plan(base: DiskState, ops: Sequence[Op], plan: Plan, checker: Checker) -> str | None:
+    """Run the checker on exactly the crash state a plan names (a failure `explore_trace` printed)."""
+    model = Model.parse(plan.model)
+    if plan.crash > len(ops) or any(i >= plan.crash for i, _ in plan.outcomes):
+        raise BadPlan(f"plan {plan.to_string()} does not fit a trace of {len(ops)} ops")
+    state = Materialiser(base, tuple(ops)).state(plan.crash, dict(plan.outcomes), plan.seed, model.torn_unit or 512)
+    with tempfile.TemporaryDirectory(prefix="crashsim-states-") as scratch:
+        where = os.path.join(scratch, "state")
+        materialise(state, where)
+        return checker(where, plan.crash)
 
 
 def command_checker(template: str, total: int, timeout: float = 60.0) -> tuple[Checker, Callable[[int], object]]:

@@ -24,7 +24,7 @@ import json
 import attrs
 
 from .errors import CrashsimError
-from .memstore import DiskState, FileData, Op
+from .memstore import DATA_KINDS, FSYNC, FSYNC_DIR, NAMESPACE_KINDS, DiskState, FileData, Op
 from .syscalls import ROOT
 
 FORMAT = "crashsim-trace"
@@ -112,7 +112,10 @@ def decode(raw: bytes, where: str = "trace") -> TraceFile:
                 fields = dict(obj)
                 if "data" in fields:
                     fields["data"] = base64.b64decode(fields["data"], validate=True)
-                ops.append(Op(**fields))
+                op = Op(**fields)
+                if op.kind not in DATA_KINDS | NAMESPACE_KINDS | {FSYNC, FSYNC_DIR}:
+                    raise BadTraceFile(f"{where} line {number}: {op.kind!r} is not an operation kind")
+                ops.append(op)
     except BadTraceFile:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
