@@ -15,6 +15,7 @@ run.  Reads are not recorded; only their effect on a file position is.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -475,6 +476,30 @@ def _walk(root: str) -> Iterable[tuple[str, str, os.stat_result]]:
             yield ROOT + real[len(root):], real, os.lstat(real)
 
 
+def _read_sparse(real: str, size: int) -> FileData:
+    """A file's contents as non-zero blocks, reading only its data extents (a hole is neither read nor kept)."""
+    data = FileData(size=size)
+    fd = os.open(real, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break  # only a hole from offset to the end
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            for at in range(start - start % BLOCK, end, BLOCK):
+                block = os.pread(fd, BLOCK, at).ljust(BLOCK, b"\0")
+                if block != ZERO_BLOCK:
+                    data.blocks[at // BLOCK] = block
+            offset = -(-end // BLOCK) * BLOCK
+    finally:
+        os.close(fd)
+    return data
+
+
 def snapshot_directory(root: str) -> DiskState:
     """The state of a real directory: its regular files (hard links kept) and subdirectories."""
     root = os.path.realpath(root)
@@ -488,13 +513,7 @@ def snapshot_directory(root: str) -> DiskState:
             if key not in inodes:
                 inodes[key] = state.next_inode
                 state.next_inode += 1
-                data = FileData()
-                with open(real, "rb") as fh:
-                    content = fh.read()
-                data.pwrite(0, content)
-                data.size = len(content)
-                data.blocks = {i: b for i, b in data.blocks.items() if b != ZERO_BLOCK}
-                state.files[inodes[key]] = data
+                state.files[inodes[key]] = _read_sparse(real, info.st_size)
             state.names[path] = inodes[key]
         else:
             raise TraceError(f"{real}: only regular files and directories can start a record")
@@ -528,16 +547,25 @@ def materialise(state: DiskState, into: str) -> None:
         if inode in written:
             os.link(written[inode], real)
             continue
-        data = state.files[inode]
-        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            for index, block in data.blocks.items():
-                if index * BLOCK < data.size:
-                    os.pwrite(fd, block[: data.size - index * BLOCK], index * BLOCK)
-            os.ftruncate(fd, data.size)
-        finally:
-            os.close(fd)
+        _write_sparse(real, state.files[inode])
         written[inode] = real
+
+
+def _write_sparse(real: str, data: FileData, mode: int = 0o644) -> None:
+    """Create the file `real` holding `data`: its blocks written, everything else a hole."""
+    fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        for index, block in data.blocks.items():
+            if index * BLOCK < data.size:
+                os.pwrite(fd, block[: data.size - index * BLOCK], index * BLOCK)
+        os.ftruncate(fd, data.size)
+    finally:
+        os.close(fd)
+
+
+def copy_sparse(src: str, dst: str) -> None:
+    """`shutil.copytree`'s copy function that keeps holes (`copy2` would fill them: a 4 GiB hole, 4 GiB written)."""
+    _write_sparse(dst, _read_sparse(src, os.stat(src).st_size), stat.S_IMODE(os.stat(src).st_mode))
 
 
 def directory_key(state: DiskState) -> tuple:
@@ -556,7 +584,8 @@ def compare_with_directory(state: DiskState, root: str) -> None:
         raise RecordMismatch(f"the record's names differ from the directory's: {', '.join(missing)}")
     for path, inode in model_names.items():
         mine, theirs = state.files[inode], real.files[real.names[path]]
-        if mine.size != theirs.size or mine.pread(0, mine.size) != theirs.pread(0, theirs.size):
+        if mine.size != theirs.size or any(mine.blocks.get(i, ZERO_BLOCK) != theirs.blocks.get(i, ZERO_BLOCK)
+                                           for i in set(mine.blocks) | set(theirs.blocks) if i * BLOCK < mine.size):
             raise RecordMismatch(f"{path}: the record's contents differ from the file's (a write the record missed)")
 
 
@@ -728,7 +757,7 @@ def record_in(argv: Sequence[str], workdir: str, initial: str | None = None) -> 
     if initial:
         if os.path.exists(workdir) and os.listdir(workdir):
             raise CrashsimError(f"{workdir}: with an initial directory the working directory must be new or empty")
-        shutil.copytree(initial, workdir, symlinks=True, dirs_exist_ok=True)
+        shutil.copytree(initial, workdir, symlinks=True, dirs_exist_ok=True, copy_function=copy_sparse)
     else:
         os.makedirs(workdir, exist_ok=True)
     base = snapshot_directory(workdir)

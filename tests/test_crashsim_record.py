@@ -128,3 +128,19 @@ def test_a_record_that_misses_a_change_fails_with_its_exit_code(tmp_path, capsys
             "--", sys.executable, "-c", "open('f','wb').write(b'data')"]
     assert crashsim_main(argv) == 8
     assert "f: the record's contents differ from the file's" in capsys.readouterr().err
+
+
+def test_a_sparse_file_is_recorded_and_explored_without_reading_or_storing_its_holes(tmp_path, capsys):
+    """A 4 GiB file with two written blocks: the trace holds those bytes only, and each state is sparse again."""
+    (tmp_path / "init").mkdir()
+    with open(tmp_path / "init" / "big", "wb") as fh:
+        fh.truncate(4 << 30)
+        fh.seek(1 << 30)
+        fh.write(b"a" * 4096)
+    program = "import os; fd=os.open('big', os.O_WRONLY); os.pwrite(fd, b'b'*4096, 3<<30); os.fsync(fd)"
+    trace = _record(tmp_path, tmp_path / "init", [sys.executable, "-c", program])
+    assert os.path.getsize(trace) < 64 * 1024
+    assert os.stat(tmp_path / "run-t.trace" / "big").st_blocks * 512 < 1 << 20  # the working copy kept its holes
+    check = (f"{shlex.quote(sys.executable)} -c \"import os,sys; s=os.stat(sys.argv[1]+'/big'); "
+             "sys.exit(s.st_size != 4<<30 or s.st_blocks*512 > 1<<20)\" {dir}")
+    assert crashsim_main(["explore", trace, "--check", check, "--model", "strict,reorder"]) == 0
