@@ -4,7 +4,11 @@ Exit codes: 0 everything passed; 1 a failing crash state, an undetected or
 unrepaired fault, or a replayed plan that still fails; 2 bad usage
 (argparse); 4 a simulator error; 5 a plan given to `replay` that does not
 parse or fit its trace (`run` never makes one: its shrinker keeps only plans
-that replay); 6 an unknown workload, model or control.  Errors print on one line, without a traceback.
+that replay); 6 an unknown workload, model or control; 7 a trace file given
+to `explore` that is missing, truncated, altered or of another version
+(`BadTraceFile`); 8 a record whose replay does not rebuild the program's
+real final files (`RecordMismatch`: the recorder missed a change).  Errors
+print on one line, without a traceback.
 """
 from __future__ import annotations
 
@@ -69,7 +73,36 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", choices=["human", "json"], default="human")
     sub.add_parser("controls", help="run every negative control and say whether each is caught")
     _trace_parser(sub)
+    _record_parsers(sub)
     return p
+
+
+def _budget_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=",".join(DEFAULT_MODELS), help="comma-separated models; combine flags with +")
+    p.add_argument("--max-subset", type=int, default=Budget().max_subset, metavar="K")
+    p.add_argument("--samples", type=int, default=Budget().subset_samples, help="sampled subsets per crash point beyond K")
+    p.add_argument("--torn-samples", type=int, default=Budget().torn_samples, help="sampled tear patterns per write beyond the cap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", choices=["human", "json"], default="human")
+
+
+def _record_parsers(sub) -> None:
+    rec = sub.add_parser("record", help="record a program's file system calls into a self-checked trace file",
+                         description="Runs COMMAND in DIR under strace and writes TRACE: DIR's initial files and every "
+                         "operation with its data.  Fails (exit 8) unless replaying TRACE rebuilds DIR's final files.")
+    rec.add_argument("--via", choices=["strace"], default="strace",
+                     help="how to record: strace (file level); block level through NBD is not built yet")
+    rec.add_argument("--dir", required=True, metavar="DIR", help="the working directory (made if missing)")
+    rec.add_argument("--init", metavar="DIR0", help="copy DIR0's files into DIR (new or empty) first")
+    rec.add_argument("--out", required=True, metavar="TRACE", help="the trace file to write")
+    rec.add_argument("program", nargs="+", metavar="COMMAND", help="after --: the program and its arguments")
+    exp = sub.add_parser("explore", help="run a checker on every crash state of a recorded trace file")
+    exp.add_argument("trace", metavar="TRACE")
+    exp.add_argument("--check", required=True, metavar="'CMD {dir}'",
+                     help="a shell command run on every crash state's directory ({dir}; {done} is 1 after the "
+                     "program's last call, else 0; {crash} the calls issued); exit 0 passes")
+    exp.add_argument("--plan", metavar="PLAN", help="check only the crash state a printed plan names")
+    _budget_options(exp)
 
 
 def _trace_parser(sub) -> None:
@@ -87,12 +120,7 @@ def _trace_parser(sub) -> None:
     trace.add_argument("--control", help=f"record a broken lamina (negative control): {', '.join(RECORD_CONTROLS)}")
     trace.add_argument("--count-before-recovery", action="store_true",
                        help="count the exit codes of the read-only check before recovery instead of requiring 0 or 3")
-    trace.add_argument("--model", default=",".join(DEFAULT_MODELS), help="comma-separated models; combine flags with +")
-    trace.add_argument("--max-subset", type=int, default=Budget().max_subset, metavar="K")
-    trace.add_argument("--samples", type=int, default=Budget().subset_samples, help="sampled subsets per crash point beyond K")
-    trace.add_argument("--torn-samples", type=int, default=Budget().torn_samples, help="sampled tear patterns per write beyond the cap")
-    trace.add_argument("--seed", type=int, default=0)
-    trace.add_argument("--output", choices=["human", "json"], default="human")
+    _budget_options(trace)
     trace.add_argument("program", nargs="*", metavar="PROGRAM", help="after --: the program and its arguments")
 
 
@@ -250,8 +278,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from .cliworkloads import CLI_WORKLOADS, run_cli_workloads
     from .syscalls import trace_program
 
-    models = [Model.parse(m).name for m in args.model.split(",") if m]
-    budget = Budget(max_subset=args.max_subset, subset_samples=args.samples, torn_samples=args.torn_samples)
+    models, budget = _models_budget(args)
     tallies: dict = {}
     if args.program:
         if not args.checker or args.workload or args.control:
@@ -262,6 +289,16 @@ def _cmd_trace(args: argparse.Namespace) -> int:
             raise CrashsimError("--checker and --init go with a PROGRAM (after --)")
         results, tallies, seconds = run_cli_workloads(args.workload or list(CLI_WORKLOADS), models, budget, args.seed,
                                                       args.control, judge_before_recovery=not args.count_before_recovery)
+    return _print_trace_results(args, budget, results, tallies, seconds)
+
+
+def _models_budget(args: argparse.Namespace) -> tuple[list[str], Budget]:
+    models = [Model.parse(m).name for m in args.model.split(",") if m]
+    return models, Budget(max_subset=args.max_subset, subset_samples=args.samples, torn_samples=args.torn_samples)
+
+
+def _print_trace_results(args: argparse.Namespace, budget: Budget, results: list, tallies: dict, seconds: float) -> int:
+    """The summary `trace` and `explore` print: one line per workload and model, failing plans, totals."""
     workloads = list(dict.fromkeys(r.workload for r in results))  # one result per workload and model
     ops = sum(r.ops for r in results if r.model == results[0].model) if results else 0
     totals = {"workloads": len(workloads), "ops": ops, "states": sum(r.states for r in results),
@@ -286,6 +323,42 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 1 if totals["failing"] else 0
 
 
+def _cmd_record(args: argparse.Namespace) -> int:
+    import os
+
+    from .syscalls import compare_with_directory, record_in
+    from .tracefile import TraceFile, read_trace, replayed, write_trace
+
+    started = time.perf_counter()
+    base, recorder = record_in(args.program, args.dir, args.init)
+    write_trace(args.out, TraceFile(tuple(args.program), base, tuple(recorder.ops)))
+    compare_with_directory(replayed(read_trace(args.out)), args.dir)  # the file as written rebuilds the real files
+    print(f"recorded {len(recorder.ops)} ops of `{' '.join(args.program)}` in {args.dir} into {args.out} "
+          f"({os.path.getsize(args.out)} bytes); replaying it rebuilds the directory's final files, "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from .syscalls import check_plan, command_checker, explore_trace
+    from .tracefile import read_trace
+
+    models, budget = _models_budget(args)
+    started = time.perf_counter()
+    trace = read_trace(args.trace)
+    check, context = command_checker(args.check, len(trace.ops))
+    if args.plan:
+        plan = Plan.parse(args.plan)
+        message = check_plan(trace.base, trace.ops, plan, check)
+        if args.output == "json":
+            print(json.dumps({"plan": plan.to_string(), "ops": len(trace.ops), "failure": message}))
+        else:
+            print(f"FAIL: {message}" if message else f"ok: the checker passes on the state of {plan.to_string()}")
+        return 1 if message else 0
+    results = explore_trace("program", trace.base, trace.ops, models, budget, args.seed, check, context)
+    return _print_trace_results(args, budget, results, {}, time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -297,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_replay(args)
         if args.command == "trace":
             return _cmd_trace(args)
+        if args.command == "record":
+            return _cmd_record(args)
+        if args.command == "explore":
+            return _cmd_explore(args)
         return _cmd_controls()
     except CrashsimError as exc:
         print(f"crashsim: error: {exc}", file=sys.stderr)

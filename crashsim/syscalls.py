@@ -15,6 +15,7 @@ run.  Reads are not recorded; only their effect on a file position is.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 import attrs
 
-from .errors import CrashsimError
+from .errors import BadPlan, CrashsimError
 from .explore import Budget, Materialiser, Model, Plan, explore, pending_at, barrier_of
 from .memstore import BLOCK, CREATE, FSYNC, FSYNC_DIR, LINK, MKDIR, PUNCH, PWRITE, RENAME, TRUNCATE, UNLINK, ZERO_BLOCK, \
     DiskState, FileData, Op
@@ -46,6 +47,12 @@ STRACE_STRING_LIMIT = 1 << 26
 
 class TraceError(CrashsimError):
     """The program's trace holds a call the record cannot express, or the record disagrees with the real directory."""
+
+
+class RecordMismatch(TraceError):
+    """Replaying the whole record does not rebuild the directory's real final files (exit code 8): a missed call."""
+
+    exit_code = 8
 
 
 class ProgramFailed(CrashsimError):
@@ -469,6 +476,30 @@ def _walk(root: str) -> Iterable[tuple[str, str, os.stat_result]]:
             yield ROOT + real[len(root):], real, os.lstat(real)
 
 
+def _read_sparse(real: str, size: int) -> FileData:
+    """A file's contents as non-zero blocks, reading only its data extents (a hole is neither read nor kept)."""
+    data = FileData(size=size)
+    fd = os.open(real, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break  # only a hole from offset to the end
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            for at in range(start - start % BLOCK, end, BLOCK):
+                block = os.pread(fd, BLOCK, at).ljust(BLOCK, b"\0")
+                if block != ZERO_BLOCK:
+                    data.blocks[at // BLOCK] = block
+            offset = -(-end // BLOCK) * BLOCK
+    finally:
+        os.close(fd)
+    return data
+
+
 def snapshot_directory(root: str) -> DiskState:
     """The state of a real directory: its regular files (hard links kept) and subdirectories."""
     root = os.path.realpath(root)
@@ -482,13 +513,7 @@ def snapshot_directory(root: str) -> DiskState:
             if key not in inodes:
                 inodes[key] = state.next_inode
                 state.next_inode += 1
-                data = FileData()
-                with open(real, "rb") as fh:
-                    content = fh.read()
-                data.pwrite(0, content)
-                data.size = len(content)
-                data.blocks = {i: b for i, b in data.blocks.items() if b != ZERO_BLOCK}
-                state.files[inodes[key]] = data
+                state.files[inodes[key]] = _read_sparse(real, info.st_size)
             state.names[path] = inodes[key]
         else:
             raise TraceError(f"{real}: only regular files and directories can start a record")
@@ -522,16 +547,25 @@ def materialise(state: DiskState, into: str) -> None:
         if inode in written:
             os.link(written[inode], real)
             continue
-        data = state.files[inode]
-        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            for index, block in data.blocks.items():
-                if index * BLOCK < data.size:
-                    os.pwrite(fd, block[: data.size - index * BLOCK], index * BLOCK)
-            os.ftruncate(fd, data.size)
-        finally:
-            os.close(fd)
+        _write_sparse(real, state.files[inode])
         written[inode] = real
+
+
+def _write_sparse(real: str, data: FileData, mode: int = 0o644) -> None:
+    """Create the file `real` holding `data`: its blocks written, everything else a hole."""
+    fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        for index, block in data.blocks.items():
+            if index * BLOCK < data.size:
+                os.pwrite(fd, block[: data.size - index * BLOCK], index * BLOCK)
+        os.ftruncate(fd, data.size)
+    finally:
+        os.close(fd)
+
+
+def copy_sparse(src: str, dst: str) -> None:
+    """`shutil.copytree`'s copy function that keeps holes (`copy2` would fill them: a 4 GiB hole, 4 GiB written)."""
+    _write_sparse(dst, _read_sparse(src, os.stat(src).st_size), stat.S_IMODE(os.stat(src).st_mode))
 
 
 def directory_key(state: DiskState) -> tuple:
@@ -542,16 +576,17 @@ def directory_key(state: DiskState) -> tuple:
 
 
 def compare_with_directory(state: DiskState, root: str) -> None:
-    """Raise TraceError unless the recorded state is what the directory really holds (nothing was missed)."""
+    """Raise RecordMismatch unless the recorded state is what the directory really holds (nothing was missed)."""
     real = snapshot_directory(root)
     model_names, model_dirs = visible(state)
     if set(model_names) != set(real.names) or model_dirs != real.dirs:
         missing = sorted(set(real.names) ^ set(model_names)) + sorted(model_dirs ^ real.dirs)
-        raise TraceError(f"the record's names differ from the directory's: {', '.join(missing)}")
+        raise RecordMismatch(f"the record's names differ from the directory's: {', '.join(missing)}")
     for path, inode in model_names.items():
         mine, theirs = state.files[inode], real.files[real.names[path]]
-        if mine.size != theirs.size or mine.pread(0, mine.size) != theirs.pread(0, theirs.size):
-            raise TraceError(f"{path}: the record's contents differ from the file's (a write the record missed)")
+        if mine.size != theirs.size or any(mine.blocks.get(i, ZERO_BLOCK) != theirs.blocks.get(i, ZERO_BLOCK)
+                                           for i in set(mine.blocks) | set(theirs.blocks) if i * BLOCK < mine.size):
+            raise RecordMismatch(f"{path}: the record's contents differ from the file's (a write the record missed)")
 
 
 # ---------------------------------------------------------------------------- recording
@@ -669,6 +704,18 @@ def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequenc
     return results
 
 
+def check_plan(base: DiskState, ops: Sequence[Op], plan: Plan, checker: Checker) -> str | None:
+    """Run the checker on exactly the crash state a plan names (a failure `explore_trace` printed)."""
+    model = Model.parse(plan.model)
+    if plan.crash > len(ops) or any(i >= plan.crash for i, _ in plan.outcomes):
+        raise BadPlan(f"plan {plan.to_string()} does not fit a trace of {len(ops)} ops")
+    state = Materialiser(base, tuple(ops)).state(plan.crash, dict(plan.outcomes), plan.seed, model.torn_unit or 512)
+    with tempfile.TemporaryDirectory(prefix="crashsim-states-") as scratch:
+        where = os.path.join(scratch, "state")
+        materialise(state, where)
+        return checker(where, plan.crash)
+
+
 def command_checker(template: str, total: int, timeout: float = 60.0) -> tuple[Checker, Callable[[int], object]]:
     """A checker running a shell command, and what its verdict depends on besides the directory.
 
@@ -701,19 +748,30 @@ def command_checker(template: str, total: int, timeout: float = 60.0) -> tuple[C
     return check, context
 
 
+def record_in(argv: Sequence[str], workdir: str, initial: str | None = None) -> tuple[DiskState, Recorder]:
+    """Record `argv` in `workdir` (made as a copy of `initial` if given, else used as it is, made if missing).
+
+    Returns the starting state and the record, after checking that the record
+    rebuilds the directory's real final files (RecordMismatch if not).
+    """
+    if initial:
+        if os.path.exists(workdir) and os.listdir(workdir):
+            raise CrashsimError(f"{workdir}: with an initial directory the working directory must be new or empty")
+        shutil.copytree(initial, workdir, symlinks=True, dirs_exist_ok=True, copy_function=copy_sparse)
+    else:
+        os.makedirs(workdir, exist_ok=True)
+    base = snapshot_directory(workdir)
+    recorder = record(argv, workdir, base)
+    compare_with_directory(recorder.state, workdir)
+    return base, recorder
+
+
 def trace_program(argv: Sequence[str], checker: str, models: Sequence[str], budget: Budget, seed: int = 0,
                   initial: str | None = None, name: str = "program") -> tuple[Recorder, list[TraceResult], float]:
     """Record `argv` in a fresh directory (a copy of `initial`, if given); run the `checker` command on every crash state."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="crashsim-run-") as scratch:
-        workdir = os.path.join(scratch, "dir")
-        if initial:
-            shutil.copytree(initial, workdir, symlinks=True)
-        else:
-            os.mkdir(workdir)
-        base = snapshot_directory(workdir)
-        recorder = record(argv, workdir, base)
-        compare_with_directory(recorder.state, workdir)
+        base, recorder = record_in(argv, os.path.join(scratch, "dir"), initial)
     check, context = command_checker(checker, len(recorder.ops))
     results = explore_trace(name, base, recorder.ops, models, budget, seed, check, context)
     return recorder, results, time.perf_counter() - started
