@@ -362,19 +362,9 @@ def _cmd_explore(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "inject":
-            return _cmd_inject(args)
-        if args.command == "replay":
-            return _cmd_replay(args)
-        if args.command == "trace":
-            return _cmd_trace(args)
-        if args.command == "record":
-            return _cmd_record(args)
-        if args.command == "explore":
-            return _cmd_explore(args)
-        return _cmd_controls()
+        commands = {"run": _cmd_run, "inject": _cmd_inject, "replay": _cmd_replay, "trace": _cmd_trace,
+                    "record": _cmd_record, "explore": _cmd_explore}
+        return commands[args.command](args) if args.command in commands else _cmd_controls()
     except CrashsimError as exc:
         print(f"crashsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
