@@ -175,3 +175,26 @@ def test_errors_are_named_and_one_line(tmp_path, capsys, monkeypatch):
     with pytest.raises(NbdkitUnavailable, match="nbdkit is not installed"):
         record_nbd(["true"], str(tmp_path / "run"))
     assert parse_size("16M") == 16 << 20 and parse_size("64k") == 65536 and parse_size("4096") == 4096
+
+
+def test_qemu_img_convert_zeroes_become_holes_on_a_full_device(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "src.raw"
+    with open(source, "wb") as fh:
+        fh.truncate(1 << 20)
+        fh.seek(300 << 10)
+        fh.write(b"hello")
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "disk.raw").write_bytes(os.urandom(1 << 20))  # every block non-zero before the copy
+    trace = _record(tmp_path, ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), "{nbd}"],
+                    "--init", str(tmp_path / "init"))
+    recorded = read_trace(trace)
+    assert len(recorded.base.files[1].blocks) == 256
+    assert PUNCH in {op.kind for op in recorded.ops} and recorded.ops[-1].kind == FSYNC
+    assert sorted(replayed(recorded).files[1].blocks) == [75]  # the one block holding data; the rest punched
+    device = tmp_path / "run-w.trace" / "disk.raw"
+    assert device.read_bytes() == source.read_bytes() and os.stat(device).st_blocks * 512 <= 64 << 10
+    code, summary = _explore(trace, f"[ {{done}} = 0 ] || cmp -s {source} {{dir}}/disk.raw", capsys)
+    assert code == 0 and summary["failing"] == 0
+    code, summary = _explore(trace, f"cmp -s {source} {{dir}}/disk.raw", capsys)  # before the flush, old blocks remain
+    assert code == 1 and all(r["failures"] for r in summary["results"])
