@@ -151,6 +151,8 @@ def record_nbd(argv: Sequence[str], workdir: str, initial: str | None = None, de
     inode = base.names[ROOT + "/" + device]
     with tempfile.TemporaryDirectory(prefix="crashsim-nbd-") as scratch:
         socket, log = os.path.join(scratch, "nbd.sock"), os.path.join(scratch, "requests.jsonl")
+        if len(os.fsencode(socket)) >= 108:  # sun_path holds 108 bytes with its NUL
+            raise NbdkitUnavailable(f"{socket}: too long for a Unix socket; set TMPDIR to a shorter directory")
         uri = f"nbd+unix:///?socket={socket}"
         command = [a.replace("{nbd}", uri) for a in argv]
         env = {**os.environ, "CRASHSIM_NBD": uri, "CRASHSIM_NBD_SOCKET": socket}
@@ -159,6 +161,8 @@ def record_nbd(argv: Sequence[str], workdir: str, initial: str | None = None, de
             try:
                 done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, errors="replace")
+            except OSError as exc:
+                raise ProgramFailed(f"`{' '.join(argv)}`: cannot run it: {exc.strerror}") from None
             finally:
                 returncode = _stop_server(server)
             if done.returncode != 0:

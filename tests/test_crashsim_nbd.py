@@ -154,6 +154,20 @@ def test_a_change_made_behind_the_servers_back_is_a_record_mismatch(tmp_path, ca
     assert err.startswith("crashsim: error:") and "disk.raw" in err and "\n" not in err
 
 
+def _nbdkit_children() -> list[int]:
+    """Our own nbdkit children still alive (the recorder must have stopped every server it started)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)
+        except OSError:
+            continue
+        if fields[0].endswith("(nbdkit") and int(fields[1].split()[1]) == os.getpid():
+            found.append(int(entry))
+    return found
+
+
 def test_errors_are_named_and_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = ["record", "--via", "nbd", "--dir", str(tmp_path / "run"), "--out", str(tmp_path / "w.trace")]
@@ -166,6 +180,8 @@ def test_errors_are_named_and_one_line(tmp_path, capsys, monkeypatch):
     fails(run + ["--", "true"], 4, "no such device; give --size")
     fails(run + ["--size", "12x", "--", "true"], 4, "not a size")
     fails(run + ["--size", "64k", "--", "sh", "-c", "exit 3"], 4, "exited 3 against the NBD export")
+    fails(run + ["--", "no-such-program-here"], 4, "cannot run it")
+    assert _nbdkit_children() == []
     fails(run + ["--size", "128k", "--", "true"], 4, "not --size 131072")  # the device now exists with 64 KiB
     fails(["record", "--dir", str(tmp_path / "r2"), "--out", str(tmp_path / "x"), "--size", "1M", "--", "true"], 4,
           "go with --via nbd")
