@@ -187,8 +187,16 @@ def test_errors_are_named_and_one_line(tmp_path, capsys, monkeypatch):
           "go with --via nbd")
     monkeypatch.setattr(nbdrecord, "PLUGIN", tmp_path / "absent.py")
     fails(run + ["--", "true"], 4, "recording plugin absent.py is missing")
-    monkeypatch.setenv("PATH", str(tmp_path))  # no nbdkit on it
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no nbdkit on it
     with pytest.raises(NbdkitUnavailable, match="nbdkit is not installed"):
+        record_nbd(["true"], str(tmp_path / "run"))
+    fake = tmp_path / "bin" / "nbdkit"  # an nbdkit without its Python plugin
+    fake.write_text("#!/bin/sh\necho 'nbdkit: error: cannot open plugin \"python\"' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(NbdkitUnavailable, match="Python plugin is not installed.*cannot open plugin"):
         record_nbd(["true"], str(tmp_path / "run"))
     assert parse_size("16M") == 16 << 20 and parse_size("64k") == 65536 and parse_size("4096") == 4096
 
