@@ -87,14 +87,18 @@ def _budget_options(p: argparse.ArgumentParser) -> None:
 
 
 def _record_parsers(sub) -> None:
-    rec = sub.add_parser("record", help="record a program's file system calls into a self-checked trace file",
-                         description="Runs COMMAND in DIR under strace and writes TRACE: DIR's initial files and every "
-                         "operation with its data.  Fails (exit 8) unless replaying TRACE rebuilds DIR's final files.")
-    rec.add_argument("--via", choices=["strace"], default="strace",
-                     help="how to record: strace (file level); block level through NBD is not built yet")
+    rec = sub.add_parser("record", help="record a program's file system calls (or NBD requests) into a self-checked trace file",
+                         description="Runs COMMAND in DIR under strace (or against DIR/DEVICE served over NBD) and writes "
+                         "TRACE: DIR's initial files and every operation with its data.  Fails (exit 8) unless replaying "
+                         "TRACE rebuilds DIR's final files.")
+    rec.add_argument("--via", choices=["strace", "nbd"], default="strace",
+                     help="how to record: strace (file level), or nbd (block level: nbdkit serves DIR/DEVICE on a Unix "
+                     "socket; {nbd} in COMMAND and $CRASHSIM_NBD are its URI)")
     rec.add_argument("--dir", required=True, metavar="DIR", help="the working directory (made if missing)")
     rec.add_argument("--init", metavar="DIR0", help="copy DIR0's files into DIR (new or empty) first")
     rec.add_argument("--out", required=True, metavar="TRACE", help="the trace file to write")
+    rec.add_argument("--device", metavar="NAME", help="with --via nbd: the raw device file in DIR (default disk.raw)")
+    rec.add_argument("--size", metavar="SIZE", help="with --via nbd: make the device a new sparse file of SIZE (e.g. 16M)")
     rec.add_argument("program", nargs="+", metavar="COMMAND", help="after --: the program and its arguments")
     exp = sub.add_parser("explore", help="run a checker on every crash state of a recorded trace file")
     exp.add_argument("trace", metavar="TRACE")
@@ -330,10 +334,20 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from .tracefile import TraceFile, read_trace, replayed, write_trace
 
     started = time.perf_counter()
-    base, recorder = record_in(args.program, args.dir, args.init)
-    write_trace(args.out, TraceFile(tuple(args.program), base, tuple(recorder.ops)))
+    if args.via == "nbd":
+        from .nbdrecord import DEFAULT_DEVICE, parse_size, record_nbd
+
+        size = None if args.size is None else parse_size(args.size)
+        base, ops = record_nbd(args.program, args.dir, args.init, args.device or DEFAULT_DEVICE, size)
+        where = f"on {os.path.join(args.dir, args.device or DEFAULT_DEVICE)} over NBD"
+    else:
+        if args.device or args.size:
+            raise CrashsimError("--device and --size go with --via nbd")
+        base, recorder = record_in(args.program, args.dir, args.init)
+        ops, where = recorder.ops, f"in {args.dir}"
+    write_trace(args.out, TraceFile(tuple(args.program), base, tuple(ops)))
     compare_with_directory(replayed(read_trace(args.out)), args.dir)  # the file as written rebuilds the real files
-    print(f"recorded {len(recorder.ops)} ops of `{' '.join(args.program)}` in {args.dir} into {args.out} "
+    print(f"recorded {len(ops)} ops of `{' '.join(args.program)}` {where} into {args.out} "
           f"({os.path.getsize(args.out)} bytes); replaying it rebuilds the directory's final files, "
           f"{time.perf_counter() - started:.1f} s")
     return 0

@@ -748,18 +748,23 @@ def command_checker(template: str, total: int, timeout: float = 60.0) -> tuple[C
     return check, context
 
 
-def record_in(argv: Sequence[str], workdir: str, initial: str | None = None) -> tuple[DiskState, Recorder]:
-    """Record `argv` in `workdir` (made as a copy of `initial` if given, else used as it is, made if missing).
-
-    Returns the starting state and the record, after checking that the record
-    rebuilds the directory's real final files (RecordMismatch if not).
-    """
+def prepare_directory(workdir: str, initial: str | None = None) -> None:
+    """Make `workdir` a copy of `initial` (holes kept; `workdir` new or empty), or, without one, make it if missing."""
     if initial:
         if os.path.exists(workdir) and os.listdir(workdir):
             raise CrashsimError(f"{workdir}: with an initial directory the working directory must be new or empty")
         shutil.copytree(initial, workdir, symlinks=True, dirs_exist_ok=True, copy_function=copy_sparse)
     else:
         os.makedirs(workdir, exist_ok=True)
+
+
+def record_in(argv: Sequence[str], workdir: str, initial: str | None = None) -> tuple[DiskState, Recorder]:
+    """Record `argv` in `workdir` (made as a copy of `initial` if given, else used as it is, made if missing).
+
+    Returns the starting state and the record, after checking that the record
+    rebuilds the directory's real final files (RecordMismatch if not).
+    """
+    prepare_directory(workdir, initial)
     base = snapshot_directory(workdir)
     recorder = record(argv, workdir, base)
     compare_with_directory(recorder.state, workdir)
