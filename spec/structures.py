@@ -387,6 +387,8 @@ def decode_map_copy(data: bytes, geometry: Geometry, region: int, slot: int, ima
     where = f"map copy {'AB'[slot]} of region {region} (file offset {geometry.map_copy_offset(region, slot)}): "
     used = geometry.map_used_length
     data = data[:used]
+    if len(data) < used:
+        raise FieldOutOfRange(f"{where}only {len(data)} bytes before the end of the file, a map copy has {used}")
     if data[:8] != MAP_MAGIC:
         raise BadMagic(f"{where}bad magic {bytes(data[:8])!r}")
     if struct.unpack_from("<I", data, MAP_CRC_OFFSET)[0] != structure_crc(data, MAP_CRC_OFFSET):

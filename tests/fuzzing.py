@@ -547,7 +547,11 @@ def damage_bytes(tree: Tree, rng: random.Random) -> Damage:
     zone = "vmstate" if path in tree.vmstates else "raw" if path in tree.raws else "data"
     with open(path, "r+b") as f:
         if how == "truncate":
-            length = rng.choice((0, 100, 4096, size // 2, size - SECTOR_SIZE, max(0, size - 1)))
+            length = rng.choice((0, 100, 4096, size // 2, size - SECTOR_SIZE, max(0, size - 1), -1))
+            if length < 0:  # a cut inside a structure: every decoder must see a short copy and say so
+                metadata = [(lo, n) for lo, n, z in _zones(path) if z == "meta"] if lamina else []
+                lo, n = rng.choice(metadata) if metadata else (0, size)
+                length = min(size, lo + 1 + rng.randrange(max(1, n - 1)))
             f.truncate(length)
             return Damage(f"{path} truncated to {length}", detect=length != size)
         if how == "extend":

@@ -205,3 +205,24 @@ def test_hostile_map_copy_is_caught(small_image):
         file = OsStorage().open(small_image, True)
         assert 0 == repair_image(file)[1].exit_code
         file.close()
+
+
+@pytest.mark.parametrize("into", [1, 8, 44, 60, 63, 64, 100, -1])
+def test_a_file_cut_inside_a_map_copy_is_judged_not_crashed(tmp_path, into):
+    """A cut that leaves part of a map copy: the copy is short, so invalid, never a decoder's buffer error."""
+    from lamina.impl.osfile import OsStorage
+    from lamina.spec.check import check_image
+
+    path = str(tmp_path / "disk.lam")
+    with Image.create(path, 16 << 20) as image:
+        image.write(0, pattern(65536, 1))
+        geometry = image.geometry
+    at = geometry.map_copy_offset(0, 0)
+    with open(path, "r+b") as f:
+        f.truncate(at + (geometry.map_used_length - 1 if into < 0 else into))
+    file = OsStorage().open(path, False)
+    report = check_image(file)
+    file.close()
+    assert 2 == report.exit_code and "file-length" in [f.kind for f in report.corruptions]
+    with Image.open(path, readonly=True) as image:  # the region's copies are cut: it reads as never written
+        assert bytes(65536) == image.read(0, 65536)
