@@ -8,6 +8,7 @@ outcome has the same ranges with a list of allowed digests in place of one.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import os
@@ -41,13 +42,26 @@ def chunks(size: int) -> list[tuple[int, int]]:
     return [(pos, min(CHUNK, size - pos)) for pos in range(0, size, CHUNK)]
 
 
-def _touches(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
-    return any(a < hi and lo < b for a, b in ranges)
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def read_ranges(read: Callable[[int, int], bytes], size: int, data: list[tuple[int, int]]) -> list[Range]:
     """Ranges of a guest view read through `read`; chunks outside the [start, end) `data` ranges read as zero."""
-    return [[pos, n, digest(read(pos, n)) if _touches(data, pos, pos + n) else zero_digest(n)] for pos, n in chunks(size)]
+    runs = _merged(data)
+    starts = [lo for lo, _ in runs]
+    out: list[Range] = []
+    for pos, n in chunks(size):
+        k = bisect.bisect_left(starts, pos + n) - 1  # the last run starting before the chunk's end
+        touched = k >= 0 and runs[k][1] > pos
+        out.append([pos, n, digest(read(pos, n)) if touched else zero_digest(n)])
+    return out
 
 
 def disk_view(name: str, disk: Disk) -> dict:
