@@ -53,8 +53,8 @@ class CrashSet:
 
 
 CRASH_SETS = (
-    CrashSet("overwrite", "reorder+torn", 20),
-    CrashSet("resize", "reorder", 12),
+    CrashSet("overwrite", "reorder+torn", 12),
+    CrashSet("resize", "reorder", 8),
 )
 
 

@@ -39,9 +39,9 @@ def cluster_vector(root: str, bits: int) -> None:
 
 
 def large_sparse(root: str) -> None:
-    with new_vector(root, "valid", "large-sparse", "a 1 GiB guest with a few writes at both ends: the image and every "
+    with new_vector(root, "valid", "large-sparse", "a 256 MiB guest with a few writes at both ends: the image and every "
                     "dump stay sparse", NEEDS, ["F-LAYOUT-001", "F-LAYOUT-002"]) as v:
-        size = 1 << 30
+        size = 256 * MiB
         write_image("disk.lam", size, 64 * KiB, [(0, pattern(1, 8192)), (size // 2 + 512, pattern(2, 512)),
                                                   (size - 70000, pattern(3, 70000))])
         expect_check(v, "disk.lam", 0, [])
