@@ -18,7 +18,7 @@ import attrs
 
 from lamina.impl.image import Image
 from lamina.impl.layers import create_snapshot, revert_snapshot
-from lamina.spec.layout import MAX_COUNTER, ROOT_SIZE, Geometry, root_copy_offset
+from lamina.spec.layout import MAX_COUNTER, Geometry, root_copy_offset
 from lamina.spec.structures import BASE_LAMINA, FLAG_COMMITTING
 
 from . import reference
@@ -92,24 +92,20 @@ def data_checksum() -> None:
 
 
 def presence_past_size() -> None:
-    """A map marks a sector past the virtual size (outside the intents): rewrite both copies with a valid CRC."""
-    from lamina.spec.protocol import read_map_copies
+    """A map marks a sector past the virtual size (outside the intents): both copies rewritten with a valid CRC."""
     from lamina.spec.structures import decode_map_copy, encode_map_copy
 
-    write_image("disk.lam", 1 * MiB - 8 * KiB, 4 * KiB, [(0, pattern(1, 4096)), (600 * KiB, pattern(2, 512))])
-    g = Geometry(12, 1 * MiB - 8 * KiB)
+    size = 1 * MiB - 8 * KiB
+    write_image("disk.lam", size, 4 * KiB, [(0, pattern(1, 4096)), (600 * KiB, pattern(2, 512))])
+    g = Geometry(12, size)
     uuid = current_root("disk.lam").image_uuid
-    file_copies = [None, None]
-    with open("disk.lam", "rb") as fh:
-        for slot in (0, 1):
-            fh.seek(g.map_copy_offset(1, slot))
-            file_copies[slot] = fh.read(g.map_used_length)
     for slot in (0, 1):
-        copy = decode_map_copy(file_copies[slot], g, 1, slot, uuid)
+        with open("disk.lam", "rb") as fh:
+            fh.seek(g.map_copy_offset(1, slot))
+            copy = decode_map_copy(fh.read(g.map_used_length), g, 1, slot, uuid)
         present = bytearray(copy.present)
         present[-1] |= 0x80  # the region's last sector: past the virtual size
         patch("disk.lam", g.map_copy_offset(1, slot), encode_map_copy(attrs.evolve(copy, present=bytes(present)), g))
-    del read_map_copies
 
 
 def file_shorter() -> None:
