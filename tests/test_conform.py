@@ -222,3 +222,36 @@ def test_scripts_parse_strictly_and_model_their_result():
                           ("create 1X 4k", "not a number"), ("", "empty script")]:
         with pytest.raises(ScriptError, match=message):
             parse_script(text)
+
+
+SLOW_DRIVER = '''
+import sys, time
+if sys.argv[1] == "capabilities":
+    print("check dump")
+    sys.exit(0)
+time.sleep(30)
+'''
+
+
+def test_a_driver_that_hangs_fails_by_timeout(vectors, tmp_path, capsys):
+    root = _subset(vectors, tmp_path / "subset", ["invalid/root-both-magic"])
+    driver = tmp_path / "slow.py"
+    driver.write_text(SLOW_DRIVER)
+    code, out = _conform(capsys, f"{sys.executable} {driver}", root, "--timeout", "0.5")
+    assert 4 == code
+    assert "FAIL invalid/root-both-magic: check disk.lam: expected exit 1: timed out" in out
+
+
+def test_the_reference_driver_names_usage_and_missing_things_exit_1(vectors, tmp_path, capsys):
+    from lamina.conform import reference
+
+    snapshots = vectors / "valid" / "snapshots"
+    assert 1 == reference.main(["dump", str(tmp_path / "none.lam"), str(tmp_path / "a")])
+    assert 1 == reference.main(["dump", f"{snapshots / 'disk.lam'}@friday", str(tmp_path / "b")])
+    assert 1 == reference.main(["frobnicate"])
+    assert 0 == reference.main(["dump", f"{snapshots / 'disk.lam'}@monday", str(tmp_path / "c")])
+    assert 1 == reference.main(["dump", f"{snapshots / 'disk.lam'}@monday", str(tmp_path / "c")])  # OUT exists
+    (tmp_path / "bad.script").write_text("create 1M 4k\nwrite 0 1M 0x1\n")
+    assert 1 == reference.main(["apply", str(tmp_path / "new.lam"), str(tmp_path / "bad.script")])
+    err = capsys.readouterr().err
+    assert "SnapshotNotFound" in err and "ScriptError" in err and "usage:" in err
