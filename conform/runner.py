@@ -167,9 +167,12 @@ class _Vector:
     def run(self, manifest_files: dict[str, str]) -> None:
         e = self.expect
         before = tree_hashes(self.root, self.key)
-        for rel, sha in before.items():
-            if manifest_files.get(rel) != sha:
-                raise BadManifest(f"{os.path.join(self.root, rel)}: its SHA-256 is not the manifest's (altered or "
+        listed = {rel: sha for rel, sha in manifest_files.items() if rel.startswith(self.key + "/")}
+        for rel in sorted(set(before) | set(listed)):
+            if rel not in before:
+                raise BadManifest(f"{os.path.join(self.root, rel)}: listed in the manifest but missing")
+            if listed.get(rel) != before[rel]:
+                raise BadManifest(f"{os.path.join(self.root, rel)}: its SHA-256 is not the manifest's (altered, added or "
                                   "not generated with it)")
         cwd = self.directory
         if e["category"] == "scripts":

@@ -208,6 +208,11 @@ def test_bad_input_is_one_line_with_a_named_error(vectors, tmp_path, capsys):
     assert 1 == main(["conform", "--impl", REFERENCE, "--vectors", str(root)])
     err = capsys.readouterr().err
     assert "is not the manifest's" in err and len(err.strip().splitlines()) == 1
+    root = _subset(vectors, tmp_path / "cut", ["invalid/root-both-magic"])
+    os.unlink(root / "invalid/root-both-magic/disk.lam")
+    assert 1 == main(["conform", "--impl", REFERENCE, "--vectors", str(root)])
+    err = capsys.readouterr().err
+    assert "listed in the manifest but missing" in err and len(err.strip().splitlines()) == 1
     assert 1 == main(["vectors", str(vectors)])
     assert "not an empty directory" in capsys.readouterr().err
 
