@@ -20,6 +20,7 @@ from lamina.impl.layers import open_target, parse_target
 from lamina.impl.osfile import OsStorage
 from lamina.spec.abstraction import abstract_layer
 from lamina.spec.layout import ROOT_SLOT_SIZE, root_copy_offset
+from lamina.spec.model import Disk
 from lamina.spec.protocol import read_root_copies
 from lamina.spec.references import ImageContext, layer_dir_of
 from lamina.spec.replication import select_root
@@ -64,11 +65,19 @@ def new_vector(root: str, category: str, name: str, description: str, needs: lis
         fh.write("\n")
 
 
-def reference_view(target: str) -> dict:
-    """The guest view of `target` (IMAGE or IMAGE@SNAP) as the reference reads it, held against the spec's abstraction."""
+def reference_view(target: str, against: Disk | None = None) -> dict:
+    """The guest view of `target` (IMAGE or IMAGE@SNAP) as the reference reads it, held against the spec's abstraction.
+
+    `against`: the disk the vector's design says, when the spec's abstraction
+    cannot be the judge (see `valid.raw_base_odd_length`).
+    """
     with open_target(target, readonly=True, force_share=True) as image:
         view = {"name": target, "disk_size": image.virtual_size,
                 "ranges": read_ranges(image.read, image.virtual_size, image.guest_data_ranges())}
+    if against is not None:
+        if disk_view(target, against) != view:
+            raise GenerationError(f"{target}: the reference reads other contents than the vector's design says")
+        return view
     top, snap = parse_target(target)
     if snap is None:
         layer, context = top, ImageContext.for_layer(top)

@@ -10,7 +10,10 @@ from lamina.impl.image import Image
 from lamina.impl.layers import clone, create_snapshot
 from lamina.spec.layout import CLUSTERS_PER_REGION, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Geometry, root_copy_offset
 
-from .build import KiB, MiB, expect_check, expect_views, flip, new_vector, pattern, write_image
+from lamina.spec import model
+
+from .build import KiB, MiB, expect_check, expect_views, flip, forge_root, new_vector, pattern, reference_view, \
+    write_image
 
 NEEDS = ["dump", "check"]
 
@@ -60,6 +63,25 @@ def raw_base(root: str) -> None:
             image.write(1536 * KiB, pattern(9, 4096))  # past the base's end
         expect_check(v, "disk.lam", 0, [])
         expect_views(v, ["disk.lam"])
+
+
+def raw_base_odd_length(root: str) -> None:
+    with new_vector(root, "valid", "raw-base-odd-length", "a raw base of 64 KiB + 100 bytes, recorded as such: the "
+                    "base shows through byte by byte, the rest of its last sector reads zero", NEEDS,
+                    ["F-MEAN-004", "F-MEAN-002"]) as v:
+        with open("base.raw", "wb") as fh:
+            fh.write(pattern(7, 64 * KiB))
+        write_image("disk.lam", 1 * MiB, 4 * KiB, [(8 * KiB, pattern(8, 4096))], base="base.raw")
+        with open("base.raw", "ab") as fh:
+            fh.write(pattern(9, 100))
+        size = 64 * KiB + 100
+        forge_root("disk.lam", base_size=size, base_visible=size)  # no tool makes this reference; a root may hold it
+        expect_check(v, "disk.lam", 0, [])
+        # The rule's reading, byte by byte (F-MEAN-002): the spec's abstraction function refuses a raw base of a
+        # length that is no multiple of 512 (it builds the base as a disk of that size), so it cannot judge here.
+        with open("base.raw", "rb") as fh:
+            design = model.write(model.write(model.empty_disk(1 * MiB), 0, fh.read()), 8 * KiB, pattern(8, 4096))
+        v.expect["views"] = [reference_view("disk.lam", against=design)]
 
 
 def lamina_base(root: str) -> None:
@@ -168,6 +190,6 @@ def damaged_map_copy(root: str) -> None:
 def generate(root: str) -> None:
     for bits in range(MIN_CLUSTER_BITS, MAX_CLUSTER_BITS + 1):
         cluster_vector(root, bits)
-    for make in (large_sparse, raw_base, lamina_base, chain_of_three, snapshots, clones, pending_intents,
+    for make in (large_sparse, raw_base, raw_base_odd_length, lamina_base, chain_of_three, snapshots, clones, pending_intents,
                  damaged_root_copy, damaged_map_copy):
         make(root)
