@@ -241,13 +241,13 @@ CASES = (
     Case("committing-into-snapshot", ("F-COMMIT-001",), "the committing flag on a top whose base is a snapshot's "
          "frozen layer", committing_into_snapshot, 2, ("commit-flag",), refused=(), readable=("disk.lam",)),
     Case("snapshot-layer-missing", ("F-SNAP-004",), "after a revert to s1, the frozen layer of s2 (in no chain of "
-         "the top) is gone: the image reads, s2 does not", snapshot_layer_missing, 2, ("snapshot-layer",),
+         "the top) is gone (T2): the image reads, s2 does not", snapshot_layer_missing, 2, ("snapshot-layer",),
          refused=("disk.lam@s2",), readable=("disk.lam", "disk.lam@s1")),
     Case("snapshot-layer-other-uuid", ("F-OPEN-003", "F-SNAP-004"), "s2's layer file holds s1's layer (another "
          "image_uuid) under s2's name", snapshot_layer_other_uuid, 2, ("snapshot-layer",),
          refused=("disk.lam@s2",), readable=("disk.lam", "disk.lam@s1")),
-    Case("vmstate-crc", ("F-SNAP-002",), "a snapshot's VM state file has a flipped byte: it fails its CRC32C; the "
-         "disk contents are intact", vmstate_crc, 2, ("vmstate",), refused=(), readable=("disk.lam", "disk.lam@s")),
+    Case("vmstate-crc", ("F-CHECK-001",), "a snapshot's VM state file has a flipped byte: it fails the entry's "
+         "vmstate_crc (check over trees, T3: a vmstate finding, corruption); the disk contents are intact", vmstate_crc, 2, ("vmstate",), refused=(), readable=("disk.lam", "disk.lam@s")),
     Case("raw-base-shorter", ("F-REF-003",), "the raw base was cut after the layer recorded its size", raw_base_shorter,
          2, ("base-reference",)),
     Case("raw-base-longer", ("F-REF-003",), "the raw base grew after the layer recorded its size", raw_base_longer,
