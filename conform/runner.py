@@ -154,7 +154,8 @@ class _Vector:
         problems = [dump_mismatch(out, o["disk_size"], o["ranges"]) for o in outcomes]
         if None not in problems:
             self.reasons.append(f"dump {image}: no allowed outcome: " + "; ".join(problems))
-        os.unlink(out)
+        if os.path.exists(out):
+            os.unlink(out)
 
     def refuse(self, cwd: str, target: str, want: int) -> None:
         out = self.out_file()
