@@ -143,6 +143,10 @@ def test_a_crash_state_is_rederived_from_its_trace_and_plan(vectors):
         assert len(image) == data.size and image == data.pread(0, data.size), key
         assert expect["check"]["exit"] in (0, 3)  # a crash never leaves corruption
     assert torn, "some states tear a write"
+    from lamina.crashsim.cli import main as crashsim
+
+    assert 0 == crashsim(["explore", str(vectors / keys[0] / "sequence.trace"), "--model", "strict",
+                          "--check", "test -f {dir}/disk.lam"])  # crashsim itself explores the vector's trace
 
 
 def _subset(vectors: Path, into: Path, keys: list[str]) -> Path:
