@@ -39,12 +39,17 @@ SCRIPTS = {
 }
 
 
+RULES = {"resize": ["F-MEAN-002", "F-LAYOUT-002"], "snapshots": ["F-MEAN-002", "F-SNAP-004", "F-ROOT-006"],
+         "multi-region": ["F-MEAN-002", "F-LAYOUT-001"], "large-clusters": ["F-MEAN-002", "F-LAYOUT-001"]}
+
+
 def generate(root: str) -> None:
     for name, (description, text) in SCRIPTS.items():
         commands = parse_script(text, name)
         result = model_result(commands)
         views = [disk_view("disk.lam", result.disk)] + [disk_view(f"disk.lam@{snap}", d) for snap, d in result.snapshots]
-        with new_vector(root, "scripts", name, description, ["apply", "dump", "check"], ["F-MEAN-002"]) as v:
+        with new_vector(root, "scripts", name, description, ["apply", "dump", "check"],
+                        RULES.get(name, ["F-MEAN-002"])) as v:
             with open("ops.script", "w", encoding="utf-8") as fh:
                 fh.write(text)
             v.expect.update({"script": "ops.script", "image": "disk.lam", "check": {"exit": 0, "kinds": []},
