@@ -1,9 +1,10 @@
-"""The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff.
+"""The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff,
+vectors and conform (the conformance kit, `conform/`).
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
 traceback); `check` as `qemu-img check`: 0 clean (pending work of an
 interrupted operation is only noted), 1 check not completed, 2 corruption
-found, 3 degraded redundancy or leaked space only.
+found, 3 degraded redundancy or leaked space only; `conform` 0 every vector passed, 4 at least one failed.
 """
 from __future__ import annotations
 
@@ -286,6 +287,21 @@ def cmd_io(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_vectors(args: argparse.Namespace) -> int:
+    from lamina.conform.vectors import generate  # the kit is loaded only when asked for
+
+    manifest = generate(args.dir)
+    counts = ", ".join(f"{n} {c}" for c, n in manifest["counts"].items())
+    print(f"{len(manifest['vectors'])} vectors ({counts}) for format version {manifest['spec_version']} in {args.dir}")
+    return EXIT_OK
+
+
+def cmd_conform(args: argparse.Namespace) -> int:
+    from lamina.conform.runner import conform
+
+    return conform(args.impl, args.vectors, args.category, args.output, sys.stdout, args.timeout, args.jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Lamina virtual-disk images: create, inspect, check, convert, run I/O.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -398,6 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("size")
     p.set_defaults(run=cmd_resize)
+
+    p = sub.add_parser("vectors", help="generate the conformance kit's vectors into a new directory")
+    p.add_argument("dir")
+    p.set_defaults(run=cmd_vectors)
+
+    p = sub.add_parser("conform", help="run the conformance vectors on an implementation's driver (conform/PROTOCOL.md)")
+    p.add_argument("--impl", required=True, metavar="COMMAND", help="the driver command, shell-quoted, e.g. "
+                   "'python -m lamina.conform.reference'")
+    p.add_argument("--vectors", metavar="DIR", help="vectors made by `lamina vectors` (default: generate them afresh)")
+    p.add_argument("--output", choices=("human", "json", "junit"), default="human")
+    p.add_argument("--category", action="append", choices=("valid", "invalid", "scripts", "crash"),
+                   help="run only this category (repeatable)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds each driver command may take")
+    p.add_argument("--jobs", type=int, default=2, metavar="N", help="vectors run at once (default 2)")
+    p.set_defaults(run=cmd_conform)
 
     p = sub.add_parser("io", help="run qemu-io-like commands: -c 'write -P 0xab 0 64k'")
     p.add_argument("-c", action="append", metavar="CMD")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import uuid
 from typing import Callable, Iterator, TypeVar
 
 import attrs
@@ -52,6 +51,7 @@ from lamina.spec.references import (
 from lamina.spec.structures import (BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root,
                                     next_counter)
 
+from .identity import new_uuid
 from .osfile import OsStorage
 
 
@@ -159,7 +159,7 @@ class Image:
         if virtual_size is None and base is None:
             raise InvalidArgument("a size is needed for an image without a base")
         context = ImageContext.for_top(path, allow_bases)
-        root = Root(cluster_bits=bits, virtual_size=0, image_uuid=uuid.uuid4().bytes)
+        root = Root(cluster_bits=bits, virtual_size=0, image_uuid=new_uuid())
         if base is not None:
             root = reference_base(root, base, base_format, context, storage, path)
         size = root.base_size if virtual_size is None else virtual_size

@@ -17,7 +17,6 @@ import functools
 import inspect
 import os
 import time
-import uuid as uuidlib
 from typing import Callable, Iterator, TypeVar
 
 import attrs
@@ -54,6 +53,7 @@ from lamina.spec.structures import (
     snapshot_name_problem,
 )
 
+from .identity import new_uuid, now_ns
 from .image import Image, RawBase, image_lock, write_new_layer
 from .osfile import OsStorage
 
@@ -189,7 +189,7 @@ def _is_top(storage: Storage, path: str, image_uuid: bytes) -> bool:
 
 def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
     """A fresh empty top over the layer `parent` (stored as `parent_name` in the layer directory)."""
-    root = Root(cluster_bits=parent.cluster_bits, virtual_size=parent.virtual_size, image_uuid=uuidlib.uuid4().bytes,
+    root = Root(cluster_bits=parent.cluster_bits, virtual_size=parent.virtual_size, image_uuid=new_uuid(),
                 base_kind=BASE_LAMINA, base_path=parent_name, base_uuid=parent.image_uuid,
                 base_data_generation=parent.data_generation, base_size=parent.virtual_size,
                 base_visible=parent.virtual_size)
@@ -236,7 +236,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
     next_id = next_counter(root.next_snapshot_id, f"{path}: next_snapshot_id")
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
-        name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=time.time_ns(),
+        name, id=root.next_snapshot_id, layer_uuid=root.image_uuid, creation_time_ns=now_ns(),
         vm_clock_ns=vm_clock_ns, disk_size=root.virtual_size, vmstate_size=vm_size, vmstate_crc=vm_crc if vm_size else 0)
     frozen = layer_file_name(root.image_uuid)
     made: list[str] = []
