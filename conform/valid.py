@@ -77,8 +77,7 @@ def raw_base_odd_length(root: str) -> None:
         size = 64 * KiB + 100
         forge_root("disk.lam", base_size=size, base_visible=size)  # no tool makes this reference; a root may hold it
         expect_check(v, "disk.lam", 0, [])
-        # The rule's reading, byte by byte (F-MEAN-002): the spec's abstraction function refuses a raw base of a
-        # length that is no multiple of 512 (it builds the base as a disk of that size), so it cannot judge here.
+        # The rule's reading, byte by byte (F-MEAN-002), which the spec's abstraction must give too.
         with open("base.raw", "rb") as fh:
             design = model.write(model.write(model.empty_disk(1 * MiB), 0, fh.read()), 8 * KiB, pattern(8, 4096))
         v.expect["views"] = [reference_view("disk.lam", against=design)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from types import MappingProxyType
 
-from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, allocated_regions
+from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, ZERO_SECTOR, allocated_regions
 from .model import Disk, empty_disk, write
 from .references import ChainWalk, ImageContext, open_tree_file, resolve_base
 from .storage import Storage
@@ -28,8 +28,11 @@ def abstract_image(file: File, base: Disk | None = None) -> Disk:
     g = root.geometry
     sectors: dict[int, bytes] = {}
     if base is not None:
-        limit = min(root.base_visible, base.virtual_size) // SECTOR_SIZE
+        # F-MEAN-002 byte by byte: neither bound need be a multiple of a sector (F-MEAN-004).
+        limit, partial = divmod(min(root.base_visible, base.virtual_size), SECTOR_SIZE)
         sectors = {s: d for s, d in base.sectors.items() if s < limit}
+        if partial and base.sectors.get(limit, ZERO_SECTOR)[:partial].count(0) != partial:
+            sectors[limit] = base.sectors[limit][:partial].ljust(SECTOR_SIZE, b"\0")
     for region in allocated_regions(sorted(file.data_extents()), g):
         chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
         if chosen.value is None:
@@ -73,8 +76,8 @@ def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: Cha
             if root.base_kind == BASE_RAW:
                 raw = open_tree_file(storage, found.path, False, found.context)
                 try:
-                    size = raw.size()
-                    base = write(empty_disk(size), 0, raw.pread(0, size))
+                    size = raw.size()  # any length (F-MEAN-004): the last partial sector reads zero past the end
+                    base = write(empty_disk(-(-size // SECTOR_SIZE) * SECTOR_SIZE), 0, raw.pread(0, size))
                 finally:
                     raw.close()
                 break
