@@ -113,6 +113,8 @@ def _record_parsers(sub) -> None:
                      help="a shell command run on every crash state's directory ({dir}; {done} is 1 after the "
                      "program's last call, else 0; {crash} the calls issued); exit 0 passes")
     exp.add_argument("--plan", metavar="PLAN", help="check only the crash state a printed plan names")
+    exp.add_argument("--jobs", type=int, default=1, help="parallel worker processes for the checks (with --executor local)")
+    _executor_option(exp)
     _budget_options(exp)
 
 
@@ -369,7 +371,9 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         else:
             print(f"FAIL: {message}" if message else f"ok: the checker passes on the state of {plan.to_string()}")
         return 1 if message else 0
-    results = explore_trace("program", trace.base, trace.ops, models, budget, args.seed, check, context)
+    with open_executor(args.executor, args.jobs) as executor:
+        results = explore_trace("program", trace.base, trace.ops, models, budget, args.seed, check, context,
+                                executor=executor)
     return _print_trace_results(args, budget, results, {}, time.perf_counter() - started)
 
 
