@@ -487,7 +487,10 @@ def run_crash_repair(workloads: list[str], models: list[str], budget: Budget = R
                      repairer: str = "image", control: str | None = None, jobs: int = 1,
                      on_done: Callable[[RepairCrashResult], None] | None = None,
                      follow_ups: tuple[str, ...] = FOLLOW_UPS, executor: Executor | None = None) -> list[RepairCrashResult]:
-    """Every (workload, model) task, in this process, a process pool of `jobs` or `executor`; results in task order."""
+    """Every (workload, model) task, in this process, or in slices of faults on a pool of `jobs` or on `executor`.
+
+    The results come in task order and equal this process's (`spreadrepair`).
+    """
     tasks = [(w, m) for w in workloads for m in models]
     if executor is None and jobs <= 1:
         results = []
@@ -496,16 +499,12 @@ def run_crash_repair(workloads: list[str], models: list[str], budget: Budget = R
             if on_done:
                 on_done(results[-1])
         return results
+    from .spreadrepair import run_spread
+
     own = executor is None
     pool = executor or ProcessPoolExecutor(max_workers=jobs)
     try:
-        futures = [pool.submit(crash_repair_task, w, m, budget, seed, repairer, control, follow_ups) for w, m in tasks]
-        results = []
-        for f in futures:
-            results.append(f.result())
-            if on_done:
-                on_done(results[-1])
-        return results
+        return run_spread(pool, tasks, budget, seed, repairer, control, follow_ups, on_done)
     finally:
         if own:
             pool.shutdown()

@@ -9,23 +9,18 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import warnings
-
+import distributed
 import pytest
 
 from lamina.crashsim import executors
 from lamina.crashsim.cli import main as crashsim_main
 
-distributed = pytest.importorskip("distributed")
-
 
 @pytest.fixture(scope="module")
 def scheduler(request) -> str:
-    with warnings.catch_warnings():
-        # A fresh cluster on a busy machine may say its event loop was slow; that is no failure of ours.
-        warnings.filterwarnings("ignore", module=r"distributed(\..*)?")
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                           host="127.0.0.1")
+    # No dashboard; the scheduler's HTTP server (metrics) still starts: on a free loopback port, not on 8787.
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       host="127.0.0.1", scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     request.addfinalizer(cluster.close)
     return cluster.scheduler_address
 
@@ -85,13 +80,13 @@ def test_explore_of_a_recorded_trace_on_a_dask_cluster_equals_one_job(scheduler,
     trace = str(tmp_path / "t.trace")
     assert crashsim_main(["record", "--dir", str(tmp_path / "run"), "--init", str(tmp_path / "init"), "--out", trace,
                           "--", sys.executable, "-c", _BAD]) == 0
-    argv = ["explore", trace, "--check", _CHECK, "--model", "strict,reorder,torn", "--output", "json"]
+    argv = ["explore", trace, "--check", _CHECK, "--model", "strict,reorder", "--output", "json"]
     serial = _json_of(capsys, [*argv, "--jobs", "1"])
     assert _json_of(capsys, [*argv, "--executor", scheduler]) == serial
     assert _json_of(capsys, [*argv, "--jobs", "2"]) == serial
     code, report = serial
     assert code == 1 and report["failing"] > 0 and report["checked"] > 2
-    assert [r["model"] for r in report["results"]] == ["strict", "reorder", "torn"]
+    assert [r["model"] for r in report["results"]] == ["strict", "reorder"]
 
 
 @pytest.mark.parametrize("address, says", [
