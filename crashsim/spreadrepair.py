@@ -12,12 +12,15 @@ seconds (the sum of the slices' work).
 from __future__ import annotations
 
 from concurrent.futures import Executor, Future
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import attrs
 
 from .explore import Budget
 from .inject import Fault, metadata_faults
+
+if TYPE_CHECKING:  # repaircrash imports this module when it runs on an executor
+    from .repaircrash import RepairCrashResult, RepairFailure
 
 FAULTS_PER_TASK = 8  # a fault's crash states take some 0.1 s: eight keep the scheduler's share small
 
@@ -34,6 +37,7 @@ class FaultNumbers:
 
 
 def fault_slices(count: int, per_task: int = FAULTS_PER_TASK) -> list[FaultNumbers]:
+    """Consecutive slices of a workload's fault numbers (one empty slice when it has none, as one task would give)."""
     return [FaultNumbers(lo, min(lo + per_task, count)) for lo in range(0, count, per_task)] or [FaultNumbers(0, 0)]
 
 
@@ -46,7 +50,7 @@ def _add_nested(into: dict, part: dict) -> None:
             into[key] = into.get(key, 0) + value
 
 
-def merge_results(parts: list, max_reported: int):
+def merge_results(parts: list[RepairCrashResult], max_reported: int) -> RepairCrashResult:
     """One (workload, model) result from its slices' results, in fault order (the failures not yet shrunk)."""
     first = parts[0]
     counts: dict = {}
@@ -66,7 +70,7 @@ def merge_results(parts: list, max_reported: int):
                         seconds=sum(p.seconds for p in parts), prechecks=prechecks)
 
 
-def shrunk_failure(failure):
+def shrunk_failure(failure: RepairFailure) -> RepairFailure:
     """The failure with its plan shrunk and replayed, as `crash_repair_task` leaves its first one (runs on a worker)."""
     from .repaircrash import RepairPlan, replay_repair, shrink_repair_plan
 
@@ -75,8 +79,8 @@ def shrunk_failure(failure):
 
 
 def run_spread(executor: Executor, tasks: list[tuple[str, str]], budget: Budget, seed: int, repairer: str,
-               control: str | None, follow_ups: tuple[str, ...], on_done: Callable | None = None,
-               max_reported: int = 5) -> list:
+               control: str | None, follow_ups: tuple[str, ...],
+               on_done: Callable[[RepairCrashResult], None] | None = None, max_reported: int = 5) -> list[RepairCrashResult]:
     """`run_crash_repair`'s tasks in fault slices on `executor`; the results in task order."""
     from .repaircrash import crash_repair_task
 

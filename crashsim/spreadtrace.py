@@ -17,12 +17,15 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import Executor
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import attrs
 
 from .explore import Budget, Materialiser, Model, Plan, barrier_of, explore, pending_at
 from .memstore import DiskState, Op
+
+if TYPE_CHECKING:  # syscalls imports this module when it explores on an executor
+    from .syscalls import TraceResult
 
 MAX_SLICES = 64  # enough tasks to keep a cluster busy; few enough that the trace is not shipped too often
 MIN_SLICE = 4  # states per task at least: a task costs the scheduler a few milliseconds
@@ -41,10 +44,10 @@ class StateToCheck:
 def check_slice(base: DiskState, ops: tuple[Op, ...], seed: int, checker: Callable[[str, int], "str | None"],
                 states: Sequence[StateToCheck]) -> list[str | None]:
     """The checker's verdict on each state of one slice, in order (runs on a worker)."""
-    materialiser = Materialiser(base, ops)
-    verdicts = []
     from .syscalls import materialise
 
+    materialiser = Materialiser(base, ops)
+    verdicts = []
     with tempfile.TemporaryDirectory(prefix="crashsim-states-") as scratch:
         for s in states:
             where = os.path.join(scratch, f"state-{s.index}")
@@ -64,7 +67,7 @@ def slices(states: list[StateToCheck]) -> list[list[StateToCheck]]:
 
 def explore_trace_on(executor: Executor, name: str, base: DiskState, ops: Sequence[Op], models: Sequence[str],
                      budget: Budget, seed: int, checker: Callable[[str, int], "str | None"],
-                     context: Callable[[int], object], variant: str | None = None) -> list:
+                     context: Callable[[int], object], variant: str | None = None) -> list[TraceResult]:
     """`explore_trace` without `stop_at_first`, its checks spread over `executor` (the checker must pickle)."""
     from .syscalls import Failure, TraceResult, describe_op, directory_key
 
