@@ -7,7 +7,9 @@ parse or fit its trace (`run` never makes one: its shrinker keeps only plans
 that replay); 6 an unknown workload, model or control; 7 a trace file given
 to `explore` that is missing, truncated, altered or of another version
 (`BadTraceFile`); 8 a record whose replay does not rebuild the program's
-real final files (`RecordMismatch`: the recorder missed a change).  Errors
+real final files (`RecordMismatch`: the recorder missed a change); 9 an `--executor` that
+is malformed, needs `distributed` (not installed) or names a Dask scheduler
+that does not answer (`ExecutorUnavailable`).  Errors
 print on one line, without a traceback.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lamina.spec.errors import LaminaError
 
 from .controls import CONTROLS, get_control
 from .errors import CrashsimError
+from .executors import LOCAL, open_executor
 from .explore import DEFAULT_MODELS, Budget, Model, Plan, pending_at
 from .inject import inject_workload
 from .repaircrash import REPAIR_BUDGET, REPAIR_CONTROLS, REPAIR_MODELS, REPAIRERS, RepairPlan, get_repair_control, list_faults, \
@@ -46,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--samples", type=int, default=Budget().subset_samples, help="sampled subsets per crash point beyond K")
     run.add_argument("--recovery-images", type=int, default=Budget().recovery_images,
                      help="crashed images whose recovery is itself crashed, per workload and model")
-    run.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    run.add_argument("--jobs", type=int, default=1, help="parallel worker processes (with --executor local)")
+    _executor_option(run)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--control", help=f"run a broken variant (negative control): {', '.join(CONTROLS)}")
     run.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
@@ -66,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument("--samples", type=int, default=REPAIR_BUDGET.subset_samples, help="sampled subsets per crash point beyond K")
     inject.add_argument("--torn-samples", type=int, default=REPAIR_BUDGET.torn_samples, help="sampled tear patterns per write beyond the cap")
     inject.add_argument("--control", help=f"with --crash-repair: a broken repair (negative control): {', '.join(REPAIR_CONTROLS)}")
-    inject.add_argument("--jobs", type=int, default=1, help="with --crash-repair: parallel worker processes")
+    inject.add_argument("--jobs", type=int, default=1, help="with --crash-repair: parallel worker processes (with --executor local)")
+    _executor_option(inject, "with --crash-repair: ")
     inject.add_argument("--list-faults", action="store_true", help="list the numbered metadata faults (f= of a repair plan) and exit")
     rep = sub.add_parser("replay", help="re-run exactly the crash state a plan names")
     rep.add_argument("plan")
@@ -75,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     _trace_parser(sub)
     _record_parsers(sub)
     return p
+
+
+def _executor_option(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument("--executor", default=LOCAL, metavar="ADDRESS",
+                   help=f"{prefix}where the states are explored: `local` (a process pool of --jobs) or the Dask scheduler "
+                   "dask://HOST:PORT (or tcp://HOST:PORT); the results are those of --jobs 1")
 
 
 def _budget_options(p: argparse.ArgumentParser) -> None:
@@ -106,6 +117,8 @@ def _record_parsers(sub) -> None:
                      help="a shell command run on every crash state's directory ({dir}; {done} is 1 after the "
                      "program's last call, else 0; {crash} the calls issued); exit 0 passes")
     exp.add_argument("--plan", metavar="PLAN", help="check only the crash state a printed plan names")
+    exp.add_argument("--jobs", type=int, default=1, help="parallel worker processes for the checks (with --executor local)")
+    _executor_option(exp)
     _budget_options(exp)
 
 
@@ -154,7 +167,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{result.workload}/{result.model}: {result.states} states")
             bar.update(1)
 
-    results = run_all(tasks, budget, args.seed, args.control, args.jobs, on_done=done)
+    with open_executor(args.executor, args.jobs) as executor:
+        results = run_all(tasks, budget, args.seed, args.control, args.jobs, executor=executor, on_done=done)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
@@ -193,7 +207,9 @@ def _cmd_inject(args: argparse.Namespace) -> int:
             get_repair_control(args.control)
         budget = attrs.evolve(REPAIR_BUDGET, max_subset=args.max_subset, subset_samples=args.samples, torn_samples=args.torn_samples)
         started = time.perf_counter()
-        crashed = run_crash_repair(names, models, budget, args.seed, args.repairer, args.control, args.jobs)
+        with open_executor(args.executor, args.jobs) as executor:
+            crashed = run_crash_repair(names, models, budget, args.seed, args.repairer, args.control, args.jobs,
+                                       executor=executor)
         seconds = time.perf_counter() - started
     if args.report:
         with open(args.report, "w", encoding="utf-8") as fh:
@@ -369,7 +385,9 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         else:
             print(f"FAIL: {message}" if message else f"ok: the checker passes on the state of {plan.to_string()}")
         return 1 if message else 0
-    results = explore_trace("program", trace.base, trace.ops, models, budget, args.seed, check, context)
+    with open_executor(args.executor, args.jobs) as executor:
+        results = explore_trace("program", trace.base, trace.ops, models, budget, args.seed, check, context,
+                                executor=executor)
     return _print_trace_results(args, budget, results, {}, time.perf_counter() - started)
 
 

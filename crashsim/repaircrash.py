@@ -39,7 +39,7 @@ guest I/O plans, over the ops of the repair.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Callable, Iterator
 
 import attrs
@@ -486,24 +486,28 @@ def crash_repair_task(workload: str, model_name: str, budget: Budget = REPAIR_BU
 def run_crash_repair(workloads: list[str], models: list[str], budget: Budget = REPAIR_BUDGET, seed: int = 0,
                      repairer: str = "image", control: str | None = None, jobs: int = 1,
                      on_done: Callable[[RepairCrashResult], None] | None = None,
-                     follow_ups: tuple[str, ...] = FOLLOW_UPS) -> list[RepairCrashResult]:
-    """Every (workload, model) task, in this process or a process pool; results in task order."""
+                     follow_ups: tuple[str, ...] = FOLLOW_UPS, executor: Executor | None = None) -> list[RepairCrashResult]:
+    """Every (workload, model) task, in this process, or in slices of faults on a pool of `jobs` or on `executor`.
+
+    The results come in task order and equal this process's (`spreadrepair`).
+    """
     tasks = [(w, m) for w in workloads for m in models]
-    if jobs <= 1:
+    if executor is None and jobs <= 1:
         results = []
         for w, m in tasks:
             results.append(crash_repair_task(w, m, budget, seed, repairer, control, follow_ups))
             if on_done:
                 on_done(results[-1])
         return results
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(crash_repair_task, w, m, budget, seed, repairer, control, follow_ups) for w, m in tasks]
-        results = []
-        for f in futures:
-            results.append(f.result())
-            if on_done:
-                on_done(results[-1])
-        return results
+    from .spreadrepair import run_spread
+
+    own = executor is None
+    pool = executor or ProcessPoolExecutor(max_workers=jobs)
+    try:
+        return run_spread(pool, tasks, budget, seed, repairer, control, follow_ups, on_done)
+    finally:
+        if own:
+            pool.shutdown()
 
 
 # ------------------------------------------------------------------ replay and shrinking

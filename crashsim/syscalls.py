@@ -23,6 +23,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from concurrent.futures import Executor
 from typing import Callable, Iterable, Sequence
 
 import attrs
@@ -665,12 +666,19 @@ Checker = Callable[[str, int], "str | None"]
 
 def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequence[str], budget: Budget, seed: int,
                   checker: Checker, context: Callable[[int], object] = lambda crash: None,
-                  stop_at_first: bool = False, variant: str | None = None) -> list[TraceResult]:
+                  stop_at_first: bool = False, variant: str | None = None,
+                  executor: Executor | None = None) -> list[TraceResult]:
     """Check every crash state the explorer yields under each model; a directory seen before reuses its verdict.
 
     `context(crash)` names what a verdict depends on besides the directory
-    (for a Lamina workload: which steps had returned).
+    (for a Lamina workload: which steps had returned).  With an `executor`
+    (and without `stop_at_first`) the checks run there in slices, with the
+    same results (`spreadtrace`).
     """
+    if executor is not None and not stop_at_first:
+        from .spreadtrace import explore_trace_on
+
+        return explore_trace_on(executor, name, base, ops, models, budget, seed, checker, context, variant)
     ops = tuple(ops)
     materialiser = Materialiser(base, ops)
     verdicts: dict[tuple, str | None] = {}
@@ -716,6 +724,34 @@ def check_plan(base: DiskState, ops: Sequence[Op], plan: Plan, checker: Checker)
         return checker(where, plan.crash)
 
 
+@attrs.frozen
+class CommandChecker:
+    """A checker running a shell command on a state's directory (a class, not a closure: it pickles to workers)."""
+
+    template: str
+    total: int  # the calls in the whole record: a crash after all of them is `{done}`
+    timeout: float = 60.0
+
+    def context(self, crash: int) -> object:
+        """What a verdict depends on besides the directory: the crash point if the command names it."""
+        return (crash if "{crash}" in self.template else None, crash == self.total if "{done}" in self.template else None)
+
+    def __call__(self, where: str, crash: int) -> str | None:
+        import shlex
+
+        command = self.template.replace("{dir}", shlex.quote(where)).replace("{done}", str(int(crash == self.total)))
+        command = command.replace("{crash}", str(crash))
+        try:
+            done = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace", timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            return f"the checker did not finish in {self.timeout:g} s"
+        if done.returncode != 0:
+            last = done.stdout.strip().splitlines()[-1:] or [""]
+            return f"the checker exited {done.returncode}: {last[0][:200]}"
+        return None
+
+
 def command_checker(template: str, total: int, timeout: float = 60.0) -> tuple[Checker, Callable[[int], object]]:
     """A checker running a shell command, and what its verdict depends on besides the directory.
 
@@ -724,28 +760,10 @@ def command_checker(template: str, total: int, timeout: float = 60.0) -> tuple[C
     made durable must be there), else 0; `{crash}` is the number of calls
     issued.  Exit 0 passes.
     """
-    import shlex
-
     if "{dir}" not in template:
         raise CrashsimError("the checker command must name the state's directory as {dir}")
-
-    def context(crash: int) -> object:
-        return (crash if "{crash}" in template else None, crash == total if "{done}" in template else None)
-
-    def check(where: str, crash: int) -> str | None:
-        command = template.replace("{dir}", shlex.quote(where)).replace("{done}", str(int(crash == total)))
-        command = command.replace("{crash}", str(crash))
-        try:
-            done = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  errors="replace", timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"the checker did not finish in {timeout:g} s"
-        if done.returncode != 0:
-            last = done.stdout.strip().splitlines()[-1:] or [""]
-            return f"the checker exited {done.returncode}: {last[0][:200]}"
-        return None
-
-    return check, context
+    checker = CommandChecker(template, total, timeout)
+    return checker, checker.context
 
 
 def prepare_directory(workdir: str, initial: str | None = None) -> None:
