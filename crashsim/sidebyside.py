@@ -402,6 +402,7 @@ class Verdict:
     kinds: frozenset[str]  # a subset of KINDS; empty: ok
     leaks: int
     messages: tuple[tuple[str, str], ...]  # (kind, the first finding of that kind), for the report
+    new: frozenset[str] = frozenset()  # unopenable/corruption found only in images still being made (nothing promised)
 
 
 class Judge:
@@ -410,6 +411,7 @@ class Judge:
     def __init__(self, rec: Recording, tools: Tools, scratch: str) -> None:
         self.rec, self.tools, self.scratch = rec, tools, scratch
         self.after = promised_after(rec.scenario)
+        self.checks = 0  # checker invocations so far (a row reports that its checker really ran)
 
     def context(self, crash: int) -> tuple[int, bool]:
         """(steps returned, whether the crash is between steps)."""
@@ -422,6 +424,7 @@ class Judge:
         kinds: set[str] = set()
         notes: list[str] = []
         leaks = 0
+        in_promised: set[str] = set()  # kinds found in an image a returned invocation promised (not one still being made)
 
         def note(kind: str, text: str) -> None:
             if kind not in kinds:
@@ -436,8 +439,10 @@ class Judge:
                     note("lost", f"{image} is missing, though a returned invocation promised its contents")
                 continue
             result = self.tools.check(os.path.join(where, image))
+            self.checks += 1
             if result.code == 2:
                 note("corruption", f"check {image} exited 2: {result.message}")
+                in_promised |= {"corruption"} if image in needed else set()
             elif result.code == 3:
                 if result.leaks or not result.degraded:
                     note("leaks", f"check {image} exited 3, {result.leaks} leaked: {result.message}")
@@ -446,11 +451,13 @@ class Judge:
                 leaks += result.leaks
             elif result.code != 0:
                 note("unopenable", f"check {image} exited {result.code}: {result.message}")
+                in_promised |= {"unopenable"} if image in needed else set()
         for top in sc.tops:  # 2. a writable open, as a boot does
             if os.path.exists(os.path.join(where, top)):
                 failed = self.tools.open_writable(os.path.join(where, top))
                 if failed is not None:
                     note("unopenable", f"{top} does not open: {failed}")
+                    in_promised |= {"unopenable"} if top in needed else set()
         refs = list(dict.fromkeys([*sc.views, *required, *(self.after[done + 1] if not between else {})]))
         view, raws = observe(self.tools, where, refs, self.scratch)  # 3. the promised sectors
         following = self.after[min(done + 1, len(self.after) - 1)]
@@ -471,7 +478,7 @@ class Judge:
             elif sc.steps[done].atomic and seen not in (self.rec.views[done], self.rec.views[done + 1]):
                 note("non-atomic", f"inside `{' '.join(sc.steps[done].argv[-4:])}`: "
                      + _view_difference(seen, self.rec.views[done]) + " and " + _view_difference(seen, self.rec.views[done + 1]))
-        return Verdict(frozenset(kinds), leaks, tuple(notes))
+        return Verdict(frozenset(kinds), leaks, tuple(notes), frozenset(kinds & {"unopenable", "corruption"} - in_promised))
 
 
 def _first_wrong(raw: bytes, old: dict[int, int], new: dict[int, int], between: bool) -> str | None:
@@ -506,9 +513,11 @@ class Row:
     ops: int
     states: int = 0
     checked: int = 0  # distinct directories judged
+    checks: int = 0  # checker invocations (`qemu-img check`, `lamina check`) on them
     ok: int = 0
     counts: Counter = attrs.Factory(Counter)  # kind -> states
     leaked: int = 0  # leaked clusters (qcow2) / ranges (Lamina), summed over states
+    new: Counter = attrs.Factory(Counter)  # kind -> states showing it only in images still being made
     examples: dict = attrs.Factory(dict)  # kind -> (plan, message) of the first state showing it
     seconds: float = 0.0
 
@@ -518,7 +527,8 @@ class Row:
 
     def to_json(self) -> dict:
         return {"workload": self.workload, "format": self.fmt, "model": self.model, "ops": self.ops, "states": self.states,
-                "checked": self.checked, "ok": self.ok, **{k: self.counts[k] for k in KINDS}, "leaked": self.leaked,
+                "checked": self.checked, "checks": self.checks, "ok": self.ok, **{k: self.counts[k] for k in KINDS}, "leaked": self.leaked,
+                "new": {k: self.new[k] for k in ("unopenable", "corruption")},
                 "seconds": round(self.seconds, 2),
                 "examples": {k: {"plan": p, "message": m} for k, (p, m) in self.examples.items()}}
 
@@ -535,6 +545,7 @@ def explore_recording(rec: Recording, tools: Tools, models: Sequence[str], budge
             model = Model.parse(name)
             started = time.perf_counter()
             row = Row(sc.workload, sc.fmt, model.name, len(rec.ops))
+            checks_before = judge.checks
             for _tier, crash, outcomes, _ in explore(rec.ops, model, budget, seed):
                 row.states += 1
                 state = materialiser.state(crash, outcomes, seed, model.torn_unit or 512)
@@ -550,12 +561,14 @@ def explore_recording(rec: Recording, tools: Tools, models: Sequence[str], budge
                 verdict = verdicts[key]
                 row.ok += not verdict.kinds
                 row.leaked += verdict.leaks
+                row.new.update(verdict.new)
                 for kind, message in verdict.messages:
                     row.counts[kind] += 1
                     if kind not in row.examples:
                         plan = Plan(f"{sc.workload}-{sc.fmt}", model.name, seed, crash, tuple(sorted(outcomes.items())))
                         row.examples[kind] = (plan.to_string(), message)
             row.seconds = time.perf_counter() - started
+            row.checks = judge.checks - checks_before
             rows.append(row)
     return rows
 
@@ -583,10 +596,14 @@ HEADER = ("workload", "format", "model", "ops", "states", "ok", "unopenable", "c
           "lost flushed", "non-atomic")
 
 
+def _with_new(row: Row, kind: str) -> str:
+    return str(row.counts[kind]) + (f" ({row.new[kind]} new)" if row.new[kind] else "")
+
+
 def table_lines(rows: Sequence[Row], markdown: bool = False) -> list[str]:
     """The side-by-side table (markdown for the README, aligned text for the terminal)."""
-    cells = [[r.workload, r.fmt, r.model, str(r.ops), str(r.states), str(r.ok), str(r.counts["unopenable"]),
-              str(r.counts["corruption"]), str(r.counts["leaks"]) + (f" ({r.leaked})" if r.leaked else ""),
+    cells = [[r.workload, r.fmt, r.model, str(r.ops), str(r.states), str(r.ok),
+              _with_new(r, "unopenable"), _with_new(r, "corruption"), str(r.counts["leaks"]) + (f" ({r.leaked})" if r.leaked else ""),
               str(r.counts["degraded"]),
               str(r.counts["lost"]), str(r.counts["non-atomic"])] for r in rows]
     if markdown:
