@@ -95,6 +95,7 @@ def _compare_parser(sub) -> None:
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--control", help=f"negative control: {', '.join(COMPARE_CONTROLS)}")
     cmp.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    cmp.add_argument("--keep-traces", metavar="DIR", help="keep each record as DIR/WORKLOAD-FORMAT.trace (for `crashsim explore`)")
     cmp.add_argument("--output", choices=["human", "json"], default="human")
 
 
@@ -381,7 +382,9 @@ def _cmd_explore(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .sidebyside import FAILURES, compare, table_lines
+    import os
+
+    from .sidebyside import FAILURES, WORKLOADS, compare, table_lines
 
     models = [Model.parse(m).name for m in args.model.split(",") if m]
     formats = [f for f in args.format.split(",") if f]
@@ -393,8 +396,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if human and sys.stderr.isatty():
             print(f"{row.workload}/{row.fmt}/{row.model}: {row.states} states, {row.seconds:.1f} s", file=sys.stderr)
 
-    rows = compare(args.workload or [], formats, models, budget, args.seed, args.control, progress) if args.workload else \
-        compare(list(_compare_workloads()), formats, models, budget, args.seed, args.control, progress)
+    if args.keep_traces:
+        os.makedirs(args.keep_traces, exist_ok=True)
+    rows = compare(args.workload or list(WORKLOADS), formats, models, budget, args.seed, args.control, progress,
+                   args.keep_traces)
     seconds = time.perf_counter() - started
     failing = sum(r.failing for r in rows if r.fmt == "lamina")
     if human:
@@ -408,12 +413,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps({"seconds": round(seconds, 2), "seed": args.seed, "budget": attrs.asdict(budget), "models": models,
                           "control": args.control, "lamina_failing": failing, "rows": [r.to_json() for r in rows]}, indent=1))
     return 1 if failing else 0
-
-
-def _compare_workloads():
-    from .sidebyside import WORKLOADS
-
-    return WORKLOADS
 
 
 def main(argv: list[str] | None = None) -> int:

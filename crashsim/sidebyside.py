@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -350,8 +351,15 @@ class Recording:
     views: tuple[View, ...]  # the real directory's view after the setup and after each step
 
 
-def record_scenario(sc: Scenario, tools: Tools) -> Recording:
-    """Run the setup, then every step under strace, in a fresh directory; the record must rebuild its files."""
+def record_scenario(sc: Scenario, tools: Tools, trace_dir: str | None = None) -> Recording:
+    """Run the setup, then every step under strace, in a fresh directory.
+
+    The record goes through a trace file (`tracefile`, kept in `trace_dir`
+    as WORKLOAD-FORMAT.trace if given, for `crashsim explore`), and the file
+    read back must rebuild the directory's real final files.
+    """
+    from .tracefile import TraceFile, read_trace, replayed, write_trace
+
     with tempfile.TemporaryDirectory(prefix="crashsim-compare-") as scratch:
         workdir = os.path.join(scratch, "dir")
         os.mkdir(workdir)
@@ -373,8 +381,12 @@ def record_scenario(sc: Scenario, tools: Tools) -> Recording:
             ends.append(len(recorder.ops))
             views.append(observe(tools, workdir, sc.views, scratch)[0])
         assert recorder is not None
-        compare_with_directory(recorder.state, workdir)
-    return Recording(sc, base, tuple(recorder.ops), tuple(ends), tuple(views))
+        path = os.path.join(trace_dir or scratch, f"{sc.workload}-{sc.fmt}.trace")
+        write_trace(path, TraceFile(("sh", "-c", " && ".join(shlex.join(step.argv) for step in sc.steps)), base,
+                                    tuple(recorder.ops)))
+        trace = read_trace(path)
+        compare_with_directory(replayed(trace), workdir)  # RecordMismatch (exit 8) if the record missed a change
+    return Recording(sc, trace.base, trace.ops, tuple(ends), tuple(views))
 
 
 # ---------------------------------------------------------------------------- judging one crash state
@@ -574,7 +586,8 @@ def explore_recording(rec: Recording, tools: Tools, models: Sequence[str], budge
 
 
 def compare(workloads: Sequence[str], formats: Sequence[str], models: Sequence[str], budget: Budget, seed: int = 0,
-            control: str | None = None, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+            control: str | None = None, on_row: Callable[[Row], None] | None = None,
+            trace_dir: str | None = None) -> list[Row]:
     """Record each workload once per format, explore it under every model; the rows in workload, format, model order."""
     if shutil.which("strace") is None:
         raise MissingTool("strace is not installed: it records the system calls of the real programs")
@@ -584,7 +597,7 @@ def compare(workloads: Sequence[str], formats: Sequence[str], models: Sequence[s
     tools = {f: Tools(f, control) for f in formats}
     rows = []
     for sc in scenarios:
-        rec = record_scenario(sc, tools[sc.fmt])
+        rec = record_scenario(sc, tools[sc.fmt], trace_dir)
         for row in explore_recording(rec, tools[sc.fmt], models, budget, seed):
             rows.append(row)
             if on_row is not None:
