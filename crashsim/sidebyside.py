@@ -98,6 +98,7 @@ class Scenario:
     workload: str
     fmt: str
     setup: tuple[tuple[str, ...], ...]  # run before the record: the durable start
+    initial: tuple[Promise, ...]  # what the setup left, in force from the start
     steps: tuple[Step, ...]
     images: tuple[str, ...]  # image files, checked read-only in this order
     tops: tuple[str, ...]  # opened writable (a boot) after the check
@@ -171,8 +172,8 @@ def scenario(workload: str, fmt: str) -> Scenario:
 
 def _create(c: _Cmd) -> Scenario:
     img = c.name("img")
-    return Scenario("create", c.fmt, (), (Step(c.create("img"), (Promise(img, 0, 128 * K, 0), Promise(img, 15 * M, M, 0))),),
-                    (img,), (img,), ())
+    made = Step(c.create("img"), (Promise(img, 0, 128 * K, 0), Promise(img, 15 * M, M, 0)))
+    return Scenario("create", c.fmt, (), (), (made,), (img,), (img,), ())
 
 
 def _allocate(c: _Cmd) -> Scenario:
@@ -180,7 +181,7 @@ def _allocate(c: _Cmd) -> Scenario:
     steps = (_io_step(c, "img", _w(c, "img", 0xA1, 0, 128 * K)),
              _io_step(c, "img", _w(c, "img", 0xA2, M, 64 * K), _w(c, "img", 0xA3, 4 * M + 32 * K, 192 * K)),
              _io_step(c, "img", _w(c, "img", 0xA4, 8 * M, 64 * K), _w(c, "img", 0xA5, 12 * M + 512, 4 * K)))
-    return Scenario("allocate", c.fmt, (c.create("img"),), steps, (img,), (img,), ())
+    return Scenario("allocate", c.fmt, (c.create("img"),), (Promise(img, 0, 128 * K, 0),), steps, (img,), (img,), ())
 
 
 def _overwrite(c: _Cmd) -> Scenario:
@@ -189,38 +190,36 @@ def _overwrite(c: _Cmd) -> Scenario:
     steps = (_io_step(c, "img", _w(c, "img", 0x11, 0, 64 * K)),
              _io_step(c, "img", _w(c, "img", 0x22, 64 * K + 4 * K, 128 * K)),
              _io_step(c, "img", _w(c, "img", 0x33, 0, 256 * K)))
-    first = (Promise(img, 0, 256 * K, 0xAB),)
-    return Scenario("overwrite", c.fmt, setup, (attrs.evolve(steps[0], promises=first + steps[0].promises), *steps[1:]),
-                    (img,), (img,), ())
+    return Scenario("overwrite", c.fmt, setup, (Promise(img, 0, 256 * K, 0xAB),), steps, (img,), (img,), ())
 
 
 def _zero_discard(c: _Cmd) -> Scenario:
     img = c.name("img")
     setup = (c.create("img"), c.io("img", "write -P 0xab 0 256k", "flush"))
-    steps = (Step(c.io("img", "write -z 0 64k", "flush"), (Promise(img, 0, 256 * K, 0xAB), Promise(img, 0, 64 * K, 0))),
+    steps = (Step(c.io("img", "write -z 0 64k", "flush"), (Promise(img, 0, 64 * K, 0),)),
              Step(c.io("img", "discard 64k 64k", "flush"), (Promise(img, 64 * K, 64 * K, 0),)),
              _io_step(c, "img", _w(c, "img", 0x44, 64 * K, 64 * K)),
              Step(c.io("img", "write -z 128k 128k", "flush"), (Promise(img, 128 * K, 128 * K, 0),)))
-    return Scenario("zero-discard", c.fmt, setup, steps, (img,), (img,), ())
+    return Scenario("zero-discard", c.fmt, setup, (Promise(img, 0, 256 * K, 0xAB),), steps, (img,), (img,), ())
 
 
 def _snapshot(c: _Cmd) -> Scenario:
     img = c.name("img")
     snap = img + "@s1"
     setup = (c.create("img"), c.io("img", "write -P 0xab 0 128k", "flush"))
-    steps = (Step(c.snapshot("create", "img", "s1"), (Promise(img, 0, 128 * K, 0xAB), Promise(snap, 0, 128 * K, 0xAB)), True),
+    steps = (Step(c.snapshot("create", "img", "s1"), (Promise(snap, 0, 128 * K, 0xAB),), True),
              _io_step(c, "img", _w(c, "img", 0xCD, 0, 64 * K)),
              Step(c.snapshot("delete", "img", "s1"), (Promise(snap),), True))
-    return Scenario("snapshot", c.fmt, setup, steps, (img,), (img,), (img, snap))
+    return Scenario("snapshot", c.fmt, setup, (Promise(img, 0, 128 * K, 0xAB),), steps, (img,), (img,), (img, snap))
 
 
 def _commit(c: _Cmd) -> Scenario:
     base, over = c.name("base"), c.name("over")
     setup = (c.create("base"), c.io("base", "write -P 0xab 0 128k", "flush"))
-    steps = (Step(c.create("over", base="base"), (Promise(base, 0, 128 * K, 0xAB), Promise(over, 0, 128 * K, 0xAB))),
+    steps = (Step(c.create("over", base="base"), (Promise(over, 0, 128 * K, 0xAB),)),
              _io_step(c, "over", _w(c, "over", 0xCD, 64 * K, 128 * K)),
              Step(c.commit("over"), (Promise(base, 64 * K, 128 * K, 0xCD),), True))
-    return Scenario("commit", c.fmt, setup, steps, (base, over), (over,), (base, over))
+    return Scenario("commit", c.fmt, setup, (Promise(base, 0, 128 * K, 0xAB),), steps, (base, over), (over,), (base, over))
 
 
 def _clone(c: _Cmd) -> Scenario:
@@ -229,7 +228,8 @@ def _clone(c: _Cmd) -> Scenario:
              c.io("img", "write -P 0xcd 0 64k", "flush"))
     steps = (Step(c.clone("img", "s1", "clone"), (Promise(new, 0, 128 * K, 0xAB),), True),
              _io_step(c, "clone", _w(c, "clone", 0xEE, 0, 64 * K)))
-    return Scenario("clone", c.fmt, setup, steps, (img, new), (img, new), (img, img + "@s1", new))
+    initial = (Promise(img, 0, 64 * K, 0xCD), Promise(img, 64 * K, 64 * K, 0xAB), Promise(img + "@s1", 0, 128 * K, 0xAB))
+    return Scenario("clone", c.fmt, setup, initial, steps, (img, new), (img, new), (img, img + "@s1", new))
 
 
 WORKLOADS: dict[str, Callable[[_Cmd], Scenario]] = {
@@ -395,10 +395,10 @@ Expected = dict[str, dict[int, int]]  # ref -> sector index -> pattern
 
 def promised_after(sc: Scenario) -> list[Expected]:
     """What the returned invocations promise, sector by sector, before any step (0) and after each."""
-    out: list[Expected] = [{}]
-    for step in sc.steps:
-        now = {ref: dict(sectors) for ref, sectors in out[-1].items()}
-        for p in step.promises:
+    out: list[Expected] = []
+    for promises in (sc.initial, *(step.promises for step in sc.steps)):
+        now = {ref: dict(sectors) for ref, sectors in (out[-1] if out else {}).items()}
+        for p in promises:
             if p.pattern is None:
                 now.pop(p.ref, None)
             else:
