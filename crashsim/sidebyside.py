@@ -74,6 +74,12 @@ class MissingTool(CrashsimError):
     """A program the side-by-side needs (qemu-img, qemu-io, strace) is not installed."""
 
 
+class UnknownFormat(CrashsimError):
+    """A format `compare` does not know (exit code 6)."""
+
+    exit_code = 6
+
+
 @attrs.frozen
 class Promise:
     """After its invocation returns, `ref` (IMAGE or IMAGE@SNAP) reads `pattern` over the range; None drops the ref."""
@@ -162,7 +168,7 @@ def _io_step(c: _Cmd, stem: str, *writes: tuple[str, Promise]) -> Step:
 def scenario(workload: str, fmt: str) -> Scenario:
     """The workload `workload` written for `fmt`."""
     if fmt not in FORMATS:
-        raise CrashsimError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise UnknownFormat(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     try:
         build = WORKLOADS[workload]
     except KeyError:
