@@ -93,7 +93,8 @@ def _compare_parser(sub) -> None:
                      help="exhaustive subsets when at most K un-synced ops (else a seeded sample)")
     cmp.add_argument("--samples", type=int, default=Budget().subset_samples, help="sampled subsets per crash point beyond K")
     cmp.add_argument("--seed", type=int, default=0)
-    cmp.add_argument("--control", help=f"negative control: {', '.join(COMPARE_CONTROLS)}")
+    cmp.add_argument("--control", help=f"negative control: {', '.join(COMPARE_CONTROLS)} (failing-check: both checkers; "
+                     "the others: a broken lamina recorded, as `crashsim trace --control`)")
     cmp.add_argument("--markdown", action="store_true", help="print the table as markdown")
     cmp.add_argument("--keep-traces", metavar="DIR", help="keep each record as DIR/WORKLOAD-FORMAT.trace (for `crashsim explore`)")
     cmp.add_argument("--output", choices=["human", "json"], default="human")

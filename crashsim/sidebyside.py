@@ -50,6 +50,7 @@ from typing import Callable, Sequence
 
 import attrs
 
+from .cliworkloads import RECORD_CONTROLS
 from .errors import CrashsimError, UnknownControl, UnknownWorkload
 from .explore import Budget, Materialiser, Model, Plan, explore
 from .memstore import DiskState
@@ -67,7 +68,10 @@ K = 1024
 M = 1024 * K
 DISK = "16M"
 CLUSTER = "64k"
-CONTROLS = ("failing-check",)  # a checker that always reports corruption: every state must then fail
+# Negative controls: `failing-check`, a checker that always reports corruption (every state with an image must then
+# fail); and the broken `lamina` processes of `cliworkloads.RECORD_CONTROLS` (`skip-file-fsync`: a flush returns with
+# its data in the page cache, so under `reorder` flushed sectors are lost), patched into the recorded Lamina steps only.
+CONTROLS = ("failing-check", *RECORD_CONTROLS)
 
 
 class MissingTool(CrashsimError):
@@ -258,7 +262,7 @@ class Tools:
     def __init__(self, fmt: str, control: str | None = None) -> None:
         if control is not None and control not in CONTROLS:
             raise UnknownControl(f"unknown compare control {control!r}; known: {', '.join(CONTROLS)}")
-        self.fmt, self.control = fmt, control
+        self.fmt, self.control = fmt, control  # only `failing-check` changes the tools
         if fmt == "qcow2":
             for tool in ("qemu-img", "qemu-io"):
                 if shutil.which(tool) is None:
@@ -357,12 +361,14 @@ class Recording:
     views: tuple[View, ...]  # the real directory's view after the setup and after each step
 
 
-def record_scenario(sc: Scenario, tools: Tools, trace_dir: str | None = None) -> Recording:
+def record_scenario(sc: Scenario, tools: Tools, trace_dir: str | None = None, env: dict[str, str] | None = None
+                    ) -> Recording:
     """Run the setup, then every step under strace, in a fresh directory.
 
     The record goes through a trace file (`tracefile`, kept in `trace_dir`
     as WORKLOAD-FORMAT.trace if given, for `crashsim explore`), and the file
-    read back must rebuild the directory's real final files.
+    read back must rebuild the directory's real final files.  `env` is the
+    recorded steps' environment (the setup always runs in this process's).
     """
     from .tracefile import TraceFile, read_trace, replayed, write_trace
 
@@ -381,7 +387,7 @@ def record_scenario(sc: Scenario, tools: Tools, trace_dir: str | None = None) ->
         ends = []
         for step in sc.steps:
             try:
-                recorder = record(step.argv, workdir, base, None, recorder)
+                recorder = record(step.argv, workdir, base, env, recorder)
             except ProgramFailed as exc:
                 raise ProgramFailed(f"{sc.workload}/{sc.fmt}: {exc}") from None
             ends.append(len(recorder.ops))
@@ -602,12 +608,18 @@ def compare(workloads: Sequence[str], formats: Sequence[str], models: Sequence[s
     scenarios = [scenario(w, f) for w in workloads for f in formats]  # unknown names fail before any work
     tools = {f: Tools(f, control) for f in formats}
     rows = []
-    for sc in scenarios:
-        rec = record_scenario(sc, tools[sc.fmt], trace_dir)
-        for row in explore_recording(rec, tools[sc.fmt], models, budget, seed):
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
+    with tempfile.TemporaryDirectory(prefix="crashsim-compare-shim-") as shim:
+        env = None
+        if control in RECORD_CONTROLS:
+            with open(os.path.join(shim, "sitecustomize.py"), "w", encoding="utf-8") as fh:
+                fh.write(RECORD_CONTROLS[control])
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")])))
+        for sc in scenarios:
+            rec = record_scenario(sc, tools[sc.fmt], trace_dir, env if sc.fmt == "lamina" else None)
+            for row in explore_recording(rec, tools[sc.fmt], models, budget, seed):
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     return rows
 
 

@@ -65,6 +65,16 @@ def test_promises_inside_a_step_allow_the_old_or_new_pattern_only():
     assert "sector at 0" in _first_wrong(bytes(2 * SECTOR), after[2]["a"], {}, between=True)  # flushed data read zero
 
 
+@needs_tools
+def test_a_lamina_whose_flush_does_not_fsync_fails_the_same_judging(capsys):
+    """The real `lamina` with `OsFile.fsync` a no-op: under reorder a created image is broken after `create` returned."""
+    code, out = _compare(capsys, "--workload", "create", "--format", "lamina", "--model", "reorder",
+                         "--control", "skip-file-fsync")
+    (row,) = out["rows"]
+    assert code == 1 and out["lamina_failing"] > 0
+    assert row["unopenable"] - row["new"]["unopenable"] + row["corruption"] - row["new"]["corruption"] > 0
+
+
 class _FileTools:
     """Stands in for a format's tools: IMAGE's raw contents are the file itself, IMAGE@S the file IMAGE.S."""
 
