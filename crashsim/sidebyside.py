@@ -307,9 +307,13 @@ class Tools:
         return None if code == 0 else _last_line(text)
 
 
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                          timeout=120)
+def _run(argv: Sequence[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run a QEMU tool; one that hangs on a crash state is that state's failure (exit 124), not the explorer's."""
+    try:
+        return subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(list(argv), 124, "", f"{argv[0]} did not finish in {timeout:g} s")
 
 
 def _last_line(text: str) -> str:
