@@ -440,6 +440,9 @@ class Judge:
         self.rec, self.tools, self.scratch = rec, tools, scratch
         self.after = promised_after(rec.scenario)
         self.checks = 0  # checker invocations so far (a row reports that its checker really ran)
+        self.torn = False  # under a torn model a sector the interrupted invocation rewrites may read garbage
+        self.rewrites = [{p.ref: set(range(p.offset // SECTOR, (p.offset + p.length) // SECTOR)) for p in step.promises
+                          if p.pattern is not None} for step in rec.scenario.steps]  # sectors each step writes
 
     def context(self, crash: int) -> tuple[int, bool]:
         """(steps returned, whether the crash is between steps)."""
@@ -495,7 +498,8 @@ class Judge:
                 if ref in required and (between or ref in following):
                     note("lost", f"{ref} cannot be read, though a returned invocation promised its contents")
                 continue
-            wrong = _first_wrong(raws[ref], old, new, between)
+            torn = self.rewrites[done].get(ref, set()) if self.torn and not between else set()
+            wrong = _first_wrong(raws[ref], old, new, between, torn)
             if wrong is not None:
                 note("lost", f"{ref}: {wrong}")
         if sc.views:  # 4. atomicity of management operations; a returned operation's result stays
@@ -509,9 +513,18 @@ class Judge:
         return Verdict(frozenset(kinds), leaks, tuple(notes), frozenset(kinds & {"unopenable", "corruption"} - in_promised))
 
 
-def _first_wrong(raw: bytes, old: dict[int, int], new: dict[int, int], between: bool) -> str | None:
-    """The first promised sector that reads neither its promised pattern nor (inside a step) the step's new one."""
+def _first_wrong(raw: bytes, old: dict[int, int], new: dict[int, int], between: bool,
+                 torn: set[int] | frozenset[int] = frozenset()) -> str | None:
+    """The first promised sector that reads neither its promised pattern nor (inside a step) the step's new one.
+
+    The sectors `torn` (under a torn model: those the interrupted step
+    rewrites) may read anything: a torn write leaves garbage that no
+    in-place format can tell from data (the oracle of `crashsim run` allows
+    the same).
+    """
     for s, pattern in sorted(old.items()):
+        if s in torn:
+            continue
         allowed = {pattern} if between or s not in new else {pattern, new[s]}
         sector = raw[s * SECTOR : (s + 1) * SECTOR].ljust(SECTOR, b"\0")
         if sector.count(sector[0]) != SECTOR or sector[0] not in allowed:
@@ -574,10 +587,11 @@ def explore_recording(rec: Recording, tools: Tools, models: Sequence[str], budge
             started = time.perf_counter()
             row = Row(sc.workload, sc.fmt, model.name, len(rec.ops))
             checks_before = judge.checks
+            judge.torn = bool(model.torn_unit)
             for _tier, crash, outcomes, _ in explore(rec.ops, model, budget, seed):
                 row.states += 1
                 state = materialiser.state(crash, outcomes, seed, model.torn_unit or 512)
-                key = (directory_key(state), judge.context(crash))
+                key = (directory_key(state), judge.context(crash), judge.torn)
                 if key not in verdicts:
                     where = os.path.join(scratch, f"state-{len(verdicts)}")
                     materialise(state, where)

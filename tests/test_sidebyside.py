@@ -63,6 +63,10 @@ def test_promises_inside_a_step_allow_the_old_or_new_pattern_only():
     assert _first_wrong(raw, after[1]["a"], after[2]["a"], between=False) is None  # inside step 2: old or new
     assert "sector at 512" in _first_wrong(raw, after[1]["a"], {}, between=True)  # between steps: the promise only
     assert "sector at 0" in _first_wrong(bytes(2 * SECTOR), after[2]["a"], {}, between=True)  # flushed data read zero
+    garbage = bytes([0xAB]) * SECTOR + bytes(range(256)) * 2
+    assert "sector at 512" in _first_wrong(garbage, after[1]["a"], after[2]["a"], between=False)
+    assert _first_wrong(garbage, after[1]["a"], after[2]["a"], between=False, torn={1}) is None  # a torn rewrite
+    assert "sector at 0" in _first_wrong(bytes(2 * SECTOR), after[1]["a"], after[2]["a"], between=False, torn={1})
 
 
 @needs_tools
