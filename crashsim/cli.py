@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("controls", help="run every negative control and say whether each is caught")
     _trace_parser(sub)
     _record_parsers(sub)
+    _compare_parser(sub)
     return p
 
 
@@ -86,6 +87,28 @@ def _executor_option(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--executor", default=LOCAL, metavar="ADDRESS",
                    help=f"{prefix}where the states are explored: `local` (a process pool of --jobs) or the Dask scheduler "
                    "dask://HOST:PORT (or tcp://HOST:PORT); the results are those of --jobs 1")
+
+
+def _compare_parser(sub) -> None:
+    from .sidebyside import CONTROLS as COMPARE_CONTROLS, DEFAULT_COMPARE_MODELS, FORMATS, WORKLOADS
+
+    cmp = sub.add_parser("compare", help="the same workloads on qcow2 (qemu-img, qemu-io) and Lamina (lamina), crash states "
+                         "judged the same way, side by side",
+                         description="Records each workload once per format with strace, explores it under every model "
+                         "and classifies each crash state: ok, unopenable, corruption (check exit 2), leaks (exit 3), "
+                         "stale copy, lost flushed data, non-atomic.  Exits 0 when no Lamina state fails.")
+    cmp.add_argument("--workload", action="append", metavar="W", help=f"repeatable; default all: {', '.join(WORKLOADS)}")
+    cmp.add_argument("--format", default=",".join(FORMATS), help="comma-separated: qcow2, lamina")
+    cmp.add_argument("--model", default=",".join(DEFAULT_COMPARE_MODELS), help="comma-separated models; combine flags with +")
+    cmp.add_argument("--max-subset", type=int, default=Budget().max_subset, metavar="K",
+                     help="exhaustive subsets when at most K un-synced ops (else a seeded sample)")
+    cmp.add_argument("--samples", type=int, default=Budget().subset_samples, help="sampled subsets per crash point beyond K")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--control", help=f"negative control: {', '.join(COMPARE_CONTROLS)} (failing-check: both checkers; "
+                     "the others: a broken lamina recorded, as `crashsim trace --control`)")
+    cmp.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    cmp.add_argument("--keep-traces", metavar="DIR", help="keep each record as DIR/WORKLOAD-FORMAT.trace (for `crashsim explore`)")
+    cmp.add_argument("--output", choices=["human", "json"], default="human")
 
 
 def _budget_options(p: argparse.ArgumentParser) -> None:
@@ -391,11 +414,45 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     return _print_trace_results(args, budget, results, {}, time.perf_counter() - started)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import os
+
+    from .sidebyside import FAILURES, WORKLOADS, compare, table_lines
+
+    models = [Model.parse(m).name for m in args.model.split(",") if m]
+    formats = [f for f in args.format.split(",") if f]
+    budget = Budget(max_subset=args.max_subset, subset_samples=args.samples)
+    started = time.perf_counter()
+    human = args.output == "human"
+
+    def progress(row) -> None:
+        if human and sys.stderr.isatty():
+            print(f"{row.workload}/{row.fmt}/{row.model}: {row.states} states, {row.seconds:.1f} s", file=sys.stderr)
+
+    if args.keep_traces:
+        os.makedirs(args.keep_traces, exist_ok=True)
+    rows = compare(args.workload or list(WORKLOADS), formats, models, budget, args.seed, args.control, progress,
+                   args.keep_traces)
+    seconds = time.perf_counter() - started
+    failing = sum(r.failing for r in rows if r.fmt == "lamina")
+    if human:
+        print("\n".join(table_lines(rows, markdown=args.markdown)))
+        for r in rows:
+            for kind, (plan, message) in r.examples.items():
+                print(f"  {r.workload}/{r.fmt}/{r.model} {kind}: {plan}\n      {message}")
+        print(f"{len(rows)} rows, {sum(r.states for r in rows)} states ({sum(r.checked for r in rows)} distinct "
+              f"directories judged), Lamina states failing ({', '.join(FAILURES)}): {failing}, {seconds:.1f} s")
+    else:
+        print(json.dumps({"seconds": round(seconds, 2), "seed": args.seed, "budget": attrs.asdict(budget), "models": models,
+                          "control": args.control, "lamina_failing": failing, "rows": [r.to_json() for r in rows]}, indent=1))
+    return 1 if failing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"run": _cmd_run, "inject": _cmd_inject, "replay": _cmd_replay, "trace": _cmd_trace,
-                    "record": _cmd_record, "explore": _cmd_explore}
+                    "record": _cmd_record, "explore": _cmd_explore, "compare": _cmd_compare}
         return commands[args.command](args) if args.command in commands else _cmd_controls()
     except CrashsimError as exc:
         print(f"crashsim: error: {exc}", file=sys.stderr)
