@@ -27,6 +27,9 @@ from typing import Callable
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 LAMINA = [sys.executable, "-m", "lamina.impl.cli"]
+# qemu-io opens writethrough by default (a sync per write); `lamina io` makes writes durable at flush and close,
+# which is writeback.
+QEMU_IO = ["qemu-io", "-t", "writeback", "-f", "qcow2"]
 
 
 def parse_size(text: str) -> int:
@@ -88,6 +91,21 @@ def remove(*paths: str) -> Callable[[], None]:
     return clean
 
 
+def convert_rows(args: argparse.Namespace, j: Callable[[str], str], add: Callable[..., dict]) -> None:
+    """Both directions of convert on a raw file whose second half is written zeroes."""
+    size = args.convert_size
+    src = j("convert-src.raw")
+    print(f"convert: {human(size)} raw, the first half data, the second half written zeroes", file=sys.stderr)
+    write_data(src, size, [(0, size // 2, False), (size // 2, size - size // 2, True)])
+    lam, qcow, back_l, back_q = j("conv.lam"), j("conv.qcow2"), j("back-l.raw"), j("back-q.raw")
+    add(f"convert raw->image {human(size)}", LAMINA + ["convert", "-f", "raw", "-O", "lamina", src, lam],
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, qcow], before=(remove(lam), remove(qcow)))
+    add(f"convert image->raw {human(size)}", LAMINA + ["convert", "-O", "raw", lam, back_l],
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back_q], before=(remove(back_l), remove(back_q)))
+    os.unlink(src)
+    remove(lam, qcow, back_l, back_q)()
+
+
 def bench(args: argparse.Namespace, work: str) -> dict:
     j = lambda name: os.path.join(work, name)  # noqa: E731
     rows: list[dict] = []
@@ -102,7 +120,7 @@ def bench(args: argparse.Namespace, work: str) -> dict:
         print(f"  {name}: lamina {row['lamina_s']:.3f} s, qemu {row['qemu_s']:.3f} s, ratio {row['ratio']:.1f}", file=sys.stderr)
         return row
 
-    for data in args.data:
+    for data in args.data if "check-map" in args.only else []:
         raw, lam, qcow = j(f"d{human(data)}.raw"), j(f"d{human(data)}.lam"), j(f"d{human(data)}.qcow2")
         print(f"{human(data)} of data in a {human(args.disk)} disk: building the images", file=sys.stderr)
         write_data(raw, args.disk, [(0, data, False)])
@@ -115,20 +133,10 @@ def bench(args: argparse.Namespace, work: str) -> dict:
         os.unlink(lam)
         os.unlink(qcow)
 
-    size = args.convert_size
-    src = j("convert-src.raw")
-    print(f"convert: {human(size)} raw, the first half data, the second half written zeroes", file=sys.stderr)
-    write_data(src, size, [(0, size // 2, False), (size // 2, size - size // 2, True)])
-    lam, qcow, back_l, back_q = j("conv.lam"), j("conv.qcow2"), j("back-l.raw"), j("back-q.raw")
-    add(f"convert raw->image {human(size)}", LAMINA + ["convert", "-f", "raw", "-O", "lamina", src, lam],
-        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, qcow], before=(remove(lam), remove(qcow)))
-    add(f"convert image->raw {human(size)}", LAMINA + ["convert", "-O", "raw", lam, back_l],
-        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back_q], before=(remove(back_l), remove(back_q)))
-    os.unlink(src)
-    remove(lam, qcow, back_l, back_q)()
-
+    if "convert" in args.only:
+        convert_rows(args, j, add)
     lam, qcow = j("io.lam"), j("io.qcow2")
-    for n in args.commands:
+    for n in args.commands if "io" in args.only else []:
         # Alternate 4 KiB writes and reads of what was written, over distinct offsets of a 1 GiB disk.
         lines = [f"write -P {i // 2 % 256:#04x} {i // 2 * 4096 % GiB} 4k" if i % 2 == 0 else
                  f"read -P {i // 2 % 256:#04x} {i // 2 * 4096 % GiB} 4k" for i in range(n)]
@@ -146,15 +154,15 @@ def bench(args: argparse.Namespace, work: str) -> dict:
 
         fresh = (fresh_lamina, fresh_qcow2)
 
-        add(f"io {n} commands, stdin", LAMINA + ["io", lam], ["qemu-io", "-f", "qcow2", qcow], before=fresh,
+        add(f"io {n} commands, stdin", LAMINA + ["io", lam], QEMU_IO + [qcow], before=fresh,
             stdin=commands, commands=n, via="stdin")
         if n <= args.max_c:
             cs = [arg for line in lines for arg in ("-c", line)]
-            add(f"io {n} commands, -c", LAMINA + ["io", lam, *cs], ["qemu-io", "-f", "qcow2", qcow, *cs], before=fresh,
+            add(f"io {n} commands, -c", LAMINA + ["io", lam, *cs], QEMU_IO + [qcow, *cs], before=fresh,
                 commands=n, via="-c")
     remove(lam, qcow)()
     return {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "system": platform.platform()},
-            "disk": args.disk, "data": args.data, "convert_size": size, "runs": args.runs, "rows": rows}
+            "disk": args.disk, "data": args.data, "convert_size": args.convert_size, "runs": args.runs, "rows": rows}
 
 
 def render(result: dict) -> str:
@@ -182,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--convert-size", type=parse_size, default=GiB, help="raw file size for convert (1G)")
     parser.add_argument("--commands", type=int, nargs="+", default=[1000, 4000, 16000], help="io command counts")
     parser.add_argument("--max-c", type=int, default=16000, help="largest count also given as -c options (argv size)")
+    parser.add_argument("--only", nargs="+", choices=("check-map", "convert", "io"), default=["check-map", "convert", "io"],
+                        help="the groups of rows to run (default all)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each command (after one warm-up)")
     parser.add_argument("--output", choices=("text", "json"), default="text")
     parser.add_argument("--dir", default=None, help="directory for the images (default: a new temporary one)")
