@@ -6,6 +6,7 @@ from typing import Callable, Iterator
 
 from lamina.spec.errors import InvalidArgument
 from lamina.spec.structures import ROOT_MAGIC
+from lamina.spec.zeros import is_zero
 
 from .image import Image
 from .layers import open_target, parse_target
@@ -99,7 +100,7 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
                 while pos < end:
                     step = min(CHUNK - pos % CHUNK, end - pos)
                     data = source.read(pos, step)
-                    if any(data):
+                    if not is_zero(data):
                         write(pos, data)
                         written += step
                     if progress:

@@ -16,7 +16,6 @@ import attrs
 
 from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 from lamina.spec.layout import (
-    CLUSTERS_PER_REGION,
     DEFAULT_CLUSTER_BITS,
     MAX_BASE_PATH,
     MAX_INTENTS,
@@ -36,7 +35,7 @@ from lamina.spec.protocol import (
     recover,
     write_root,
 )
-from lamina.spec.regionmap import RegionMap, absent_runs, zero_absent
+from lamina.spec.regionmap import RegionMap, bit_runs, zero_absent
 from lamina.spec.replication import select_map, select_root
 from lamina.spec.storage import File, Storage
 from lamina.spec.references import (
@@ -402,15 +401,16 @@ class Image:
                 self._unsynced = False
             return
         g = self.geometry
-        spc = g.sectors_per_cluster
+        spc, size = g.sectors_per_cluster, g.cluster_size
         maps = []
         for region, clusters in sorted(self._dirty.items()):
             m = self._maps[region]
+            data_offset = g.region_data_offset(region)
             for c in clusters:
                 mask = m.cluster_mask(c)
                 if mask:
-                    data = self.file.pread(g.cluster_file_offset(region * CLUSTERS_PER_REGION + c), g.cluster_size)
-                    m.data_crcs[c] = cluster_crc(zero_absent(data.ljust(g.cluster_size, b"\0"), mask, spc), mask)
+                    data = self.file.pread(data_offset + c * size, size)
+                    m.data_crcs[c] = cluster_crc(zero_absent(data.ljust(size, b"\0"), mask, spc), mask)
                 else:
                     m.data_crcs[c] = 0
             maps.append(m)
@@ -520,45 +520,46 @@ class Image:
 
     # ----------------------------------------------------------------- inspection
     def extents(self) -> Iterator[Extent]:
-        """Runs of present and absent guest sectors, merged, in guest order."""
-        g = self.geometry
-        spc = g.sectors_per_cluster
-        run: list = [0, 0, False]
+        """Runs of present and absent guest sectors, merged, in guest order.
 
-        def emit(start: int, length: int, data: bool) -> Iterator[Extent]:
-            if run[1] and run[2] == data and run[0] + run[1] == start and (
-                    not data or g.guest_to_file(start) == g.guest_to_file(run[0]) + run[1]):
+        Each region's presence bitmap is split into runs as one integer
+        (`bit_runs`): a fully written region is one step, not one per sector.
+        Present runs merge only while their file bytes continue too, so never
+        across a region's end (its map copies lie between).
+        """
+        g = self.geometry
+        region_span, virtual_size = g.region_span, g.virtual_size
+        run: list = []  # [start, length, data, file offset or None]: the extent being merged
+
+        def emit(start: int, length: int, data: bool, offset: int | None) -> Extent | None:
+            """Merge into the open extent, or return it closed and open a new one."""
+            if run and run[2] == data and run[0] + run[1] == start and (not data or run[3] + run[1] == offset):
                 run[1] += length
-                return
-            if run[1]:
-                yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
-            run[:] = [start, length, data]
+                return None
+            done = Extent(*run) if run else None
+            run[:] = [start, length, data, offset]
+            return done
 
         end = 0
         for region in self._regions_in_use():
-            base = region * g.region_span
-            span = min(g.region_span, g.virtual_size - base)
+            base = region * region_span
+            span = min(region_span, virtual_size - base)
             m = self._map(region)
             if m is None or not m.any_present():
                 continue
-            if base > end:
-                yield from emit(end, base - end, False)
+            if base > end and (done := emit(end, base - end, False, None)):
+                yield done
             end = base + span
-            for c in range(-(-span // g.cluster_size)):
-                mask = m.cluster_mask(c)
-                limit = min(spc, (span - c * g.cluster_size) // SECTOR_SIZE)
-                k = 0
-                while k < limit:
-                    bit = mask >> k & 1
-                    j = k
-                    while j < limit and (mask >> j & 1) == bit:
-                        j += 1
-                    yield from emit(base + (c * spc + k) * SECTOR_SIZE, (j - k) * SECTOR_SIZE, bool(bit))
-                    k = j
-        if g.virtual_size > end:
-            yield from emit(end, g.virtual_size - end, False)
-        if run[1]:
-            yield Extent(run[0], run[1], run[2], g.guest_to_file(run[0]) if run[2] else None)
+            data_offset = g.region_data_offset(region)
+            for first, count, present in bit_runs(m.region_mask(), span // SECTOR_SIZE):
+                done = emit(base + first * SECTOR_SIZE, count * SECTOR_SIZE, present,
+                            data_offset + first * SECTOR_SIZE if present else None)
+                if done:
+                    yield done
+        if virtual_size > end and (done := emit(end, virtual_size - end, False, None)):
+            yield done
+        if run:
+            yield Extent(*run)
 
     def guest_data_ranges(self) -> list[tuple[int, int]]:
         """Guest ranges [start, end) that some layer of the chain holds, merged; everything else reads zero.
@@ -632,26 +633,22 @@ class Image:
         return m
 
     def _absent_runs(self, m: RegionMap, pos: int, stop: int) -> list[tuple[int, int]]:
-        """Guest ranges [lo, hi) within [pos, stop) whose sectors are absent from this layer."""
-        g = self._geometry
-        spc = g.sectors_per_cluster
-        full = (1 << spc) - 1
-        base = m.region * g.region_span
-        runs: list[tuple[int, int]] = []
-        for c in range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1):
-            mask = m.cluster_mask(c)
-            if mask == full:
-                continue
-            cluster_start = base + c * g.cluster_size
-            for start, count in absent_runs(mask, spc):
-                lo = max(pos, cluster_start + start * SECTOR_SIZE)
-                hi = min(stop, cluster_start + (start + count) * SECTOR_SIZE)
-                if lo < hi:
-                    if runs and runs[-1][1] == lo:
-                        runs[-1] = (runs[-1][0], hi)
-                    else:
-                        runs.append((lo, hi))
-        return runs
+        """Guest ranges [lo, hi) within [pos, stop) whose sectors are absent from this layer.
+
+        The sectors the request touches are taken from the bitmap as one
+        integer: a request whose sectors are all present costs one compare.
+        """
+        base = m.region * self._geometry.region_span
+        first = (pos - base) // SECTOR_SIZE
+        width = -(-(stop - base) // SECTOR_SIZE) - first
+        skip = first % 8
+        everything = (1 << width) - 1
+        bits = int.from_bytes(m.present[first // 8 : -(-(first + width) // 8)], "little") >> skip & everything
+        if bits == everything:
+            return []
+        start = base + first * SECTOR_SIZE
+        return [(max(pos, start + s * SECTOR_SIZE), min(stop, start + (s + n) * SECTOR_SIZE))
+                for s, n, present in bit_runs(bits, width) if not present]
 
     def _for_each_region(self, offset: int, length: int, action) -> None:
         """Run `action(pos, stop)` per region piece, after the pieces' regions are in the intent list."""

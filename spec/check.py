@@ -41,6 +41,7 @@ from .replication import select_map, select_root
 from .storage import File
 from .references import LAYER_NAME
 from .structures import BASE_NONE, FLAG_COMMITTING, Root, encode_root
+from .zeros import is_zero
 
 CORRUPTION = "corruption"
 DEGRADED = "degraded"
@@ -163,7 +164,7 @@ def _check_root_padding(file: File, root: Root, extents: list[tuple[int, int]], 
         if length > 0 and overlaps(extents, lo, length):
             # Only the allocated parts can hold bytes: holes read zero (a layer file is mostly holes).
             parts = [(max(lo, o), min(lo + length, o + n)) for o, n in extents if o < lo + length and o + n > lo]
-            if any(file.pread(a, b - a).count(0) != b - a for a, b in parts):
+            if not all(is_zero(file.pread(a, b - a)) for a, b in parts):
                 findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes in the root area at file offset {lo}",
                                         ("punch", lo, length)))
 
@@ -201,19 +202,23 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
         findings.append(Finding(CORRUPTION, "counter-exhausted", f"region {region}'s map generation is at MAX_COUNTER: "
                                 "no commit may move it on, so the region cannot be written again", None, span))
     m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
+    size, spc, virtual_size = geometry.cluster_size, geometry.sectors_per_cluster, geometry.virtual_size
     for slot in (0, 1):
         pad = geometry.map_copy_offset(region, slot) + geometry.map_used_length
-        tail = geometry.cluster_size - geometry.map_used_length
-        if any(file.pread(pad, tail)):
+        tail = size - geometry.map_used_length
+        if not is_zero(file.pread(pad, tail)):
             findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes after map copy {'AB'[slot]} of region {region} at file offset {pad}",
                                     ("punch", pad, tail)))
-    spc, size = geometry.sectors_per_cluster, geometry.cluster_size
+    # Plain integers for the loop: cluster c of the region lies at data_offset + c * size (identity mapping).
+    full = (1 << spc) - 1
+    first_cluster = region * CLUSTERS_PER_REGION
+    data_offset = geometry.region_data_offset(region)
     verified = 0
     for c in range(CLUSTERS_PER_REGION):
-        cluster = region * CLUSTERS_PER_REGION + c
+        cluster = first_cluster + c
         guest = cluster * size
-        offset = geometry.cluster_file_offset(cluster)
-        inside = max(0, min(spc, (geometry.virtual_size - guest) // SECTOR_SIZE))
+        offset = data_offset + c * size
+        inside = max(0, min(spc, (virtual_size - guest) // SECTOR_SIZE))
         mask = m.cluster_mask(c)
         if mask >> inside:
             findings.append(Finding(PENDING if pending else CORRUPTION, "map-invariant",
@@ -222,10 +227,15 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
             mask &= (1 << inside) - 1
         if not mask and not m.data_crcs[c] and not overlaps(extents, offset, size):
             continue
-        data = file.pread(offset, size).ljust(size, b"\0")
-        if not mask and not any(data) and not m.data_crcs[c]:
+        data = file.pread(offset, size)
+        if len(data) < size:
+            data = data.ljust(size, b"\0")
+        if not mask and not m.data_crcs[c] and is_zero(data):
             continue
-        leaked = [(s, n) for s, n in absent_runs(mask, spc) if any(data[s * SECTOR_SIZE : (s + n) * SECTOR_SIZE])]
+        if mask == full:  # every sector present: no absent bytes to judge, nothing to zero
+            leaked = []
+        else:
+            leaked = [(s, n) for s, n in absent_runs(mask, spc) if not is_zero(memoryview(data)[s * SECTOR_SIZE : (s + n) * SECTOR_SIZE])]
         if pending:
             if leaked:
                 findings.append(Finding(PENDING, "unflushed-bytes", f"cluster {cluster} holds bytes of an unflushed write; recovery punches them"))
@@ -237,7 +247,7 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
         expected = cluster_crc(zero_absent(data, mask, spc), mask)
         verified += 1
         if expected != m.data_crcs[c]:
-            length = min(size, geometry.virtual_size - guest) if guest < geometry.virtual_size else size
+            length = min(size, virtual_size - guest) if guest < virtual_size else size
             findings.append(Finding(CORRUPTION, "data-checksum",
                                     f"data of guest range [{guest}, {guest + length}) (cluster {cluster}, file offset {offset}) does not match its CRC32C",
                                     None, (guest, length)))

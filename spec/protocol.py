@@ -29,6 +29,7 @@ from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
 from .structures import Root, encode_map_copy, encode_root, next_counter, root_length_of
+from .zeros import is_zero
 
 
 def read_root_copies(file: File) -> list[bytes]:
@@ -116,7 +117,7 @@ def reconcile_region(file: File, geometry: Geometry, m: RegionMap, extents: list
             continue
         data = file.pread(offset, size).ljust(size, b"\0")
         for start, count in absent_runs(mask, spc):
-            if any(data[start * SECTOR_SIZE : (start + count) * SECTOR_SIZE]):
+            if not is_zero(memoryview(data)[start * SECTOR_SIZE : (start + count) * SECTOR_SIZE]):
                 file.punch_hole(offset + start * SECTOR_SIZE, count * SECTOR_SIZE)
         m.data_crcs[c] = cluster_crc(zero_absent(data, mask, spc), mask)
 

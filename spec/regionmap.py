@@ -12,6 +12,7 @@ import attrs
 
 from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, Geometry
 from .structures import MapCopy
+from .zeros import is_zero
 
 
 @attrs.define
@@ -61,22 +62,39 @@ class RegionMap:
             first += hi - lo
 
     def any_present(self) -> bool:
-        return any(self.present)
+        return not is_zero(self.present)
+
+    def region_mask(self) -> int:
+        """Presence bits of the whole region as one integer (bit i = sector i of the region)."""
+        return int.from_bytes(self.present, "little")
+
+
+def bit_runs(bits: int, width: int) -> list[tuple[int, int, bool]]:
+    """(first bit, count, set) of each maximal run of equal bits among bits 0 .. width-1, in order.
+
+    One step per run, not per bit: the length of a run of ones at the bottom
+    of `rest` is the position of its lowest zero bit, `(~rest & (rest + 1))`,
+    and of a run of zeros the position of its lowest one bit, `(rest & -rest)`.
+    """
+    runs = []
+    pos = 0
+    while pos < width:
+        rest = bits >> pos
+        if rest & 1:
+            count = (~rest & (rest + 1)).bit_length() - 1
+        else:
+            count = (rest & -rest).bit_length() - 1 if rest else width - pos
+        count = min(count, width - pos)
+        runs.append((pos, count, bool(rest & 1)))
+        pos += count
+    return runs
 
 
 def absent_runs(mask: int, sectors: int) -> list[tuple[int, int]]:
     """(first sector, count) of each run of clear bits in a cluster's presence mask."""
-    runs = []
-    k = 0
-    while k < sectors:
-        if mask >> k & 1:
-            k += 1
-            continue
-        start = k
-        while k < sectors and not mask >> k & 1:
-            k += 1
-        runs.append((start, k - start))
-    return runs
+    if mask == (1 << sectors) - 1:
+        return []  # every sector present: the common case of a written cluster
+    return [(start, count) for start, count, present in bit_runs(mask, sectors) if not present]
 
 
 def zero_absent(data: bytes, mask: int, sectors: int) -> bytes:

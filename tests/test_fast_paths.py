@@ -1,0 +1,190 @@
+"""The fast forms of per-request work agree with their plain definitions.
+
+Runs of presence bits are found a run at a time with integer tricks, zero
+buffers by comparing against zeros, command lines without quoting by
+`str.split`; each is checked here against the one-bit-, one-byte- or
+`shlex`-at-a-time definition it replaces, over random inputs.
+"""
+from __future__ import annotations
+
+import random
+import shlex
+import subprocess
+import sys
+
+from hypothesis import given, settings, strategies as st
+
+from lamina.impl.cli import take_io_commands
+from lamina.impl.image import Image
+from lamina.impl.iocmd import split_words
+from lamina.spec.layout import SECTOR_SIZE
+from lamina.spec.regionmap import absent_runs, bit_runs, zero_absent
+from lamina.spec.zeros import is_zero
+
+from conftest import pattern
+
+# Masks with long runs (a written cluster with a hole or two), not only uniform noise.
+runny_masks = st.lists(st.tuples(st.booleans(), st.integers(1, 40)), max_size=12).map(
+    lambda runs: int("".join(("1" if bit else "0") * n for bit, n in reversed(runs)) or "0", 2))
+
+
+def bit_runs_by_bit(bits: int, width: int) -> list[tuple[int, int, bool]]:
+    """The definition: walk the bits one by one, cutting where a bit differs from the one before."""
+    runs: list[tuple[int, int, bool]] = []
+    for k in range(width):
+        bit = bool(bits >> k & 1)
+        if runs and runs[-1][2] == bit:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, bit)
+        else:
+            runs.append((k, 1, bit))
+    return runs
+
+
+@given(st.one_of(runny_masks, st.integers(0, (1 << 300) - 1)), st.integers(0, 256))
+def test_bit_runs_agree_with_the_bit_by_bit_walk(bits, width):
+    assert bit_runs_by_bit(bits, width) == bit_runs(bits, width)
+
+
+@given(st.one_of(runny_masks, st.integers(0, (1 << 128) - 1)), st.sampled_from([8, 16, 64, 128]))
+def test_absent_runs_are_the_clear_runs(mask, sectors):
+    mask &= (1 << sectors) - 1
+    expected = [(s, n) for s, n, present in bit_runs_by_bit(mask, sectors) if not present]
+    assert expected == absent_runs(mask, sectors)
+
+
+@given(st.one_of(runny_masks, st.integers(0, 255)), st.integers(0, 1 << 32))
+def test_zero_absent_zeroes_exactly_the_absent_sectors(mask, seed):
+    mask &= 0xFF
+    data = pattern(seed, 8 * SECTOR_SIZE)
+    got = zero_absent(data, mask, 8)
+    for k in range(8):
+        sector = slice(k * SECTOR_SIZE, (k + 1) * SECTOR_SIZE)
+        assert got[sector] == (data[sector] if mask >> k & 1 else bytes(SECTOR_SIZE))
+
+
+@given(st.integers(0, 5 << 20), st.lists(st.integers(0, 5 << 20), max_size=3), st.integers(1, 255))
+@settings(max_examples=50)
+def test_is_zero_is_not_any(length, spots, value):
+    buffer = bytearray(length)
+    for spot in spots:
+        if spot < length:
+            buffer[spot] = value
+    assert (not any(buffer)) == is_zero(buffer) == is_zero(bytes(buffer)) == is_zero(memoryview(buffer))
+
+
+@given(st.text(alphabet=st.sampled_from(list("write -P0xab 4k\t\"'\\#\x0b\u00a0")), max_size=30))
+def test_split_words_is_shlex_split(line):
+    try:
+        expected = shlex.split(line)
+    except ValueError:
+        expected = None
+    try:
+        got = split_words(line)
+    except ValueError:
+        got = None
+    assert expected == got
+
+
+def sector_presence(image: Image) -> list[bool]:
+    """Per guest sector, whether the image's own map marks it present: read bit by bit."""
+    g = image.geometry
+    out = []
+    for sector in range(g.virtual_size // SECTOR_SIZE):
+        region, within = divmod(sector * SECTOR_SIZE, g.region_span)
+        m = image._map(region)
+        out.append(m is not None and bool(m.present[within // SECTOR_SIZE // 8] >> (within // SECTOR_SIZE % 8) & 1))
+    return out
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2 * 128 * 8 + 7), st.integers(1, 300)), max_size=12))
+@settings(max_examples=25, deadline=None)
+def test_extents_and_absent_ranges_follow_the_sector_bits(tmp_path_factory, ops):
+    """4 KiB clusters (8 sectors each), 2 regions and a bit: runs cross clusters and regions."""
+    path = str(tmp_path_factory.mktemp("fast") / "img.lam")
+    size = (2 * 128 * 8 + 8) * SECTOR_SIZE
+    with Image.create(path, size, 4096) as image:
+        for write, first, count in ops:
+            count = min(count, size // SECTOR_SIZE - first)
+            if count > 0:
+                if write:
+                    image.write(first * SECTOR_SIZE, pattern(first, count * SECTOR_SIZE))
+                else:
+                    image.discard(first * SECTOR_SIZE, count * SECTOR_SIZE)
+        present = sector_presence(image)
+        extents = list(image.extents())
+        assert sum(e.length for e in extents) == size
+        pos = 0
+        for e in extents:
+            assert e.start == pos and e.length > 0
+            assert all(present[s] == e.data for s in range(e.start // SECTOR_SIZE, (e.start + e.length) // SECTOR_SIZE))
+            if e.data:
+                assert e.offset == image.geometry.guest_to_file(e.start)
+            pos += e.length
+        for a, b in zip(extents, extents[1:]):  # merged: neighbours differ, or their file bytes do not continue
+            assert a.data != b.data or (a.data and a.offset + a.length != b.offset)
+        rng = random.Random(len(ops))
+        for _ in range(20):
+            lo = rng.randrange(0, size)
+            hi = rng.randrange(lo + 1, min(size, lo + 3 * image.geometry.region_span) + 1)
+            absent = [not present[s] for s in range(lo // SECTOR_SIZE, -(-hi // SECTOR_SIZE))]
+            got = image.absent_ranges(lo, hi)
+            covered = [any(a <= byte < b for a, b in got) for byte in
+                       [max(lo, s * SECTOR_SIZE) for s in range(lo // SECTOR_SIZE, -(-hi // SECTOR_SIZE))]]
+            assert covered == absent
+            assert all(lo <= a < b <= hi for a, b in got)
+
+
+def test_take_io_commands_keeps_order_and_leaves_the_rest():
+    argv = ["io", "-c", "write 0 4k", "-r", "-cflush", "img", "-c", "read 0 4k", "--", "-c"]
+    assert (["write 0 4k", "flush", "read 0 4k"], ["io", "-r", "img", "--", "-c"]) == take_io_commands(argv)
+    assert ([], ["io", "img", "-c"]) == take_io_commands(["io", "img", "-c"])  # no value: argparse says so
+
+
+def _lamina(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lamina.impl.cli", *args], capture_output=True, text=True,
+                          input=stdin if stdin is not None else "", timeout=120)
+
+
+def _without_timings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " ops; " not in line]  # the rate lines carry elapsed times
+
+
+COMMANDS = ["write -P 0x5a 0 64k", "write -z 4k 4k", "flush", "read -P 0x5a 0 4k", "read -P 0 4k 4k",
+            "read -v 8k 32", "discard 32k 16k", "read -P 0 32k 16k", "info"]
+
+
+def test_io_commands_from_stdin_and_a_file_run_as_with_c(tmp_path):
+    outputs = {}
+    commands_file = tmp_path / "commands.txt"
+    commands_file.write_text("\n".join(COMMANDS) + "\n")
+    for how in ("c", "stdin", "file", "file-stdin"):
+        image = str(tmp_path / f"{how}.lam")
+        assert 0 == _lamina("create", "--cluster-size", "4k", image, "1M").returncode
+        if how == "c":
+            done = _lamina("io", image, *[arg for command in COMMANDS for arg in ("-c", command)])
+        elif how == "stdin":
+            done = _lamina("io", image, stdin="\n".join(COMMANDS) + "\n")
+        elif how == "file":
+            done = _lamina("io", "-f", str(commands_file), image)
+        else:
+            done = _lamina("io", "-f", "-", image, stdin="\n".join(COMMANDS))
+        assert 0 == done.returncode, done.stderr
+        with Image.open(image, readonly=True) as opened:
+            outputs[how] = (_without_timings(done.stdout), opened.read(0, 1 << 20))
+    assert outputs["c"][0][-2:] == ["virtual size: 1048576", "cluster size: 4096"]
+    assert outputs["c"] == outputs["stdin"] == outputs["file"] == outputs["file-stdin"]
+
+
+def test_io_c_then_file_and_errors_stop_the_run(tmp_path):
+    image = str(tmp_path / "img.lam")
+    assert 0 == _lamina("create", image, "1M").returncode
+    commands_file = tmp_path / "commands.txt"
+    commands_file.write_text("read -P 0x11 0 4k\nwrite -P 0x100 0 4k\nwrite -P 0x22 0 4k\n")
+    done = _lamina("io", "-c", "write -P 0x11 0 4k", "-f", str(commands_file), image)
+    assert 1 == done.returncode
+    assert "invalid pattern" in done.stderr and "Traceback" not in done.stderr
+    assert 2 == done.stdout.count("bytes at offset 0")  # the write of -c, the read of the file, nothing after the error
+    with Image.open(image, readonly=True) as opened:
+        assert bytes([0x11]) * 4096 == opened.read(0, 4096)
+    missing = _lamina("io", "-f", str(tmp_path / "nope.txt"), image)
+    assert 1 == missing.returncode and "nope.txt" in missing.stderr and "Traceback" not in missing.stderr
