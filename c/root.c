@@ -256,6 +256,7 @@ static int root_read_copy(int fd, uint64_t file_size, uint32_t position, lc_root
 }
 
 /* Equal content of twins: byte for byte except slot and crc (F-ROOT-002). */
+#ifndef BROKEN_IGNORE_SECOND_COPY
 static int twins_equal(const lc_root *a, const lc_root *b)
 {
     if (a->root_length != b->root_length)
@@ -263,6 +264,7 @@ static int twins_equal(const lc_root *a, const lc_root *b)
     return !memcmp(a->buf, b->buf, 72) && !memcmp(a->buf + 76, b->buf + 76, 4092 - 76) &&
            !memcmp(a->buf + 4096, b->buf + 4096, a->root_length - 4096);
 }
+#endif
 
 int root_read_both(int fd, uint64_t file_size, lc_roots *roots)
 {

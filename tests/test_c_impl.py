@@ -1,0 +1,395 @@
+"""lamina-c, the second implementation of the format in C, against the reference.
+
+lamina-c is written from spec/FORMAT.md alone; these tests build it (and its four
+deliberately broken variants) with the system compiler, make images with the
+reference command and API, and hold lamina-c's `dump` to `lamina convert -O raw`
+byte for byte and its `check` exit code and finding kinds to `lamina check`'s.
+Each broken variant must fail exactly the cases that cover its defect: that is
+what shows the cases can fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from lamina.impl.cli import main as lamina_main
+from lamina.impl.image import Image
+
+REPO = Path(__file__).resolve().parent.parent
+C_SOURCES = sorted((REPO / "c").glob("*.c"))
+VARIANTS = ("BROKEN_IGNORE_SECOND_COPY", "BROKEN_TRUST_CRC", "BROKEN_BASE_PAST_END",
+            "BROKEN_SNAPSHOT_LAYER")
+KiB = 1024
+MiB = 1024 * 1024
+
+
+def lamina(*argv: str, cwd: Path) -> tuple[int, str]:
+    """Run the reference command in-process (a subprocess per call costs ~1 s here)."""
+    out = io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            code = lamina_main(list(argv))
+    finally:
+        os.chdir(old)
+    return code, out.getvalue()
+
+
+def pattern(seed: int, length: int) -> bytes:
+    """Bytes that differ at every offset, so a misplaced sector shows."""
+    return random.Random(seed).randbytes(length)
+
+
+# ----------------------------------------------------------------------------
+# Image builders: each makes its files in `d` and returns (dump target, check image).
+
+
+def build_cluster_size(cluster: int) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        size = 5 * cluster + 1536  # not a multiple of the cluster size
+        if cluster * 128 < 3 * MiB:
+            size = 3 * 128 * cluster + 7 * cluster + 512  # several regions
+        with Image.create(str(d / "disk.lam"), size, cluster_size=cluster) as img:
+            img.write(0, pattern(1, cluster + 512))
+            img.write(size - 1024, pattern(2, 1024))
+            img.write(2 * cluster, pattern(3, 3 * 512))
+            img.write_zeroes(256, 512)
+            img.discard(2 * cluster + 512, 512)
+        return "disk.lam", "disk.lam"
+    return build
+
+
+def build_raw_base(d: Path) -> tuple[str, str]:
+    (d / "base.raw").write_bytes(pattern(10, MiB))
+    with Image.create(str(d / "top.lam"), 2 * MiB, cluster_size=4096, base="base.raw",
+                      base_format="raw") as img:
+        img.write(8192, pattern(11, 4096))
+        img.discard(64 * KiB, 64 * KiB)  # over the base: stays present, reads zero
+        img.write(MiB + 4096, pattern(12, 512))
+    return "top.lam", "top.lam"
+
+
+def build_lamina_base(d: Path) -> tuple[str, str]:
+    with Image.create(str(d / "base.lam"), MiB, cluster_size=8192) as img:
+        img.write(0, pattern(20, 300 * KiB))
+    with Image.create(str(d / "top.lam"), 3 * MiB, cluster_size=4096, base="base.lam",
+                      base_format="lamina") as img:
+        img.write(4096, pattern(21, 8192))
+        img.write_zeroes(128 * KiB, 4096)
+    return "top.lam", "top.lam"
+
+
+def build_chain3(d: Path) -> tuple[str, str]:
+    (d / "a.raw").write_bytes(pattern(30, 2 * MiB))
+    with Image.create(str(d / "b.lam"), 2 * MiB, cluster_size=16384, base="a.raw",
+                      base_format="raw") as img:
+        img.write(512 * KiB, pattern(31, 64 * KiB))
+    with Image.create(str(d / "c.lam"), 2 * MiB, cluster_size=4096, base="b.lam",
+                      base_format="lamina") as img:
+        img.write(520 * KiB, pattern(32, 4096))
+    with Image.create(str(d / "top.lam"), 2 * MiB, cluster_size=65536, base="c.lam",
+                      base_format="lamina") as img:
+        img.write(0, pattern(33, 512))
+    return "top.lam", "top.lam"
+
+
+def make_snapshots(d: Path) -> None:
+    if (d / "disk.lam").exists():
+        return
+    with Image.create(str(d / "disk.lam"), 2 * MiB, cluster_size=4096) as img:
+        img.write(0, pattern(40, 64 * KiB))
+    (d / "vm.bin").write_bytes(pattern(41, 10000))
+    assert lamina("snapshot", "create", "--vmstate", "vm.bin", "--vm-clock", "123", "disk.lam",
+                  "monday", cwd=d)[0] == 0
+    with Image.open(str(d / "disk.lam")) as img:
+        img.write(4096, pattern(42, 4096))
+    assert lamina("snapshot", "create", "disk.lam", "tuesday", cwd=d)[0] == 0
+    with Image.open(str(d / "disk.lam")) as img:
+        img.write(8192, pattern(43, 4096))
+        img.resize(3 * MiB)
+        img.write(2 * MiB + 512, pattern(44, 512))
+
+
+def build_snapshot(name: str | None) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        make_snapshots(d)
+        return ("disk.lam@" + name if name else "disk.lam"), "disk.lam"
+    return build
+
+
+def build_clone(d: Path) -> tuple[str, str]:
+    make_snapshots(d)
+    assert lamina("clone", "disk.lam", "monday", "branch.lam", cwd=d)[0] == 0
+    with Image.open(str(d / "branch.lam")) as img:
+        img.write(12288, pattern(45, 4096))
+    return "branch.lam", "branch.lam"
+
+
+def build_crash(d: Path) -> tuple[str, str]:
+    """A copy of the file taken while a writer had unflushed writes: intents pending."""
+    with Image.create(str(d / "live.lam"), 4 * MiB, cluster_size=4096) as img:
+        img.write(0, pattern(50, 16 * KiB))
+    img = Image.open(str(d / "live.lam"))
+    try:
+        img.write(4096, pattern(51, 4096))
+        img.write(3 * MiB, pattern(52, 8192))
+        shutil.copyfile(d / "live.lam", d / "crash.lam")
+    finally:
+        img.close()
+    return "crash.lam", "crash.lam"
+
+
+def metadata(d: Path, image: str) -> list[dict]:
+    code, out = lamina("map", "--metadata", "--output", "json", image, cwd=d)
+    assert code == 0
+    return json.loads(out)["metadata"]
+
+
+def flip(path: Path, offset: int, mask: int = 0xFF) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def small_image(d: Path) -> None:
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(60, 64 * KiB))
+        img.write(600 * KiB, pattern(61, 4096))
+
+
+def build_damaged_root(d: Path) -> tuple[str, str]:
+    """Copy A's virtual_size moved by 512: only its CRC tells it is wrong."""
+    small_image(d)
+    root_a = [m for m in metadata(d, "disk.lam") if m["kind"] == "root" and m["copy"] == "A"][0]
+    flip(d / "disk.lam", root_a["offset"] + 17, 0x02)
+    return "disk.lam", "disk.lam"
+
+
+def build_damaged_map(copy: str) -> Callable[[Path], tuple[str, str]]:
+    """One map copy's presence bitmap inverted for sectors 0-7: only its CRC tells."""
+    def build(d: Path) -> tuple[str, str]:
+        small_image(d)
+        m = [m for m in metadata(d, "disk.lam")
+             if m["kind"] == "map" and m["copy"] == copy and m["region"] == 0][0]
+        flip(d / "disk.lam", m["offset"] + 576)
+        return "disk.lam", "disk.lam"
+    return build
+
+
+def build_flipped_data(d: Path) -> tuple[str, str]:
+    small_image(d)
+    code, out = lamina("map", "--output", "json", "disk.lam", cwd=d)
+    extent = [e for e in json.loads(out) if e.get("data")][0]
+    flip(d / "disk.lam", extent["offset"] + 100, 0x01)
+    return "disk.lam", "disk.lam"
+
+
+def build_both_roots(d: Path) -> tuple[str, str]:
+    small_image(d)
+    for m in metadata(d, "disk.lam"):
+        if m["kind"] == "root":
+            flip(d / "disk.lam", m["offset"] + 17, 0x02)
+    return "disk.lam", "disk.lam"
+
+
+def build_missing_snapshot_layer(d: Path) -> tuple[str, str]:
+    make_snapshots(d)
+    # monday is the snapshot taken with VM state: its layer is the one beside a .vmstate
+    vmstate = next((d / "disk.lam.layers").glob("*.vmstate"))
+    vmstate.with_suffix(".lam").unlink()
+    return "disk.lam@monday", "disk.lam"
+
+
+def build_base_shrunk(d: Path) -> tuple[str, str]:
+    """A shrink then a grow of the top: the base must not show through again."""
+    with Image.create(str(d / "base.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(70, MiB))
+    with Image.create(str(d / "top.lam"), MiB, cluster_size=4096, base="base.lam",
+                      base_format="lamina") as img:
+        img.write(4096, pattern(71, 4096))
+    assert lamina("resize", "--shrink", "top.lam", "512k", cwd=d)[0] == 0
+    assert lamina("resize", "top.lam", "1M", cwd=d)[0] == 0
+    return "top.lam", "top.lam"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[Path], tuple[str, str]]
+    group: str = ""  # cases of one group share a directory
+
+
+CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
+         (4 * KiB, 8 * KiB, 16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB,
+          1024 * KiB, 2048 * KiB)] + [
+    Case("raw-base", build_raw_base),
+    Case("lamina-base", build_lamina_base),
+    Case("chain-of-3", build_chain3),
+    Case("snapshot-monday", build_snapshot("monday"), "snap"),
+    Case("snapshot-tuesday", build_snapshot("tuesday"), "snap"),
+    Case("snapshot-top", build_snapshot(None), "snap"),
+    Case("clone", build_clone, "snap"),
+    Case("crash-pending", build_crash),
+    Case("damaged-root-a", build_damaged_root),
+    Case("damaged-map-a", build_damaged_map("A")),
+    Case("damaged-map-b", build_damaged_map("B")),
+    Case("flipped-data", build_flipped_data),
+    Case("both-roots-damaged", build_both_roots),
+    Case("missing-snapshot-layer", build_missing_snapshot_layer),
+    Case("base-shrunk-then-grown", build_base_shrunk),
+]
+
+# The cases each broken variant must fail, and no others.
+DEFECT_CASES = {
+    "BROKEN_IGNORE_SECOND_COPY": {"damaged-root-a", "damaged-map-a", "damaged-map-b"},
+    "BROKEN_TRUST_CRC": {"damaged-root-a", "damaged-map-a", "flipped-data", "both-roots-damaged"},
+    "BROKEN_BASE_PAST_END": {"base-shrunk-then-grown"},
+    "BROKEN_SNAPSHOT_LAYER": {"snapshot-monday", "snapshot-tuesday"},
+}
+
+
+@dataclass
+class Expected:
+    directory: Path
+    target: str
+    image: str
+    raw: bytes | None  # None: the reference refuses to read it
+    check_exit: int
+    kinds: set[str]
+
+
+@pytest.fixture(scope="module")
+def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler (cc) on this machine: lamina-c cannot be built")
+    out = tmp_path_factory.mktemp("bin")
+    built, jobs = {}, []
+    for variant in ("", *VARIANTS):
+        exe = out / ("lamina-c" + ("-" + variant if variant else ""))
+        flags = ["-O2"] if not variant else ["-O0", "-D" + variant]
+        jobs.append(subprocess.Popen([cc, "-std=c11", *flags, "-Wall", "-Wextra", "-Werror",
+                                      "-o", str(exe), *map(str, C_SOURCES)],
+                                     stderr=subprocess.PIPE, text=True))
+        built[variant] = exe
+    for job in jobs:
+        _, err = job.communicate()
+        assert job.returncode == 0, err
+    return built
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Expected]:
+    root = tmp_path_factory.mktemp("cases")
+    result = {}
+    for case in CASES:
+        d = root / (case.group or case.name)
+        d.mkdir(exist_ok=True)
+        with contextlib.chdir(d):  # bases are recorded relative to the image
+            target, image = case.build(d)
+        raw_name = f"{case.name}.reference.raw"
+        code, _ = lamina("convert", "-O", "raw", target, raw_name, cwd=d)
+        raw = (d / raw_name).read_bytes() if code == 0 else None
+        (d / raw_name).unlink(missing_ok=True)
+        code, out = lamina("check", "--output", "json", image, cwd=d)
+        report = json.loads(out) if out.strip().startswith("{") else {"findings": []}
+        result[case.name] = Expected(d, target, image, raw, code,
+                                     {f["kind"] for f in report.get("findings", [])})
+    return result
+
+
+def fingerprints(d: Path) -> dict[str, tuple[int, int, int]]:
+    """Size and change times of every file: a write to any of them changes these."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ctime_ns)
+            for p in sorted(d.rglob("*")) if p.is_file() and not p.name.endswith(".out")}
+
+
+def run_case(exe: Path, exp: Expected, name: str) -> list[str]:
+    """Every way lamina-c's answer differs from the reference's (empty: it agrees)."""
+    problems = []
+    before = fingerprints(exp.directory)
+    out = exp.directory / f"{name}.{exe.name}.out"
+    dump = subprocess.run([str(exe), "dump", exp.target, out.name], cwd=exp.directory,
+                          capture_output=True, text=True, timeout=60)
+    if exp.raw is None:
+        if dump.returncode != 2:
+            problems.append(f"dump exit {dump.returncode}, the reference refuses (expected 2)")
+    elif dump.returncode != 0:
+        problems.append(f"dump exit {dump.returncode}: {dump.stderr.strip()}")
+    elif out.read_bytes() != exp.raw:
+        problems.append("dump differs from lamina convert -O raw")
+    out.unlink(missing_ok=True)
+    check = subprocess.run([str(exe), "check", exp.image], cwd=exp.directory,
+                           capture_output=True, text=True, timeout=60)
+    kinds = {line.split(":", 1)[0] for line in check.stdout.splitlines() if ":" in line}
+    if check.returncode != exp.check_exit:
+        problems.append(f"check exit {check.returncode}, lamina check {exp.check_exit}:"
+                        f" {check.stdout.strip()}")
+    elif kinds != exp.kinds:
+        problems.append(f"check kinds {sorted(kinds)}, lamina check {sorted(exp.kinds)}")
+    if fingerprints(exp.directory) != before:
+        problems.append("an image file changed")
+    return problems
+
+
+def test_capabilities(binaries: dict[str, Path]) -> None:
+    done = subprocess.run([str(binaries[""]), "capabilities"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "dump check\n"
+    bad = subprocess.run([str(binaries[""]), "apply", "x", "y"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr
+
+
+@pytest.mark.parametrize("name", [c.name for c in CASES])
+def test_agrees_with_reference(binaries: dict[str, Path], expected: dict[str, Expected],
+                               name: str) -> None:
+    assert run_case(binaries[""], expected[name], name) == []
+
+
+def test_reference_verdicts_cover_every_class(expected: dict[str, Expected]) -> None:
+    """The cases reach every exit code of check and both refusal and success of a read."""
+    assert {e.check_exit for e in expected.values()} == {0, 1, 2, 3}
+    assert any(e.raw is None for e in expected.values())
+    assert expected["crash-pending"].kinds >= {"intents"}
+
+
+def test_dump_is_sparse(binaries: dict[str, Path], expected: dict[str, Expected]) -> None:
+    exp = expected["cluster-2048k"]
+    out = exp.directory / "sparse.out"
+    subprocess.run([str(binaries[""]), "dump", exp.target, out.name], cwd=exp.directory,
+                   check=True)
+    st = out.stat()
+    assert st.st_size == len(exp.raw or b"")
+    assert st.st_blocks * 512 < st.st_size // 2
+    out.unlink()
+
+
+def test_missing_files_and_snapshots_exit_1(binaries: dict[str, Path],
+                                            expected: dict[str, Expected]) -> None:
+    exp = expected["snapshot-top"]
+    for target in ("nosuch.lam", "disk.lam@nosuch"):
+        done = subprocess.run([str(binaries[""]), "dump", target, "x.out"], cwd=exp.directory,
+                              capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr, target
+    assert not (exp.directory / "x.out").exists()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_broken_variant_fails_exactly_its_cases(binaries: dict[str, Path],
+                                                expected: dict[str, Expected],
+                                                variant: str) -> None:
+    failing = {name for name in expected if run_case(binaries[variant], expected[name], name)}
+    assert failing == DEFECT_CASES[variant]
