@@ -93,6 +93,38 @@ int read_view(lc_layer *l, uint64_t off, uint64_t len, uint8_t *buf, int *touche
     return 0;
 }
 
+/* The lowest guest offset at or after `off` where the view of `l` may hold
+ * a non-zero byte: every region of a file without a data extent is never
+ * written (all absent), so a sparse dump skips it without reading. */
+static uint64_t view_next_data(lc_layer *l, uint64_t off)
+{
+    if (l->kind == BASE_RAW) {
+        off_t d = lseek(l->fd, (off_t)off, SEEK_DATA);
+        if (d < 0)
+            return errno == ENXIO ? UINT64_MAX : off;
+        return (uint64_t)d;
+    }
+    const lc_geometry *g = &l->geo;
+    uint64_t own = UINT64_MAX, below = UINT64_MAX;
+    if (off >= l->root->virtual_size)
+        return UINT64_MAX;
+    uint64_t r = off / g->region_span;
+    off_t d = lseek(l->fd, (off_t)(g->first_region_offset + r * g->region_stride), SEEK_DATA);
+    if (d < 0 && errno != ENXIO) {
+        own = off;
+    } else if (d >= 0 && (uint64_t)d >= g->first_region_offset) {
+        uint64_t rd = ((uint64_t)d - g->first_region_offset) / g->region_stride;
+        if (rd < g->num_regions)
+            own = rd * g->region_span > off ? rd * g->region_span : off;
+    }
+    if (l->base && off < l->visible) {
+        below = view_next_data(l->base, off);
+        if (below >= l->visible)
+            below = UINT64_MAX;
+    }
+    return own < below ? own : below;
+}
+
 /* F-SNAP-003: TEXT names an image when such a file exists or it holds no @;
  * otherwise IMAGE@SNAP, split at the last @. */
 static int parse_target(const char *text, char *image, size_t ilen, const char **snap)
@@ -171,8 +203,13 @@ int cmd_dump(const char *target, const char *out)
         rc = lc_fail(LC_ERROR, "%s: cannot set its length: %s", out, strerror(errno));
         goto done;
     }
-    for (uint64_t off = 0; off < size; off += DUMP_CHUNK) {
-        uint64_t n = size - off < DUMP_CHUNK ? size - off : DUMP_CHUNK;
+    for (uint64_t off = 0, n; off < size; off += n) {
+        uint64_t next = view_next_data(view, off);
+        if (next >= size)
+            break;
+        if (next > off)
+            off = next / SECTOR_SIZE * SECTOR_SIZE;
+        n = size - off < DUMP_CHUNK ? size - off : DUMP_CHUNK;
         int touched = 0;
         if ((rc = read_view(view, off, n, buf, &touched)))
             goto done;
