@@ -515,7 +515,7 @@ int cmd_check(const char *image)
             check_chain(snap);
         }
         layer_close_chain(snap);
-        if (root->snapshots[i].vmstate_size)
+        if (!rc && root->snapshots[i].vmstate_size)
             check_vmstate(image_top, &root->snapshots[i]);
     }
     check_layer_directory(image_top);

@@ -162,6 +162,10 @@ static int open_view(const char *target, lc_layer **top_out, lc_layer **view_out
     if (!snap) {
         *view_out = *top_out;
     } else {
+        /* The top is opened as an image, its chain included, before its table
+         * is used (as the reference does; FORMAT.md leaves this open). */
+        if ((rc = chain_open(*top_out)))
+            return rc;
         int idx = find_snapshot((*top_out)->root, snap);
         if (idx < 0)
             return lc_fail(LC_ERROR, "%s: no snapshot named %s (SnapshotNotFound)", image, snap);
