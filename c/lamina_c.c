@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 
 static int usage(void)
 {
@@ -15,6 +16,12 @@ int main(int argc, char **argv)
 {
     if (argc < 2)
         return usage();
+    /* A chain may hold MAX_CHAIN_DEPTH files, all open at once. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "capabilities")) {
         if (argc != 2)

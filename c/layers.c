@@ -86,6 +86,15 @@ int layer_open(const char *path, int is_top, const char *image_top, unsigned kin
         layer_close_chain(l);
         return lc_fail(LC_ERROR, "%s: is not a regular file", path);
     }
+    /* F-LOCK-001: a reader holds a shared OFD lock on every file it reads. */
+    struct flock lk = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    if (fcntl(l->fd, F_OFD_SETLK, &lk) < 0 && errno != EINVAL && errno != ENOLCK) {
+        int e = errno;
+        layer_close_chain(l);
+        if (e == EAGAIN || e == EACCES)
+            return lc_fail(LC_ERROR, "%s: is locked by another process (ImageLocked)", path);
+        return lc_fail(LC_ERROR, "%s: cannot lock: %s", path, strerror(e));
+    }
     l->dev = st.st_dev;
     l->ino = st.st_ino;
     l->file_size = (uint64_t)st.st_size;

@@ -393,3 +393,16 @@ def test_broken_variant_fails_exactly_its_cases(binaries: dict[str, Path],
                                                 variant: str) -> None:
     failing = {name for name in expected if run_case(binaries[variant], expected[name], name)}
     assert failing == DEFECT_CASES[variant]
+
+
+def test_a_writer_keeps_lamina_c_out(binaries: dict[str, Path], tmp_path: Path) -> None:
+    """F-LOCK-001/002: lamina-c takes shared locks, so an open writer makes it fail at once."""
+    with Image.create(str(tmp_path / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(80, 4096))
+        for command in (["dump", "disk.lam", "x.out"], ["check", "disk.lam"]):
+            done = subprocess.run([str(binaries[""]), *command], cwd=tmp_path,
+                                  capture_output=True, text=True)
+            assert done.returncode == 1 and "locked" in done.stderr
+    done = subprocess.run([str(binaries[""]), "check", "disk.lam"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == ""
