@@ -377,7 +377,7 @@ static void layer_file_name(const uint8_t *uuid, const char *suffix, char *out, 
 }
 
 /* T3: the VM state file has its recorded size and CRC32C. */
-static void check_vmstate(const char *image_top, const lc_snapshot *s)
+static void check_vmstate(const char *image_top, const lc_snapshot *s, int judge)
 {
     char name[64], path[PATH_MAX];
     layer_file_name(s->layer_uuid, ".vmstate", name, sizeof name);
@@ -385,6 +385,11 @@ static void check_vmstate(const char *image_top, const lc_snapshot *s)
         finding(CL_CORRUPT, "vmstate", NULL, "snapshot %s: VM state path too long", s->name);
         return;
     }
+    char real[PATH_MAX];
+    if (realpath(path, real))
+        reach(real); /* named by its entry, so reached, judged or not */
+    if (!judge)
+        return; /* the layer is already reported missing: as the reference */
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
@@ -394,9 +399,6 @@ static void check_vmstate(const char *image_top, const lc_snapshot *s)
             close(fd);
         return;
     }
-    char real[PATH_MAX];
-    if (realpath(path, real))
-        reach(real);
     if ((uint64_t)st.st_size != s->vmstate_size) {
         finding(CL_CORRUPT, "vmstate", NULL, "snapshot %s: VM state is %llu bytes, recorded %llu",
                 s->name, (unsigned long long)st.st_size, (unsigned long long)s->vmstate_size);
@@ -515,8 +517,8 @@ int cmd_check(const char *image)
             check_chain(snap);
         }
         layer_close_chain(snap);
-        if (!rc && root->snapshots[i].vmstate_size)
-            check_vmstate(image_top, &root->snapshots[i]);
+        if (root->snapshots[i].vmstate_size)
+            check_vmstate(image_top, &root->snapshots[i], rc == 0);
     }
     check_layer_directory(image_top);
     layer_close_chain(top);
