@@ -406,3 +406,145 @@ def test_a_writer_keeps_lamina_c_out(binaries: dict[str, Path], tmp_path: Path) 
     done = subprocess.run([str(binaries[""]), "check", "disk.lam"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == ""
+
+
+# ----------------------------------------------------------------------------
+# Hostile input: mutated images, many with their CRCs forged so that the field
+# rules, not the checksums, must catch them.  lamina-c (built with the address
+# and undefined-behaviour sanitizers where the compiler has them) must never
+# crash and must give the reference's verdict on every one.
+
+HOSTILE_VALUES = (0, 1, 2, 511, 512, 4095, 4096, 4097, 1 << 20, 1 << 31, (1 << 32) - 1, 1 << 50,
+                  (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
+ROOT_FIELDS = ((12, 4), (16, 8), (24, 8), (72, 4), (76, 4), (80, 4), (84, 4), (88, 8), (112, 8),
+               (120, 8), (128, 4), (132, 4), (3968, 4), (3972, 4), (3976, 8), (3984, 4), (3988, 8))
+HOSTILE_BASE_PATHS = (b"../a.raw", b"/etc/passwd", b"a.raw\0", b"b.lam", b"disk.lam",
+                      b"0" * 32 + b".lam", b"A" * 32 + b".lam", b"\xff\xfe", b"../" * 40 + b"x")
+
+
+def forge_root_crc(buf: bytearray, slot: int) -> None:
+    import crc32c
+    length = int.from_bytes(buf[slot + 80:slot + 84], "little")
+    if 4096 <= length <= 524288 and slot + length <= len(buf):
+        copy = bytearray(buf[slot:slot + length])
+        copy[4092:4096] = bytes(4)
+        buf[slot + 4092:slot + 4096] = crc32c.crc32c(bytes(copy)).to_bytes(4, "little")
+
+
+def forge_map_crc(buf: bytearray, offset: int, used: int) -> None:
+    import crc32c
+    copy = bytearray(buf[offset:offset + used])
+    copy[60:64] = bytes(4)
+    buf[offset + 60:offset + 64] = crc32c.crc32c(bytes(copy)).to_bytes(4, "little")
+
+
+def mutate(buf: bytearray, rng: random.Random) -> None:
+    """One hostile change to a layer file of 4 KiB clusters."""
+    slots = [0, 524288] if rng.random() < 0.5 else [rng.choice([0, 524288])]
+    kind = rng.randrange(6)
+    if kind == 0:  # random bits of the fixed root, CRC mostly forged
+        forge = rng.random() < 0.7
+        for slot in slots:
+            for _ in range(rng.randrange(1, 4)):
+                buf[slot + rng.randrange(4096)] ^= 1 << rng.randrange(8)
+            if forge:
+                forge_root_crc(buf, slot)
+    elif kind == 1:  # a field set to a boundary value, CRC forged
+        offset, size = rng.choice(ROOT_FIELDS)
+        value = rng.choice(HOSTILE_VALUES) & ((1 << (8 * size)) - 1)
+        for slot in slots:
+            buf[slot + offset:slot + offset + size] = value.to_bytes(size, "little")
+            forge_root_crc(buf, slot)
+    elif kind == 2:  # bits of the tail (base path, snapshot table), CRC forged
+        for slot in slots:
+            length = int.from_bytes(buf[slot + 80:slot + 84], "little")
+            if 4096 < length <= 524288:
+                buf[slot + 4096 + rng.randrange(length - 4096)] ^= 1 << rng.randrange(8)
+            forge_root_crc(buf, slot)
+    elif kind == 3:  # another base path, lengths and CRC forged
+        path = rng.choice(HOSTILE_BASE_PATHS)
+        for slot in slots:
+            if int.from_bytes(buf[slot + 84:slot + 88], "little") == 0:
+                continue
+            length = int.from_bytes(buf[slot + 80:slot + 84], "little")
+            old = int.from_bytes(buf[slot + 3968:slot + 3972], "little")
+            tail = bytes(buf[slot + 4096 + ((old + 7) & ~7):slot + length])
+            root = bytearray(buf[slot:slot + 4096]) + path + bytes(-len(path) % 8) + tail
+            root[3968:3972] = len(path).to_bytes(4, "little")
+            root[80:84] = len(root).to_bytes(4, "little")
+            buf[slot:slot + len(root)] = root
+            forge_root_crc(buf, slot)
+    elif kind == 4:  # bits of one or both map copies of a region, CRC mostly forged
+        first, stride, used = MiB, 130 * 4096, 576 + 4096 // 32
+        region = rng.randrange(max(1, (len(buf) - first) // stride))
+        copies = rng.choice([[0], [1], [0, 1]])
+        forge = rng.random() < 0.7
+        for copy in copies:
+            offset = first + region * stride + copy * 129 * 4096
+            if offset + used > len(buf):
+                continue
+            for _ in range(rng.randrange(1, 4)):
+                buf[offset + rng.randrange(used)] ^= 1 << rng.randrange(8)
+            if forge:
+                forge_map_crc(buf, offset, used)
+    elif rng.random() < 0.5:  # the file cut short
+        del buf[rng.randrange(len(buf)):]
+    else:  # any byte
+        buf[rng.randrange(len(buf))] ^= 0xFF
+
+
+@pytest.fixture(scope="module")
+def sanitized(binaries: dict[str, Path]) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    exe = binaries[""].parent / "lamina-c-sanitized"
+    done = subprocess.run([str(cc), "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
+                           "-fno-sanitize-recover=undefined", "-Wall", "-Wextra", "-Werror",
+                           "-o", str(exe), *map(str, C_SOURCES)], capture_output=True)
+    return exe if done.returncode == 0 else binaries[""]
+
+
+def test_hostile_images_agree_with_reference(sanitized: Path, tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    with contextlib.chdir(seed):
+        (seed / "a.raw").write_bytes(pattern(90, MiB))
+        with Image.create("b.lam", MiB, cluster_size=4096, base="a.raw", base_format="raw") as img:
+            img.write(4096, pattern(91, 8192))
+        with Image.create("disk.lam", 2 * MiB, cluster_size=4096, base="b.lam",
+                          base_format="lamina") as img:
+            img.write(0, pattern(92, 4096))
+            img.write(600 * KiB, pattern(93, 4096))
+        (seed / "vm.bin").write_bytes(pattern(94, 5000))
+        assert lamina("snapshot", "create", "--vmstate", "vm.bin", "disk.lam", "s1", cwd=seed)[0] == 0
+        with Image.open("disk.lam") as img:
+            img.write(8192, pattern(95, 4096))
+    rng = random.Random(20261201)
+    disagreements = []
+    for n in range(24):
+        d = tmp_path / f"m{n}"
+        shutil.copytree(seed, d)
+        target = rng.choice([d / "disk.lam", d / "b.lam", *sorted((d / "disk.lam.layers").glob("*.lam"))])
+        buf = bytearray(target.read_bytes())
+        mutate(buf, rng)
+        target.write_bytes(bytes(buf))
+        for image in ("disk.lam", "disk.lam@s1"):
+            code, _ = lamina("convert", "-O", "raw", image, "ref.out", cwd=d)
+            done = subprocess.run([str(sanitized), "dump", image, "c.out"], cwd=d,
+                                  capture_output=True, text=True, timeout=60)
+            assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+            assert done.returncode in (0, 1, 2), done.stderr
+            if (code == 0) != (done.returncode == 0) or (
+                    code == 0 and (d / "ref.out").read_bytes() != (d / "c.out").read_bytes()):
+                disagreements.append((n, target.name, image, code, done.returncode, done.stderr))
+            for out_name in ("ref.out", "c.out"):
+                (d / out_name).unlink(missing_ok=True)
+        code, out = lamina("check", "--output", "json", "disk.lam", cwd=d)
+        ref_kinds = {f["kind"] for f in json.loads(out)["findings"]} if out.startswith("{") else set()
+        done = subprocess.run([str(sanitized), "check", "disk.lam"], cwd=d, capture_output=True,
+                              text=True, timeout=60)
+        assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+        kinds = {line.split(":", 1)[0] for line in done.stdout.splitlines()}
+        if code != done.returncode or kinds != ref_kinds:
+            disagreements.append((n, target.name, "check", code, done.returncode, done.stdout))
+        shutil.rmtree(d)
+    assert disagreements == [], "\n".join(map(repr, disagreements))
