@@ -179,6 +179,9 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
         }
     }
     uint64_t spc = g->cluster_size / SECTOR_SIZE;
+    /* I5 and I6 judge the sectors a reader sees: a presence bit at or past
+     * the virtual size is ignored (F-MAP-005), as the reference does. */
+#define PRESENT(k) (first_sector + (k) < vs_sectors && map_present(map, (k)))
     int absent_bytes_reported = 0;
     for (uint64_t c = 0; c < CLUSTERS_PER_REGION; c++) {
         uint64_t coff = data_off + c * g->cluster_size;
@@ -187,7 +190,7 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
         if (is_hole(l, coff, g->cluster_size)) {
             /* a hole reads as zero: no absent byte to report, a known CRC */
             for (uint64_t s = 0; s < spc && !any_present; s++)
-                any_present = map_present(map, c * spc + s);
+                any_present = PRESENT(c * spc + s);
             crc = zero_cluster_crc(g->cluster_size, cluster);
         } else {
             if (pread_full(l->fd, cluster, g->cluster_size, coff) < 0) {
@@ -197,7 +200,7 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
             }
             for (uint64_t s = 0; s < spc; s++) {
                 uint8_t *sec = cluster + s * SECTOR_SIZE;
-                if (map_present(map, c * spc + s)) {
+                if (PRESENT(c * spc + s)) {
                     any_present = 1;
                 } else if (!all_zero(sec, SECTOR_SIZE)) {
                     if (!absent_bytes_reported) {
@@ -233,6 +236,7 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
 #endif
     }
     map_free(&maps);
+#undef PRESENT
 }
 
 /* The next region at or after r that holds a data extent of the file. */

@@ -202,6 +202,21 @@ int chain_open(lc_layer *top)
                                l->path, path);
             }
         }
+        char holder[PATH_MAX];
+        if (b->kind == BASE_LAMINA && image_of(path, holder, sizeof holder) == 0 &&
+            strcmp(holder, path) != 0) {
+            /* F-OPEN-003: a file named <uuid hex>.lam in a layer directory
+             * holds the layer of that uuid, on every path that opens it. */
+            char want[40];
+            const char *name = strrchr(path, '/') + 1;
+            for (int i = 0; i < 16; i++)
+                snprintf(want + 2 * i, 3, "%02x", b->root->image_uuid[i]);
+            if (strncmp(name, want, 32) != 0) {
+                layer_close_chain(b);
+                return lc_fail(LC_CORRUPT, "%s: %s holds another layer than its name says (LayerMismatch)",
+                               l->path, path);
+            }
+        }
         uint64_t size;
         if (b->kind == BASE_RAW) {
             size = b->file_size;

@@ -269,6 +269,128 @@ class Case:
     group: str = ""  # cases of one group share a directory
 
 
+# Forged images: fields only a forger (or a future writer) sets, with their
+# CRCs recomputed so that the field rules and check's invariants must judge them.
+
+MAX_COUNTER = (1 << 63) - 1
+SLOTS = (0, 524288)
+
+
+def set_root_field(buf: bytearray, offset: int, size: int, value: int,
+                   slots: tuple[int, ...] = SLOTS) -> None:
+    for slot in slots:
+        buf[slot + offset:slot + offset + size] = value.to_bytes(size, "little")
+        forge_root_crc(buf, slot)
+
+
+def set_map_field(buf: bytearray, offset: int, size: int, value: int) -> None:
+    """Region 0 of a 4 KiB-cluster image, both copies."""
+    for copy in (0, 129):
+        start = MiB + copy * 4096
+        buf[start + offset:start + offset + size] = value.to_bytes(size, "little")
+        forge_map_crc(buf, start, 576 + 4096 // 32)
+
+
+def forged(change: Callable[[bytearray], None]) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+            img.write(0, pattern(120, 8192))
+        buf = bytearray((d / "disk.lam").read_bytes())
+        change(buf)
+        (d / "disk.lam").write_bytes(bytes(buf))
+        return "disk.lam", "disk.lam"
+    return build
+
+
+def shrunk_listed(buf: bytearray) -> None:
+    """What a crash in a shrink leaves: the last region listed, bits past the new size."""
+    set_root_field(buf, 16, 8, 4096)
+    set_root_field(buf, 76, 4, 1)
+
+
+def build_overlay(change: Callable[[Path], None]) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        with Image.create(str(d / "b.lam"), MiB, cluster_size=4096) as img:
+            img.write(0, pattern(130, 8192))
+        with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096, base="b.lam",
+                          base_format="lamina") as img:
+            img.write(4096, pattern(131, 512))
+        change(d)
+        return "disk.lam", "disk.lam"
+    return build
+
+
+def base_generation_moved(committing: bool) -> Callable[[Path], None]:
+    def change(d: Path) -> None:
+        buf = bytearray((d / "disk.lam").read_bytes())
+        moved = int.from_bytes(buf[112:120], "little") + 1
+        set_root_field(buf, 112, 8, moved)
+        if committing:
+            set_root_field(buf, 3984, 4, 1)
+        (d / "disk.lam").write_bytes(bytes(buf))
+    return change
+
+
+def build_vmstate_damaged(d: Path) -> tuple[str, str]:
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(140, 8192))
+    (d / "vm.bin").write_bytes(pattern(141, 3000))
+    assert lamina("snapshot", "create", "--vmstate", "vm.bin", "disk.lam", "s1", cwd=d)[0] == 0
+    flip(next((d / "disk.lam.layers").glob("*.vmstate")), 5, 0x01)
+    return "disk.lam", "disk.lam"
+
+
+def build_layers_swapped(d: Path) -> tuple[str, str]:
+    """F-OPEN-003: two frozen layers' contents exchanged under their names."""
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(150, 8192))
+    assert lamina("snapshot", "create", "disk.lam", "s1", cwd=d)[0] == 0
+    with Image.open(str(d / "disk.lam")) as img:
+        img.write(0, pattern(151, 512))
+    assert lamina("snapshot", "create", "disk.lam", "s2", cwd=d)[0] == 0
+    first, second = sorted((d / "disk.lam.layers").glob("*.lam"))
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    return "disk.lam", "disk.lam"
+
+
+def build_raw_base_odd(d: Path) -> tuple[str, str]:
+    """F-MEAN-004: a recorded raw base of a length no tool makes, read byte by byte."""
+    (d / "a.raw").write_bytes(pattern(160, MiB))
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096, base="a.raw",
+                      base_format="raw") as img:
+        img.write(0, pattern(161, 512))
+    (d / "a.raw").write_bytes(pattern(160, MiB - 100))
+    buf = bytearray((d / "disk.lam").read_bytes())
+    set_root_field(buf, 120, 8, MiB - 100)   # base_size
+    set_root_field(buf, 3988, 8, MiB - 100)  # base_visible
+    (d / "disk.lam").write_bytes(bytes(buf))
+    return "disk.lam", "disk.lam"
+
+
+FORGED_CASES = [
+    Case("forged-generation-at-bound", forged(lambda b: set_root_field(b, 24, 8, MAX_COUNTER))),
+    Case("forged-data-generation-at-bound", forged(lambda b: set_root_field(b, 88, 8, MAX_COUNTER))),
+    Case("forged-next-snapshot-id-at-bound",
+         forged(lambda b: set_root_field(b, 3976, 8, MAX_COUNTER))),
+    Case("forged-map-generation-at-bound", forged(lambda b: set_map_field(b, 16, 8, MAX_COUNTER))),
+    Case("forged-committing-without-base", forged(lambda b: set_root_field(b, 3984, 4, 1))),
+    Case("forged-version-2-in-copy-b",
+         forged(lambda b: set_root_field(b, 8, 4, 2, slots=(524288,)))),
+    Case("forged-incompatible-feature-in-copy-a",
+         forged(lambda b: set_root_field(b, 32, 8, 1, slots=(0,)))),
+    Case("forged-crc-of-an-empty-cluster", forged(lambda b: set_map_field(b, 64 + 4 * 5, 4, 1234))),
+    Case("forged-presence-past-the-size", forged(lambda b: set_root_field(b, 16, 8, 4096))),
+    Case("forged-shrink-crash", forged(shrunk_listed)),
+    Case("committing-base-moved-on", build_overlay(base_generation_moved(True))),
+    Case("base-moved-on", build_overlay(base_generation_moved(False))),
+    Case("vmstate-damaged", build_vmstate_damaged),
+    Case("layers-swapped", build_layers_swapped),
+    Case("raw-base-of-odd-length", build_raw_base_odd),
+]
+
+
 CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
          (4 * KiB, 8 * KiB, 16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB,
           1024 * KiB, 2048 * KiB)] + [
@@ -290,12 +412,14 @@ CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
     Case("both-roots-damaged", build_both_roots),
     Case("missing-snapshot-layer", build_missing_snapshot_layer),
     Case("base-shrunk-then-grown", build_base_shrunk),
-]
+] + FORGED_CASES
 
 # The cases each broken variant must fail, and no others.
 DEFECT_CASES = {
-    "BROKEN_IGNORE_SECOND_COPY": {"damaged-root-a", "damaged-map-a", "damaged-map-b"},
-    "BROKEN_TRUST_CRC": {"damaged-root-a", "damaged-map-a", "flipped-data", "both-roots-damaged"},
+    "BROKEN_IGNORE_SECOND_COPY": {"damaged-root-a", "damaged-map-a", "damaged-map-b",
+                                  "forged-version-2-in-copy-b"},
+    "BROKEN_TRUST_CRC": {"damaged-root-a", "damaged-map-a", "flipped-data", "both-roots-damaged",
+                         "forged-crc-of-an-empty-cluster", "forged-presence-past-the-size"},
     "BROKEN_BASE_PAST_END": {"base-shrunk-then-grown"},
     "BROKEN_SNAPSHOT_LAYER": {"snapshot-monday", "snapshot-tuesday", "snapshot-by-id"},
 }
