@@ -126,7 +126,7 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
     uint64_t data_off = start + g->cluster_size;
     char what[128];
     lc_maps maps;
-    if (map_read_both(l->fd, g, root->image_uuid, r, &maps)) {
+    if (map_read_both(l->fd, l->file_size, g, root->image_uuid, r, &maps)) {
         finding(CL_CORRUPT, "map-unrecoverable", label, "region %llu: %s", (unsigned long long)r,
                 lc_errmsg);
         map_free(&maps);

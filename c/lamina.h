@@ -131,8 +131,8 @@ typedef struct {
     int other_stale; /* the other copy is valid and stale */
 } lc_maps;
 
-int map_read_both(int fd, const lc_geometry *g, const uint8_t *image_uuid, uint64_t region,
-                  lc_maps *maps);
+int map_read_both(int fd, uint64_t file_size, const lc_geometry *g, const uint8_t *image_uuid,
+                  uint64_t region, lc_maps *maps);
 void map_free(lc_maps *maps);
 int map_present(const uint8_t *map, uint64_t sector);
 

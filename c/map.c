@@ -60,8 +60,8 @@ static int map_twins_equal(const lc_mapcopy *a, const lc_mapcopy *b, size_t used
            !memcmp(a->buf + 64, b->buf + 64, used - 64);
 }
 
-static int read_copy(int fd, const lc_geometry *g, const uint8_t *image_uuid, uint64_t region,
-                     uint32_t position, lc_mapcopy *m)
+static int read_copy(int fd, uint64_t file_size, const lc_geometry *g, const uint8_t *image_uuid,
+                     uint64_t region, uint32_t position, lc_mapcopy *m)
 {
     uint64_t off = g->first_region_offset + region * g->region_stride +
                    (position ? (REGION_STRIDE_CLUSTERS - 1) * g->cluster_size : 0);
@@ -71,15 +71,21 @@ static int read_copy(int fd, const lc_geometry *g, const uint8_t *image_uuid, ui
     if (pread_full(fd, m->buf, g->map_used, off) < 0)
         return lc_fail(LC_ERROR, "cannot read map copy %c of region %llu: I/O error",
                        'A' + position, (unsigned long long)region);
+    if (off < file_size && file_size < off + g->map_used) {
+        /* cut short by the file's end: invalid, never "zeroed" */
+        m->status = COPY_OUT_OF_RANGE;
+        snprintf(m->why, sizeof m->why, "the file ends inside the copy");
+        return 0;
+    }
     judge_map(m, g, image_uuid, region, position);
     return 0;
 }
 
-int map_read_both(int fd, const lc_geometry *g, const uint8_t *image_uuid, uint64_t region,
-                  lc_maps *maps)
+int map_read_both(int fd, uint64_t file_size, const lc_geometry *g, const uint8_t *image_uuid,
+                  uint64_t region, lc_maps *maps)
 {
     memset(maps, 0, sizeof *maps);
-    int rc = read_copy(fd, g, image_uuid, region, 0, &maps->copy[0]);
+    int rc = read_copy(fd, file_size, g, image_uuid, region, 0, &maps->copy[0]);
     if (rc)
         return rc;
     lc_mapcopy *a = &maps->copy[0], *b = &maps->copy[1];
@@ -93,7 +99,7 @@ int map_read_both(int fd, const lc_geometry *g, const uint8_t *image_uuid, uint6
     b->zeroed = a->zeroed;
     b->generation = a->generation;
 #else
-    rc = read_copy(fd, g, image_uuid, region, 1, b);
+    rc = read_copy(fd, file_size, g, image_uuid, region, 1, b);
     if (rc)
         return rc;
 #endif

@@ -17,7 +17,7 @@ static int load_map(lc_layer *l, uint64_t r)
         return 0;
     map_free(&l->cached);
     l->cached_region = -1;
-    int rc = map_read_both(l->fd, &l->geo, l->root->image_uuid, r, &l->cached);
+    int rc = map_read_both(l->fd, l->file_size, &l->geo, l->root->image_uuid, r, &l->cached);
     if (rc)
         return rc;
     if (l->cached.state == MAP_NO_VALID_COPY)

@@ -203,18 +203,22 @@ static int root_read_copy(int fd, uint64_t file_size, uint32_t position, lc_root
     if (pread_full(fd, r->buf, ROOT_SIZE, base) < 0)
         return lc_fail(LC_ERROR, "cannot read root copy %c: I/O error", 'A' + position);
     r->zeroed = all_zero(r->buf, ROOT_SIZE);
-    if (file_size < base + ROOT_SIZE) {
-        bad(r, COPY_BAD_MAGIC, "the file ends before the copy's 4096 bytes");
+    if (file_size > base && file_size < base + ROOT_SIZE) {
+        /* a copy the file's end cuts short; one wholly past the end is zero */
+        bad(r, COPY_OUT_OF_RANGE, "the file ends inside the copy's 4096 bytes");
         return 0;
     }
     if (memcmp(r->buf, ROOT_MAGIC, 8) != 0) {
-        bad(r, r->zeroed ? COPY_BAD_MAGIC : COPY_BAD_MAGIC,
-            r->zeroed ? "copy is zeroed" : "bad magic at byte 0");
+        bad(r, COPY_BAD_MAGIC, r->zeroed ? "copy is zeroed" : "bad magic at byte 0");
         return 0;
     }
     uint32_t len = get_u32(r->buf + 80);
     if (len < ROOT_SIZE || len > ROOT_SLOT_SIZE) {
         bad(r, COPY_OUT_OF_RANGE, "root_length %u is not 4096 to 524288", len);
+        return 0;
+    }
+    if (base + len > file_size) {
+        bad(r, COPY_OUT_OF_RANGE, "root_length %u reaches past the end of the file", len);
         return 0;
     }
     if (len > ROOT_SIZE) {
