@@ -247,6 +247,16 @@ def build_layer_directory(d: Path) -> tuple[str, str]:
     return "disk.lam", "disk.lam"
 
 
+def build_layer_directory_link(d: Path) -> tuple[str, str]:
+    """F-OPEN-002: nothing is used inside a layer directory that is a symbolic link."""
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(170, 4096))
+    assert lamina("snapshot", "create", "disk.lam", "s1", cwd=d)[0] == 0
+    (d / "disk.lam.layers").rename(d / "real.layers")
+    (d / "disk.lam.layers").symlink_to("real.layers")
+    return "disk.lam", "disk.lam"
+
+
 def build_base_outside(d: Path) -> tuple[str, str]:
     """F-REF-001: a base outside the top's directory is never followed."""
     (d / "outside").mkdir()
@@ -403,6 +413,7 @@ CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
     Case("clone", build_clone, "snap"),
     Case("snapshot-by-id", build_snapshot_by_id, "snap"),
     Case("layer-directory-files", build_layer_directory),
+    Case("layer-directory-is-a-link", build_layer_directory_link),
     Case("base-outside-directory", build_base_outside),
     Case("crash-pending", build_crash),
     Case("damaged-root-a", build_damaged_root),
