@@ -341,6 +341,29 @@ def base_generation_moved(committing: bool) -> Callable[[Path], None]:
     return change
 
 
+def set_base_path(buf: bytearray, path: bytes) -> None:
+    """Replace the base path of both root copies, moving the snapshot table after it."""
+    for slot in SLOTS:
+        length = int.from_bytes(buf[slot + 80:slot + 84], "little")
+        old = int.from_bytes(buf[slot + 3968:slot + 3972], "little")
+        tail = bytes(buf[slot + 4096 + ((old + 7) & ~7):slot + length])
+        root = bytearray(buf[slot:slot + 4096]) + path + bytes(-len(path) % 8) + tail
+        root[3968:3972] = len(path).to_bytes(4, "little")
+        root[80:84] = len(root).to_bytes(4, "little")
+        buf[slot:slot + len(root)] = root
+        forge_root_crc(buf, slot)
+
+
+def build_base_loop(d: Path) -> tuple[str, str]:
+    """F-REF-002: disk.lam over b.lam over disk.lam, a chain no tool makes."""
+    def change(d: Path) -> None:
+        buf = bytearray((d / "b.lam").read_bytes())
+        set_root_field(buf, 84, 4, 2)  # base_kind: a Lamina layer
+        set_base_path(buf, b"disk.lam")
+        (d / "b.lam").write_bytes(bytes(buf))
+    return build_overlay(change)(d)
+
+
 def build_vmstate_damaged(d: Path) -> tuple[str, str]:
     with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
         img.write(0, pattern(140, 8192))
@@ -398,6 +421,7 @@ FORGED_CASES = [
     Case("vmstate-damaged", build_vmstate_damaged),
     Case("layers-swapped", build_layers_swapped),
     Case("raw-base-of-odd-length", build_raw_base_odd),
+    Case("base-loop", build_base_loop),
 ]
 
 
@@ -643,18 +667,8 @@ def mutate(buf: bytearray, rng: random.Random) -> None:
                 buf[slot + 4096 + rng.randrange(length - 4096)] ^= 1 << rng.randrange(8)
             forge_root_crc(buf, slot)
     elif kind == 3:  # another base path, lengths and CRC forged
-        path = rng.choice(HOSTILE_BASE_PATHS)
-        for slot in slots:
-            if int.from_bytes(buf[slot + 84:slot + 88], "little") == 0:
-                continue
-            length = int.from_bytes(buf[slot + 80:slot + 84], "little")
-            old = int.from_bytes(buf[slot + 3968:slot + 3972], "little")
-            tail = bytes(buf[slot + 4096 + ((old + 7) & ~7):slot + length])
-            root = bytearray(buf[slot:slot + 4096]) + path + bytes(-len(path) % 8) + tail
-            root[3968:3972] = len(path).to_bytes(4, "little")
-            root[80:84] = len(root).to_bytes(4, "little")
-            buf[slot:slot + len(root)] = root
-            forge_root_crc(buf, slot)
+        if int.from_bytes(buf[84:88], "little") != 0:
+            set_base_path(buf, rng.choice(HOSTILE_BASE_PATHS))
     elif kind == 4:  # bits of one or both map copies of a region, CRC mostly forged
         first, stride, used = MiB, 130 * 4096, 576 + 4096 // 32
         region = rng.randrange(max(1, (len(buf) - first) // stride))
