@@ -46,6 +46,7 @@
 /* Error state: one message, set by the function that found the problem. */
 extern char lc_errmsg[1024];
 int lc_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+extern int lc_lock_failed; /* the last failure was a lock another open holds */
 
 /* Little-endian field access on a byte buffer. */
 uint32_t get_u32(const uint8_t *p);

@@ -91,8 +91,10 @@ int layer_open(const char *path, int is_top, const char *image_top, unsigned kin
     if (fcntl(l->fd, F_OFD_SETLK, &lk) < 0 && errno != EINVAL && errno != ENOLCK) {
         int e = errno;
         layer_close_chain(l);
-        if (e == EAGAIN || e == EACCES)
+        if (e == EAGAIN || e == EACCES) {
+            lc_lock_failed = 1;
             return lc_fail(LC_ERROR, "%s: is locked by another process (ImageLocked)", path);
+        }
         return lc_fail(LC_ERROR, "%s: cannot lock: %s", path, strerror(e));
     }
     l->dev = st.st_dev;

@@ -157,6 +157,9 @@ static int open_view(const char *target, lc_layer **top_out, lc_layer **view_out
     if ((rc = image_of(image, image_top, sizeof image_top)))
         return rc;
     rc = layer_open(image, 1, image_top, BASE_LAMINA, top_out);
+    struct stat st;
+    if (rc == LC_ERROR && !lc_lock_failed && lstat(image, &st) == 0)
+        rc = LC_CORRUPT; /* the image exists but is no file a reader may use */
     if (rc)
         return rc;
     if (!snap) {
@@ -197,7 +200,7 @@ int cmd_dump(const char *target, const char *out)
         return rc;
     }
     uint8_t *buf = malloc(DUMP_CHUNK);
-    int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(out, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644); /* a new file */
     uint64_t size = view->root->virtual_size;
     if (!buf || fd < 0) {
         rc = lc_fail(LC_ERROR, "%s: cannot create: %s", out, strerror(errno));

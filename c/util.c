@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 char lc_errmsg[1024];
+int lc_lock_failed;
 
 int lc_fail(int code, const char *fmt, ...)
 {

@@ -582,7 +582,7 @@ def test_dump_is_sparse(binaries: dict[str, Path], expected: dict[str, Expected]
     out.unlink()
 
 
-def test_missing_files_and_snapshots_exit_1(binaries: dict[str, Path],
+def test_dump_exit_codes_for_files(binaries: dict[str, Path],
                                             expected: dict[str, Expected]) -> None:
     exp = expected["snapshot-top"]
     for target in ("nosuch.lam", "disk.lam@nosuch"):
@@ -590,6 +590,16 @@ def test_missing_files_and_snapshots_exit_1(binaries: dict[str, Path],
                               capture_output=True, text=True)
         assert done.returncode == 1 and done.stderr, target
     assert not (exp.directory / "x.out").exists()
+    (exp.directory / "there.out").write_bytes(b"keep")
+    done = subprocess.run([str(binaries[""]), "dump", "disk.lam", "there.out"],
+                          cwd=exp.directory, capture_output=True, text=True)
+    assert done.returncode == 1 and (exp.directory / "there.out").read_bytes() == b"keep"
+    (exp.directory / "there.out").unlink()
+    (exp.directory / "a-directory.lam").mkdir()
+    done = subprocess.run([str(binaries[""]), "dump", "a-directory.lam", "x.out"],
+                          cwd=exp.directory, capture_output=True, text=True)
+    assert done.returncode == 2 and not (exp.directory / "x.out").exists()
+    (exp.directory / "a-directory.lam").rmdir()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
