@@ -744,3 +744,51 @@ def test_hostile_images_agree_with_reference(binaries: dict[str, Path], tmp_path
             disagreements.append((n, target.name, "check", code, done.returncode, done.stdout))
         shutil.rmtree(d)
     assert disagreements == [], "\n".join(map(repr, disagreements))
+
+
+def forged_layer(image_uuid: bytes, slot: int, base_name: str | None,
+                 base_uuid: bytes | None) -> bytes:
+    """A root copy of an empty layer (virtual size 0) over a Lamina base, built field by field."""
+    import crc32c
+    path = base_name.encode() if base_name else b""
+    root = bytearray(4096 + (-len(path) % 8) + len(path))
+    root[0:8] = b"\x8aLAMINA\n"
+    root[8:32] = (1).to_bytes(4, "little") + (12).to_bytes(4, "little") + bytes(8) + \
+        (1).to_bytes(8, "little")  # version, cluster_bits, virtual_size, generation
+    root[56:72] = image_uuid
+    root[72:88] = b"".join(v.to_bytes(4, "little") for v in
+                           (slot, 0, len(root), 2 if base_name else 0))
+    root[88:96] = (1).to_bytes(8, "little")  # data_generation
+    if base_name and base_uuid:
+        root[96:112] = base_uuid
+        root[112:120] = (1).to_bytes(8, "little")
+    root[3968:3972] = len(path).to_bytes(4, "little")
+    root[3976:3984] = (1).to_bytes(8, "little")  # next_snapshot_id
+    root[4096:4096 + len(path)] = path
+    root[4092:4096] = crc32c.crc32c(bytes(root)).to_bytes(4, "little")
+    return bytes(root)
+
+
+def test_chain_depth_bound(binaries: dict[str, Path], tmp_path: Path) -> None:
+    """F-REF-002: a chain of MAX_CHAIN_DEPTH (2048) files is read; one more is ChainTooDeep."""
+    count = 2049
+    uuids = [random.Random(n).randbytes(16) for n in range(count)]
+    for n in range(count):
+        base = f"l{n + 1}.lam" if n + 1 < count else None
+        with open(tmp_path / f"l{n}.lam", "wb") as f:
+            for slot in (0, 1):
+                f.seek(slot * 524288)
+                f.write(forged_layer(uuids[n], slot, base, uuids[n + 1] if base else None))
+            f.truncate(MiB)
+    exe = str(binaries[""])
+    fits = subprocess.run([exe, "check", "l1.lam"], cwd=tmp_path, capture_output=True, text=True)
+    assert fits.returncode == 0 and fits.stdout == ""
+    assert subprocess.run([exe, "dump", "l1.lam", "l1.out"], cwd=tmp_path).returncode == 0
+    deep = subprocess.run([exe, "check", "l0.lam"], cwd=tmp_path, capture_output=True, text=True)
+    code, out = lamina("check", "--output", "json", "l0.lam", cwd=tmp_path)
+    assert (deep.returncode, code) == (2, 2)
+    assert {line.split(":", 1)[0] for line in deep.stdout.splitlines()} == \
+        {f["kind"] for f in json.loads(out)["findings"]} == {"base-reference"}
+    done = subprocess.run([exe, "dump", "l0.lam", "l0.out"], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "ChainTooDeep" in done.stderr
