@@ -257,6 +257,28 @@ def build_layer_directory_link(d: Path) -> tuple[str, str]:
     return "disk.lam", "disk.lam"
 
 
+def make_linked_tops(d: Path) -> None:
+    """F-OPEN-001, F-REF-001: a top named through symbolic links, beside it and elsewhere."""
+    if (d / "sub").exists():
+        return
+    (d / "sub").mkdir()
+    with Image.create(str(d / "sub" / "b.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(180, 8192))
+    with contextlib.chdir(d / "sub"):
+        with Image.create("top.lam", MiB, cluster_size=4096, base="b.lam",
+                          base_format="lamina") as img:
+            img.write(4096, pattern(181, 512))
+    (d / "sub" / "beside.lam").symlink_to("top.lam")
+    (d / "elsewhere.lam").symlink_to("sub/top.lam")  # its base would be ./b.lam: not there
+
+
+def build_linked_top(name: str) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        make_linked_tops(d)
+        return name, name
+    return build
+
+
 def build_base_outside(d: Path) -> tuple[str, str]:
     """F-REF-001: a base outside the top's directory is never followed."""
     (d / "outside").mkdir()
@@ -439,6 +461,8 @@ CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
     Case("layer-directory-files", build_layer_directory),
     Case("layer-directory-is-a-link", build_layer_directory_link),
     Case("base-outside-directory", build_base_outside),
+    Case("top-through-a-link-beside-it", build_linked_top("sub/beside.lam"), "links"),
+    Case("top-through-a-link-elsewhere", build_linked_top("elsewhere.lam"), "links"),
     Case("crash-pending", build_crash),
     Case("damaged-root-a", build_damaged_root),
     Case("damaged-map-a", build_damaged_map("A")),
