@@ -1,0 +1,40 @@
+/* crc32c.c: CRC32C (Castagnoli, reflected polynomial 0x82F63B78) in
+ * software, table-driven "slicing by 8": eight tables of 256 entries built
+ * on first use, eight bytes per step. */
+#include "lamina.h"
+
+static uint32_t table[8][256];
+static int table_ready;
+
+static void build_table(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            table[t][i] = (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xff];
+    table_ready = 1;
+}
+
+uint32_t crc32c(uint32_t crc, const void *data, size_t len)
+{
+    const uint8_t *p = data;
+    if (!table_ready)
+        build_table();
+    crc = ~crc;
+    while (len >= 8) {
+        uint32_t lo = crc ^ get_u32(p), hi = get_u32(p + 4);
+        crc = table[7][lo & 0xff] ^ table[6][(lo >> 8) & 0xff] ^ table[5][(lo >> 16) & 0xff] ^
+              table[4][lo >> 24] ^ table[3][hi & 0xff] ^ table[2][(hi >> 8) & 0xff] ^
+              table[1][(hi >> 16) & 0xff] ^ table[0][hi >> 24];
+        p += 8;
+        len -= 8;
+    }
+    while (len--)
+        crc = table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
