@@ -27,6 +27,7 @@ from lamina.spec.replication import select_root
 from lamina.spec.structures import Root, encode_root
 from lamina.spec.tree import check_tree
 
+from .covers import covers
 from .errors import GenerationError
 from .views import disk_view, read_ranges
 
@@ -60,6 +61,7 @@ def new_vector(root: str, category: str, name: str, description: str, needs: lis
     vector = Vector(category, name, directory, expect)
     with contextlib.chdir(directory), fixed_identities(f"lamina-conform/{category}/{name}"):
         yield vector
+    vector.expect["covers"] = covers(directory, vector.expect)
     with open(os.path.join(directory, "expect.json"), "w", encoding="utf-8") as fh:
         json.dump(vector.expect, fh, indent=1, sort_keys=True)
         fh.write("\n")

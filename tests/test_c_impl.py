@@ -816,3 +816,52 @@ def test_chain_depth_bound(binaries: dict[str, Path], tmp_path: Path) -> None:
     done = subprocess.run([exe, "dump", "l0.lam", "l0.out"], cwd=tmp_path, capture_output=True,
                           text=True)
     assert done.returncode == 2 and "ChainTooDeep" in done.stderr
+
+
+# The conformance kit's view of the same defects: which vectors each broken build must fail, at least (the vectors
+# built for that defect), and at most (the vectors whose `covers` names the defect's class, conform/covers.py).
+DEFECT_CLASSES = {
+    "BROKEN_IGNORE_SECOND_COPY": ("second-copy", {"valid/damaged-root-copy", "valid/damaged-map-copy",
+                                                  "invalid/unknown-incompatible-feature"}),
+    "BROKEN_TRUST_CRC": ("unverified-crc", {"valid/damaged-root-copy", "valid/damaged-map-copy", "invalid/data-checksum",
+                                            "invalid/root-both-checksum", "invalid/map-both-copies-bad"}),
+    "BROKEN_BASE_PAST_END": ("base-past-end", {"valid/chain-3"}),
+    "BROKEN_SNAPSHOT_LAYER": ("snapshot-layer", {"valid/snapshots", "valid/clone", "invalid/snapshot-layer-missing",
+                                                 "invalid/snapshot-layer-other-uuid"}),
+}
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lamina.conform.vectors import generate
+
+    root = tmp_path_factory.mktemp("kit") / "vectors"
+    generate(str(root))
+    return root
+
+
+def _conform(exe: Path, vectors: Path) -> tuple[int, dict[str, str]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = lamina_main(["conform", "--impl", str(exe), "--vectors", str(vectors), "--output", "json"])
+    return code, {f"{r['category']}/{r['name']}": r["status"] for r in json.loads(out.getvalue())["results"]}
+
+
+def test_lamina_c_passes_every_vector_of_the_kit(binaries: dict[str, Path], vectors: Path) -> None:
+    """The proof that FORMAT.md and the kit serve another language: every vector it can run passes."""
+    code, statuses = _conform(binaries[""], vectors)
+    assert 0 == code, {k: s for k, s in statuses.items() if s == "fail"}
+    assert {"pass"} == {s for k, s in statuses.items() if not k.startswith("scripts/")}
+    assert {"skip"} == {s for k, s in statuses.items() if k.startswith("scripts/")}  # no `apply`: a reader
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_broken_build_fails_the_vectors_of_its_defect_and_only_those(binaries: dict[str, Path], vectors: Path,
+                                                                        variant: str) -> None:
+    defect, built_for = DEFECT_CLASSES[variant]
+    code, statuses = _conform(binaries[variant], vectors)
+    failed = {k for k, s in statuses.items() if s == "fail"}
+    covering = {k for k in statuses if defect in json.loads((vectors / k / "expect.json").read_text())["covers"]}
+    assert 4 == code
+    assert built_for <= failed, f"{variant} passes vectors built for its defect: {sorted(built_for - failed)}"
+    assert failed <= covering, f"{variant} fails vectors that do not cover {defect}: {sorted(failed - covering)}"
