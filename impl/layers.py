@@ -21,7 +21,7 @@ import uuid as uuidlib
 from typing import Callable, Iterator, TypeVar
 
 import attrs
-import crc32c
+from lamina.spec.crc import crc32c
 
 from lamina.spec.errors import CommittingIntoSnapshot, CommittingWithoutBase, InvalidArgument, LaminaError, UnsafeFile
 from lamina.spec.layout import MAX_CHAIN_DEPTH, MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
@@ -215,7 +215,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
     if problem:
         raise InvalidSnapshotName(f"snapshot name {name!r} {problem}")
     if isinstance(vmstate, bytes):
-        vm_size, vm_crc = len(vmstate), crc32c.crc32c(vmstate)
+        vm_size, vm_crc = len(vmstate), crc32c(vmstate)
         write_vmstate: Callable[[File], None] = lambda target: target.pwrite(0, vmstate)
     elif vmstate is not None:
         vm_size, vm_crc, source = vmstate.size(), sparse_crc32c(vmstate), vmstate

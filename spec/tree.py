@@ -29,7 +29,7 @@ import os
 from typing import Iterator
 
 import attrs
-import crc32c
+from .crc import crc32c
 
 from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
 from .errors import FormatError, LaminaError
@@ -119,7 +119,7 @@ def sparse_crc32c(file: File) -> int:
             continue
         crc = crc32c_extend_zeros(crc, start - pos)
         for at in range(start, end, VMSTATE_CHUNK):
-            crc = crc32c.crc32c(file.pread(at, min(VMSTATE_CHUNK, end - at)), crc)
+            crc = crc32c(file.pread(at, min(VMSTATE_CHUNK, end - at)), crc)
         pos = end
     return crc32c_extend_zeros(crc, size - pos)
 
