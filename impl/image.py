@@ -321,7 +321,8 @@ class Image:
             if not first[0]:
                 if self._base_limit() <= offset:
                     return bytes(length)  # nothing here and nothing below
-                first = None  # nothing here: the walk below passes this layer by its empty region
+                if offset // g.region_span in self._empty:
+                    first = None  # nothing in the region: the walk below passes this layer by it
         out = bytearray(length)
         work: list[tuple[Image | RawBase, int, int]] = [(self, offset, end)]
         while work:
@@ -356,10 +357,13 @@ class Image:
         if m is None or not m.any_present():
             self._empty.add(region)  # until a write here (`_map` for writing clears it)
             return b"", [(pos, stop)]
+        runs = self._absent_runs(m, pos, stop)
+        if runs == [(pos, stop)]:
+            return b"", runs  # none of these sectors here: nothing to read from this file
         data = self.file.pread(self._geometry.guest_to_file(pos), stop - pos)
         if len(data) < stop - pos:
             data = data.ljust(stop - pos, b"\0")
-        return data, self._absent_runs(m, pos, stop)
+        return data, runs
 
     def _base_limit(self) -> int:
         """Guest bytes below which this layer sees its base; zero without one."""
