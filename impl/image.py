@@ -321,8 +321,7 @@ class Image:
             if not first[0]:
                 if self._base_limit() <= offset:
                     return bytes(length)  # nothing here and nothing below
-                if offset // g.region_span in self._empty:
-                    first = None  # nothing in the region: the walk below passes this layer by it
+                first = None  # none of it here: the walk below passes this layer by (or asks it again)
         out = bytearray(length)
         work: list[tuple[Image | RawBase, int, int]] = [(self, offset, end)]
         while work:
@@ -364,6 +363,18 @@ class Image:
         if len(data) < stop - pos:
             data = data.ljust(stop - pos, b"\0")
         return data, runs
+
+    def _lacks(self, lo: int, hi: int, region: int) -> bool:
+        """Whether the loaded map of `region` has no sector in any cluster [lo, hi) meets (False when not loaded).
+
+        Reads the working map itself, so the top's writes show at once.
+        """
+        m = self._maps.get(region)
+        if m is None:
+            return False
+        bits = self._geometry.cluster_bits
+        base = region * self._span
+        return all(not m.cluster_mask(c) for c in range((lo - base) >> bits, ((hi - 1 - base) >> bits) + 1))
 
     def _base_limit(self) -> int:
         """Guest bytes below which this layer sees its base; zero without one."""
@@ -666,7 +677,7 @@ class Image:
             if mask == full:
                 continue
             cluster_start = base + c * g.cluster_size
-            for start, count in absent_runs(mask, spc):
+            for start, count in absent_runs(mask, spc) if mask else ((0, spc),):  # the common case: none here
                 lo = max(pos, cluster_start + start * SECTOR_SIZE)
                 hi = min(stop, cluster_start + (start + count) * SECTOR_SIZE)
                 if lo < hi:
@@ -792,8 +803,16 @@ def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Ima
     while isinstance(layer, Image):
         span = layer._span
         region = lo // span
-        if (hi - 1) // span != region or region not in layer._empty:
+        if (hi - 1) // span != region:
             return layer, hi
+        if region not in layer._empty:
+            if not layer._lacks(lo, hi, region):
+                return layer, hi
+            hi = min(hi, layer._base_limit())  # a map here, but none of the piece's clusters: pass it by
+            if hi <= lo:
+                return None, hi
+            layer = layer.base
+            continue
         hi = min(hi, layer._base_limit())
         below = layer.base
         known = layer._skips.get(region)
