@@ -76,8 +76,8 @@ class MetadataRegion:
     region: int | None = None
 
 
-INTENT_READAHEAD = 8
-NO_LIMIT = 1 << 63  # above every virtual size: no layer passed narrows the piece  # regions listed ahead of a sequential writer
+INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
+NO_LIMIT = 1 << 63  # above every virtual size: no layer passed narrows the piece
 
 Method = TypeVar("Method", bound=Callable)
 
@@ -798,7 +798,9 @@ def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Ima
     the first of them, so the next read of the region jumps over it in one
     step: the layers below the first are bases, opened read-only, and never
     change while open; the first's own limit and base are looked up anew.
-    `None` when nothing below holds the piece.
+    A layer with a map for the region but no sector in the piece's clusters
+    is passed too, by a look at its loaded map (not remembered: the top's
+    map changes with every write).  `None` when nothing below holds the piece.
     """
     while isinstance(layer, Image):
         span = layer._span
