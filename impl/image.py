@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import uuid
 from typing import Callable, Iterator, TypeVar
 
 import attrs
@@ -164,6 +163,8 @@ class Image:
         if virtual_size is None and base is None:
             raise InvalidArgument("a size is needed for an image without a base")
         context = ImageContext.for_top(path, allow_bases)
+        import uuid  # only here: its import (with `platform`) would cost every command's start-up
+
         root = Root(cluster_bits=bits, virtual_size=0, image_uuid=uuid.uuid4().bytes)
         if base is not None:
             root = reference_base(root, base, base_format, context, storage, path)

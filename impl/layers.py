@@ -17,7 +17,6 @@ import functools
 import inspect
 import os
 import time
-import uuid as uuidlib
 from typing import Callable, Iterator, TypeVar
 
 import attrs
@@ -189,6 +188,8 @@ def _is_top(storage: Storage, path: str, image_uuid: bytes) -> bool:
 
 def _child_root(parent: Root, parent_name: str, **changes: object) -> Root:
     """A fresh empty top over the layer `parent` (stored as `parent_name` in the layer directory)."""
+    import uuid as uuidlib  # only here: its import (with `platform`) would cost every command's start-up
+
     root = Root(cluster_bits=parent.cluster_bits, virtual_size=parent.virtual_size, image_uuid=uuidlib.uuid4().bytes,
                 base_kind=BASE_LAMINA, base_path=parent_name, base_uuid=parent.image_uuid,
                 base_data_generation=parent.data_generation, base_size=parent.virtual_size,
