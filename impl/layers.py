@@ -545,9 +545,9 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
                         step = min(CHUNK, hi - pos)
                         old = top.read(pos, step)
                         new = fresh.read_padded(pos, step)
-                        if old != new:
-                            for lo, hi in _differing_sectors(old, new):
-                                top.write(pos + lo, old[lo:hi])
+                        if old != new:  # (names of their own: `lo, hi` bound the range being walked)
+                            for start, stop in _differing_sectors(old, new):
+                                top.write(pos + start, old[start:stop])
                         pos += step
             top.flush()
         top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,
