@@ -13,18 +13,17 @@ import json
 import os
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-from lamina.spec.check import CheckReport
 from lamina.spec.errors import InvalidArgument, LaminaError
-from lamina.spec.tree import check_tree, repair_tree
 
-from .convert import convert, detect_format
 from . import layers
 from .image import Image, image_lock
-from .iocmd import run_command
 from .osfile import OsStorage
 from .sizes import format_size, parse_size
+
+if TYPE_CHECKING:  # a handler imports what only it needs: every command pays for what is imported here
+    from lamina.spec.check import CheckReport
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -209,6 +208,8 @@ def _describe(report: CheckReport) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from lamina.spec.tree import check_tree, repair_tree
+
     storage = OsStorage()
     allowed = tuple(args.allow_base or ())
     if args.repair:
@@ -253,6 +254,8 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert, detect_format
+
     src_format = args.f or detect_format(args.src)
     from tqdm import tqdm  # only convert draws a bar: the import costs every other command ~0.1 s
 
@@ -296,6 +299,8 @@ def _command_lines(args: argparse.Namespace) -> Iterator[str]:
 
 
 def cmd_io(args: argparse.Namespace) -> int:
+    from .iocmd import run_command
+
     with _open(args, readonly=args.read_only) as image:
         for command in _command_lines(args):
             run_command(image, command, sys.stdout)

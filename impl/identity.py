@@ -4,15 +4,15 @@ Every `image_uuid` a writer makes and every snapshot's `creation_time_ns`
 is drawn here, so that a caller who must reproduce images byte for byte
 (the conformance kit's vectors) can fix both with `fixed_identities`
 instead of patching the modules that use them.  By default uuids are
-random (`uuid.uuid4`) and times are the host clock (`time.time_ns`).
+random (version 4 uuids, as `uuid.uuid4` makes them, without importing `uuid`:
+its import costs every command's start-up) and times are the host clock (`time.time_ns`).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import os
 import threading
 import time
-import uuid
 from typing import Iterator
 
 import attrs
@@ -28,11 +28,10 @@ class IdentitySource:
     drawn: int = 0
 
     def new_uuid(self) -> bytes:
+        import hashlib
+
         self.drawn += 1
-        digest = bytearray(hashlib.sha256(f"{self.seed}:{self.drawn}".encode()).digest()[:16])
-        digest[6] = digest[6] & 0x0F | 0x40  # version 4 and the RFC 4122 variant, as uuid4 gives
-        digest[8] = digest[8] & 0x3F | 0x80
-        return bytes(digest)
+        return _version_4(hashlib.sha256(f"{self.seed}:{self.drawn}".encode()).digest()[:16])
 
     def now_ns(self) -> int:
         self.clock_ns += self.step_ns
@@ -42,6 +41,14 @@ class IdentitySource:
 _local = threading.local()
 
 
+def _version_4(raw: bytes) -> bytes:
+    """16 bytes marked as a version 4 uuid of the RFC 4122 variant, as `uuid.uuid4` marks them."""
+    marked = bytearray(raw)
+    marked[6] = marked[6] & 0x0F | 0x40
+    marked[8] = marked[8] & 0x3F | 0x80
+    return bytes(marked)
+
+
 def _source() -> IdentitySource | None:
     return getattr(_local, "source", None)
 
@@ -49,7 +56,7 @@ def _source() -> IdentitySource | None:
 def new_uuid() -> bytes:
     """The `image_uuid` of a new layer file."""
     source = _source()
-    return source.new_uuid() if source is not None else uuid.uuid4().bytes
+    return source.new_uuid() if source is not None else _version_4(os.urandom(16))
 
 
 def now_ns() -> int:

@@ -76,6 +76,7 @@ class MetadataRegion:
 
 
 INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
+NO_LIMIT = 1 << 63  # above every virtual size: no layer passed narrows the piece
 
 Method = TypeVar("Method", bound=Callable)
 
@@ -135,6 +136,10 @@ class Image:
         self.context = context
         self.base = base
         self._maps: dict[int, RegionMap] = {}
+        self._empty = RegionFlags()  # regions known to hold no sector here: a chain walk skips them unread
+        self._span = self._geometry.region_span  # fixed: the cluster size of a layer never changes
+        # region -> (base it was found through, first layer below that may hold it, the limit on the way there)
+        self._skips: dict[int, tuple[Image | RawBase, Image | RawBase | None, int]] = {}
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
         self._unsynced = False
         self._content_changed = False  # whether data_generation was bumped since open
@@ -312,12 +317,17 @@ class Image:
             first = self._own_piece(offset, end)
             if first[0] and not first[1]:
                 return first[0]  # the whole request in one region of this layer: no copy
-            if not first[0] and self._base_limit() <= offset:
-                return bytes(length)  # nothing here and nothing below
+            if not first[0]:
+                if self._base_limit() <= offset:
+                    return bytes(length)  # nothing here and nothing below
+                first = None  # none of it here: the walk below passes this layer by (or asks it again)
         out = bytearray(length)
         work: list[tuple[Image | RawBase, int, int]] = [(self, offset, end)]
         while work:
             layer, lo, hi = work.pop()
+            layer, hi = _skip_empty(layer, lo, hi)
+            if layer is None:
+                continue  # nothing below holds these bytes: they stay zero
             if isinstance(layer, RawBase):
                 out[lo - offset : hi - offset] = layer.read(lo, hi - lo)
                 continue
@@ -340,13 +350,30 @@ class Image:
 
     def _own_piece(self, pos: int, stop: int) -> tuple[bytes, list[tuple[int, int]]]:
         """This layer's bytes over [pos, stop) within one region, and the runs it lacks (no bytes: it lacks all)."""
-        m = self._map(pos // self._geometry.region_span)
+        region = pos // self._geometry.region_span
+        m = self._map(region)
         if m is None or not m.any_present():
+            self._empty.add(region)  # until a write here (`_map` for writing clears it)
             return b"", [(pos, stop)]
+        runs = self._absent_runs(m, pos, stop)
+        if runs == [(pos, stop)]:
+            return b"", runs  # none of these sectors here: nothing to read from this file
         data = self.file.pread(self._geometry.guest_to_file(pos), stop - pos)
         if len(data) < stop - pos:
             data = data.ljust(stop - pos, b"\0")
-        return data, self._absent_runs(m, pos, stop)
+        return data, runs
+
+    def _lacks(self, lo: int, hi: int, region: int) -> bool:
+        """Whether the loaded map of `region` has no sector in any cluster [lo, hi) meets (False when not loaded).
+
+        Reads the working map itself, so the top's writes show at once.
+        """
+        m = self._maps.get(region)
+        if m is None:
+            return False
+        bits = self._geometry.cluster_bits
+        base = region * self._span
+        return all(not m.cluster_mask(c) for c in range((lo - base) >> bits, ((hi - 1 - base) >> bits) + 1))
 
     def _base_limit(self) -> int:
         """Guest bytes below which this layer sees its base; zero without one."""
@@ -436,6 +463,7 @@ class Image:
         self._write_root(virtual_size=virtual_size, intents=intents, base_visible=min(self._root.base_visible, virtual_size),
                          **self._content_change())
         self._maps = {r: m for r, m in self._maps.items() if r < new.num_regions}
+        self._empty = RegionFlags()
         self.file.truncate(new.file_length)
         if last is not None:
             m = self._map(last, for_write=True)
@@ -623,7 +651,13 @@ class Image:
         """A region's working map; never-written regions are not cached, so memory follows allocation."""
         m = self._maps.get(region)
         if m is not None:
+            if for_write:
+                self._empty.discard(region)
             return m
+        if for_write:
+            self._empty.discard(region)
+        elif region in self._empty:
+            return None
         g = self.geometry
         chosen = select_map(read_map_copies(self.file, g, region), g, region, self._root.image_uuid)
         if chosen.value is None and not for_write:
@@ -750,6 +784,80 @@ class Image:
         self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
         self._unsynced = True
         self._mark(pos, stop, self.base is not None)
+
+
+def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Image | RawBase | None", int]:
+    """The first layer from `layer` down that may hold bytes of [lo, hi), and how far up it is seen.
+
+    A layer known to hold nothing in the piece's region is passed without a
+    map lookup or a read; each one passed narrows the piece to what it sees
+    of its base.  A run of such layers (of one region size) is remembered by
+    the first of them, so the next read of the region jumps over it in one
+    step: the layers below the first are bases, opened read-only, and never
+    change while open; the first's own limit and base are looked up anew.
+    A layer with a map for the region but no sector in the piece's clusters
+    is passed too, by a look at its loaded map (not remembered: the top's
+    map changes with every write).  `None` when nothing below holds the piece.
+    """
+    while isinstance(layer, Image):
+        span = layer._span
+        region = lo // span
+        if (hi - 1) // span != region:
+            return layer, hi
+        if region not in layer._empty:
+            if not layer._lacks(lo, hi, region):
+                return layer, hi
+            hi = min(hi, layer._base_limit())  # a map here, but none of the piece's clusters: pass it by
+            if hi <= lo:
+                return None, hi
+            layer = layer.base
+            continue
+        hi = min(hi, layer._base_limit())
+        below = layer.base
+        known = layer._skips.get(region)
+        if known is not None and known[0] is below:
+            below, limit = known[1], known[2]
+        else:
+            limit = NO_LIMIT
+        # Extend the run from where it was known to end: layers below may have been found empty since.
+        while isinstance(below, Image) and below._span == span and region in below._empty:
+            limit = min(limit, below._base_limit())
+            below = below.base
+        if layer.base is not None:
+            layer._skips[region] = (layer.base, below, limit)
+        hi = min(hi, limit)
+        if below is None or hi <= lo:
+            return None, hi
+        layer = below  # a layer of another region size goes round again, with its own regions
+    return layer, hi
+
+
+class RegionFlags:
+    """A set of region indices, one bit each in 4096-region chunks made on first use.
+
+    Memory follows the regions touched (a 1 PiB disk has up to 2^31
+    regions), so every layer of a deep chain can remember its empty ones.
+    """
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, bytearray] = {}
+
+    def __contains__(self, region: int) -> bool:
+        chunk = self._chunks.get(region >> 12)
+        return chunk is not None and chunk[(region >> 3) & 511] >> (region & 7) & 1 == 1
+
+    def add(self, region: int) -> None:
+        chunk = self._chunks.get(region >> 12)
+        if chunk is None:
+            chunk = self._chunks[region >> 12] = bytearray(512)
+        chunk[(region >> 3) & 511] |= 1 << (region & 7)
+
+    def discard(self, region: int) -> None:
+        chunk = self._chunks.get(region >> 12)
+        if chunk is not None:
+            chunk[(region >> 3) & 511] &= ~(1 << (region & 7)) & 0xFF
 
 
 def write_new_layer(storage: Storage, path: str, root: Root) -> None:

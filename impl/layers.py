@@ -20,7 +20,7 @@ import time
 from typing import Callable, Iterator, TypeVar
 
 import attrs
-import crc32c
+from lamina.spec.crc import crc32c
 
 from lamina.spec.errors import CommittingIntoSnapshot, CommittingWithoutBase, InvalidArgument, LaminaError, UnsafeFile
 from lamina.spec.layout import MAX_CHAIN_DEPTH, MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
@@ -215,7 +215,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
     if problem:
         raise InvalidSnapshotName(f"snapshot name {name!r} {problem}")
     if isinstance(vmstate, bytes):
-        vm_size, vm_crc = len(vmstate), crc32c.crc32c(vmstate)
+        vm_size, vm_crc = len(vmstate), crc32c(vmstate)
         write_vmstate: Callable[[File], None] = lambda target: target.pwrite(0, vmstate)
     elif vmstate is not None:
         vm_size, vm_crc, source = vmstate.size(), sparse_crc32c(vmstate), vmstate
@@ -544,9 +544,9 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
                         step = min(CHUNK, hi - pos)
                         old = top.read(pos, step)
                         new = fresh.read_padded(pos, step)
-                        if old != new:
-                            for lo, hi in _differing_sectors(old, new):
-                                top.write(pos + lo, old[lo:hi])
+                        if old != new:  # (names of their own: `lo, hi` bound the range being walked)
+                            for start, stop in _differing_sectors(old, new):
+                                top.write(pos + start, old[start:stop])
                         pos += step
             top.flush()
         top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,

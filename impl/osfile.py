@@ -1,9 +1,9 @@
 """The operating system's backend of the storage interface (C1)."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
 import struct
@@ -13,10 +13,20 @@ from lamina.spec.storage import FileStat
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-# The running interpreter is linked against libc: CDLL(None) finds fallocate
-# there, where ctypes.util.find_library would fork `ldconfig` at every start.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+@functools.cache
+def _libc():  # -> (the C library, the ctypes module)
+    """libc with `fallocate` typed, loaded at the first punch: importing ctypes costs every command's start-up.
+
+    The running interpreter is linked against libc: CDLL(None) finds fallocate
+    there, where ctypes.util.find_library would fork `ldconfig`.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc, ctypes
 
 
 class StorageError(LaminaError):
@@ -71,7 +81,8 @@ class OsFile:
             return
         if self._punch_supported:
             mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-            if _libc.fallocate(self._fd, mode, offset, length) == 0:
+            libc, ctypes = _libc()
+            if libc.fallocate(self._fd, mode, offset, length) == 0:
                 return
             if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise StorageError(f"{self.path}: punch hole at {offset}+{length}: {os.strerror(ctypes.get_errno())}")

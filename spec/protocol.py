@@ -22,7 +22,7 @@ the intent list until a later root write, which costs one more.
 from __future__ import annotations
 
 import attrs
-import crc32c
+from .crc import crc32c
 
 from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, overlaps, root_copy_offset
 from .regionmap import RegionMap, absent_runs, zero_absent
@@ -92,7 +92,7 @@ def commit_maps(file: File, geometry: Geometry, maps: list[RegionMap], image_uui
 
 def cluster_crc(data: bytes, mask: int) -> int:
     """The checksum a map records for a data cluster: 0 when no sector is present."""
-    return crc32c.crc32c(data) if mask else 0
+    return crc32c(data) if mask else 0
 
 
 def reconcile_region(file: File, geometry: Geometry, m: RegionMap, extents: list[tuple[int, int]]) -> None:

@@ -95,13 +95,17 @@ def select_root(copies: list[bytes], rule: SelectionRule = slot_1_is_current, ta
     `rule` is the selection rule (only negative controls pass another one);
     `table=False` leaves the snapshot table undecoded (see `decode_root`).
     """
+    decoded: dict[int, Root] = {}  # each copy decoded once: `_select` takes these
+
     def decode(raw: bytes, slot: int) -> Root:
+        if slot in decoded:
+            return decoded[slot]
         return decode_root(raw, slot, table)
 
     errors: list[FormatError] = []
     for slot, raw in enumerate(copies):
         try:
-            decode(raw, slot)
+            decoded[slot] = decode(raw, slot)
         except (UnsupportedVersion, UnknownIncompatibleFeature) as exc:
             raise type(exc)(str(exc)) from None
         except FormatError as exc:

@@ -7,10 +7,11 @@ torn, zeroed, stale, misdirected or bit-flipped copy is told from a good one.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
 import attrs
-import crc32c
+from .crc import crc32c
 
 from .declare import decode_fields, encode_fields, field
 from .errors import BadChecksum, BadMagic, CounterExhausted, FieldOutOfRange, UnknownIncompatibleFeature, UnsupportedVersion
@@ -50,9 +51,9 @@ KNOWN_AUTOCLEAR_FEATURES: dict[int, str] = {}
 
 def structure_crc(data: bytes | bytearray, crc_offset: int) -> int:
     """CRC32C of a structure with its own 4-byte CRC field read as zero."""
-    value = crc32c.crc32c(bytes(data[:crc_offset]))
-    value = crc32c.crc32c(b"\0\0\0\0", value)
-    return crc32c.crc32c(bytes(data[crc_offset + 4 :]), value)
+    value = crc32c(bytes(data[:crc_offset]))
+    value = crc32c(b"\0\0\0\0", value)
+    return crc32c(bytes(data[crc_offset + 4 :]), value)
 
 
 def _zero(value: bytes) -> bool:
@@ -227,10 +228,16 @@ class Root:
 
     def same_content(self, other: "Root") -> bool:
         """Whether two copies carry the same version (they differ only in slot and CRC)."""
-        return attrs.evolve(self, slot=0, crc=0) == attrs.evolve(other, slot=0, crc=0)
+        return all(getattr(self, name) == getattr(other, name) for name in _root_content_fields())
 
     def snapshot(self, name: str) -> SnapshotEntry | None:
         return next((s for s in self.snapshots if s.text_name == name or str(s.id) == name), None)
+
+
+@functools.cache
+def _root_content_fields() -> tuple[str, ...]:
+    """Every field of a root but the two that differ between its copies: compared without building new roots."""
+    return tuple(a.name for a in attrs.fields(Root) if a.name not in ("slot", "crc"))
 
 
 ROOT_TAIL = [

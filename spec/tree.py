@@ -26,12 +26,11 @@ and not reached.  Anything else there is reported, never removed.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import attrs
-import crc32c
+from .crc import crc32c
 
-from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
 from .errors import FormatError, LaminaError
 from .protocol import read_root_copies
 from .references import (
@@ -47,9 +46,11 @@ from .references import (
     resolve_base,
     vmstate_file_name,
 )
-from .repair import repair_image
 from .replication import select_root
 from .storage import File, Storage
+
+if TYPE_CHECKING:  # the check functions import it when they run: opening an image (the tools' start-up) needs none of it
+    from .check import CheckReport, Finding
 from .structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, Root, SnapshotEntry
 
 
@@ -119,7 +120,7 @@ def sparse_crc32c(file: File) -> int:
             continue
         crc = crc32c_extend_zeros(crc, start - pos)
         for at in range(start, end, VMSTATE_CHUNK):
-            crc = crc32c.crc32c(file.pread(at, min(VMSTATE_CHUNK, end - at)), crc)
+            crc = crc32c(file.pread(at, min(VMSTATE_CHUNK, end - at)), crc)
         pos = end
     return crc32c_extend_zeros(crc, size - pos)
 
@@ -161,6 +162,8 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     Given a frozen layer rather than a top, the tree is that layer and its
     chain: the table it kept from when it was frozen is history, not snapshots.
     """
+    from .check import CORRUPTION, Finding
+
     context = ImageContext.for_layer(top_path, allowed)
     findings: list[Finding] = []
     files: list[str] = []
@@ -218,6 +221,8 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
 
 def _committing_view(root: Root, base_root: Root, path: str, findings: list[Finding]) -> Root:
     """The root as its identity check must see it: a commit in progress moves its base's data generation on."""
+    from .check import PENDING, Finding
+
     if not root.flags & FLAG_COMMITTING or base_root.data_generation == root.base_data_generation:
         return root
     findings.append(Finding(PENDING, "base-reference", f"{path}: a commit into its base {root.base_path!r} is in progress; "
@@ -276,6 +281,8 @@ def _is_top(path: str) -> bool:
 
 def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> CheckReport:
     """Check every layer of an image and the references between them; one report for the tree."""
+    from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
+
     context = ImageContext.for_layer(top_path, allowed)
     try:
         files, findings = layer_files(top_path, storage, allowed)
@@ -322,6 +329,8 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
 
 def repair_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> tuple[CheckReport, CheckReport]:
     """Repair every layer file, then remove orphans; references and VM state cannot be repaired."""
+    from .repair import repair_image
+
     before = check_tree(top_path, storage, allowed)
     try:
         files, _ = layer_files(top_path, storage, allowed)

@@ -231,3 +231,17 @@ def test_a_writable_open_costs_storage_operations_linear_in_the_snapshots(workdi
     steps = [b - a for a, b in zip(opens, opens[1:])]
     assert steps[1] <= steps[0], opens  # the cost of ten more snapshots does not grow with the snapshots
     assert opens[-1] <= 5 * 31, opens
+
+
+def test_safe_rebase_onto_nothing_copies_every_chunk_that_differs(workdir):
+    """Safe mode walks the absent ranges a chunk at a time: data past the first chunk that differs is copied up too."""
+    with Image.create("base.lam", 3 * layers.CHUNK, 4096) as base:
+        base.write(0, pattern(1, 4096))  # a difference in the first chunk ...
+        base.write(2 * layers.CHUNK + 8192, pattern(2, 4096))  # ... and one two chunks on
+    Image.create("top.lam", base="base.lam", base_format="lamina").close()
+    with Image.open("top.lam", readonly=True) as top:
+        before = top.read(0, top.virtual_size)
+    layers.rebase("top.lam", None)
+    with Image.open("top.lam", readonly=True) as top:
+        assert top.base is None
+        assert top.read(0, top.virtual_size) == before
