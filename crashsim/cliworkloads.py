@@ -178,8 +178,8 @@ def record_workload(workload: CliWorkload, control: str | None = None) -> Record
     return Recording(workload, base, tuple(recorder.ops), tuple(ends))
 
 
-def _lamina(argv: Sequence[str]) -> tuple[int, str]:
-    """Run the `lamina` command in-process; (exit code, its first line of output: the finding or the error)."""
+def run_lamina(argv: Sequence[str]) -> tuple[int, str]:
+    """The `lamina` command run in-process: its exit code and everything it printed (99: it raised)."""
     from lamina.impl.cli import main
 
     out = io.StringIO()
@@ -188,7 +188,13 @@ def _lamina(argv: Sequence[str]) -> tuple[int, str]:
             code = main(list(argv))
     except Exception as exc:  # a traceback is a failure of the state, reported as one
         return 99, f"{type(exc).__name__}: {exc}"
-    lines = out.getvalue().strip().splitlines()
+    return code, out.getvalue()
+
+
+def _lamina(argv: Sequence[str]) -> tuple[int, str]:
+    """Run the `lamina` command in-process; (exit code, its first line of output: the finding or the error)."""
+    code, text = run_lamina(argv)
+    lines = text.strip().splitlines()
     return code, lines[0] if lines else ""
 
 

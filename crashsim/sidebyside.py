@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shlex
@@ -50,7 +49,7 @@ from typing import Callable, Sequence
 
 import attrs
 
-from .cliworkloads import RECORD_CONTROLS
+from .cliworkloads import RECORD_CONTROLS, run_lamina
 from .errors import CrashsimError, UnknownControl, UnknownWorkload
 from .explore import Budget, Materialiser, Model, Plan, explore
 from .memstore import DiskState
@@ -321,17 +320,7 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def _lamina(argv: Sequence[str]) -> tuple[int, str]:
-    """The `lamina` command run in-process: its exit code and everything it printed."""
-    from lamina.impl.cli import main
-
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = main(list(argv))
-    except Exception as exc:  # a traceback is a failure of the state, reported as one
-        return 99, f"{type(exc).__name__}: {exc}"
-    return code, out.getvalue()
+_lamina = run_lamina  # the `lamina` command in-process: exit code and all it printed
 
 
 # ---------------------------------------------------------------------------- observing a directory
