@@ -22,7 +22,8 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 class ExecutorUnavailable(CrashsimError):
-    """An `--executor` address is malformed, `distributed` is not installed, or its scheduler is not reachable (exit code 9)."""
+    """An `--executor` address is malformed, `distributed` is not installed, or its scheduler is not reachable
+    or has no workers (exit code 9)."""
 
     exit_code = 9
 
@@ -62,6 +63,11 @@ def open_executor(address: str = LOCAL, jobs: int = 1, timeout: float | None = N
         raise ExecutorUnavailable(f"executor {address!r}: no Dask scheduler answered within {timeout:g} s "
                                   f"({type(exc).__name__})") from None
     try:
+        try:  # a scheduler without workers would hold every task, and the command, forever
+            client.wait_for_workers(1, timeout=timeout)
+        except (OSError, TimeoutError):
+            raise ExecutorUnavailable(f"executor {address!r}: the scheduler has no workers (none joined within "
+                                      f"{timeout:g} s); start some with `dask worker {scheduler}`") from None
         # pure=False: every submission runs (no hashing of large arguments into task keys).
         executor = client.get_executor(pure=False)
         try:

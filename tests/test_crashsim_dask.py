@@ -103,6 +103,16 @@ def test_an_unusable_executor_is_a_named_error_on_one_line(capsys, monkeypatch, 
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_scheduler_without_workers_is_the_named_error_not_a_hang(capsys, monkeypatch):
+    monkeypatch.setattr(executors, "CONNECT_TIMEOUT_S", 1.0)
+    with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=None, host="127.0.0.1",
+                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as empty:
+        capsys.readouterr()
+        assert crashsim_main(["run", "overwrite", "--model", "strict", "--executor", empty.scheduler_address]) == 9
+    err = capsys.readouterr().err
+    assert "the scheduler has no workers" in err and len(err.strip().splitlines()) == 1
+
+
 def test_without_distributed_an_address_is_the_named_error(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` now raises ImportError
     capsys.readouterr()
