@@ -51,10 +51,9 @@ import attrs
 
 from .cliworkloads import RECORD_CONTROLS, run_lamina
 from .errors import CrashsimError, UnknownControl, UnknownWorkload
-from .explore import Budget, Materialiser, Model, Plan, explore
+from .explore import Budget, Materialiser, Model, Plan
 from .memstore import DiskState
-from .syscalls import ProgramFailed, Recorder, compare_with_directory, directory_key, materialise, record, \
-    snapshot_directory
+from .syscalls import ProgramFailed, Recorder, compare_with_directory, judged_states, record, snapshot_directory
 
 FORMATS = ("qcow2", "lamina")
 KINDS = ("unopenable", "corruption", "leaks", "degraded", "lost", "non-atomic")  # what a state can show; "ok": none
@@ -577,19 +576,13 @@ def explore_recording(rec: Recording, tools: Tools, models: Sequence[str], budge
             row = Row(sc.workload, sc.fmt, model.name, len(rec.ops))
             checks_before = judge.checks
             judge.torn = bool(model.torn_unit)
-            for _tier, crash, outcomes, _ in explore(rec.ops, model, budget, seed):
+            def context(crash: int) -> tuple:  # a torn model may read garbage where another may not: judged apart
+                return judge.context(crash), judge.torn
+
+            for _tier, crash, outcomes, verdict, fresh in judged_states(rec.ops, materialiser, model, budget, seed,
+                                                                        scratch, verdicts, context, judge):
                 row.states += 1
-                state = materialiser.state(crash, outcomes, seed, model.torn_unit or 512)
-                key = (directory_key(state), judge.context(crash), judge.torn)
-                if key not in verdicts:
-                    where = os.path.join(scratch, f"state-{len(verdicts)}")
-                    materialise(state, where)
-                    try:
-                        verdicts[key] = judge(where, crash)
-                    finally:
-                        shutil.rmtree(where, ignore_errors=True)
-                    row.checked += 1
-                verdict = verdicts[key]
+                row.checked += fresh
                 row.ok += not verdict.kinds
                 row.leaked += verdict.leaks
                 row.new.update(verdict.new)

@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import Executor
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import attrs
 
@@ -44,6 +44,8 @@ SUPPORTED = ("open", "openat", "creat", "write", "writev", "pwrite64", "pwritev"
 REFUSED = ("rmdir", "symlink", "symlinkat", "copy_file_range", "sendfile", "splice", "msync", "openat2",
            "io_uring_setup", "io_uring_enter", "io_setup", "io_submit", "mknod", "mknodat")
 STRACE_STRING_LIMIT = 1 << 26
+
+V = TypeVar("V")  # what a judge of a crash state returns
 
 
 class TraceError(CrashsimError):
@@ -688,28 +690,44 @@ def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequenc
             model = Model.parse(model_name)
             barriers = barrier_of(ops, model)
             result = TraceResult(name, model.name, len(ops), variant)
-            for tier, crash, outcomes, _ in explore(ops, model, budget, seed):
+            for tier, crash, outcomes, verdict, fresh in judged_states(ops, materialiser, model, budget, seed, scratch,
+                                                                       verdicts, context, checker):
                 result.states += 1
-                state = materialiser.state(crash, outcomes, seed, model.torn_unit or 512)
-                key = (directory_key(state), context(crash))
-                if key not in verdicts:
-                    where = os.path.join(scratch, f"state-{len(verdicts)}")
-                    materialise(state, where)
-                    try:
-                        verdicts[key] = checker(where, crash)
-                    finally:
-                        shutil.rmtree(where, ignore_errors=True)
-                    result.checked += 1
-                if verdicts[key] is not None:
+                result.checked += fresh
+                if verdict is not None:
                     plan = Plan(name, model.name, seed, crash, tuple(sorted(outcomes.items())), variant=variant,
                                 pending=tuple(pending_at(barriers, crash)))
                     lost = tuple(f"op {i}: {describe_op(ops[i])}: {'dropped' if o == 'd' else 'torn ' + o[2:]}"
                                  for i, o in sorted(outcomes.items()))
-                    result.failures.append(Failure(plan.to_string(), verdicts[key], tier, lost))
+                    result.failures.append(Failure(plan.to_string(), verdict, tier, lost))
                     if stop_at_first:
                         break
             results.append(result)
     return results
+
+
+def judged_states(ops: tuple[Op, ...], materialiser: Materialiser, model: Model, budget: Budget, seed: int, scratch: str,
+                  verdicts: dict, context: Callable[[int], object], judge: Callable[[str, int], V]
+                  ) -> Iterator[tuple[str, int, dict[int, str], V, bool]]:
+    """Every crash state of `ops` under `model` with its verdict: (tier, crash, outcomes, verdict, fresh).
+
+    A state is written out as a directory under `scratch` and judged only
+    when no state with the same files and the same `context(crash)` was
+    judged before (`verdicts` keeps them, across models); `fresh` says it
+    was judged now.
+    """
+    for tier, crash, outcomes, _ in explore(ops, model, budget, seed):
+        state = materialiser.state(crash, outcomes, seed, model.torn_unit or 512)
+        key = (directory_key(state), context(crash))
+        fresh = key not in verdicts
+        if fresh:
+            where = os.path.join(scratch, f"state-{len(verdicts)}")
+            materialise(state, where)
+            try:
+                verdicts[key] = judge(where, crash)
+            finally:
+                shutil.rmtree(where, ignore_errors=True)
+        yield tier, crash, outcomes, verdicts[key], fresh
 
 
 def check_plan(base: DiskState, ops: Sequence[Op], plan: Plan, checker: Checker) -> str | None:
