@@ -1,5 +1,5 @@
 """The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff,
-vectors and conform (the conformance kit, `conform/`).
+send, receive, vectors and conform (the conformance kit, `conform/`).
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
 traceback); `check` as `qemu-img check`: 0 clean (pending work of an
@@ -268,6 +268,43 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    from .replicate import send
+
+    if args.o is None and sys.stdout.isatty():
+        raise InvalidArgument("send writes a binary stream: redirect standard output to a file or pipe, or pass -o FILE")
+    if args.o is not None:
+        with open(args.o, "xb") as out:
+            try:
+                stats = send(args.image, out, args.i, force_share=_force_share(args))
+            except BaseException:
+                os.unlink(args.o)  # ours, made just now: a stream that failed midway is no stream
+                raise
+    else:
+        sys.stdout.flush()
+        stats = send(args.image, sys.stdout.buffer, args.i, force_share=_force_share(args))
+        sys.stdout.buffer.flush()
+    data = {"records": stats.records, "data-bytes": stats.data_bytes, "zero-bytes": stats.zero_bytes,
+            "vmstate-bytes": stats.vmstate_bytes, "stream-bytes": stats.stream_bytes, "full": stats.full}
+    if args.verbose:
+        print(json.dumps(data) if args.output == "json" else
+              f"sent {stats.stream_bytes} bytes: {stats.data_bytes} of data, {stats.zero_bytes} zeroed, "
+              f"{stats.vmstate_bytes} of VM state, in {stats.records} records", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    from .replicate import receive
+
+    if args.i is not None:
+        with open(args.i, "rb") as source:
+            name = receive(args.image, source, args.F)
+    else:
+        name = receive(args.image, sys.stdin.buffer, args.F)
+    print(f"Received snapshot {name!r} into {args.image}.")
+    return EXIT_OK
+
+
 def cmd_resize(args: argparse.Namespace) -> int:
     with Image.open(args.image) as image:
         text = args.size
@@ -456,6 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a raw file, IMAGE or IMAGE@SNAPSHOT")
     p.add_argument("dst")
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("send", help="write a snapshot (IMAGE@SNAP) as a verified stream, or only what changed since -i SNAP")
+    p.add_argument("-i", metavar="SNAP", help="send only what changed since this snapshot (the receiver holds it)")
+    p.add_argument("-o", metavar="FILE", help="write the stream to a new FILE (default: standard output)")
+    p.add_argument("-v", "--verbose", action="store_true", help="report the stream's size on standard error")
+    output(p)
+    share(p)
+    p.add_argument("image", help="IMAGE@SNAPSHOT")
+    p.set_defaults(run=cmd_send)
+
+    p = sub.add_parser("receive", help="receive a stream made by send: a new image, or a snapshot on top of one held")
+    p.add_argument("-i", metavar="FILE", help="read the stream from FILE (default: standard input)")
+    p.add_argument("-F", action="store_true", help="drop writes the image made since its last snapshot")
+    p.add_argument("image")
+    p.set_defaults(run=cmd_receive)
 
     p = sub.add_parser("resize", help="grow or shrink the guest disk (SIZE, +SIZE or -SIZE)")
     p.add_argument("--shrink", action="store_true")

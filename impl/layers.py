@@ -713,6 +713,9 @@ def diff(a: Image, b: Image) -> Iterator[tuple[int, int]]:
     ranges = []
     for layer in chain_a[: common[0]] + chain_b[: common[1]]:
         ranges += [(e.start, e.start + e.length) for e in layer.extents() if e.data]
+        limit = layer._base_limit()  # past it the layer hides its base: absent sectors read zero there
+        if limit < layer.virtual_size:
+            ranges.append((limit, layer.virtual_size))
     small = min(a.virtual_size, b.virtual_size)
     if size > small:
         ranges.append((small, size))

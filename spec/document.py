@@ -63,10 +63,10 @@ def root_tail_table() -> str:
 
 def errors_table() -> str:
     """Every named error the spec raises, with what it means: what a reader must report, by name."""
-    from . import errors, references
+    from . import errors, references, stream
 
     rows = ["| error | kind of | meaning |", "|---|---|---|"]
-    for module in (errors, references):
+    for module in (errors, references, stream):
         for name, value in vars(module).items():
             if isinstance(value, type) and issubclass(value, errors.LaminaError) and value.__module__ == module.__name__:
                 parent = value.__mro__[1].__name__
@@ -85,6 +85,12 @@ def findings_tables() -> str:
     return "\n".join(rows)
 
 
+def _stream_table(name: str) -> str:
+    from . import stream
+
+    return markdown_table(getattr(stream, name))
+
+
 def proofs_table() -> str:
     try:
         from .proofs import properties_markdown  # type: ignore[attr-defined]
@@ -97,6 +103,9 @@ PLACEHOLDERS = {
     "fields:Root": lambda: markdown_table(structures.Root),
     "fields:MapCopy": lambda: markdown_table(structures.MapCopy),
     "fields:SnapshotEntry": lambda: markdown_table(structures.SnapshotEntry),
+    "fields:RecordHeader": lambda: _stream_table("RecordHeader"),
+    "fields:StreamBegin": lambda: _stream_table("StreamBegin"),
+    "fields:StreamEnd": lambda: _stream_table("StreamEnd"),
     "root_tail": lambda: root_tail_table(),
     "constants": constants_table,
     "geometry": geometry_table,

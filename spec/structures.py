@@ -140,6 +140,12 @@ def make_snapshot_entry(name: str, **values: int | bytes) -> SnapshotEntry:
     return SnapshotEntry(name_length=len(raw), name=raw.ljust(256, b"\0"), **values)  # type: ignore[arg-type]
 
 
+def encode_snapshot_entry(entry: SnapshotEntry) -> bytes:
+    record = bytearray(SNAPSHOT_ENTRY_SIZE)
+    encode_fields(entry, record)
+    return bytes(record)
+
+
 def _decode_snapshot(data: bytes, where: str) -> SnapshotEntry:
     values = decode_fields(SnapshotEntry, data, where=where)
     entry = SnapshotEntry(**values)
@@ -258,9 +264,7 @@ def encode_root(root: Root) -> bytes:
     buf[ROOT_SIZE : ROOT_SIZE + len(path)] = path
     at = ROOT_SIZE + _pad8(len(path))
     for entry in root.snapshots:
-        record = bytearray(SNAPSHOT_ENTRY_SIZE)
-        encode_fields(entry, record)
-        buf[at : at + SNAPSHOT_ENTRY_SIZE] = record
+        buf[at : at + SNAPSHOT_ENTRY_SIZE] = encode_snapshot_entry(entry)
         at += SNAPSHOT_ENTRY_SIZE
     struct.pack_into("<I", buf, ROOT_CRC_OFFSET, structure_crc(buf, ROOT_CRC_OFFSET))
     return bytes(buf)

@@ -1,0 +1,285 @@
+"""`send` and `receive`: a snapshot, or what changed since another, as a verified stream (spec/stream.py).
+
+What to send comes from the metadata: below the deepest layer two snapshots
+share, nothing differs, so an incremental stream holds the sectors the
+layers above it hold, skipped where they read as the base snapshot does.
+A receiver builds the snapshot as a new frozen layer over its copy of the
+base snapshot, unreferenced (so any crash leaves an orphan that the next
+writable open removes), verifies the whole stream, and only then renames a
+new top over the image: the switch, as `snapshot create` makes it.
+"""
+from __future__ import annotations
+
+import os
+from typing import BinaryIO, Callable
+
+import attrs
+
+from lamina.spec.crc import crc32c
+from lamina.spec.errors import InvalidArgument
+from lamina.spec.layout import SECTOR_SIZE
+from lamina.spec.references import ImageContext, layer_dir_of, layer_file_name, open_tree_file, vmstate_file_name
+from lamina.spec.storage import File, Storage
+from lamina.spec.stream import (
+    KIND_DATA,
+    KIND_END,
+    KIND_VMSTATE,
+    KIND_ZERO,
+    MAX_RECORD_PAYLOAD,
+    StreamBegin,
+    StreamEnd,
+    StreamMismatch,
+    StreamReader,
+    begin_for,
+    encode_begin,
+    encode_end,
+    encode_record,
+    KIND_BEGIN,
+)
+from lamina.spec.structures import BASE_LAMINA, Root, next_counter
+from lamina.spec.tree import sparse_crc32c
+from lamina.spec.zeros import is_zero
+
+from . import layers
+from .image import Image, image_lock, write_new_layer
+from .osfile import OsStorage
+
+
+@attrs.frozen
+class SendStats:
+    """What a stream held: for a report, and for the bytes-per-guest-byte measurement."""
+
+    records: int
+    data_bytes: int
+    zero_bytes: int
+    vmstate_bytes: int
+    stream_bytes: int
+    full: bool
+
+
+class _Writer:
+    """Frames records, numbers them and hashes everything before END."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        import hashlib
+
+        self._out = out
+        self._hash = hashlib.sha256()
+        self.sequence = 0
+        self.bytes = 0
+        self.counts = {KIND_DATA: 0, KIND_ZERO: 0, KIND_VMSTATE: 0}
+
+    def record(self, kind: int, offset: int = 0, length: int | None = None, payload: bytes = b"") -> None:
+        data = encode_record(kind, self.sequence, offset, length, payload)
+        if kind != KIND_END:
+            self._hash.update(data)
+        if kind in self.counts:
+            self.counts[kind] += len(payload) if length is None else length
+        self._out.write(data)
+        self.sequence += 1
+        self.bytes += len(data)
+
+    def end(self) -> None:
+        self.record(KIND_END, payload=encode_end(StreamEnd(self.sequence, self.counts[KIND_DATA], self.counts[KIND_ZERO],
+                                                           self.counts[KIND_VMSTATE], self._hash.digest())))
+
+
+def _pieces(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges cut into sector-aligned pieces of at most one record's payload."""
+    out = []
+    for lo, hi in ranges:
+        lo, hi = lo // SECTOR_SIZE * SECTOR_SIZE, -(-hi // SECTOR_SIZE) * SECTOR_SIZE
+        for pos in range(lo, hi, MAX_RECORD_PAYLOAD):
+            out.append((pos, min(hi, pos + MAX_RECORD_PAYLOAD)))
+    return out
+
+
+def send(target: str, out: BinaryIO, base_snapshot: str | None = None, storage: Storage | None = None,
+         force_share: bool = False) -> SendStats:
+    """Write the stream of snapshot `IMAGE@SNAP` to `out`: in full, or relative to snapshot `base_snapshot`."""
+    storage = storage or OsStorage()
+    path, snap = layers.parse_target(target)
+    if snap is None:
+        raise InvalidArgument(f"{target}: send sends a snapshot; name one as IMAGE@SNAPSHOT")
+    with Image.open(path, readonly=True, storage=storage, force_share=force_share) as top:
+        entry = layers._entry(top.root, snap, path)
+        base_entry = layers._entry(top.root, base_snapshot, path) if base_snapshot is not None else None
+    if base_entry is not None and base_entry.layer_uuid == entry.layer_uuid:
+        raise InvalidArgument(f"{target}: a stream from a snapshot to itself holds nothing")
+    with layers.open_target(target, storage, force_share=force_share) as image:
+        writer = _Writer(out)
+        if base_entry is None:
+            begin = begin_for(entry, image.root.cluster_bits, image.virtual_size, image.root.data_generation)
+            writer.record(KIND_BEGIN, payload=encode_begin(begin))
+            for lo, hi in _pieces(image.guest_data_ranges()):
+                data = image.read_padded(lo, hi - lo)
+                if not is_zero(data):
+                    writer.record(KIND_DATA, lo, payload=data)
+        else:
+            with layers.open_target(f"{path}@{base_snapshot}", storage, force_share=force_share) as base:
+                begin = begin_for(entry, image.root.cluster_bits, image.virtual_size, image.root.data_generation,
+                                  (base.root.image_uuid, base.root.data_generation, base.virtual_size))
+                writer.record(KIND_BEGIN, payload=encode_begin(begin))
+                _send_changes(writer, image, base)
+        if entry.vmstate_size:
+            _send_vmstate(writer, storage, path, snap, force_share)
+        writer.end()
+    return SendStats(writer.sequence, writer.counts[KIND_DATA], writer.counts[KIND_ZERO], writer.counts[KIND_VMSTATE],
+                     writer.bytes, base_entry is None)
+
+
+def _send_changes(writer: _Writer, image: Image, base: Image) -> None:
+    """DATA and ZERO records for the pieces where `image` does not read as `base` (zero-extended) does."""
+    size = image.virtual_size
+    pending_zero: list[int] = []  # [start, end] of ZERO pieces being merged
+
+    def flush_zero() -> None:
+        if pending_zero:
+            writer.record(KIND_ZERO, pending_zero[0], pending_zero[1] - pending_zero[0])
+            pending_zero.clear()
+
+    for lo, hi in _pieces([(lo, min(hi, size)) for lo, hi in layers.diff(base, image) if lo < size]):
+        data = image.read_padded(lo, hi - lo)
+        if data == base.read_padded(lo, hi - lo):
+            continue
+        if is_zero(data):
+            if pending_zero and pending_zero[1] == lo:
+                pending_zero[1] = hi
+            else:
+                flush_zero()
+                pending_zero[:] = [lo, hi]
+            continue
+        flush_zero()
+        writer.record(KIND_DATA, lo, payload=data)
+    flush_zero()
+
+
+def _send_vmstate(writer: _Writer, storage: Storage, path: str, snap: str, force_share: bool) -> None:
+    vm_path, entry, context = layers._vmstate(path, snap, storage, force_share)  # verified against its entry first
+    source = open_tree_file(storage, vm_path, False, context)
+    try:
+        for offset, length in source.data_extents():  # holes are not sent: they read as zero
+            stop = min(offset + length, entry.vmstate_size)
+            for pos in range(offset, stop, MAX_RECORD_PAYLOAD):
+                data = source.pread(pos, min(MAX_RECORD_PAYLOAD, stop - pos))
+                if not is_zero(data):
+                    writer.record(KIND_VMSTATE, pos, payload=data)
+    finally:
+        source.close()
+
+
+# ---------------------------------------------------------------------------- receive
+def receive(target: str, source: BinaryIO, force: bool = False, storage: Storage | None = None) -> str:
+    """Receive a stream into image `target` and return the new snapshot's name.
+
+    A full stream makes a new image; an incremental one needs the target to
+    hold the stream's base snapshot.  Nothing is visible until the whole
+    stream has verified; `force` lets the switch drop writes the target's top
+    made since its last snapshot (as `zfs receive -F`).
+    """
+    storage = storage or OsStorage()
+    reader = StreamReader(source)
+    begin = reader.begin
+    if begin.full:
+        if storage.exists(target):
+            raise StreamMismatch(f"{target}: exists; a full stream makes a new image (send an incremental stream with "
+                                 "-i, or name a new image)")
+        directory = layer_dir_of(os.path.abspath(target))
+        _clear_interrupted(storage, directory, begin)
+        if not storage.exists(directory):
+            storage.mkdir(directory)
+            storage.fsync_dir(os.path.dirname(directory))
+        return _build(storage, target, reader, None, ())
+    with image_lock(target, True, storage):
+        with Image.open(target, storage=storage, lock=False) as top:
+            old = top.root
+            own = any(e.data for e in top.extents()) or top.root.base_kind != BASE_LAMINA or (
+                top.base is not None and top.virtual_size != top.base.virtual_size)
+        context = ImageContext.for_top(target)
+        entry = begin.snapshot
+        if any(e.layer_uuid == begin.snapshot_uuid for e in old.snapshots):
+            raise StreamMismatch(f"{target}: already holds the stream's snapshot (layer {begin.snapshot_uuid.hex()})")
+        if old.snapshot(entry.text_name) is not None:
+            raise StreamMismatch(f"{target}: a snapshot named {entry.text_name!r} exists already")
+        base = next((e for e in old.snapshots if e.layer_uuid == begin.from_uuid), None)
+        if base is None:
+            raise StreamMismatch(f"{target}: holds no snapshot of layer {begin.from_uuid.hex()}, which the stream is "
+                                 "relative to; receive the streams before it first")
+        with Image.open(os.path.join(context.layer_dir, layer_file_name(base.layer_uuid)), readonly=True,
+                        storage=storage, context=context) as layer:
+            have = (layer.root.data_generation, layer.virtual_size)
+        if have != (begin.from_data_generation, begin.from_virtual_size):
+            raise StreamMismatch(f"{target}: snapshot {base.text_name!r} is layer {base.layer_uuid.hex()} at data "
+                                 f"generation {have[0]} and size {have[1]}; the stream is relative to generation "
+                                 f"{begin.from_data_generation} and size {begin.from_virtual_size}")
+        if own and not force:
+            raise StreamMismatch(f"{target}: its top holds writes made since its last snapshot; receiving drops them "
+                                 "(pass -F to confirm)")
+        return _build(storage, target, reader, old, old.snapshots)
+
+
+def _clear_interrupted(storage: Storage, directory: str, begin: StreamBegin) -> None:
+    """A full receive that crashed before its switch left its own files and nothing else: remove just those."""
+    if not storage.exists(directory):
+        return
+    own = {layer_file_name(begin.snapshot_uuid), vmstate_file_name(begin.snapshot_uuid)}
+    names = storage.listdir(directory)
+    if any(name.removesuffix(".creating") not in own for name in names):
+        raise StreamMismatch(f"{directory}: exists and holds layers of another image; a full stream makes a new image")
+    for name in names:
+        storage.unlink(os.path.join(directory, name))
+    storage.fsync_dir(directory)
+
+
+def _build(storage: Storage, target: str, reader: StreamReader, old: Root | None, snapshots: tuple) -> str:
+    begin = reader.begin
+    entry = begin.snapshot
+    context = ImageContext.for_top(target)
+    name = layer_file_name(begin.snapshot_uuid)
+    layer_path = os.path.join(context.layer_dir, name)
+    vm_path = os.path.join(context.layer_dir, vmstate_file_name(begin.snapshot_uuid))
+    made = [layer_path, layer_path + ".creating", vm_path, vm_path + ".creating"]
+    root = Root(cluster_bits=begin.cluster_bits, virtual_size=begin.virtual_size, image_uuid=begin.snapshot_uuid,
+                data_generation=max(1, begin.snapshot_data_generation))
+    if not begin.full:
+        root = attrs.evolve(root, base_kind=BASE_LAMINA, base_path=layer_file_name(begin.from_uuid),
+                            base_uuid=begin.from_uuid, base_data_generation=begin.from_data_generation,
+                            base_size=begin.from_virtual_size, base_visible=min(begin.from_virtual_size,
+                                                                                  begin.virtual_size))
+    try:
+        if storage.exists(layer_path) or storage.exists(vm_path):
+            raise StreamMismatch(f"{layer_path}: exists already; the target holds this layer")
+        write_new_layer(storage, layer_path, root)
+        vmstate: File | None = storage.create(vm_path + ".creating") if entry.vmstate_size else None
+        try:
+            with Image.open(layer_path, storage=storage, context=context) as layer:
+                layer.preserve_content = True  # the layer keeps the sender's data generation: it is that snapshot
+                for record in reader:  # each record verified; the loop ends only after END verified
+                    if record.kind == KIND_DATA:
+                        layer.write(record.offset, record.payload)
+                    elif record.kind == KIND_ZERO:
+                        layer.write_zeroes(record.offset, record.length)
+                    elif vmstate is not None:
+                        vmstate.pwrite(record.offset, record.payload)
+            if vmstate is not None:
+                vmstate.truncate(entry.vmstate_size)
+                if sparse_crc32c(vmstate) != entry.vmstate_crc:
+                    raise StreamMismatch(f"{vm_path}: the VM state received does not match its entry's CRC32C")
+                vmstate.fsync()
+        finally:
+            if vmstate is not None:
+                vmstate.close()
+        if vmstate is not None:
+            storage.rename(vm_path + ".creating", vm_path)
+        storage.fsync_dir(context.layer_dir)
+        snapshot_id = old.next_snapshot_id if old is not None else 1
+        new_entry = attrs.evolve(entry, id=snapshot_id)
+        with Image.open(layer_path, readonly=True, storage=storage, context=context) as layer:
+            new_top = layers._child_root(layer.root, name, snapshots=snapshots + (new_entry,),
+                                         next_snapshot_id=next_counter(snapshot_id, f"{target}: next_snapshot_id"))
+        write_new_layer(storage, target, new_top)  # the switch
+    except BaseException:
+        if not storage.exists(target) if old is None else layers._is_top(storage, target, old.image_uuid):
+            layers._remove(storage, made)
+        raise
+    return entry.text_name
