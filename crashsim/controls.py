@@ -2,7 +2,7 @@
 
 Each variant breaks one rule of `spec/protocol.py` (or of the layer
 operations) by patching names in `lamina.impl.image` (the implementation's
-view of the protocol), `lamina.impl.layers` (prefix `layers:`) or, for
+view of the protocol), `lamina.impl.layers` (prefix `layers:`), `lamina.impl.replicate` (prefix `replicate:`) or, for
 recovery, module globals of `lamina.spec.protocol` (prefix `protocol:`) for
 the duration of a `variant(...)` block; no file of `spec/` or `impl/` is edited, and the spec's
 `check` (which has its own bindings) stays the real one.  The
@@ -21,6 +21,7 @@ import attrs
 
 import lamina.impl.image as image_module
 import lamina.impl.layers as layers_module
+import lamina.impl.replicate as replicate_module
 from lamina.spec import protocol
 from lamina.spec.layout import ROOT_SIZE
 from lamina.spec.references import LAYER_NAME
@@ -190,6 +191,10 @@ def _resize_cut_first(real: Callable) -> Callable:
     return resize
 
 
+def _finish_vmstate_without_fsync(file, size: int, crc: int, where: str) -> None:
+    file.truncate(size)
+
+
 CONTROLS: dict[str, Control] = {c.name: c for c in [
     Control("skip-intent", "rule 1: a region is in the durable intent list before its first write",
             "strict", "allocate", "fails", lambda: {"Image._ensure_intents": _skip_intents}),
@@ -218,6 +223,8 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
             "strict", "layer-delete-merge", "fails", lambda: {"layers:_copy_absent": _copy_absent_whole_clusters}),
     Control("vmstate-without-fsync", "T3: a snapshot's VM state is durable, with its size and CRC32C, before the snapshot is",
             "reorder", "layer-snapshot", "fails", lambda: {"layers:_durable_file": _durable_file_without_fsync}),
+    Control("received-vmstate-without-fsync", "F-SEND-006: a received snapshot's VM state is durable before the switch",
+            "reorder", "layer-receive-full", "fails", lambda: {"replicate:_finish_vmstate": _finish_vmstate_without_fsync}),
     Control("orphan-vmstate-kept", "T4: every file of the layer directory nothing references is removed (VM states too)",
             "strict", "layer-delete-merge", "fails", lambda: {"layers:unreferenced_files": _unreferenced_layers_only}),
     Control("no-reconcile", "recovery reconciles every region in the intent list",
@@ -250,7 +257,8 @@ def variant(name: str | None) -> Iterator[None]:
     try:
         for target, value in patches.items():
             module, _, dotted = target.rpartition(":")
-            owner: object = {"protocol": protocol, "layers": layers_module}.get(module, image_module)
+            owner: object = {"protocol": protocol, "layers": layers_module, "replicate": replicate_module}.get(
+                module, image_module)
             *path, attr = dotted.split(".")
             for part in path:
                 owner = getattr(owner, part)

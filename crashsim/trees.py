@@ -30,13 +30,14 @@ regular file, how many links it has) goes through the storage interface.
 """
 from __future__ import annotations
 
+import io
 import os
 from types import MappingProxyType
 from typing import Mapping
 
 import attrs
 
-from lamina.impl import layers
+from lamina.impl import layers, replicate
 from lamina.impl.image import Image
 from lamina.spec import model
 from lamina.spec.abstraction import abstract_layer
@@ -112,7 +113,8 @@ class TreeWorkload:
     ("write", name, offset, length, pattern), ("zero", name, offset, length), ("flush", name),
     ("resize", name, size), ("close", name), ("snapshot", name, snap, vmstate_bytes),
     ("revert", name, snap), ("delete", name, snap), ("clone", name, snap, new),
-    ("commit", name), ("rebase", name, new_base, format, unsafe).
+    ("commit", name), ("rebase", name, new_base, format, unsafe), ("receive", name, source, snap, since, force):
+    send `source@snap` (in full, or since snapshot `since`) and receive the stream into `name`.
     """
 
     name: str
@@ -193,6 +195,17 @@ _TREE_LIBRARY = [
                  (("rebase", "disk.lam", "base2.lam", "lamina", True),),
                  setup=(*_LAM_BASE, ("create", "base2.lam", S, None, None), ("write", "base2.lam", 8 * K, 8 * K, 13),
                         ("close", "base2.lam"), _OVER_LAM, ("write", "disk.lam", 0, 4 * K, 6), ("close", "disk.lam"))),
+    TreeWorkload("layer-receive-full", "receive a full stream of a snapshot with VM state as a new image: it "
+                 "exists whole, with its snapshot, or not at all",
+                 ("disk.lam", "base.lam", "replica.lam"),
+                 (("receive", "replica.lam", "disk.lam", "s1", None, False),),
+                 setup=(*_LAM_BASE, _OVER_LAM, ("write", "disk.lam", 0, 8 * K, 21), ("close", "disk.lam"),
+                        ("snapshot", "disk.lam", "s1", 2000))),
+    TreeWorkload("layer-receive-incremental", "receive what changed between two snapshots onto a replica holding the "
+                 "first: the old snapshot set or the new one",
+                 ("disk.lam", "base.lam", "replica.lam"),
+                 (("receive", "replica.lam", "disk.lam", "s2", "s1", False),),
+                 setup=(*_LAM_BASE, _OVER_LAM, *_SNAPS, ("receive", "replica.lam", "disk.lam", "s1", None, False))),
     TreeWorkload("layer-resize", "shrink then grow over a base: the base must not show through again",
                  ("disk.lam",),
                  (("write", "disk.lam", 0, 4 * K, 1), ("flush", "disk.lam"), ("resize", "disk.lam", 32 * K),
@@ -388,6 +401,14 @@ class _Runner:
                           if below.sectors.get(s) != b.disk.sectors.get(s)}
                 own = None if b.own is None else b.own | differ
                 self.tree = _set(tree, name, attrs.evolve(b, own=own, base=new_base))
+        elif kind == "receive":
+            _, _, source, snap, since, force = step
+            stream = io.BytesIO()
+            replicate.send(f"{sim_path(source)}@{snap}", stream, since, storage=storage)  # reads only
+            replicate.receive(path, io.BytesIO(stream.getvalue()), force, storage=storage)
+            s = next(x for x in tree[source].snapshots if x.name == snap)
+            held = tree[name].snapshots if name in tree else ()
+            self.tree = _set(tree, name, Branch(s.disk, base=None, snapshots=held + (Snap(snap, s.disk, s.vmstate, None),)))
         else:
             raise ValueError(f"unknown tree step {step!r}")
         if kind not in ("raw", "create") or self.trace is not None:

@@ -231,6 +231,14 @@ def _clear_interrupted(storage: Storage, directory: str, begin: StreamBegin) -> 
     storage.fsync_dir(directory)
 
 
+def _finish_vmstate(file: File, size: int, crc: int, where: str) -> None:
+    """The VM state received must be the one its entry describes, and durable before the switch (T3)."""
+    file.truncate(size)
+    if sparse_crc32c(file) != crc:
+        raise StreamMismatch(f"{where}: the VM state received does not match its entry's CRC32C")
+    file.fsync()
+
+
 def _build(storage: Storage, target: str, reader: StreamReader, old: Root | None, snapshots: tuple) -> str:
     begin = reader.begin
     entry = begin.snapshot
@@ -262,10 +270,7 @@ def _build(storage: Storage, target: str, reader: StreamReader, old: Root | None
                     elif vmstate is not None:
                         vmstate.pwrite(record.offset, record.payload)
             if vmstate is not None:
-                vmstate.truncate(entry.vmstate_size)
-                if sparse_crc32c(vmstate) != entry.vmstate_crc:
-                    raise StreamMismatch(f"{vm_path}: the VM state received does not match its entry's CRC32C")
-                vmstate.fsync()
+                _finish_vmstate(vmstate, entry.vmstate_size, entry.vmstate_crc, vm_path)
         finally:
             if vmstate is not None:
                 vmstate.close()
