@@ -212,19 +212,34 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     storage = OsStorage()
     allowed = tuple(args.allow_base or ())
+    if args.replica is not None and not args.repair:
+        raise InvalidArgument("--from names a replica to repair data from: it needs --repair")
     if args.repair:
         _force_share(args, readonly=False)
         with image_lock(args.image, True, storage):
             before, after = repair_tree(args.image, storage, allowed)
+        fixes = []
+        if args.replica is not None:
+            from .replicate import repair_data_from
+
+            fixes = repair_data_from(args.image, args.replica, storage)
+            after = check_tree(args.image, storage, allowed)
 
         def problems(r: CheckReport) -> int:
             return len(r.corruptions) + len(r.degraded) + len(r.leaks)
 
         repaired = problems(before) - problems(after)
-        data = {"before": before.to_json(), "after": after.to_json(), "repaired": repaired}
-        text = ("The following inconsistencies were found and repaired:\n"
-                + "\n".join(f"    {f.message}" for f in before.findings if f.repair) + "\n\n"
-                + _describe(after)) if before.findings else _describe(after)
+        data = {"before": before.to_json(), "after": after.to_json(), "repaired": repaired,
+                **({"data-repairs": [{"file": f.file, "guest_offset": f.guest_offset, "guest_length": f.length,
+                                      "repaired": f.repaired, **({"reason": f.reason} if f.reason else {})}
+                                     for f in fixes]} if args.replica is not None else {})}
+        mended = [f"    {f.message}" for f in before.findings if f.repair]
+        mended += [f"    data of guest range [{f.guest_offset}, {f.guest_offset + f.length}) in {f.file}, from "
+                   f"{args.replica}" for f in fixes if f.repaired]
+        failed = [f"    data of guest range [{f.guest_offset}, {f.guest_offset + f.length}) in {f.file}: {f.reason}"
+                  for f in fixes if not f.repaired]
+        text = (("The following inconsistencies were found and repaired:\n" + "\n".join(mended) + "\n\n" if mended else "")
+                + ("Not repaired from the replica:\n" + "\n".join(failed) + "\n\n" if failed else "") + _describe(after))
         _emit(args, data, text)
         return after.exit_code
     if args.force_share:
@@ -470,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="verify an image and its layers; exit 0/1/2/3 as qemu-img check")
     output(p)
     p.add_argument("--repair", action="store_true", help="restore damaged metadata from its good copy, reclaim leaks")
+    p.add_argument("--from", dest="replica", metavar="REPLICA", help="with --repair: rewrite data clusters that fail "
+                   "their checksum from REPLICA, an image holding the same snapshots (made by send/receive)")
     share(p)
     p.add_argument("--allow-base", action="append", metavar="PATH", help="a base outside the image's directory to follow")
     p.add_argument("image")

@@ -4,8 +4,9 @@ Order: recovery first (it reconciles regions in the intent list and leaves
 both root copies current); then each damaged copy is rewritten from its valid
 twin, one write at a time followed by an fsync; leaks are punched last.  Every
 step is idempotent, so a crash during repair is repaired by running it again.
-Data whose checksum fails cannot be repaired (format v1 keeps one copy of
-data); it stays reported by guest range.  A committing mark on an image
+Data whose checksum fails cannot be repaired from the image (it keeps one
+copy of data); it stays reported by guest range, and a replica repairs it
+(F-SEND-007, `impl/replicate.py: repair_data_from`).  A committing mark on an image
 without a base is cleared by a root write: there is no base the commit
 could have written, and the image still holds every sector.
 """

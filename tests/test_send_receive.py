@@ -225,3 +225,47 @@ def test_the_cli_sends_to_a_file_and_receives_from_one_with_one_line_errors(sour
     err = capsys.readouterr().err
     assert err.startswith("lamina: ") and "IMAGE@SNAPSHOT" in err and err.count("\n") == 1
     assert not os.path.exists("x.st")
+
+
+def _flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_a_bit_flip_in_a_frozen_layer_is_detected_and_repaired_from_a_replica(source, capsys):
+    """R13: the replica's layer of the same identity restores the cluster; every other byte stays as it was."""
+    receive("b.lam", io.BytesIO(_stream("a.lam@s1")))
+    receive("b.lam", io.BytesIO(_stream("a.lam@s2", "s1")))
+    with layers.open_target("a.lam@s2") as layer:
+        path, offset = layer.path, layer.geometry.guest_to_file(4096) + 100  # a sector s2's own layer holds
+    before = _files("a.lam")
+    _flip(path, offset)
+    report = check_tree("a.lam", OsStorage())
+    assert report.exit_code == 2 and [f.kind for f in report.corruptions] == ["data-checksum"]
+    assert main(["check", "--repair", "--from", "b.lam", "a.lam"]) == 0
+    assert "from b.lam" in capsys.readouterr().out
+    assert _files("a.lam") == before  # that sector restored, nothing else touched
+    assert check_tree("a.lam", OsStorage()).exit_code == 0
+
+
+def test_repair_from_a_replica_that_cannot_vouch_for_the_bytes_changes_nothing(source, capsys):
+    receive("b.lam", io.BytesIO(_stream("a.lam@s1")))
+    with layers.open_target("a.lam@s1") as layer:
+        path, offset = layer.path, layer.geometry.guest_to_file(0) + 7
+    with layers.open_target("b.lam@s1") as layer:
+        replica_path = layer.path
+    _flip(path, offset)
+    _flip(replica_path, offset)  # the replica's copy of that cluster is damaged too
+    damaged = _files("a.lam")
+    assert main(["check", "--repair", "--from", "b.lam", "a.lam"]) == 2
+    assert "do not match the recorded CRC32C either" in capsys.readouterr().out
+    with Image.create("other.lam", 8 * MiB) as image:
+        image.write(0, b"x" * 4096)
+    assert main(["check", "--repair", "--from", "other.lam", "a.lam"]) == 2
+    assert "holds no layer of this identity" in capsys.readouterr().out
+    assert _files("a.lam") == damaged
+    assert main(["check", "--from", "b.lam", "a.lam"]) == 1
+    assert "needs --repair" in capsys.readouterr().err
