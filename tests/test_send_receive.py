@@ -12,7 +12,7 @@ from lamina.impl import layers
 from lamina.impl.cli import main
 from lamina.impl.image import Image
 from lamina.impl.osfile import OsStorage
-from lamina.impl.replicate import receive, send
+from lamina.impl.replicate import receive, repair_data_from, send
 from lamina.spec.crc import crc32c
 from lamina.spec.stream import (
     KIND_DATA,
@@ -269,3 +269,50 @@ def test_repair_from_a_replica_that_cannot_vouch_for_the_bytes_changes_nothing(s
     assert _files("a.lam") == damaged
     assert main(["check", "--from", "b.lam", "a.lam"]) == 1
     assert "needs --repair" in capsys.readouterr().err
+
+
+def test_a_crash_at_any_point_of_a_repair_from_a_replica_loses_nothing():
+    """Every crash state of the repair, under every persistence model: before anything else runs, `check` finds
+    at most the damaged cluster; repairing again leaves the layer file exactly as it was before the fault."""
+    from lamina.crashsim.explore import DEFAULT_MODELS, Budget, Materialiser, Model, explore
+    from lamina.crashsim.memstore import MemStorage, ReadOnlyStorage, Trace
+    from lamina.crashsim.trees import sim_path
+
+    storage = MemStorage()
+    top, replica = sim_path("a.lam"), sim_path("b.lam")
+    with Image.create(top, 64 * 1024, 4096, storage=storage) as image:
+        image.write(0, pattern(1, 12 * 1024))
+        image.write(8 * 1024 + 512, pattern(2, 1024))  # a cluster with absent sectors around present ones
+    layers.create_snapshot(top, "s1", storage=storage)
+    stream = io.BytesIO()
+    send(f"{top}@s1", stream, storage=storage)
+    receive(replica, io.BytesIO(stream.getvalue()), storage=storage)
+    with layers.open_target(f"{top}@s1", storage) as layer:
+        path, offset = layer.path, layer.geometry.guest_to_file(0)
+    file = storage.open(path, True)
+    good = file.pread(0, file.size())
+    for at in (offset + 100, offset + 8 * 1024 + 600):  # two damaged clusters, one of them partly present
+        file.pwrite(at, bytes([good[at] ^ 0xFF]))
+    file.fsync()
+    file.close()
+    base = storage.state.copy()
+    storage.trace = Trace()
+    assert all(fix.repaired for fix in repair_data_from(top, replica, storage))
+    ops = tuple(storage.trace.ops)
+    assert ops  # the repair wrote
+    materialise = Materialiser(base, ops)
+    states = 0
+    for name in DEFAULT_MODELS:
+        model = Model.parse(name)
+        for _, crash, outcomes, _ in explore(ops, model, Budget(), seed=0):
+            state = materialise.state(crash, outcomes, seed=0, unit=model.torn_unit)
+            crashed = MemStorage(state)
+            report = check_tree(top, ReadOnlyStorage(crashed))
+            assert {f.kind for f in report.findings} <= {"data-checksum"}, (name, crash, outcomes)
+            assert len(report.findings) <= 2
+            assert all(f.repaired for f in repair_data_from(top, replica, crashed))
+            assert check_tree(top, crashed).exit_code == 0
+            repaired = crashed.open(path, False)
+            assert repaired.pread(0, repaired.size()) == good, (name, crash, outcomes)
+            states += 1
+    assert states > len(ops), states
