@@ -5,7 +5,13 @@ nbdkit embeds the system Python, which does not see the environment
 directories (`paths=`, JSON), added here with `site.addsitedir` (so the
 `.pth` files of an editable install work) ahead of the system's own.
 Parameters: `target=IMAGE[@SNAP]`, `readonly=0|1`, `allow=` (JSON list of
-bases outside the image's directory), `status=FILE`.  Into the status file
+bases outside the image's directory), `status=FILE`, `stopfd=N`.
+
+nbdkit, told to stop, waits for its connected clients to leave; `lamina
+serve` wants the image closed now.  So a thread waits on `stopfd` (a pipe
+from `lamina serve`): when a byte arrives, or the pipe closes because
+`lamina serve` is gone, it waits for the request in progress, closes the
+image (flushed, intent list empty, lock given back) and ends the process.  Into the status file
 go JSON lines `lamina serve` reads: `{"ready": ...}` once the image is open
 (its lock taken), `{"error": ...}` when it could not be opened or closed,
 `{"closed": true}` once it is flushed and closed at exit.
@@ -14,6 +20,7 @@ import json
 import os
 import site
 import sys
+import threading
 
 import nbdkit
 
@@ -21,6 +28,7 @@ API_VERSION = 2
 
 _config = {}
 _state = {}  # "export": the one Export behind every connection
+_lock = threading.Lock()  # one request at a time, and none once the image is closed (nbdkit serialises too)
 
 
 def _status(**line):
@@ -42,8 +50,9 @@ def _error(exc):
 
 
 def config(key, value):
-    if key not in ("target", "readonly", "allow", "paths", "status"):
-        raise RuntimeError(f"unknown parameter {key!r}: lamina serve passes target, readonly, allow, paths, status")
+    if key not in ("target", "readonly", "allow", "paths", "status", "stopfd"):
+        raise RuntimeError(f"unknown parameter {key!r}: lamina serve passes target, readonly, allow, paths, status, "
+                           "stopfd")
     _config[key] = value
 
 
@@ -78,16 +87,33 @@ def get_ready():
     _status(ready=True, size=export.size(), writable=export.writable)
 
 
-def cleanup():
-    export = _state.pop("export", None)
-    if export is None:
-        return
+def after_fork():
+    if "stopfd" in _config:
+        threading.Thread(target=_stop_when_told, args=(int(_config["stopfd"]),), daemon=True).start()
+
+
+def _stop_when_told(fd):
     try:
-        export.close()
-    except Exception as exc:
-        _error(exc)
-        raise
-    _status(closed=True)
+        os.read(fd, 1)  # a byte, or b"" once lamina serve is gone
+    except OSError:
+        pass
+    try:
+        cleanup()
+    finally:
+        os._exit(0)  # the connected clients see the connection close
+
+
+def cleanup():
+    with _lock:
+        export = _state.pop("export", None)
+        if export is None:
+            return
+        try:
+            export.close()
+        except Exception as exc:
+            _error(exc)
+            raise
+        _status(closed=True)
 
 
 def thread_model():
@@ -105,11 +131,14 @@ def close(h):
 
 def _call(method, *args):
     """Run a request; an error reaches the client with its errno (EIO unless known)."""
-    try:
-        return method(*args)
-    except Exception as exc:
-        nbdkit.set_error(_state["module"].errno_of(exc))
-        raise
+    with _lock:
+        try:
+            if "export" not in _state:
+                raise _state["module"].ImageClosed("the image is closed: the server is stopping")
+            return method(*args)
+        except Exception as exc:
+            nbdkit.set_error(_state["module"].errno_of(exc))
+            raise
 
 
 def get_size(h):

@@ -2,10 +2,12 @@
 
 nbdkit runs in the foreground as a child of this process, and it is the
 one that opens the image (in the plugin's `get_ready`, so the lock is
-taken before a client can connect) and closes it (in `cleanup`, after the
-last connection).  SIGINT and SIGTERM are passed on to it: nbdkit finishes
-its requests, the plugin flushes and closes the image, and `serve`
-returns 0.  What went wrong inside the server (the image missing or
+taken before a client can connect) and closes it.  On SIGINT or SIGTERM,
+nbdkit is told to stop and the plugin, through a pipe, to close the image
+at once, after the request in progress: connected clients are cut off
+(nbdkit alone would wait for them to leave), everything acknowledged is
+flushed, and `serve` returns 0.  If this process dies, the pipe closes
+and the plugin closes the image the same way.  What went wrong inside the server (the image missing or
 locked, a Python that cannot import lamina) comes back through a status
 file and is raised here as the same named error.
 """
@@ -103,7 +105,7 @@ def serve(target: str, socket: str | None = None, port: int | None = None, bind:
         argv = ["nbdkit", "-f", "--exit-with-parent", "-P", pidfile, "--filter=limit", *where,
                 *(["-r"] if exported_readonly else []), "python", str(PLUGIN), f"target={target}",
                 f"readonly={int(exported_readonly)}", f"allow={json.dumps(list(allow_bases))}",
-                f"paths={json.dumps(package_paths())}", f"status={status}", f"limit={shared}"]
+                f"paths={json.dumps(package_paths())}", f"status={status}", f"limit={shared}"]  # stopfd= added by _run
         uri = f"nbd+unix:///?socket={os.path.abspath(socket)}" if socket is not None else f"nbd://{bind}:{port}/"
         with open(os.path.join(scratch, "nbdkit.err"), "w+b") as errors:
             return _run(argv, target, uri, exported_readonly, status, pidfile, errors, announce)
@@ -118,13 +120,22 @@ def serve(target: str, socket: str | None = None, port: int | None = None, bind:
 
 def _run(argv: list[str], target: str, uri: str, readonly: bool, status: str, pidfile: str, errors,
          announce: Callable[[str], None]) -> int:
-    server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errors, stderr=errors, env=server_env())
+    stop_read, stop_write = os.pipe()  # a byte, or this end closing, tells the plugin to close the image now
+    try:
+        server = subprocess.Popen([*argv, f"stopfd={stop_read}"], stdin=subprocess.DEVNULL, stdout=errors,
+                                  stderr=errors, env=server_env(), pass_fds=(stop_read,))
+    finally:
+        os.close(stop_read)
     stopping = []
 
     def stop(signum: int, frame: object) -> None:
+        if not stopping and server.poll() is None:
+            server.send_signal(signal.SIGTERM)  # no new connections
+            try:
+                os.write(stop_write, b"x")  # and the image closed, connected clients or not
+            except OSError:
+                pass
         stopping.append(signum)
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     served = False
@@ -144,6 +155,7 @@ def _run(argv: list[str], target: str, uri: str, readonly: bool, status: str, pi
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        os.close(stop_write)
     lines = _status_lines(status)
     for line in lines:
         if "error" in line:
