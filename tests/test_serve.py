@@ -369,6 +369,37 @@ def test_sigkill_mid_write_leaves_an_image_that_opens_with_flushed_data(tmp_path
     assert check(path)["exit_code"] == 0 and check(path)["findings"] == [] and closed_cleanly(path)
 
 
+@needs_nbdkit
+@needs_libnbd
+def test_when_lamina_serve_itself_is_killed_the_server_closes_the_image(tmp_path):
+    path = str(tmp_path / "disk.lam")
+    Image.create(path, 4 << 20).close()
+    writer = """
+        import sys
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(sys.argv[1])
+        h.pwrite(b"\x3c" * 65536, 0)  # acknowledged, not flushed
+        print("written", flush=True)
+        sys.stdin.read()
+    """
+    with serving(path, expect_exit=-signal.SIGKILL) as (uri, server, pidfile):
+        with open(pidfile) as fh:
+            nbdkit = int(fh.read())
+        client = subprocess.Popen([SYSTEM_PYTHON, "-c", textwrap.dedent(writer), uri], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "written", client.stderr.read()
+        server.kill()  # lamina serve, not nbdkit: its pipe to the plugin closes
+        server.wait(30)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{nbdkit}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{nbdkit}")
+        client.communicate("", timeout=30)
+    assert closed_cleanly(path) and check(path)["exit_code"] == 0
+    io(path, "read -P 0x3c 0 64k", readonly=True)
+
+
 # ------------------------------------------------------------------ errors, one line each
 @needs_nbdkit
 def test_errors_are_named_and_on_one_line(tmp_path):
