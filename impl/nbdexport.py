@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-from typing import Iterator
-
 from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 
 from .image import Image
@@ -98,38 +96,49 @@ class Export:
             self.image.flush()
 
     def extents(self, count: int, offset: int, req_one: bool = False) -> list[tuple[int, int, bool]]:
-        """(offset, length, data) runs covering [offset, offset + count), from the chain's maps.
+        """(offset, length, data) runs covering [offset, offset + count), from the maps.
 
-        Data is what some layer of the chain holds (`guest_data_ranges`);
-        everything else reads zero and is a hole.  The ranges are computed
-        once and kept until a request changes the image.
+        Data is what some layer of the chain holds; everything else reads
+        zero and is a hole.  An image without a base answers from its own
+        maps over the window alone (`absent_ranges`); over a chain the
+        merged ranges of every layer (`guest_data_ranges`) are computed once
+        and kept until a request changes the image.
         """
-        if self._ranges is None:
-            self._ranges = self.image.guest_data_ranges()
         end = min(offset + count, self.image.virtual_size)
+        if self.image.base is None:
+            holes = self.image.absent_ranges(offset, end)
+        else:
+            if self._ranges is None:
+                self._ranges = self.image.guest_data_ranges()
+            holes = _complement(self._ranges, offset, end)
         out: list[tuple[int, int, bool]] = []
-        for lo, hi, data in self._runs(offset, end):
-            out.append((lo, hi - lo, data))
-            if req_one:
-                break
-        return out
-
-    def _runs(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
-        ranges = self._ranges or []
-        i = max(0, bisect.bisect_right(ranges, (offset, float("inf"))) - 1)
         pos = offset
-        while pos < end:
-            if i < len(ranges) and ranges[i][1] <= pos:
-                i += 1
-                continue
-            if i < len(ranges) and ranges[i][0] <= pos:
-                stop = min(end, ranges[i][1])
-                yield pos, stop, True
-            else:
-                stop = min(end, ranges[i][0]) if i < len(ranges) else end
-                yield pos, stop, False
-            pos = stop
+        for lo, hi in holes:
+            if lo > pos:
+                out.append((pos, lo - pos, True))
+            out.append((lo, hi - lo, False))
+            pos = hi
+        if pos < end:
+            out.append((pos, end - pos, True))
+        return out[:1] if req_one else out
 
     def close(self) -> None:
         """Flush and close the image (its lock goes with it)."""
         self.image.close()
+
+
+def _complement(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) outside the sorted, disjoint `ranges`."""
+    out = []
+    pos = start
+    for lo, hi in ranges[max(0, bisect.bisect_right(ranges, (start, start)) - 1):]:
+        if lo >= end:
+            break
+        if hi <= pos:
+            continue
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < end:
+        out.append((pos, end))
+    return out

@@ -180,6 +180,59 @@ def test_export_zero_keeps_or_punches_as_the_flags_say(image_path):
         assert export.can_multi_conn and export.can_zero and export.can_extents
 
 
+def _runs_from(data_ranges, offset, count):
+    """The extents of a window as the chain's merged data ranges define them."""
+    end, out, pos = offset + count, [], offset
+    for lo, hi in data_ranges:
+        lo, hi = max(lo, offset), min(hi, end)
+        if lo >= hi:
+            continue
+        if lo > pos:
+            out.append((pos, lo - pos, False))
+        out.append((lo, hi - lo, True))
+        pos = hi
+    if pos < end:
+        out.append((pos, end - pos, False))
+    return out
+
+
+def test_export_extents_agree_with_the_chain_over_any_window(tmp_path):
+    import random
+
+    rng = random.Random(11)
+    base, top = str(tmp_path / "base.raw"), str(tmp_path / "top.lam")
+    with open(base, "wb") as fh:
+        fh.truncate(8 << 20)
+        fh.seek(3 << 20)
+        fh.write(b"\x01" * (1 << 20))
+    plain = Image.create(str(tmp_path / "plain.lam"), 8 << 20, cluster_size=4096)
+    over = Image.create(top, base=base, cluster_size=4096)
+    for image in (plain, over):
+        for _ in range(40):
+            offset, length = rng.randrange(0, 16000) * 512, rng.randrange(1, 400) * 512
+            length = min(length, image.virtual_size - offset)
+            if rng.random() < 0.6:
+                image.write(offset, b"\x07" * length)
+            else:
+                image.write_zeroes(offset, length)
+    for image in (plain, over):
+        export = Export(image, writable=True)
+        ranges = image.guest_data_ranges()
+        for _ in range(60):
+            offset = rng.randrange(0, 16384) * 512
+            count = rng.randrange(1, 16384 - offset // 512 + 1) * 512
+            got = export.extents(count, offset)
+            assert got == _runs_from(ranges, offset, count), (offset, count)
+            assert export.extents(count, offset, req_one=True) == got[:1]
+        data = bytearray(image.virtual_size)
+        export.pread(data, 0)
+        for offset, length, is_data in export.extents(image.virtual_size, 0):
+            assert is_data or not any(data[offset:offset + length])  # a hole reads zero
+    assert any(d for o, n, d in Export(over, True).extents(1 << 20, 3 << 20))  # the base's data shows
+    plain.close()
+    over.close()
+
+
 def test_export_of_a_snapshot_is_read_only(tmp_path):
     path = str(tmp_path / "disk.lam")
     io(path, "write -P 0x42 0 4k", size=1 << 20)
