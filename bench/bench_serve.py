@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1G", help="virtual size; the first half is data (default 1G)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each command after one warm-up")
     parser.add_argument("--dir", help="where the files go (default: a new temporary directory)")
+    parser.add_argument("--out-dir", help="where the copies are written (default: with the images; a tmpfs such as "
+                        "/dev/shm leaves the disk and the fsync out of the figures)")
     parser.add_argument("--keep", action="store_true", help="keep the files")
     parser.add_argument("--output", choices=("human", "json"), default="human")
     args = parser.parse_args(argv)
@@ -94,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("qemu-img (qemu-utils) and nbdkit (nbdkit, nbdkit-plugin-python) must be on the PATH")
     size = parse_size(args.size)
     directory = tempfile.mkdtemp(prefix="bench-serve-", dir=args.dir)
+    out = ""
     try:
         image, qcow2 = make_data(directory, size)
-        socket, out = os.path.join(directory, "s"), os.path.join(directory, "out.raw")
+        socket = os.path.join(directory, "s")
+        out = os.path.join(args.out_dir or directory, f"bench-serve-{os.getpid()}.raw")
         commands = {
             "nbd": ["qemu-img", "convert", "-f", "raw", f"nbd+unix:///?socket={socket}", "-O", "raw", out],
             "lamina": [*LAMINA, "convert", "-O", "raw", image, out],
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
     finally:
+        if out and args.out_dir and os.path.exists(out):
+            os.unlink(out)
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
     medians = {name: statistics.median(t) for name, t in times.items()}

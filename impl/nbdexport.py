@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+
 from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 
 from .image import Image
