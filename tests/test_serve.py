@@ -442,6 +442,9 @@ def test_when_lamina_serve_itself_is_killed_the_server_closes_the_image(tmp_path
         client = subprocess.Popen([SYSTEM_PYTHON, "-c", textwrap.dedent(writer), uri], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert client.stdout.readline().strip() == "written", client.stderr.read()
+        second = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd, sys; nbd.NBD().connect_uri(sys.argv[1])", uri],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "nbd.Error" in second.stderr  # --shared 1, the default: one client
         server.kill()  # lamina serve, not nbdkit: its pipe to the plugin closes
         server.wait(30)
         deadline = time.monotonic() + 30
