@@ -488,3 +488,14 @@ def test_missing_nbdkit_or_its_python_plugin_is_named(tmp_path, image_path):
     done = subprocess.run([*LAMINA, "serve", "--socket", str(tmp_path / "s"), image_path], capture_output=True,
                           text=True, env=env, timeout=60)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "(Debian: nbdkit-plugin-python)" in done.stderr
+
+
+@needs_nbdkit
+def test_a_server_python_that_cannot_import_lamina_is_named(tmp_path, image_path, monkeypatch):
+    from lamina.impl import serve as serve_module
+
+    Image.create(image_path, 1 << 20).close()
+    monkeypatch.setattr(serve_module, "package_paths", lambda: [])  # nbdkit's Python sees only its own packages
+    with pytest.raises(serve_module.ServerUnavailable, match="cannot import lamina"):
+        serve_module.serve(image_path, socket=str(tmp_path / "s"), announce=lambda line: None)
+    Image.open(image_path).close()  # nothing holds the lock
