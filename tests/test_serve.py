@@ -96,8 +96,8 @@ def map_json(path: str, capsys) -> list[dict]:
 
 
 @contextmanager
-def serving(target: str, *options: str, expect_exit: int = 0):
-    """Run `lamina serve TARGET --socket S`, yield (uri, process, pid file), stop it with SIGTERM."""
+def serving(target: str, *options: str, expect_exit: int = 0, stop: int = signal.SIGTERM):
+    """Run `lamina serve TARGET --socket S`, yield (uri, process, pid file), stop it with `stop` (SIGTERM)."""
     scratch = tempfile.mkdtemp(prefix="lsv-")  # short: a socket path holds at most 107 bytes
     socket, pidfile = os.path.join(scratch, "s"), os.path.join(scratch, "pid")
     server = subprocess.Popen([*LAMINA, "serve", "--socket", socket, "--pid-file", pidfile, *options, target],
@@ -109,7 +109,7 @@ def serving(target: str, *options: str, expect_exit: int = 0):
         yield f"nbd+unix:///?socket={socket}", server, pidfile
     finally:
         if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
+            server.send_signal(stop)
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
@@ -275,7 +275,7 @@ def test_qemu_io_writes_flushes_discards_and_zeroes_then_check_is_clean(tmp_path
                 "discard 64k 64k", "write -z 128k 64k", "write -z -u 192k 64k", "flush",
                 "read -P 0xab 0 1000", "read -P 0x77 1000 100", "read -P 0xab 1100 64436",
                 "read -P 0 64k 192k", "read -P 0xcd 1M 64k", "read -P 0 2M 6M"]
-    with serving(path) as (uri, _, _):
+    with serving(path, stop=signal.SIGINT) as (uri, _, _):  # Ctrl-C
         args = ["qemu-io", "-f", "raw"] + [a for c in commands for a in ("-c", c)] + [uri]
         done = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "Pattern verification failed" not in done.stdout, done.stdout + done.stderr
