@@ -7,14 +7,15 @@ directories (`paths=`, JSON), added here with `site.addsitedir` (so the
 Parameters: `target=IMAGE[@SNAP]`, `readonly=0|1`, `allow=` (JSON list of
 bases outside the image's directory), `status=FILE`, `stopfd=N`.
 
+Into the status file go JSON lines `lamina serve` reads: `{"ready": ...}`
+once the image is open (its lock taken), `{"error": ...}` when it could
+not be opened or closed, `{"closed": true}` once it is flushed and closed.
+
 nbdkit, told to stop, waits for its connected clients to leave; `lamina
 serve` wants the image closed now.  So a thread waits on `stopfd` (a pipe
 from `lamina serve`): when a byte arrives, or the pipe closes because
 `lamina serve` is gone, it waits for the request in progress, closes the
-image (flushed, intent list empty, lock given back) and ends the process.  Into the status file
-go JSON lines `lamina serve` reads: `{"ready": ...}` once the image is open
-(its lock taken), `{"error": ...}` when it could not be opened or closed,
-`{"closed": true}` once it is flushed and closed at exit.
+image (flushed, intent list empty, lock given back) and ends the process.
 """
 import json
 import os
