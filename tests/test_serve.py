@@ -393,17 +393,18 @@ def test_sigkill_mid_write_leaves_an_image_that_opens_with_flushed_data(tmp_path
     writer = """
         import sys
         import nbd
-        h = nbd.NBD()
+        h, other = nbd.NBD(), nbd.NBD()
         h.connect_uri(sys.argv[1])
+        other.connect_uri(sys.argv[1])
         h.pwrite(b"\\x5f" * (1 << 20), 0)
-        h.flush()
+        other.flush()  # multi-conn: a flush on any connection makes the write durable
         print("flushed", flush=True)
         n = 0
         while True:  # until the server dies
             h.pwrite(bytes([n & 0xFF]) * 65536, (1 << 20) + (n * 65536) % (30 << 20))
             n += 1
     """
-    with serving(path, expect_exit=1) as (uri, server, pidfile):
+    with serving(path, "--shared", "2", expect_exit=1) as (uri, server, pidfile):
         client = subprocess.Popen([SYSTEM_PYTHON, "-c", textwrap.dedent(writer), uri], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         assert client.stdout.readline().strip() == "flushed", client.stderr.read()
@@ -418,7 +419,7 @@ def test_sigkill_mid_write_leaves_an_image_that_opens_with_flushed_data(tmp_path
     report = json.loads(before.stdout)
     assert before.returncode in (0, 3) and report["corruptions"] == 0, report  # pending work or a stale copy
     assert not closed_cleanly(path)  # killed mid-write: the intent list was left behind
-    io(path, "read -P 0x5f 0 1M")  # a writable open recovers; the flushed write is there
+    io(path, "read -P 0x5f 0 1M")  # a writable open recovers; the write flushed by the other connection is there
     assert check(path)["exit_code"] == 0 and check(path)["findings"] == [] and closed_cleanly(path)
 
 
