@@ -95,13 +95,29 @@ def after_fork():
 
 def _stop_when_told(fd):
     try:
-        os.read(fd, 1)  # a byte, or b"" once lamina serve is gone
+        orphaned = os.read(fd, 1) == b""  # a byte, or nothing once lamina serve is gone
     except OSError:
-        pass
+        orphaned = True
     try:
         cleanup()
     finally:
+        if orphaned:
+            _remove_scratch()
         os._exit(0)  # the connected clients see the connection close
+
+
+def _remove_scratch():
+    """lamina serve was killed: remove its scratch directory (the status file's), as its own exit would have."""
+    directory = os.path.dirname(_config["status"])
+    for name in ("status", "nbdkit.err", "nbdkit.pid"):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
 
 
 def cleanup():
