@@ -1,10 +1,12 @@
 """The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff,
-send, receive, scrub, vectors and conform (the conformance kit, `conform/`).
+send, receive, scrub, serve (an NBD export through nbdkit), vectors and conform (the conformance kit, `conform/`).
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
 traceback); `check` as `qemu-img check`: 0 clean (pending work of an
 interrupted operation is only noted), 1 check not completed, 2 corruption
-found, 3 degraded redundancy or leaked space only; `conform` 0 every vector passed, 4 at least one failed.
+found, 3 degraded redundancy or leaked space only; `conform` 0 every vector passed, 4 at least one failed;
+`serve` 0 once stopped by SIGINT/SIGTERM with the image flushed and closed, 1 an error (also a server that
+was killed and left the image to be recovered).
 """
 from __future__ import annotations
 
@@ -383,6 +385,14 @@ def cmd_io(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args.image, socket=args.socket, port=args.port, bind=args.bind, readonly=args.readonly,
+                 shared=args.shared, allow_bases=tuple(args.allow_base or ()), pid_file=args.pid_file,
+                 announce=lambda line: print(line, flush=True))
+
+
 def cmd_vectors(args: argparse.Namespace) -> int:
     from lamina.conform.vectors import generate  # the kit is loaded only when asked for
 
@@ -563,6 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("size")
     p.set_defaults(run=cmd_resize)
+
+    p = sub.add_parser("serve", help="export IMAGE or IMAGE@SNAP over NBD through nbdkit, until SIGINT/SIGTERM")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument("--port", type=int, metavar="N", help="listen on this TCP port (default 10809, the NBD port)")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="the TCP address to listen on (default 127.0.0.1)")
+    p.add_argument("-r", "--readonly", action="store_true", help="export read-only (a snapshot always is)")
+    p.add_argument("--shared", type=int, default=1, metavar="N", help="clients at once (default 1; 0: no limit)")
+    p.add_argument("--pid-file", metavar="PATH", help="nbdkit writes its process id here once it is serving")
+    allow(p)
+    p.add_argument("image", help="IMAGE or IMAGE@SNAPSHOT")
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("vectors", help="generate the conformance kit's vectors into a new directory")
     p.add_argument("dir")
