@@ -309,6 +309,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Skip:
+    """An output that drops its first `skip` bytes: `send --resume-at N` continues a stream a receiver kept N bytes of."""
+
+    def __init__(self, out, skip: int) -> None:
+        self._out = out
+        self._skip = skip
+
+    def write(self, data: bytes) -> None:
+        if self._skip >= len(data):
+            self._skip -= len(data)
+            return
+        self._out.write(data[self._skip :])
+        self._skip = 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from .replicate import send
 
@@ -317,13 +332,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.o is not None:
         with open(args.o, "xb") as out:
             try:
-                stats = send(args.image, out, args.i, force_share=_force_share(args))
+                stats = send(args.image, _Skip(out, args.resume_at), args.i, force_share=_force_share(args))
             except BaseException:
                 os.unlink(args.o)  # ours, made just now: a stream that failed midway is no stream
                 raise
     else:
         sys.stdout.flush()
-        stats = send(args.image, sys.stdout.buffer, args.i, force_share=_force_share(args))
+        stats = send(args.image, _Skip(sys.stdout.buffer, args.resume_at), args.i, force_share=_force_share(args))
         sys.stdout.buffer.flush()
     data = {"records": stats.records, "data-bytes": stats.data_bytes, "zero-bytes": stats.zero_bytes,
             "vmstate-bytes": stats.vmstate_bytes, "stream-bytes": stats.stream_bytes, "full": stats.full}
@@ -335,13 +350,18 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    from .replicate import receive
+    from .replicate import receive, receive_resumable
+
+    def run(source) -> str:
+        if args.partial is not None:
+            return receive_resumable(args.image, source, args.partial, args.F)
+        return receive(args.image, source, args.F)
 
     if args.i is not None:
         with open(args.i, "rb") as source:
-            name = receive(args.image, source, args.F)
+            name = run(source)
     else:
-        name = receive(args.image, sys.stdin.buffer, args.F)
+        name = run(sys.stdin.buffer)
     print(f"Received snapshot {name!r} into {args.image}.")
     return EXIT_OK
 
@@ -557,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", metavar="SNAP", help="send only what changed since this snapshot (the receiver holds it)")
     p.add_argument("-o", metavar="FILE", help="write the stream to a new FILE (default: standard output)")
     p.add_argument("-v", "--verbose", action="store_true", help="report the stream's size on standard error")
+    p.add_argument("--resume-at", type=int, default=0, metavar="N", help="leave out the first N bytes: the rest of a "
+                   "stream a receiver kept N bytes of (receive --partial)")
     output(p)
     share(p)
     p.add_argument("image", help="IMAGE@SNAPSHOT")
@@ -565,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("receive", help="receive a stream made by send: a new image, or a snapshot on top of one held")
     p.add_argument("-i", metavar="FILE", help="read the stream from FILE (default: standard input)")
     p.add_argument("-F", action="store_true", help="drop writes the image made since its last snapshot")
+    p.add_argument("--partial", metavar="FILE", help="keep what verified of an interrupted stream in FILE, and read "
+                   "FILE's bytes first when it exists (resume with send --resume-at)")
     p.add_argument("image")
     p.set_defaults(run=cmd_receive)
 

@@ -28,6 +28,7 @@ from lamina.spec.stream import (
     MAX_RECORD_PAYLOAD,
     StreamBegin,
     StreamEnd,
+    StreamError,
     StreamMismatch,
     StreamReader,
     begin_for,
@@ -174,7 +175,56 @@ def _send_vmstate(writer: _Writer, storage: Storage, path: str, snap: str, force
 
 
 # ---------------------------------------------------------------------------- receive
-def receive(target: str, source: BinaryIO, force: bool = False, storage: Storage | None = None) -> str:
+class _Resumed:
+    """The kept prefix of an interrupted stream, then the rest as it arrives; what arrives is appended to it."""
+
+    def __init__(self, kept: BinaryIO, rest: BinaryIO) -> None:
+        self._kept = kept
+        self._rest = rest
+        self._replaying = True
+
+    def read(self, n: int) -> bytes:
+        if self._replaying:
+            data = self._kept.read(n)
+            if data:
+                return data
+            self._replaying = False
+        data = self._rest.read(n)
+        self._kept.write(data)
+        return data
+
+
+def receive_resumable(target: str, source: BinaryIO, partial: str, force: bool = False,
+                      storage: Storage | None = None) -> str:
+    """`receive` that keeps what verified of an interrupted stream in the file `partial`.
+
+    A stream is a function of the two snapshots alone, so the sender can
+    start again at any byte (`send --resume-at N`): what it sends then
+    continues the kept prefix, and the whole, prefix included, is verified
+    as one stream before anything is visible.  On success `partial` is
+    removed; on a stream cut short or damaged it keeps the bytes of the
+    records that verified, and the error says where to resume.
+    """
+    with open(partial, "a+b") as kept:
+        kept.seek(0)
+        stream = _Resumed(kept, source)
+        holder: list[StreamReader] = []
+        try:
+            name = receive(target, stream, force, storage, holder.append)
+        except StreamError as error:
+            verified = holder[0].verified if holder else 0
+            kept.truncate(verified)
+            kept.flush()
+            os.fsync(kept.fileno())
+            raise type(error)(f"{error}; the {verified} bytes that verified are kept in {partial}: resume with "
+                              f"`lamina send --resume-at {verified} ... | lamina receive --partial {partial} {target}`"
+                              ) from None
+    os.unlink(partial)
+    return name
+
+
+def receive(target: str, source: BinaryIO, force: bool = False, storage: Storage | None = None,
+            reading: Callable[[StreamReader], None] = lambda reader: None) -> str:
     """Receive a stream into image `target` and return the new snapshot's name.
 
     A full stream makes a new image; an incremental one needs the target to
@@ -184,6 +234,7 @@ def receive(target: str, source: BinaryIO, force: bool = False, storage: Storage
     """
     storage = storage or OsStorage()
     reader = StreamReader(source)
+    reading(reader)
     begin = reader.begin
     if begin.full:
         if storage.exists(target):

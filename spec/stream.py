@@ -172,6 +172,7 @@ class StreamReader:
 
     def __init__(self, source: BinaryIO) -> None:
         self._source = source
+        self.verified = 0
         self._hash = hashlib.sha256()
         self._position = 0
         self._sequence = 0
@@ -229,6 +230,7 @@ class StreamReader:
             self._hash.update(raw)
             self._hash.update(payload)
         self._sequence += 1
+        self.verified = self._position  # every byte before it belongs to a record that verified
         return header, payload
 
     def __iter__(self) -> Iterator[Record]:

@@ -343,3 +343,46 @@ def test_scrub_reads_every_data_cluster_at_the_rate_asked_and_repairs_from_a_rep
     assert "does not match its CRC32C" in capsys.readouterr().out
     assert main(["scrub", "--from", "b.lam", "a.lam"]) == 0
     assert "rewritten from b.lam" in capsys.readouterr().out
+
+
+def test_an_interrupted_stream_resumes_where_it_stopped(source, capsys):
+    """receive --partial keeps the bytes that verified; send --resume-at N sends the rest, even twice over."""
+    assert main(["send", "-o", "s1.st", "a.lam@s1"]) == 0
+    with open("s1.st", "rb") as f:
+        stream = f.read()
+    records = _records(stream)
+    first_cut, second_cut = records[1][0] + 1000, records[-2][1] - 3  # inside a DATA record, inside the last one
+    with open("cut1.st", "wb") as f:
+        f.write(stream[:first_cut])
+    assert main(["receive", "--partial", "p.st", "-i", "cut1.st", "b.lam"]) == 1
+    err = capsys.readouterr().err
+    kept = os.path.getsize("p.st")
+    assert kept == records[1][0] and f"--resume-at {kept}" in err  # BEGIN verified; the cut record did not
+    assert not os.path.exists("b.lam")
+    assert main(["send", "-o", "rest1.st", "--resume-at", str(kept), "a.lam@s1"]) == 0
+    with open("rest1.st", "rb") as f:
+        rest = f.read()
+    assert rest == stream[kept:]  # a stream is a function of its snapshots: the rest continues the prefix
+    with open("cut2.st", "wb") as f:
+        f.write(rest[: second_cut - kept])
+    assert main(["receive", "--partial", "p.st", "-i", "cut2.st", "b.lam"]) == 1
+    kept = os.path.getsize("p.st")
+    assert kept == records[-2][0]
+    assert main(["send", "-o", "rest2.st", "--resume-at", str(kept), "a.lam@s1"]) == 0
+    assert main(["receive", "--partial", "p.st", "-i", "rest2.st", "b.lam"]) == 0
+    assert not os.path.exists("p.st")
+    assert _contents("b.lam@s1") == _contents("a.lam@s1")
+    assert layers.read_vmstate("b.lam", "s1") == layers.read_vmstate("a.lam", "s1")
+    # a damaged record keeps only what verified before it
+    assert main(["send", "-o", "s2.st", "-i", "s1", "a.lam@s2"]) == 0
+    with open("s2.st", "rb") as f:
+        bad = bytearray(f.read())
+    at = _records(bytes(bad))[2][0] + 5  # in its CRC
+    bad[at] ^= 1
+    with open("bad.st", "wb") as f:
+        f.write(bad)
+    assert main(["receive", "--partial", "q.st", "-i", "bad.st", "b.lam"]) == 1
+    assert os.path.getsize("q.st") == _records(bytes(bad))[2][0]
+    assert main(["send", "-o", "rest3.st", "--resume-at", str(os.path.getsize("q.st")), "-i", "s1", "a.lam@s2"]) == 0
+    assert main(["receive", "--partial", "q.st", "-i", "rest3.st", "b.lam"]) == 0
+    assert _contents("b.lam@s2") == _contents("a.lam@s2")
