@@ -1,10 +1,11 @@
-"""The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff,
+"""The `lamina` command: create, info, check, map, convert, compare, resize, io, snapshot, clone, commit, rebase, diff,
 vectors and conform (the conformance kit, `conform/`).
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
 traceback); `check` as `qemu-img check`: 0 clean (pending work of an
 interrupted operation is only noted), 1 check not completed, 2 corruption
-found, 3 degraded redundancy or leaked space only; `conform` 0 every vector passed, 4 at least one failed.
+found, 3 degraded redundancy or leaked space only; `compare` as `qemu-img compare`: 0 identical,
+1 different, 2 an error; `conform` 0 every vector passed, 4 at least one failed.
 """
 from __future__ import annotations
 
@@ -142,6 +143,28 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXIT_DIFFERENT, EXIT_COMPARE_ERROR = 1, 2
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 0 identical, 1 different, 2 an error (qemu-img compare's codes): errors are caught here."""
+    from .compare import compare
+    from .progress import Progress
+
+    try:
+        with Progress(args.progress and not args.quiet, "compare") as bar:
+            verdict = compare(args.a, args.b, args.f, args.F, args.strict, bar, tuple(args.allow_base or ()),
+                              force_share=_force_share(args))
+    except (LaminaError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_COMPARE_ERROR
+    if args.output == "json":
+        print(json.dumps(verdict.to_json(), indent=4))
+    elif not args.quiet:
+        print("\n".join(verdict.lines()))
+    return EXIT_OK if verdict.identical else EXIT_DIFFERENT
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     if args.tree:
         data = layers.tree(layers.parse_target(args.image)[0], force_share=_force_share(args))
@@ -255,16 +278,15 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert, detect_format
+    from .progress import Progress
 
     src_format = args.f or detect_format(args.src)
-    from tqdm import tqdm  # only convert draws a bar: the import costs every other command ~0.1 s
-
-    bar = tqdm(total=None, unit="B", unit_scale=True, disable=not args.progress, desc="convert")
-    try:
-        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar.update,
-                tuple(args.allow_base or ()), force_share=_force_share(args))
-    finally:
-        bar.close()
+    notes: list[str] = []
+    with Progress(args.progress and not args.quiet, "convert") as bar:
+        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar,
+                tuple(args.allow_base or ()), force_share=_force_share(args), options=args.o, notes=notes)
+    for note in notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -361,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-U", "--force-share", action="store_true",
                        help="read without the shared lock, even while another process writes (results may be inconsistent)")
 
+    def progress_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-p", "--progress", action="store_true", help="draw a progress bar (on a terminal)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     def allow(p: argparse.ArgumentParser) -> None:
         p.add_argument("--allow-base", action="append", metavar="PATH",
                        help="a base outside the image's directory that may be followed")
@@ -422,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.set_defaults(run=cmd_diff)
 
+    p = sub.add_parser("compare", help="whether two disks read the same (exit 0), differ (1, with the first "
+                                       "differing offset) or an error (2), as qemu-img compare")
+    output(p)
+    share(p)
+    allow(p)
+    p.add_argument("-f", metavar="FMT", help="format of A (default: detected; qemu-img formats need qemu-utils)")
+    p.add_argument("-F", metavar="FMT", help="format of B")
+    p.add_argument("-s", "--strict", action="store_true", help="differing sizes or allocation are a difference too")
+    progress_options(p)
+    p.add_argument("a", help="IMAGE, IMAGE@SNAP, a raw file or a qemu-img format's image")
+    p.add_argument("b")
+    p.set_defaults(run=cmd_compare)
+
     p = sub.add_parser("info", help="show an image's geometry and state; --tree draws its layers")
     output(p)
     share(p)
@@ -446,14 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.set_defaults(run=cmd_map)
 
-    p = sub.add_parser("convert", help="copy between raw and lamina, keeping holes sparse")
-    p.add_argument("-f", choices=("raw", "lamina"), help="source format (default: detected)")
-    p.add_argument("-O", choices=("raw", "lamina"), default="lamina", help="target format")
+    p = sub.add_parser("convert", help="copy between lamina, raw and every format qemu-img knows (qcow2, vmdk, vhdx, "
+                                       "vdi...), keeping holes sparse")
+    p.add_argument("-f", metavar="FMT", help="source format: lamina, raw, or a qemu-img format (default: detected)")
+    p.add_argument("-O", metavar="FMT", default="lamina", help="target format: lamina (default), raw, or a qemu-img "
+                                                            "format such as qcow2, vmdk, vhdx, vdi (needs qemu-utils)")
+    p.add_argument("-o", metavar="OPTIONS", help="qemu-img create options of a foreign target (e.g. subformat=...)")
     p.add_argument("--cluster-size", default="64k")
-    p.add_argument("-p", "--progress", action="store_true")
+    progress_options(p)
     share(p)
     allow(p)
-    p.add_argument("src", help="a raw file, IMAGE or IMAGE@SNAPSHOT")
+    p.add_argument("src", help="a raw file, IMAGE or IMAGE@SNAPSHOT, or an image of a qemu-img format (qcow2@SNAP too)")
     p.add_argument("dst")
     p.set_defaults(run=cmd_convert)
 
