@@ -90,6 +90,13 @@ def _snapshot_json(entry) -> dict:
             "vm-state-size": entry.vmstate_size, "disk-size": entry.disk_size}
 
 
+def _bar(args: argparse.Namespace, desc: str):
+    """The `-p` bar of a command whose work reports a fraction done (see `progress.Progress.to`)."""
+    from .progress import Progress
+
+    return Progress(getattr(args, "progress", False) and not getattr(args, "quiet", False), desc, unit="%")
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.action == "create":
         vmstate = OsStorage().open(args.vmstate, False, follow_symlinks=True) if args.vmstate else None  # a file the user named
@@ -111,7 +118,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     elif args.action == "revert":
         layers.revert_snapshot(args.image, args.name)
     elif args.action == "delete":
-        layers.delete_snapshot(args.image, args.name)
+        with _bar(args, "delete") as bar:
+            layers.delete_snapshot(args.image, args.name, progress=bar.to if bar.active else None)
     elif args.action == "vmstate":
         size = layers.save_vmstate(args.image, args.name, args.outfile, force_share=_force_share(args))
         print(f"{size} bytes of VM state written to {args.outfile}")
@@ -124,13 +132,16 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    layers.commit(args.image, allow_bases=tuple(args.allow_base or ()))
+    with _bar(args, "commit") as bar:
+        layers.commit(args.image, allow_bases=tuple(args.allow_base or ()), progress=bar.to if bar.active else None)
     print("Image committed.")
     return EXIT_OK
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    layers.rebase(args.image, args.b or None, args.F, args.u, allow_bases=tuple(args.allow_base or ()))
+    with _bar(args, "rebase") as bar:
+        layers.rebase(args.image, args.b or None, args.F, args.u, allow_bases=tuple(args.allow_base or ()),
+                      progress=bar.to if bar.active else None)
     return EXIT_OK
 
 
@@ -250,11 +261,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                 + _describe(after)) if before.findings else _describe(after)
         _emit(args, data, text)
         return after.exit_code
-    if args.force_share:
-        report = check_tree(args.image, storage, allowed)
-    else:
-        with image_lock(args.image, False, storage):
-            report = check_tree(args.image, storage, allowed)
+    with _bar(args, "check") as bar:
+        tick = bar.to if bar.active else None
+        if args.force_share:
+            report = check_tree(args.image, storage, allowed, tick)
+        else:
+            with image_lock(args.image, False, storage):
+                report = check_tree(args.image, storage, allowed, tick)
     _emit(args, report.to_json(), _describe(report))
     return report.exit_code
 
@@ -413,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("image")
     for action in ("revert", "delete"):
         q = snap.add_parser(action)
+        if action == "delete":
+            progress_options(q)
         q.add_argument("image")
         q.add_argument("name")
     q = snap.add_parser("vmstate")
@@ -429,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_clone)
 
     p = sub.add_parser("commit", help="write the image's sectors into its base and empty it")
+    progress_options(p)
     allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_commit)
@@ -437,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", default="", metavar="NEWBASE", help="the new base; empty for none")
     p.add_argument("-F", choices=("raw", "lamina"), help="the new base's format")
     p.add_argument("-u", action="store_true", help="unsafe: do not copy differing sectors")
+    progress_options(p)
     allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_rebase)
@@ -472,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="verify an image and its layers; exit 0/1/2/3 as qemu-img check")
     output(p)
     p.add_argument("--repair", action="store_true", help="restore damaged metadata from its good copy, reclaim leaks")
+    progress_options(p)
     share(p)
     p.add_argument("--allow-base", action="append", metavar="PATH", help="a base outside the image's directory to follow")
     p.add_argument("image")
