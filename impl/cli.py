@@ -177,9 +177,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if args.tree:
+    if args.tree or args.dot:
         data = layers.tree(layers.parse_target(args.image)[0], force_share=_force_share(args))
-        _emit(args, data, layers.draw_tree(data))
+        if args.dot:
+            from .pictures import tree_dot
+
+            print(tree_dot(data), end="")
+        else:
+            _emit(args, data, layers.draw_tree(data))
         return EXIT_OK
     with _open(args) as image:
         root = image.root
@@ -274,6 +279,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     with _open(args) as image:
+        if args.svg:
+            from .pictures import map_svg
+
+            picture = map_svg(image)
+            if args.svg == "-":
+                sys.stdout.write(picture)
+                return EXIT_OK
+            with open(args.svg, "x", encoding="utf-8") as out:
+                out.write(picture)
         extents = [{"start": e.start, "length": e.length, "depth": 0, "present": e.data, "zero": not e.data,
                     "data": e.data, **({"offset": e.offset} if e.data else {})} for e in image.extents()]
         data: object = extents
@@ -481,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show an image's geometry and state; --tree draws its layers")
     output(p)
     share(p)
-    p.add_argument("--tree", action="store_true")
+    p.add_argument("--tree", action="store_true", help="the layer tree: bases, snapshots, clones' origins, current state")
+    p.add_argument("--dot", action="store_true", help="the layer tree as Graphviz DOT (`dot -Tsvg` draws it)")
     allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_info)
@@ -500,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     share(p)
     allow(p)
     p.add_argument("--metadata", action="store_true", help="also list every metadata copy in the file")
+    p.add_argument("--svg", metavar="FILE", help="also draw the layer files as SVG into a new FILE (- for standard "
+                                                "output, then alone): where data, map copies and roots sit, and "
+                                                "which layer serves each guest range")
     p.add_argument("image")
     p.set_defaults(run=cmd_map)
 
