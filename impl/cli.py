@@ -356,6 +356,18 @@ def cmd_io(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schemas import COMMANDS, SCHEMAS
+
+    if args.name is None:
+        print("\n".join(f"{name:<26}{command}" for command, name in COMMANDS.items()))
+        return EXIT_OK
+    if args.name not in SCHEMAS:
+        raise InvalidArgument(f"no JSON schema named {args.name!r}; `lamina schema` lists them")
+    print(json.dumps(SCHEMAS[args.name], indent=4))
+    return EXIT_OK
+
+
 def cmd_vectors(args: argparse.Namespace) -> int:
     from lamina.conform.vectors import generate  # the kit is loaded only when asked for
 
@@ -540,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("size")
     p.set_defaults(run=cmd_resize)
+
+    p = sub.add_parser("schema", help="list the JSON Schemas of --output json, or print one (lamina.info/1...)")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(run=cmd_schema)
 
     p = sub.add_parser("vectors", help="generate the conformance kit's vectors into a new directory")
     p.add_argument("dir")
