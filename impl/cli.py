@@ -161,9 +161,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Exit 0 identical, 1 different, 2 an error (qemu-img compare's codes): errors are caught here."""
     from .compare import compare
     from .progress import Progress
+    from .qemu import signals_interrupt
 
     try:
-        with Progress(args.progress and not args.quiet, "compare") as bar:
+        with signals_interrupt(), Progress(args.progress and not args.quiet, "compare") as bar:
             verdict = compare(args.a, args.b, args.f, args.F, args.strict, bar, tuple(args.allow_base or ()),
                               force_share=_force_share(args))
     except (LaminaError, OSError) as exc:
@@ -308,8 +309,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     src_format = args.f or detect_format(args.src)
+    from .qemu import signals_interrupt
+
     notes: list[str] = []
-    with Progress(args.progress and not args.quiet, "convert") as bar:
+    with signals_interrupt(), Progress(args.progress and not args.quiet, "convert") as bar:
         convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar,
                 tuple(args.allow_base or ()), force_share=_force_share(args), options=args.o, notes=notes)
     for note in notes:

@@ -66,6 +66,7 @@ class NbdClient:
         self.meta_context: int | None = None
         self.structured = False
         self.flags = 0
+        self.busy = False  # a request is between its send and its last reply chunk (an interrupt left it so)
         self.size = 0
         try:
             self._sock.connect(path)
@@ -129,19 +130,23 @@ class NbdClient:
 
     def _request(self, command: int, offset: int, length: int, flags: int = 0, data: bytes = b"") -> int:
         self._cookie += 1
+        self.busy = command != CMD_DISC
         self._sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, self._cookie, offset, length) + data)
         return self._cookie
 
     def _replies(self, cookie: int, what: str):
         """Yield (type, payload) of the reply chunks to request `cookie`; a simple reply yields (None, b"")."""
+        failure: NbdError | None = None  # an error chunk: raised once the reply is complete, keeping the stream in step
         while True:
             magic = struct.unpack(">I", self._recv(4))[0]
             if magic == SIMPLE_REPLY_MAGIC:
                 error, got = struct.unpack(">IQ", self._recv(12))
                 self._check_cookie(got, cookie)
                 if error:
+                    self.busy = False
                     raise NbdError(f"NBD {what} failed: error {error}")
                 yield None, b""
+                self.busy = False
                 return
             if magic != STRUCTURED_REPLY_MAGIC:
                 raise NbdProtocolError(f"bad reply magic {magic:#x}")
@@ -151,10 +156,13 @@ class NbdClient:
             if kind & REPLY_ERROR_BIT:
                 error, msg_len = struct.unpack(">IH", payload[:6])
                 message = payload[6 : 6 + msg_len].decode(errors="replace")
-                raise NbdError(f"NBD {what} failed: error {error}{': ' + message if message else ''}")
-            if kind != REPLY_NONE:
+                failure = failure or NbdError(f"NBD {what} failed: error {error}{': ' + message if message else ''}")
+            elif kind != REPLY_NONE and failure is None:
                 yield kind, payload
             if flags & REPLY_FLAG_DONE:
+                self.busy = False
+                if failure is not None:
+                    raise failure
                 return
 
     @staticmethod
@@ -254,9 +262,13 @@ class NbdClient:
             yield current
 
     def close(self) -> None:
-        """Say goodbye (NBD_CMD_DISC) and close; a server without `-t` then exits by itself."""
+        """Say goodbye (NBD_CMD_DISC) and close; a server without `-t` then exits by itself.
+
+        A connection left in the middle of a request is only closed: the stream is out of step.
+        """
         try:
-            self._request(CMD_DISC, 0, 0)
+            if not self.busy:
+                self._request(CMD_DISC, 0, 0)
         except OSError:
             pass
         finally:

@@ -11,12 +11,14 @@ which is how a written target is closed cleanly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Iterator
 
@@ -91,11 +93,10 @@ class Export:
         binary = tool("qemu-nbd")
         self._dir = tempfile.mkdtemp(prefix="lamina-nbd-")
         sock = os.path.join(self._dir, "sock")
-        argv = [binary, "-f", fmt, "--socket", sock, "--cache=writeback" if writable else "--cache=none"]
-        if writable:
-            argv += ["--discard=unmap"]
-        else:
-            argv += ["-r"]
+        argv = [binary, "-f", fmt, "--socket", sock]
+        # A target: written back, flushed once at the end; discards punch holes.  A source: read-only (no
+        # O_DIRECT: a file system such as tmpfs refuses it).
+        argv += ["--cache=writeback", "--discard=unmap"] if writable else ["-r"]
         if snapshot_id is not None:
             argv += ["-l", "snapshot.id=" + snapshot_id.replace(",", ",,")]
         argv.append(path)
@@ -131,6 +132,8 @@ class Export:
         try:
             if self.client is not None:
                 client, self.client = self.client, None
+                if client.busy and self._proc is not None and self._proc.poll() is None:
+                    os.killpg(self._proc.pid, signal.SIGTERM)  # interrupted mid-request: stop, do not wait
                 client.close()
             if self._proc is not None:
                 proc, self._proc = self._proc, None
@@ -161,6 +164,27 @@ class Export:
             self.close()
         else:
             self.abort()
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt while a server runs, so every `finally` stops it and cleans up.
+
+    (A SIGKILL cannot be caught: then `PR_SET_PDEATHSIG` ends the server, and only its empty directory stays.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def snapshots(info: dict) -> list[dict]:

@@ -176,3 +176,55 @@ def test_nbd_client_rejects_a_server_that_breaks_the_protocol(tmp_path):
     finally:
         thread.join()
         server.close()
+
+
+# ---------------------------------------------------------------------------- the server's life cycle
+HOLDER = """
+import sys, time
+from lamina.impl.qemu import Export, signals_interrupt
+with signals_interrupt():
+    try:
+        with Export(sys.argv[1], "raw") as export:
+            print(export._proc.pid, export._dir, flush=True)
+            time.sleep(120)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def _gone(pid: int, seconds: float = 10.0) -> bool:
+    """Whether a process has exited (a zombie no one reaped counts as exited)."""
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if any(line.startswith("State:") and "Z" in line.split()[1] for line in f):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_qemu_nbd_stops_when_lamina_is_terminated_or_killed(tmp_path, signal_name):
+    import signal
+    import sys
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(bytes(65536))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(raw)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, directory = holder.stdout.readline().split()
+        os.kill(holder.pid, getattr(signal, signal_name))
+        holder.wait(timeout=30)
+        assert _gone(int(pid)), f"qemu-nbd {pid} still runs after {signal_name}"
+        if signal_name == "SIGTERM":  # caught: the server was stopped in order and its directory removed
+            assert holder.stdout.read() == "interrupted\n"
+            assert not os.path.exists(directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
