@@ -106,11 +106,10 @@ def compare_sources(a, b, strict: bool = False, progress: Progress | None = None
         candidates = _merge(_allocated(a, common) + _allocated(b, common))
     allocation = _first_allocation_difference(_allocated(a, common), _allocated(b, common)) if strict else None
     done = 0
-    for pos, step in _pieces(candidates):
+    for (pos, step, x), (_, _, y) in zip(a.read_pieces(_pieces(candidates)), b.read_pieces(_pieces(candidates))):
         if allocation is not None and allocation < pos + step:
             return Comparison(False, size_a, size_b, "allocation", allocation)
         progress.update(pos - done)
-        x, y = a.read(pos, step), b.read(pos, step)
         if x != y:
             offset = pos + _first_different_sector(x, y)
             if allocation is not None and allocation <= offset:

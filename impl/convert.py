@@ -8,7 +8,8 @@ source become Lamina snapshots of the same names when the target is Lamina.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections import deque
+from typing import Iterable, Iterator
 
 from lamina.spec.errors import InvalidArgument
 from lamina.spec.layout import SECTOR_SIZE
@@ -55,6 +56,9 @@ class RawSource:
     def read(self, offset: int, length: int) -> bytes:
         return self._file.pread(offset, length).ljust(length, b"\0")
 
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+        return ((pos, n, self.read(pos, n)) for pos, n in pieces)
+
     def close(self) -> None:
         self._file.close()
 
@@ -73,6 +77,9 @@ class LaminaSource:
 
     def read(self, offset: int, length: int) -> bytes:
         return self._image.read(offset, length)
+
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+        return ((pos, n, self.read(pos, n)) for pos, n in pieces)
 
     def close(self) -> None:
         self._image.close()
@@ -100,6 +107,24 @@ class ForeignSource:
     def read(self, offset: int, length: int) -> bytes:
         inside = max(0, min(length, self.virtual_size - offset))
         return (self._client.read(offset, inside) if inside else b"") + bytes(length - inside)
+
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+        """Pieces read with several requests in flight (`NbdClient.reads`); a piece's part past the end reads zero.
+
+        (QEMU rounds every size to whole sectors, so a piece never starts past the end: `_apply_state` rounds the same way.)
+        """
+        size = self.virtual_size
+        asked: deque[int] = deque()
+
+        def clipped() -> Iterator[tuple[int, int]]:
+            for pos, n in pieces:
+                if pos >= size:
+                    raise InvalidArgument(f"read at {pos} is past the end ({size}) of the export")
+                asked.append(n)
+                yield pos, min(n, size - pos)
+        for pos, inside, data in self._client.reads(clipped()):
+            n = asked.popleft()
+            yield pos, n, data + bytes(n - inside)
 
     def close(self) -> None:
         self._export.close()
@@ -157,9 +182,9 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
         done = 0
         ok = False
         try:
-            for pos, step in _pieces(source.data_ranges(), size):
+            ranges = list(source.data_ranges())  # first: a foreign source's block status never interleaves its reads
+            for pos, step, data in source.read_pieces(_pieces(iter(ranges), size)):
                 progress.update(pos - done)  # the hole skipped before this piece
-                data = source.read(pos, step)
                 if not is_zero(data):
                     write(pos, data)
                     written += step
@@ -240,10 +265,10 @@ def _apply_state(image: Image, source: ForeignSource, progress: Progress) -> int
         else:
             merged.append((start, length))
     written = done = 0
-    for pos, step in _pieces(iter(merged), size):
+    for pos, step, new in source.read_pieces(_pieces(iter(merged), size)):
         progress.update(pos - done)
         done = pos + step
-        new, old = source.read(pos, step), image.read(pos, step)
+        old = image.read(pos, step)
         if new != old:
             for lo, hi in _differing_runs(old, new):
                 piece = new[lo:hi]

@@ -228,3 +228,21 @@ def test_qemu_nbd_stops_when_lamina_is_terminated_or_killed(tmp_path, signal_nam
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+def test_pipelined_reads_match_single_reads_and_an_abandoned_pipeline_stops_the_server(tmp_path, private_tmp):
+    q = str(tmp_path / "p.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", q, "8M")
+    qemu_io("qcow2", q, "write -P 0x41 0 3M", "write -P 0x42 5M 100k")
+    pieces = [(o, 300 * 1024) for o in range(0, 8 * MiB - 300 * 1024, 300 * 1024)] + [(7 * MiB, 512)]
+    with qemu.Export(q, "qcow2") as export:
+        c = export.client
+        got = list(c.reads(iter(pieces), depth=5))
+        assert [(o, n) for o, n, _ in got] == pieces
+        assert all(data == c.read(o, n) for o, n, data in got)
+        stream = c.reads(iter(pieces), depth=8)
+        next(stream)  # seven requests still in flight
+        assert c.busy
+        proc = export._proc
+    assert proc.poll() is not None  # closing a connection out of step stopped the server, without a hang
+    assert os.listdir(private_tmp) == []
