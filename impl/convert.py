@@ -124,7 +124,7 @@ class ForeignSource:
                 yield pos, min(n, size - pos)
         for pos, inside, data in self._client.reads(clipped()):
             n = asked.popleft()
-            yield pos, n, data + bytes(n - inside)
+            yield pos, n, data if inside == n else data + bytes(n - inside)
 
     def close(self) -> None:
         self._export.close()
@@ -236,7 +236,7 @@ def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | Non
             export.close()
         else:
             export.abort()
-    return client.write, finish_foreign
+    return client.submit_write, finish_foreign  # writes pipelined; the final flush waits for every reply
 
 
 def _differing_runs(old: bytes, new: bytes) -> Iterator[tuple[int, int]]:

@@ -69,6 +69,7 @@ class NbdClient:
         self.structured = False
         self.flags = 0
         self.busy = False  # a request is between its send and its last reply chunk (an interrupt left it so)
+        self._writes: set[int] = set()  # cookies of writes sent by `submit_write` and not yet answered
         self.size = 0
         try:
             self._sock.connect(path)
@@ -87,6 +88,15 @@ class NbdClient:
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
+
+    def _recv_into(self, view: memoryview) -> None:
+        """Fill `view` from the socket: data goes straight into the caller's buffer, with no copies."""
+        got = 0
+        while got < len(view):
+            n = self._sock.recv_into(view[got:])
+            if not n:
+                raise NbdProtocolError("the NBD server closed the connection")
+            got += n
 
     def _option(self, option: int, data: bytes = b"") -> None:
         self._sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
@@ -133,7 +143,12 @@ class NbdClient:
     def _request(self, command: int, offset: int, length: int, flags: int = 0, data: bytes = b"") -> int:
         self._cookie += 1
         self.busy = command != CMD_DISC
-        self._sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, self._cookie, offset, length) + data)
+        header = struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, self._cookie, offset, length)
+        if len(data) < 4096:
+            self._sock.sendall(header + data)
+        else:  # no copy of a large payload
+            self._sock.sendall(header)
+            self._sock.sendall(data)
         return self._cookie
 
     def _replies(self, cookie: int, what: str):
@@ -179,6 +194,7 @@ class NbdClient:
     # ----------------------------------------------------------------- commands
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
+        self.drain()
         cookie = self._request(CMD_READ, offset, length)
         out = bytearray(length)
         for kind, payload in self._replies(cookie, "read"):
@@ -242,7 +258,7 @@ class NbdClient:
                 raise NbdProtocolError(f"reply to unknown request {cookie}")
             if error:
                 raise NbdError(f"NBD read at {pending[cookie][0]} failed: error {error}")
-            pending[cookie][2][:] = self._recv(pending[cookie][1])
+            self._recv_into(memoryview(pending[cookie][2]))
             finished.add(cookie)
             return
         if magic != STRUCTURED_REPLY_MAGIC:
@@ -251,6 +267,14 @@ class NbdClient:
         if cookie not in pending:
             raise NbdProtocolError(f"reply to unknown request {cookie}")
         offset, size, buf = pending[cookie]
+        if kind == REPLY_OFFSET_DATA and length >= 8:  # the data itself goes straight into its place
+            at = struct.unpack(">Q", self._recv(8))[0] - offset
+            if at < 0 or at + length - 8 > size:
+                raise NbdProtocolError("read reply chunk outside the request")
+            self._recv_into(memoryview(buf)[at : at + length - 8])
+            if flags & REPLY_FLAG_DONE:
+                finished.add(cookie)
+            return
         payload = self._recv(length)
         if kind & REPLY_ERROR_BIT:
             error, msg_len = struct.unpack(">IH", payload[:6])
@@ -271,12 +295,50 @@ class NbdClient:
             finished.add(cookie)
 
     def _simple(self, command: int, offset: int, length: int, what: str, flags: int = 0, data: bytes = b"") -> None:
+        self.drain()  # the pipelined writes' replies first: then this request's reply is the next on the wire
         for _ in self._replies(self._request(command, offset, length, flags, data), what):
             pass
 
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
         self._simple(CMD_WRITE, offset, len(data), "write", data=data)
+
+    def submit_write(self, offset: int, data: bytes, depth: int = 8) -> None:
+        """Send a write without waiting for its reply, keeping at most `depth` in flight; `drain` waits for all.
+
+        An error reply raises at a later `submit_write` or at `drain`.
+        """
+        self._check(offset, len(data))
+        while len(self._writes) >= depth:
+            self._write_reply()
+        self._writes.add(self._request(CMD_WRITE, offset, len(data), data=data))
+
+    def drain(self) -> None:
+        """Wait for the reply to every write `submit_write` sent."""
+        while self._writes:
+            self._write_reply()
+        self.busy = False
+
+    def _write_reply(self) -> None:
+        magic = struct.unpack(">I", self._recv(4))[0]
+        if magic == SIMPLE_REPLY_MAGIC:
+            error, cookie = struct.unpack(">IQ", self._recv(12))
+            done, failure = True, f"error {error}" if error else None
+        elif magic == STRUCTURED_REPLY_MAGIC:
+            flags, kind, cookie, length = struct.unpack(">HHQI", self._recv(16))
+            payload = self._recv(length)
+            done, failure = bool(flags & REPLY_FLAG_DONE), None
+            if kind & REPLY_ERROR_BIT:
+                error, msg_len = struct.unpack(">IH", payload[:6])
+                failure = f"error {error}: {payload[6 : 6 + msg_len].decode(errors='replace')}"
+        else:
+            raise NbdProtocolError(f"bad reply magic {magic:#x}")
+        if cookie not in self._writes:
+            raise NbdProtocolError(f"reply to unknown request {cookie}")
+        if failure:
+            raise NbdError(f"NBD write failed: {failure}")
+        if done:
+            self._writes.discard(cookie)
 
     def zero(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read zero (the server may punch a hole)."""
@@ -292,6 +354,7 @@ class NbdClient:
             self._simple(CMD_TRIM, offset, length, "trim")
 
     def flush(self) -> None:
+        self.drain()
         if self.flags & TFLAG_SEND_FLUSH:
             self._simple(CMD_FLUSH, 0, 0, "flush")
 
@@ -303,6 +366,7 @@ class NbdClient:
         length = min(length, self.size - offset, 1 << 30)
         if self.meta_context is None:
             return [(offset, length, 0)]
+        self.drain()
         cookie = self._request(CMD_BLOCK_STATUS, offset, length)
         runs: list[tuple[int, int, int]] = []
         for kind, payload in self._replies(cookie, "block status"):
