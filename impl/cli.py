@@ -1,5 +1,5 @@
 """The `lamina` command: create, info, check, map, convert, compare, resize, io, snapshot, clone, commit, rebase, diff,
-vectors and conform (the conformance kit, `conform/`).
+schema, vectors and conform (the conformance kit, `conform/`).
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
 traceback); `check` as `qemu-img check`: 0 clean (pending work of an

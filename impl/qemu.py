@@ -43,11 +43,16 @@ class QemuError(LaminaError):
 
 def probe_format(path: str) -> str | None:
     """The QEMU format a file's first bytes name, or None."""
+    from .osfile import OsStorage
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(0x44)
-    except OSError:
-        return None
+        file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
+    except (OSError, LaminaError):
+        return None  # the reader that opens it next names the problem
+    try:
+        head = file.pread(0, 0x44)
+    finally:
+        file.close()
     for offset, magic, name in MAGICS:
         if head[offset : offset + len(magic)] == magic:
             return name
