@@ -20,6 +20,7 @@ from .sizes import format_size
 WIDTH, LEFT, BAR, GAP = 960, 10, 22, 44
 COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f", "#e15759")
 META = {"root": "#d62728", "map": "#222222"}
+SLOT = "#f4a6a6"  # a frozen layer's root: its whole fixed slot
 
 
 # ---------------------------------------------------------------------------- DOT
@@ -144,7 +145,8 @@ def map_svg(image: Image) -> str:
     parts.append(_text(LEFT, y, f"{os.path.basename(image.path)}: guest disk of {format_size(image.virtual_size)}, "
                        f"{len(chain)} layer file(s)", 15, "bold"))
     y += 18
-    parts.append(_text(LEFT, y, "Guest view: each range in the colour of the layer that serves it; blank reads zero"))
+    parts.append(_text(LEFT, y, "Guest view: each range in the colour of the layer that serves it; blank reads zero. "
+                       "Below, each layer file from offset 0 to its end."))
     y += 8
     size = max(image.virtual_size, 1)
     parts.append(f'<rect class="guest" x="{LEFT}" y="{y}" width="{scale_w}" height="{BAR}" fill="#ffffff" '
@@ -182,10 +184,13 @@ def map_svg(image: Image) -> str:
                 data = {"layer": depth, "offset": offset, "length": n, "copy": "AB"[extra.copy]}
                 if extra.region is not None:
                     data["region"] = extra.region
-                parts.append(_rect(x, y, w, BAR, META[kind], kind,
-                                   f"{kind} copy {'AB'[extra.copy]}{region} at {offset:#x}+{n:#x}", **data))
+                slot = kind == "root" and n == ROOT_SLOT_SIZE and layer.root.snapshots is None
+                what = f"root slot {'AB'[extra.copy]} (the copy's exact length is not loaded)" if slot else \
+                    f"{kind} copy {'AB'[extra.copy]}{region}"
+                parts.append(_rect(x, y, w, BAR, SLOT if slot else META[kind], kind, f"{what} at {offset:#x}+{n:#x}",
+                                   **data))
         y += BAR + GAP
-    legend = [("root copy", META["root"]), ("map copy", META["map"])] + [
+    legend = [("root copy", META["root"]), ("root slot", SLOT), ("map copy", META["map"])] + [
         (f"data of layer {d}", COLOURS[d % len(COLOURS)]) for d in range(len(chain))]
     x = LEFT
     for label, colour in legend:
