@@ -1,10 +1,12 @@
-"""The `lamina` command: create, info, check, map, convert, resize, io, snapshot, clone, commit, rebase, diff,
-send, receive, scrub, serve (an NBD export through nbdkit), vectors and conform (the conformance kit, `conform/`).
+"""The `lamina` command: create, info, check, map, convert, compare, resize, io, snapshot, clone, commit, rebase,
+diff, send, receive, scrub, serve (an NBD export through nbdkit), schema, vectors and conform (the conformance kit,
+`conform/`).
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
 traceback); `check` as `qemu-img check`: 0 clean (pending work of an
 interrupted operation is only noted), 1 check not completed, 2 corruption
-found, 3 degraded redundancy or leaked space only; `conform` 0 every vector passed, 4 at least one failed;
+found, 3 degraded redundancy or leaked space only (`scrub` likewise); `compare` as `qemu-img compare`: 0 identical,
+1 different, 2 an error; `conform` 0 every vector passed, 4 at least one failed;
 `serve` 0 once stopped by SIGINT/SIGTERM with the image flushed and closed, 1 an error (also a server that
 was killed and left the image to be recovered).
 """
@@ -91,6 +93,13 @@ def _snapshot_json(entry) -> dict:
             "vm-state-size": entry.vmstate_size, "disk-size": entry.disk_size}
 
 
+def _bar(args: argparse.Namespace, desc: str):
+    """The `-p` bar of a command whose work reports a fraction done (see `progress.Progress.to`)."""
+    from .progress import Progress
+
+    return Progress(getattr(args, "progress", False) and not getattr(args, "quiet", False), desc, unit="%")
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.action == "create":
         vmstate = OsStorage().open(args.vmstate, False, follow_symlinks=True) if args.vmstate else None  # a file the user named
@@ -112,7 +121,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     elif args.action == "revert":
         layers.revert_snapshot(args.image, args.name)
     elif args.action == "delete":
-        layers.delete_snapshot(args.image, args.name)
+        with _bar(args, "delete") as bar:
+            layers.delete_snapshot(args.image, args.name, progress=bar.to if bar.active else None)
     elif args.action == "vmstate":
         size = layers.save_vmstate(args.image, args.name, args.outfile, force_share=_force_share(args))
         print(f"{size} bytes of VM state written to {args.outfile}")
@@ -125,13 +135,16 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    layers.commit(args.image, allow_bases=tuple(args.allow_base or ()))
+    with _bar(args, "commit") as bar:
+        layers.commit(args.image, allow_bases=tuple(args.allow_base or ()), progress=bar.to if bar.active else None)
     print("Image committed.")
     return EXIT_OK
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    layers.rebase(args.image, args.b or None, args.F, args.u, allow_bases=tuple(args.allow_base or ()))
+    with _bar(args, "rebase") as bar:
+        layers.rebase(args.image, args.b or None, args.F, args.u, allow_bases=tuple(args.allow_base or ()),
+                      progress=bar.to if bar.active else None)
     return EXIT_OK
 
 
@@ -144,10 +157,38 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXIT_DIFFERENT, EXIT_COMPARE_ERROR = 1, 2
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 0 identical, 1 different, 2 an error (qemu-img compare's codes): errors are caught here."""
+    from .compare import compare
+    from .progress import Progress
+    from .qemu import signals_interrupt
+
+    try:
+        with signals_interrupt(), Progress(args.progress and not args.quiet, "compare") as bar:
+            verdict = compare(args.a, args.b, args.f, args.F, args.strict, bar, tuple(args.allow_base or ()),
+                              force_share=_force_share(args))
+    except (LaminaError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_COMPARE_ERROR
+    if args.output == "json":
+        print(json.dumps(verdict.to_json(), indent=4))
+    elif not args.quiet:
+        print("\n".join(verdict.lines()))
+    return EXIT_OK if verdict.identical else EXIT_DIFFERENT
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    if args.tree:
+    if args.tree or args.dot:
         data = layers.tree(layers.parse_target(args.image)[0], force_share=_force_share(args))
-        _emit(args, data, layers.draw_tree(data))
+        if args.dot:
+            from .pictures import tree_dot
+
+            print(tree_dot(data), end="")
+        else:
+            _emit(args, data, layers.draw_tree(data))
         return EXIT_OK
     with _open(args) as image:
         root = image.root
@@ -244,34 +285,31 @@ def cmd_check(args: argparse.Namespace) -> int:
                 + ("Not repaired from the replica:\n" + "\n".join(failed) + "\n\n" if failed else "") + _describe(after))
         _emit(args, data, text)
         return after.exit_code
-    if args.force_share:
-        report = check_tree(args.image, storage, allowed)
-    else:
-        with image_lock(args.image, False, storage):
-            report = check_tree(args.image, storage, allowed)
+    with _bar(args, "check") as bar:
+        tick = bar.to if bar.active else None
+        if args.force_share:
+            report = check_tree(args.image, storage, allowed, tick)
+        else:
+            with image_lock(args.image, False, storage):
+                report = check_tree(args.image, storage, allowed, tick)
     _emit(args, report.to_json(), _describe(report))
     return report.exit_code
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
+    from .progress import Progress
     from .scrub import data_bytes, scrub
 
     rate = parse_size(args.rate, "rate") if args.rate else None
-    show = args.progress and sys.stderr.isatty()
-    bar = None
-    if show:
-        from tqdm import tqdm  # only when drawn: the import costs ~0.1 s
-
-        bar = tqdm(total=data_bytes(args.image, OsStorage()), unit="B", unit_scale=True, desc="scrub", file=sys.stderr)
-    try:
-        report, fixes = scrub(args.image, rate, args.replica, progress=bar.update if bar else lambda n: None)
-    finally:
-        if bar is not None:
-            bar.close()
+    with Progress(args.progress and not args.quiet, "scrub") as bar:
+        if bar.active:
+            bar.set_total(data_bytes(args.image, OsStorage()))
+        report, fixes = scrub(args.image, rate, args.replica, progress=bar.update)
     lines = [f"data of guest range [{f.guest_offset}, {f.guest_offset + f.length}) in {f.file}: "
              + (f"rewritten from {args.replica}" if f.repaired else f"NOT repaired, {f.reason}") for f in fixes]
     data = {**report.to_json(), **({"data-repairs": [{"file": f.file, "guest_offset": f.guest_offset,
-                                                      "guest_length": f.length, "repaired": f.repaired}
+                                                      "guest_length": f.length, "repaired": f.repaired,
+                                                      **({"reason": f.reason} if f.reason else {})}
                                                      for f in fixes]} if args.replica else {})}
     _emit(args, data, "\n".join(lines + [_describe(report)]))
     return report.exit_code
@@ -279,6 +317,15 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     with _open(args) as image:
+        if args.svg:
+            from .pictures import map_svg
+
+            picture = map_svg(image)
+            if args.svg == "-":
+                sys.stdout.write(picture)
+                return EXIT_OK
+            with open(args.svg, "x", encoding="utf-8") as out:
+                out.write(picture)
         extents = [{"start": e.start, "length": e.length, "depth": 0, "present": e.data, "zero": not e.data,
                     "data": e.data, **({"offset": e.offset} if e.data else {})} for e in image.extents()]
         data: object = extents
@@ -296,16 +343,17 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert, detect_format
+    from .progress import Progress
 
     src_format = args.f or detect_format(args.src)
-    from tqdm import tqdm  # only convert draws a bar: the import costs every other command ~0.1 s
+    from .qemu import signals_interrupt
 
-    bar = tqdm(total=None, unit="B", unit_scale=True, disable=not args.progress, desc="convert")
-    try:
-        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar.update,
-                tuple(args.allow_base or ()), force_share=_force_share(args))
-    finally:
-        bar.close()
+    notes: list[str] = []
+    with signals_interrupt(), Progress(args.progress and not args.quiet, "convert") as bar:
+        convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar,
+                tuple(args.allow_base or ()), force_share=_force_share(args), options=args.o, notes=notes)
+    for note in notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -340,11 +388,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         stats = send(args.image, _Skip(sys.stdout.buffer, args.resume_at), args.i, force_share=_force_share(args))
         sys.stdout.buffer.flush()
-    data = {"records": stats.records, "data-bytes": stats.data_bytes, "zero-bytes": stats.zero_bytes,
-            "vmstate-bytes": stats.vmstate_bytes, "stream-bytes": stats.stream_bytes, "full": stats.full}
     if args.verbose:
-        print(json.dumps(data) if args.output == "json" else
-              f"sent {stats.stream_bytes} bytes: {stats.data_bytes} of data, {stats.zero_bytes} zeroed, "
+        print(f"sent {stats.stream_bytes} bytes: {stats.data_bytes} of data, {stats.zero_bytes} zeroed, "
               f"{stats.vmstate_bytes} of VM state, in {stats.records} records", file=sys.stderr)
     return EXIT_OK
 
@@ -413,6 +458,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  announce=lambda line: print(line, flush=True))
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schemas import COMMANDS, SCHEMAS
+
+    if args.name is None:
+        print("\n".join(f"{name:<26}{command}" for command, name in COMMANDS.items()))
+        return EXIT_OK
+    if args.name not in SCHEMAS:
+        raise InvalidArgument(f"no JSON schema named {args.name!r}; `lamina schema` lists them")
+    print(json.dumps(SCHEMAS[args.name], indent=4))
+    return EXIT_OK
+
+
 def cmd_vectors(args: argparse.Namespace) -> int:
     from lamina.conform.vectors import generate  # the kit is loaded only when asked for
 
@@ -467,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-U", "--force-share", action="store_true",
                        help="read without the shared lock, even while another process writes (results may be inconsistent)")
 
+    def progress_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-p", "--progress", action="store_true", help="draw a progress bar (on a terminal)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     def allow(p: argparse.ArgumentParser) -> None:
         p.add_argument("--allow-base", action="append", metavar="PATH",
                        help="a base outside the image's directory that may be followed")
@@ -493,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("image")
     for action in ("revert", "delete"):
         q = snap.add_parser(action)
+        if action == "delete":
+            progress_options(q)
         q.add_argument("image")
         q.add_argument("name")
     q = snap.add_parser("vmstate")
@@ -509,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_clone)
 
     p = sub.add_parser("commit", help="write the image's sectors into its base and empty it")
+    progress_options(p)
     allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_commit)
@@ -517,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", default="", metavar="NEWBASE", help="the new base; empty for none")
     p.add_argument("-F", choices=("raw", "lamina"), help="the new base's format")
     p.add_argument("-u", action="store_true", help="unsafe: do not copy differing sectors")
+    progress_options(p)
     allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_rebase)
@@ -528,10 +593,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.set_defaults(run=cmd_diff)
 
+    p = sub.add_parser("compare", help="whether two disks read the same (exit 0), differ (1, with the first "
+                                       "differing offset) or an error (2), as qemu-img compare")
+    output(p)
+    share(p)
+    allow(p)
+    p.add_argument("-f", metavar="FMT", help="format of A (default: detected; qemu-img formats need qemu-utils)")
+    p.add_argument("-F", metavar="FMT", help="format of B")
+    p.add_argument("-s", "--strict", action="store_true", help="differing sizes or allocation are a difference too")
+    progress_options(p)
+    p.add_argument("a", help="IMAGE, IMAGE@SNAP, a raw file or a qemu-img format's image")
+    p.add_argument("b")
+    p.set_defaults(run=cmd_compare)
+
     p = sub.add_parser("info", help="show an image's geometry and state; --tree draws its layers")
     output(p)
     share(p)
-    p.add_argument("--tree", action="store_true")
+    p.add_argument("--tree", action="store_true", help="the layer tree: bases, snapshots, clones' origins, current state")
+    p.add_argument("--dot", action="store_true", help="the layer tree as Graphviz DOT (`dot -Tsvg` draws it)")
     allow(p)
     p.add_argument("image")
     p.set_defaults(run=cmd_info)
@@ -541,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="restore damaged metadata from its good copy, reclaim leaks")
     p.add_argument("--from", dest="replica", metavar="REPLICA", help="with --repair: rewrite data clusters that fail "
                    "their checksum from REPLICA, an image holding the same snapshots (made by send/receive)")
+    progress_options(p)
     share(p)
     p.add_argument("--allow-base", action="append", metavar="PATH", help="a base outside the image's directory to follow")
     p.add_argument("image")
@@ -548,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scrub", help="read and verify every data cluster of every layer; exit as check")
     output(p)
-    p.add_argument("-p", "--progress", action="store_true", help="draw a progress bar (on a terminal)")
+    progress_options(p)
     p.add_argument("--rate", metavar="BYTES", help="read at most this much a second (k/M/G suffixes), to spare the host")
     p.add_argument("--from", dest="replica", metavar="REPLICA", help="rewrite data that fails its checksum from REPLICA")
     p.add_argument("image")
@@ -559,17 +639,23 @@ def build_parser() -> argparse.ArgumentParser:
     share(p)
     allow(p)
     p.add_argument("--metadata", action="store_true", help="also list every metadata copy in the file")
+    p.add_argument("--svg", metavar="FILE", help="also draw the layer files as SVG into a new FILE (- for standard "
+                                                "output, then alone): where data, map copies and roots sit, and "
+                                                "which layer serves each guest range")
     p.add_argument("image")
     p.set_defaults(run=cmd_map)
 
-    p = sub.add_parser("convert", help="copy between raw and lamina, keeping holes sparse")
-    p.add_argument("-f", choices=("raw", "lamina"), help="source format (default: detected)")
-    p.add_argument("-O", choices=("raw", "lamina"), default="lamina", help="target format")
+    p = sub.add_parser("convert", help="copy between lamina, raw and every format qemu-img knows (qcow2, vmdk, vhdx, "
+                                       "vdi...), keeping holes sparse")
+    p.add_argument("-f", metavar="FMT", help="source format: lamina, raw, or a qemu-img format (default: detected)")
+    p.add_argument("-O", metavar="FMT", default="lamina", help="target format: lamina (default), raw, or a qemu-img "
+                                                            "format such as qcow2, vmdk, vhdx, vdi (needs qemu-utils)")
+    p.add_argument("-o", metavar="OPTIONS", help="qemu-img create options of a foreign target (e.g. subformat=...)")
     p.add_argument("--cluster-size", default="64k")
-    p.add_argument("-p", "--progress", action="store_true")
+    progress_options(p)
     share(p)
     allow(p)
-    p.add_argument("src", help="a raw file, IMAGE or IMAGE@SNAPSHOT")
+    p.add_argument("src", help="a raw file, IMAGE or IMAGE@SNAPSHOT, or an image of a qemu-img format (qcow2@SNAP too)")
     p.add_argument("dst")
     p.set_defaults(run=cmd_convert)
 
@@ -579,7 +665,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="report the stream's size on standard error")
     p.add_argument("--resume-at", type=int, default=0, metavar="N", help="leave out the first N bytes: the rest of a "
                    "stream a receiver kept N bytes of (receive --partial)")
-    output(p)
     share(p)
     p.add_argument("image", help="IMAGE@SNAPSHOT")
     p.set_defaults(run=cmd_send)
@@ -609,6 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     allow(p)
     p.add_argument("image", help="IMAGE or IMAGE@SNAPSHOT")
     p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("schema", help="list the JSON Schemas of --output json, or print one (lamina.info/1...)")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(run=cmd_schema)
 
     p = sub.add_parser("vectors", help="generate the conformance kit's vectors into a new directory")
     p.add_argument("dir")

@@ -1,29 +1,46 @@
-"""Copying guest contents between raw files and Lamina images, keeping holes and zeroes sparse."""
+"""Copying guest contents between raw files, Lamina images and QEMU's formats, keeping holes and zeroes sparse.
+
+Raw and Lamina are read and written here; qcow2, VMDK, VHDX, VDI and every
+other format `qemu-img` knows go through a private `qemu-nbd` (`qemu.py`),
+directly, with no temporary raw copy.  Internal snapshots of a foreign
+source become Lamina snapshots of the same names when the target is Lamina.
+"""
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+from collections import deque
+from typing import Iterable, Iterator
 
 from lamina.spec.errors import InvalidArgument
+from lamina.spec.layout import SECTOR_SIZE
 from lamina.spec.structures import ROOT_MAGIC
 from lamina.spec.zeros import is_zero
 
 from .image import Image
 from .layers import open_target, parse_target
 from .osfile import OsStorage
+from .progress import QUIET, Progress
 
 CHUNK = 1 << 20
+NATIVE = ("raw", "lamina")
 
 
 def detect_format(path: str) -> str:
-    """`lamina` when the file starts with a root copy's magic (or names `IMAGE@SNAPSHOT`), else `raw`."""
-    if parse_target(path)[1] is not None:
-        return "lamina"
+    """`lamina` when the file starts with a root copy's magic, a QEMU format its magic names, else `raw`.
+
+    `IMAGE@SNAPSHOT` is the format of IMAGE (Lamina, or a qcow2 with internal snapshots).
+    """
+    from .qemu import probe_format
+
+    image, snap = parse_target(path)
+    if snap is not None:
+        return probe_format(image) or "lamina"
     file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
     try:
-        return "lamina" if file.pread(0, len(ROOT_MAGIC)) == ROOT_MAGIC else "raw"
+        head = file.pread(0, len(ROOT_MAGIC))
     finally:
         file.close()
+    return "lamina" if head == ROOT_MAGIC else probe_format(path) or "raw"
 
 
 class RawSource:
@@ -39,6 +56,9 @@ class RawSource:
     def read(self, offset: int, length: int) -> bytes:
         return self._file.pread(offset, length).ljust(length, b"\0")
 
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+        return ((pos, n, self.read(pos, n)) for pos, n in pieces)
+
     def close(self) -> None:
         self._file.close()
 
@@ -49,6 +69,7 @@ class LaminaSource:
     def __init__(self, path: str, allow_bases: tuple[str, ...] = (), force_share: bool = False) -> None:
         self._image = open_target(path, allow_bases=allow_bases, force_share=force_share)
         self.virtual_size = self._image.virtual_size
+        self.image = self._image
 
     def data_ranges(self) -> Iterator[tuple[int, int]]:
         for start, end in self._image.guest_data_ranges():
@@ -57,57 +78,248 @@ class LaminaSource:
     def read(self, offset: int, length: int) -> bytes:
         return self._image.read(offset, length)
 
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+        return ((pos, n, self.read(pos, n)) for pos, n in pieces)
+
     def close(self) -> None:
         self._image.close()
 
 
+class ForeignSource:
+    """An image of a QEMU format (or one of its internal snapshots, `IMAGE@SNAP`), read through qemu-nbd."""
+
+    def __init__(self, path: str, fmt: str, snapshot_id: str | None = None) -> None:
+        from .qemu import Export, QemuError, image_info
+
+        image, snap = parse_target(path)
+        if snap is not None and snapshot_id is None:
+            found = [s for s in image_info(image, fmt).get("snapshots", []) if s["name"] == snap]
+            if not found:
+                raise QemuError(f"{image}: no internal snapshot named {snap!r}")
+            snapshot_id = found[0]["id"]
+        self._export = Export(image, fmt, snapshot_id=snapshot_id)
+        self._client = self._export.client
+        self.virtual_size = self._client.size
+
+    def data_ranges(self) -> Iterator[tuple[int, int]]:
+        yield from self._client.data_ranges()
+
+    def read(self, offset: int, length: int) -> bytes:
+        inside = max(0, min(length, self.virtual_size - offset))
+        return (self._client.read(offset, inside) if inside else b"") + bytes(length - inside)
+
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
+        """Pieces read with several requests in flight (`NbdClient.reads`); a piece's part past the end reads zero.
+
+        (QEMU rounds every size to whole sectors, so a piece never starts past the end: `_apply_state` rounds the same way.)
+        """
+        size = self.virtual_size
+        asked: deque[int] = deque()
+
+        def clipped() -> Iterator[tuple[int, int]]:
+            for pos, n in pieces:
+                if pos >= size:
+                    raise InvalidArgument(f"read at {pos} is past the end ({size}) of the export")
+                asked.append(n)
+                yield pos, min(n, size - pos)
+        for pos, inside, data in self._client.reads(clipped()):
+            n = asked.popleft()
+            yield pos, n, data if inside == n else data + bytes(n - inside)
+
+    def close(self) -> None:
+        self._export.close()
+
+    def abort(self) -> None:
+        self._export.abort()
+
+
+def open_source(path: str, fmt: str | None = None, allow_bases: tuple[str, ...] = (), force_share: bool = False):
+    """A reader of any format: `virtual_size`, `data_ranges()`, `read(offset, length)`, `close()`."""
+    fmt = fmt or detect_format(path)
+    if fmt == "raw":
+        return RawSource(path)
+    if fmt == "lamina":
+        return LaminaSource(path, allow_bases, force_share)
+    return ForeignSource(path, fmt)
+
+
+def _pieces(ranges: Iterator[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
+    """Chunks of at most CHUNK bytes, aligned to CHUNK, covering `ranges` below `size`."""
+    for start, length in ranges:
+        pos, end = start, min(start + length, size)
+        while pos < end:
+            step = min(CHUNK - pos % CHUNK, end - pos)
+            yield pos, step
+            pos += step
+
+
 def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | None = None,
-            cluster_size: int = 1 << 16, progress: Callable[[int], None] | None = None,
-            allow_bases: tuple[str, ...] = (), force_share: bool = False) -> int:
+            cluster_size: int = 1 << 16, progress: Progress | None = None,
+            allow_bases: tuple[str, ...] = (), force_share: bool = False, options: str | None = None,
+            notes: list[str] | None = None) -> int:
     """Copy the guest contents of `src` into a new `dst`; return the bytes of data written.
 
-    Only ranges that some layer of the source's chain holds are read, and
-    chunks that are all zero are not written, so holes and zeroes stay holes.
+    Only ranges the source may hold (its chain's extents, a raw file's data,
+    a foreign image's block status) are read, and chunks that are all zero
+    are not written, so holes and zeroes stay holes.  A foreign source with
+    internal snapshots and a Lamina target: see `import_snapshots`.
     """
+    progress = progress or QUIET
     src_format = src_format or detect_format(src)
-    if src_format not in ("raw", "lamina") or dst_format not in ("raw", "lamina"):
-        raise InvalidArgument(f"formats must be raw or lamina, not {src_format!r} -> {dst_format!r}")
     if os.path.lexists(dst):
         raise InvalidArgument(f"{dst}: already exists")
-    source = RawSource(src) if src_format == "raw" else LaminaSource(src, allow_bases, force_share)
+    if src_format not in NATIVE and dst_format == "lamina" and parse_target(src)[1] is None:
+        from .qemu import image_info, snapshots
+
+        if snapshots(image_info(src, src_format)):
+            return import_snapshots(src, src_format, dst, cluster_size, progress, notes)
+    source = open_source(src, src_format, allow_bases, force_share)
     written = 0
     try:
         size = source.virtual_size
-        if dst_format == "lamina":
-            # A raw file's last partial sector reads as zero-padded, as qemu-img rounds it.
-            target = Image.create(dst, -(-size // 512) * 512, cluster_size)
-            write, finish = target.write, target.close
-        else:
-            raw = open(dst, "xb")
-            raw.truncate(size)
-
-            def write(offset: int, data: bytes) -> None:
-                os.pwrite(raw.fileno(), data, offset)
-
-            def finish() -> None:
-                raw.flush()
-                os.fsync(raw.fileno())
-                raw.close()
+        progress.set_total(size)
+        write, finish = _target(dst, dst_format, size, cluster_size, options)
+        done = 0
+        ok = False
         try:
-            for start, length in source.data_ranges():
-                end = min(start + length, size)
-                pos = start
-                while pos < end:
-                    step = min(CHUNK - pos % CHUNK, end - pos)
-                    data = source.read(pos, step)
-                    if not is_zero(data):
-                        write(pos, data)
-                        written += step
-                    if progress:
-                        progress(step)
-                    pos += step
+            ranges = list(source.data_ranges())  # first: a foreign source's block status never interleaves its reads
+            for pos, step, data in source.read_pieces(_pieces(iter(ranges), size)):
+                progress.update(pos - done)  # the hole skipped before this piece
+                if not is_zero(data):
+                    write(pos, data)
+                    written += step
+                progress.update(step)
+                done = pos + step
+            progress.update(size - done)
+            ok = True
         finally:
-            finish()
+            finish(ok)
     finally:
         source.close()
+    return written
+
+
+def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | None):
+    """(write(offset, data), finish(ok)) for a new image of `fmt` at `dst`."""
+    if fmt == "lamina":
+        # A raw file's last partial sector reads as zero-padded, as qemu-img rounds it.
+        target = Image.create(dst, -(-size // SECTOR_SIZE) * SECTOR_SIZE, cluster_size)
+        return target.write, lambda ok: target.close()
+    if fmt == "raw":
+        raw = open(dst, "xb")
+        raw.truncate(size)
+
+        def write(offset: int, data: bytes) -> None:
+            os.pwrite(raw.fileno(), data, offset)
+
+        def finish(ok: bool) -> None:
+            try:
+                if ok:
+                    raw.flush()
+                    os.fsync(raw.fileno())
+            finally:
+                raw.close()
+        return write, finish
+    from .qemu import Export, create_image
+
+    create_image(dst, fmt, size, options)
+    try:
+        export = Export(dst, fmt, writable=True)
+    except BaseException:
+        os.unlink(dst)
+        raise
+    client = export.client
+
+    def finish_foreign(ok: bool) -> None:
+        if ok:
+            client.flush()
+            export.close()
+        else:
+            export.abort()
+    return client.submit_write, finish_foreign  # writes pipelined; the final flush waits for every reply
+
+
+def _differing_runs(old: bytes, new: bytes) -> Iterator[tuple[int, int]]:
+    """[lo, hi) byte runs, in whole sectors, where two equally long buffers differ."""
+    lo = None
+    for pos in range(0, len(new), SECTOR_SIZE):
+        if old[pos : pos + SECTOR_SIZE] != new[pos : pos + SECTOR_SIZE]:
+            lo = pos if lo is None else lo
+        elif lo is not None:
+            yield lo, pos
+            lo = None
+    if lo is not None:
+        yield lo, len(new)
+
+
+def _apply_state(image: Image, source: ForeignSource, progress: Progress) -> int:
+    """Make `image` read as `source` by writing only the sectors where they differ; return bytes written."""
+    size = -(-source.virtual_size // SECTOR_SIZE) * SECTOR_SIZE
+    if image.virtual_size != size:
+        image.resize(size)
+    ranges = sorted([(lo, hi - lo) for lo, hi in image.guest_data_ranges()] + list(source.data_ranges()))
+    merged: list[tuple[int, int]] = []
+    for start, length in ranges:
+        if merged and start <= merged[-1][0] + merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], start + length - merged[-1][0]))
+        else:
+            merged.append((start, length))
+    written = done = 0
+    for pos, step, new in source.read_pieces(_pieces(iter(merged), size)):
+        progress.update(pos - done)
+        done = pos + step
+        old = image.read(pos, step)
+        if new != old:
+            for lo, hi in _differing_runs(old, new):
+                piece = new[lo:hi]
+                if is_zero(piece):
+                    image.write_zeroes(pos + lo, hi - lo)
+                else:
+                    image.write(pos + lo, piece)
+                    written += hi - lo
+        progress.update(step)
+    progress.update(size - done)
+    image.flush()
+    return written
+
+
+def import_snapshots(src: str, fmt: str, dst: str, cluster_size: int = 1 << 16, progress: Progress | None = None,
+                     notes: list[str] | None = None) -> int:
+    """A new Lamina image holding every internal snapshot of a foreign image, then its current state.
+
+    Snapshots are imported oldest first; each state is written as its
+    difference from the one before, and frozen as a Lamina snapshot of the
+    same name and guest clock.  QEMU's VM state is not carried over (a
+    snapshot's VM-state size is 0 in Lamina), nor its date (the import's time).
+    """
+    from . import layers
+    from .qemu import image_info, snapshots
+
+    progress = progress or QUIET
+    info = image_info(src, fmt)
+    snaps = snapshots(info)
+    progress.set_total(sum(s.get("disk-size", info["virtual-size"]) for s in snaps) + info["virtual-size"])
+    written = 0
+    image = None
+    for snap in snaps + [None]:
+        source = ForeignSource(src, fmt, snapshot_id=snap["id"] if snap else None)
+        try:
+            if image is None:
+                image = Image.create(dst, -(-source.virtual_size // SECTOR_SIZE) * SECTOR_SIZE, cluster_size)
+            written += _apply_state(image, source, progress)
+        except BaseException:
+            source.abort()
+            if image is not None:
+                image.close()
+            raise
+        source.close()
+        if snap is not None:
+            image.close()
+            clock = snap.get("vm-clock-sec", 0) * 10**9 + snap.get("vm-clock-nsec", 0)
+            layers.create_snapshot(dst, snap["name"], None, clock)
+            if snap.get("vm-state-size") and notes is not None:
+                notes.append(f"snapshot {snap['name']!r}: its {snap['vm-state-size']} bytes of QEMU VM state "
+                             "are not carried over")
+            image = Image.open(dst)
+    image.close()
     return written

@@ -58,6 +58,19 @@ from .image import Image, RawBase, image_lock, write_new_layer
 from .osfile import OsStorage
 
 CHUNK = 1 << 20
+Progress = Callable[[float], None]  # told the fraction of an operation's work done (a progress bar)
+
+
+class _Share:
+    """Bytes done out of a total, reported to a `Progress` as a fraction (within [lo, hi) of the whole)."""
+
+    def __init__(self, progress: Progress | None, total: int, lo: float = 0.0, hi: float = 1.0) -> None:
+        self._progress, self._total, self._lo, self._hi, self._done = progress, max(total, 1), lo, hi, 0
+
+    def add(self, n: int) -> None:
+        if self._progress is not None:
+            self._done += n
+            self._progress(self._lo + (self._hi - self._lo) * min(1.0, self._done / self._total))
 
 
 class SnapshotNotFound(LaminaError):
@@ -320,7 +333,8 @@ def _layer_root(storage: Storage, context: ImageContext, name: str) -> Root:
     return root_of(storage, os.path.join(context.layer_dir, name), table=False)
 
 
-def merge_base_into(child_path: str, context: ImageContext, storage: Storage, lock: bool = True) -> None:
+def merge_base_into(child_path: str, context: ImageContext, storage: Storage, lock: bool = True,
+                    share: _Share | None = None) -> None:
     """Copy the sectors of a child's base layer that the child lacks into the child, then point it past the base.
 
     The guest contents of the child never change: every sector copied
@@ -334,10 +348,12 @@ def merge_base_into(child_path: str, context: ImageContext, storage: Storage, lo
             raise BaseReferenceError(f"{child_path}: its base {child.root.base_path!r} is not a Lamina layer, "
                                      "so it cannot be the snapshot being deleted")
         visible = min(child.virtual_size, child.root.base_visible)  # the child sees its base only below this
-        for extent in base.extents():
-            if not extent.data or extent.start >= visible:
-                continue
-            _copy_absent(child, base, extent.start, min(extent.start + extent.length, visible))
+        extents = [e for e in base.extents() if e.data and e.start < visible]
+        share = share or _Share(None, 0)
+        for extent in extents:
+            end = min(extent.start + extent.length, visible)
+            _copy_absent(child, base, extent.start, end)
+            share.add(end - extent.start)
         child.flush()
         parent = base.root
         # What the removed layer hid of its own base stays hidden: the visible limits combine.
@@ -357,8 +373,11 @@ def _copy_absent(child: Image, source: Image | RawBase, start: int, end: int) ->
 
 
 @_holding_lock(exclusive=True, collect=True)
-def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> None:
-    """Drop snapshot `name`; layers built on it get its sectors first, so no branch changes content."""
+def delete_snapshot(path: str, name: str, storage: Storage | None = None, progress: Progress | None = None) -> None:
+    """Drop snapshot `name`; layers built on it get its sectors first, so no branch changes content.
+
+    `progress` is told the fraction of the merges done.
+    """
     storage = _storage(storage)
     with Image.open(path, storage=storage, lock=False) as top:
         root, context = top.root, top.context
@@ -370,10 +389,16 @@ def delete_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
             other_name = layer_file_name(other.layer_uuid)
             if _layer_root(storage, context, other_name).base_path == frozen:
                 children.append(os.path.join(context.layer_dir, other_name))
-    for child in children:
+    work = 0
+    if progress is not None:  # the bytes each merge copies at most: the layer's own
+        with Image.open(os.path.join(context.layer_dir, frozen), readonly=True, storage=storage, context=context,
+                        lock=False) as layer:
+            work = sum(e.length for e in layer.extents() if e.data)
+    for i, child in enumerate(children):
         if child != path and storage.stat(child).nlink > 1:
             _unshare(storage, child, context)
-        merge_base_into(child, context, storage, lock=child != path)
+        merge_base_into(child, context, storage, lock=child != path,
+                        share=_Share(progress, work, i / len(children), (i + 1) / len(children)))
     with Image.open(path, storage=storage, lock=False) as top:
         top.set_root(snapshots=tuple(s for s in top.root.snapshots if s.id != entry.id))
 
@@ -442,7 +467,8 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
 
 # ---------------------------------------------------------------------------- commit and rebase
 @_holding_lock(exclusive=True)
-def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
+def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ...] = (),
+           progress: Progress | None = None) -> None:
     """Write the top's sectors into its base (a file the user chose, never a snapshot) and empty the top.
 
     The top's root is marked committing first; until the end the top still
@@ -456,10 +482,10 @@ def commit(path: str, storage: Storage | None = None, allow_bases: tuple[str, ..
         if LAYER_NAME.match(top.root.base_path):
             raise InvalidArgument(f"{path}: its base is a snapshot; snapshots never change (delete it instead)")
         top.set_root(flags=top.root.flags | FLAG_COMMITTING)
-        finish_commit(top)
+        finish_commit(top, progress)
 
 
-def finish_commit(top: Image) -> None:
+def finish_commit(top: Image, progress: Progress | None = None) -> None:
     """The body of `commit`, also run by a writable open that finds the committing flag: idempotent."""
     if LAYER_NAME.match(top.root.base_path):  # F-COMMIT-001: only a forged root asks for this
         raise CommittingIntoSnapshot(f"{top.path}: the root is marked committing into its base, a snapshot, which never "
@@ -493,12 +519,15 @@ def finish_commit(top: Image) -> None:
     limit = min(size, base_size)
     hidden = min(top.root.base_visible, limit)
     try:
-        for extent in top.extents():
-            if extent.data and extent.start < limit:
-                _copy_range(write, top.read, extent.start, min(extent.start + extent.length, limit))
+        extents = [e for e in top.extents() if e.data and e.start < limit]
+        hidden_ranges = top.absent_ranges(hidden, limit) if hidden < limit else []
+        share = _Share(progress, sum(min(e.start + e.length, limit) - e.start for e in extents)
+                       + sum(hi - lo for lo, hi in hidden_ranges))
+        for extent in extents:
+            _copy_range(write, top.read, extent.start, min(extent.start + extent.length, limit), share)
         # What the top hides of its base (it shrank, then grew) reads zero: so must the base.
-        for lo, hi in top.absent_ranges(hidden, limit) if hidden < limit else []:
-            _copy_range(write, lambda pos, step: bytes(step), lo, hi)
+        for lo, hi in hidden_ranges:
+            _copy_range(write, lambda pos, step: bytes(step), lo, hi, share)
     finally:
         flush()
     generation = 0
@@ -514,17 +543,19 @@ def finish_commit(top: Image) -> None:
     top.reopen_base()
 
 
-def _copy_range(write, read, start: int, end: int) -> None:
+def _copy_range(write, read, start: int, end: int, share: _Share | None = None) -> None:
     pos = start
     while pos < end:
         step = min(CHUNK, end - pos)
         write(pos, read(pos, step))
+        if share is not None:
+            share.add(step)
         pos += step
 
 
 @_holding_lock(exclusive=True, collect=True)
 def rebase(path: str, new_base: str | None, base_format: str | None = None, unsafe: bool = False,
-           storage: Storage | None = None, allow_bases: tuple[str, ...] = ()) -> None:
+           storage: Storage | None = None, allow_bases: tuple[str, ...] = (), progress: Progress | None = None) -> None:
     """Put the image on another base.  Safe mode first copies every sector where old and new bases differ."""
     from .image import reference_base
 
@@ -538,7 +569,9 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
             found = resolve_base(new_root, top.context, path, storage)
             with (Image.open(found.path, readonly=True, storage=storage, context=found.context)
                   if found is not None and new_root.base_kind == BASE_LAMINA else _NoImage(new_root, top, storage)) as fresh:
-                for lo, hi in top.absent_ranges(0, top.virtual_size):
+                absent = top.absent_ranges(0, top.virtual_size)
+                share = _Share(progress, sum(hi - lo for lo, hi in absent))
+                for lo, hi in absent:
                     pos = lo
                     while pos < hi:
                         step = min(CHUNK, hi - pos)
@@ -547,6 +580,7 @@ def rebase(path: str, new_base: str | None, base_format: str | None = None, unsa
                         if old != new:  # (names of their own: `lo, hi` bound the range being walked)
                             for start, stop in _differing_sectors(old, new):
                                 top.write(pos + start, old[start:stop])
+                        share.add(step)
                         pos += step
             top.flush()
         top.set_root(base_kind=new_root.base_kind, base_path=new_root.base_path, base_uuid=new_root.base_uuid,

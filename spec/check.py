@@ -31,6 +31,8 @@ table in the format document is the whole truth.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import attrs
 
 from .errors import FormatError
@@ -254,8 +256,11 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     return verified
 
 
-def check_image(file: File) -> CheckReport:
-    """Judge an image against the invariants I1-I7; never raises for a damaged image."""
+def check_image(file: File, progress: Callable[[float], None] | None = None) -> CheckReport:
+    """Judge an image against the invariants I1-I7; never raises for a damaged image.
+
+    `progress`, if given, is told the fraction of regions checked (a progress bar).
+    """
     findings: list[Finding] = []
     try:
         root = check_root(file, findings)
@@ -276,6 +281,8 @@ def check_image(file: File) -> CheckReport:
     _check_root_padding(file, root, extents, findings)
     regions = set(allocated_regions(extents, geometry)) | set(root.intents)
     clusters = 0
-    for region in sorted(regions):
+    for i, region in enumerate(sorted(regions)):
         clusters += check_region(file, geometry, root, region, extents, findings)
+        if progress:
+            progress((i + 1) / len(regions))
     return CheckReport(tuple(findings), root, len(regions), clusters)

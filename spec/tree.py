@@ -26,7 +26,7 @@ and not reached.  Anything else there is reported, never removed.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import attrs
 from .crc import crc32c
@@ -279,8 +279,12 @@ def _is_top(path: str) -> bool:
     return image_of(path) == os.path.abspath(path)
 
 
-def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> CheckReport:
-    """Check every layer of an image and the references between them; one report for the tree."""
+def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
+               progress: Callable[[float], None] | None = None) -> CheckReport:
+    """Check every layer of an image and the references between them; one report for the tree.
+
+    `progress`, if given, is told the fraction of the layer files checked so far.
+    """
     from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
 
     context = ImageContext.for_layer(top_path, allowed)
@@ -298,10 +302,10 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -
     regions = clusters = 0
     completed = True
     root = None
-    for path in files:
+    for index, path in enumerate(files):
         file = open_tree_file(storage, path, False, context)
         try:
-            report = check_image(file)
+            report = check_image(file, (lambda f, i=index: progress((i + f) / len(files))) if progress else None)
         finally:
             file.close()
         root = root or report.root
