@@ -200,17 +200,8 @@ class NbdClient:
         for kind, payload in self._replies(cookie, "read"):
             if kind is None:
                 out[:] = self._recv(length)
-            elif kind == REPLY_OFFSET_DATA:
-                at = struct.unpack(">Q", payload[:8])[0] - offset
-                if at < 0 or at + len(payload) - 8 > length:
-                    raise NbdProtocolError("read reply chunk outside the request")
-                out[at : at + len(payload) - 8] = payload[8:]
-            elif kind == REPLY_OFFSET_HOLE:
-                at, hole = struct.unpack(">QI", payload[:12])
-                at -= offset
-                if at < 0 or at + hole > length:
-                    raise NbdProtocolError("read hole chunk outside the request")
-                out[at : at + hole] = bytes(hole)
+            else:
+                _place_chunk(out, kind, payload, offset, length)
         return bytes(out)
 
     def reads(self, pieces: Iterable[tuple[int, int]], depth: int = 8) -> Iterator[tuple[int, int, bytes]]:
@@ -280,17 +271,7 @@ class NbdClient:
             error, msg_len = struct.unpack(">IH", payload[:6])
             message = payload[6 : 6 + msg_len].decode(errors="replace")
             raise NbdError(f"NBD read at {offset} failed: error {error}{': ' + message if message else ''}")
-        if kind == REPLY_OFFSET_DATA:
-            at = struct.unpack(">Q", payload[:8])[0] - offset
-            if at < 0 or at + len(payload) - 8 > size:
-                raise NbdProtocolError("read reply chunk outside the request")
-            buf[at : at + len(payload) - 8] = payload[8:]
-        elif kind == REPLY_OFFSET_HOLE:
-            at, hole = struct.unpack(">QI", payload[:12])
-            at -= offset
-            if at < 0 or at + hole > size:
-                raise NbdProtocolError("read hole chunk outside the request")
-            buf[at : at + hole] = bytes(hole)
+        _place_chunk(buf, kind, payload, offset, size)
         if flags & REPLY_FLAG_DONE:
             finished.add(cookie)
 
@@ -412,3 +393,18 @@ class NbdClient:
             pass
         finally:
             self._sock.close()
+
+
+def _place_chunk(buf: bytearray, kind: int, payload: bytes, offset: int, size: int) -> None:
+    """Put a structured read reply's data or hole chunk in its place in the request's buffer; other kinds: nothing."""
+    if kind == REPLY_OFFSET_DATA:
+        at = struct.unpack(">Q", payload[:8])[0] - offset
+        if at < 0 or at + len(payload) - 8 > size:
+            raise NbdProtocolError("read reply chunk outside the request")
+        buf[at : at + len(payload) - 8] = payload[8:]
+    elif kind == REPLY_OFFSET_HOLE:
+        at, hole = struct.unpack(">QI", payload[:12])
+        at -= offset
+        if at < 0 or at + hole > size:
+            raise NbdProtocolError("read hole chunk outside the request")
+        buf[at : at + hole] = bytes(hole)
