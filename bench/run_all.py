@@ -301,7 +301,7 @@ class Bench:
 
 
 def render(result: dict) -> str:
-    head = ("measurement", "lamina s (min-max)", "qcow2 s (min-max)", "raw s (min-max)", "lamina/qcow2", "lamina/raw")
+    head = ("measurement", "lamina s (min-max)", "qcow2 s (min-max)", "raw s (min-max)", "lamina/qcow2", "lamina/raw", "cpu l/q")
 
     def side(row: dict, name: str) -> str:
         s = row["sides"].get(name)
@@ -311,7 +311,11 @@ def render(result: dict) -> str:
         r = row.get(f"lamina/{peer}")
         return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" if r else "-"
 
-    body = [(r["name"], side(r, "lamina"), side(r, "qcow2"), side(r, "raw"), ratio(r, "qcow2"), ratio(r, "raw"))
+    def cpu(row: dict) -> str:
+        lamina, qcow2 = row["sides"].get("lamina"), row["sides"].get("qcow2")
+        return f"{lamina['cpu_median_s'] / qcow2['cpu_median_s']:.2f}" if lamina and qcow2 and qcow2["cpu_median_s"] else "-"
+
+    body = [(r["name"], side(r, "lamina"), side(r, "qcow2"), side(r, "raw"), ratio(r, "qcow2"), ratio(r, "raw"), cpu(r))
             for r in result["rows"]]
     lines = table(head, body)
     if result["host_io"]:
@@ -322,7 +326,7 @@ def render(result: dict) -> str:
                                 f"{h['fsyncs_per_guest_mib']:.2f}") for h in result["host_io"]])
     m = result["machine"]
     lines.append(f"wall-time medians of {result['runs']} interleaved runs after a warm-up, min-max in brackets; ratios are "
-                 f"medians of the pairwise ratios (above 1 Lamina is slower); {human(result['size'])} disks; Python "
+                 f"medians of the pairwise ratios (above 1 Lamina is slower); cpu l/q: median CPU time (user + system) of lamina over qcow2's, steadier on a busy machine; {human(result['size'])} disks; Python "
                  f"{m['python']}, {m['cpus']} CPUs, load average {m['load_before']} before the run; cached I/O.")
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
