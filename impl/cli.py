@@ -13,7 +13,6 @@ was killed and left the image to be recovered).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,8 +37,32 @@ class UsageError(InvalidArgument):
     """The command line does not parse: an unknown command, a missing or unknown argument."""
 
 
+def _terminal_columns() -> int:
+    """`shutil.get_terminal_size().columns`, without importing shutil (and the compression modules it loads)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout at the same width; argparse makes one per `add_argument`, each importing shutil."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a usage error; 2 means corruption for `check`, so usage errors raise."""
+
+    def __init__(self, *args: object, formatter_class: type[argparse.HelpFormatter] = _Formatter, **kwargs: object) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)  # type: ignore[misc, arg-type]
 
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog.removeprefix(PROG).strip()  # "snapshot create" below the top parser
@@ -60,6 +83,8 @@ def error_line(exc: BaseException) -> str:
 
 def _emit(args: argparse.Namespace, data: object, text: str) -> None:
     if getattr(args, "output", "human") == "json":
+        import json  # only JSON output needs it: every other run is spared the import
+
         print(json.dumps(data, indent=4))
     else:
         print(text, end="" if text.endswith("\n") or not text else "\n")
@@ -513,9 +538,47 @@ def take_io_commands(argv: list[str]) -> tuple[list[str], list[str]]:
     return commands, rest
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """Stands in for the parser of a command that is not being run: every call on it does nothing."""
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: self
+
+
+def _only(sub: argparse._SubParsersAction, command: str) -> None:
+    """Let `sub` build the parser of `command` alone: the others' arguments are never added.
+
+    Building every command's parser was the largest part of the start-up
+    after the imports (each `add_argument` makes a help formatter); the
+    command being run cannot tell the difference.
+    """
+    add_parser = sub.add_parser
+
+    def add_only(name: str, **kwargs: object) -> argparse.ArgumentParser | _Skipped:
+        return add_parser(name, **kwargs) if name == command else _Skipped()
+
+    sub.add_parser = add_only  # type: ignore[method-assign]
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: with only its command's parser built when that names a command, else all."""
+    if argv and not argv[0].startswith("-"):
+        parser = build_parser(only=argv[0])
+        if argv[0] in _commands(parser):
+            return parser
+    return build_parser()
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `only`: build that command's parser alone (see `_only`)."""
     parser = _Parser(prog=PROG, description="Lamina virtual-disk images: create, inspect, check, convert, run I/O.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    if only is not None:
+        _only(sub, only)
 
     def output(p: argparse.ArgumentParser) -> None:
         p.add_argument("--output", choices=("human", "json"), default="human")
@@ -737,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["io"]:
         commands, argv = take_io_commands(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = parser_for(argv).parse_args(argv)
         if commands:
             args.c = commands + (args.c or [])
         return args.run(args)

@@ -815,7 +815,7 @@ _PARSER = cli.build_parser()
 def cli_job(argv: list[str]) -> Callable[[], int]:
     """`lamina ARGV` as the child runs it; the parser is built once in the server (argparse parsers are reusable)."""
     def job() -> int:
-        cli.build_parser = lambda: _PARSER
+        cli.parser_for = lambda argv: _PARSER
         return cli.main(argv)
     return job
 
