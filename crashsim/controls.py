@@ -218,7 +218,7 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
     Control("skip-map-copy-fsync", "rule 2: fsync between the first and the second map copy",
             "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_skip_copy_fsync}),
     Control("map-current-slot-first", "rule 2: never write the slot holding the durable current copy first",
-            "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_current_slot_first}),
+            "torn", "allocate", "fails", lambda: {"commit_maps": _commit_maps_current_slot_first}),
     Control("skip-root-copy-fsync", "rule 2 for the root: fsync between the two root copies",
             "torn", "allocate", "fails", lambda: {"write_root": _write_root_skip_copy_fsync}),
     # Only a tear catches it (both copies torn at once); its failures are crashes of recovery, whose plans
