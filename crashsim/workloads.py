@@ -88,9 +88,8 @@ _LIBRARY = [
              setup=(("write", 0, 16 * K, 1),)),
     Workload("evict-full", "the intent list (lowered to 2 regions) overflows: the least recently written region's "
              "deferred map is committed before a root write drops it, once after a flush and once forcing one",
-             4 * REGION, (("write", 0, 4 * K, 2), ("flush",), ("write", REGION, 4 * K, 3), ("flush",),
-                          ("write", 2 * REGION, 4 * K, 4), ("write", 4 * K, 4 * K, 5), ("write", 3 * REGION + 8 * K, 4 * K, 6),
-                          ("flush",), ("write", REGION + 4 * K, 4 * K, 7)),
+             4 * REGION, (("write", 0, 4 * K, 2), ("flush",), ("write", REGION, 4 * K, 3), ("write", 2 * REGION, 4 * K, 4),
+                          ("write", 3 * REGION + 8 * K, 4 * K, 5)),
              setup=tuple(("write", r * REGION, 16 * K, 1) for r in range(4)), max_intents=2),
     Workload("idle-evict", "idle eviction (interval lowered to 2 flushes): a region not written for that long has its "
              "deferred map committed and is dropped by one root write, then is written and listed again",
