@@ -76,7 +76,9 @@ class MetadataRegion:
     region: int | None = None
 
 
-INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
+# A region is listed with its aligned group: one root write serves a sequential stream, or random writes after an
+# open, for 16 regions.  Listed regions never written are dropped by idle eviction, like any other idle region.
+INTENT_GROUP = 16
 NO_LIMIT = 1 << 63  # above every virtual size: no layer passed narrows the piece
 
 Method = TypeVar("Method", bound=Callable)
@@ -770,9 +772,8 @@ class Image:
             return
         wanted = set(regions)
         for region in missing:
-            if region - 1 in self._intents:
-                # A write stream moving forward: list the next regions now, one root write for several.
-                wanted.update(range(region, min(region + INTENT_READAHEAD, self._geometry.num_regions)))
+            first = region - region % INTENT_GROUP
+            wanted.update(range(first, min(first + INTENT_GROUP, self._geometry.num_regions)))
         limit = self.max_intents
         after_eviction = limit - limit // 4  # a full list is cut to this, so evictions are rare
         if len(self._intents | wanted) > limit:
