@@ -489,7 +489,8 @@ class Image:
         Only regions whose writes are checksummed (`_checksum_dirty`) may be
         dropped: their working maps then hold what the file holds.
         """
-        assert not regions & set(self._dirty), "a region with unchecksummed writes stays listed"
+        if regions & set(self._dirty):
+            raise AssertionError("a region with unchecksummed writes stays listed (callers checksum or spare it)")
         settle = regions & (self._deferred | self._fresh)
         if settle:
             self._commit_maps(settle)
