@@ -185,6 +185,50 @@ def run_flush_cost(engine, fsync_count: Callable[[], int], size: int, count: int
             "max_ms": times[-1] * 1e3}
 
 
+def overwrite_offsets(size: int, writes: int, seed: int) -> list[int]:
+    """Seeded random 4 KiB-aligned offsets (with repeats) for the flush-heavy overwrite phase."""
+    rng = random.Random(f"{seed}-overwrite-flush")
+    return [rng.randrange(size // (4 * KiB)) * 4 * KiB for _ in range(writes)]
+
+
+def run_overwrite_flush(engine, fsync_count: Callable[[], int], offs: list[int], every: int,
+                        buffers: list[bytes]) -> dict:
+    """Random 4 KiB overwrites of written data with a flush every `every` writes; all of it is timed.
+
+    The steady state of a guest that flushes often (a database, a journaling
+    file system): what the format adds per flush is the point (issue "flush cost").
+    """
+    nbuf = len(buffers)
+    before = fsync_count()
+    flushes = 0
+    start = time.perf_counter()
+    write, flush = engine.write, engine.flush
+    for i, off in enumerate(offs, 1):
+        write(off, buffers[i % nbuf])
+        if i % every == 0:
+            flush()
+            flushes += 1
+    if len(offs) % every:
+        flush()
+        flushes += 1
+    seconds = time.perf_counter() - start
+    fsyncs = fsync_count() - before
+    return {"writes": len(offs), "flushes": flushes, "seconds": seconds, "fsyncs": fsyncs,
+            "fsyncs_per_flush": fsyncs / flushes}
+
+
+def io_script(offs: list[int], every: int) -> str:
+    """The overwrite phase as qemu-io / `lamina io` commands (one a line), for a whole-process comparison."""
+    lines = []
+    for i, off in enumerate(offs, 1):
+        lines.append(f"write -P 0x{i % 255 + 1:02x} {off} 4k")
+        if i % every == 0:
+            lines.append("flush")
+    if len(offs) % every:
+        lines.append("flush")
+    return "\n".join(lines) + "\n"
+
+
 def same_contents(raw: RawFile, image: Image, size: int) -> bool:
     """Both disks must hold the same guest bytes after the same writes (untimed sanity check)."""
     for off in range(0, size, 8 * MiB):
@@ -237,6 +281,11 @@ def run(args: argparse.Namespace) -> dict:
                                         buffers[4 * KiB][0])
                  for engine in ("raw", "lamina")}
         flush["time_ratio"] = flush["lamina"]["median_ms"] / flush["raw"]["median_ms"]
+        offs = overwrite_offsets(size, args.overwrites, seed)
+        overwrite = {engine: run_overwrite_flush(engines[engine], fsync_count[engine], offs, args.flush_every,
+                                                 buffers[4 * KiB])
+                     for engine in ("raw", "lamina")}
+        overwrite["time_ratio"] = overwrite["lamina"]["seconds"] / overwrite["raw"]["seconds"]
         identical = same_contents(raw, image, size)
         image.close()
         raw.close()
@@ -248,6 +297,7 @@ def run(args: argparse.Namespace) -> dict:
         "cached_io": True,
         "note": CACHE_NOTE,
         "config": {"size": size, "cluster_size": cluster_size, "seed": seed, "flushes": args.flushes,
+                   "overwrites": args.overwrites, "flush_every": args.flush_every,
                    "min_read_time": args.min_time,
                    "block_sizes": list(BLOCK_SIZES),
                    "random_offsets": "seeded permutation of the block-aligned offsets (each block once)"},
@@ -255,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
                         "system": platform.system(), "release": platform.release(), "cpus": os.cpu_count()},
         "phases": phases,
         "guest_flush": flush,
+        "overwrite_flush": overwrite,
         "contents_identical": identical,
         "profiles": profiles,
     }
@@ -285,7 +336,16 @@ def render_text(result: dict) -> str:
         rows.append((engine, f"{e['fsyncs_per_flush']:.2f}", f"{e['fsyncs_per_write']:.2f}",
                      f"{e['mean_ms']:.3f}", f"{e['median_ms']:.3f}", f"{e['max_ms']:.3f}"))
     lines += table(rows)
-    lines += [f"flush time lamina/raw (median): {f['time_ratio']:.2f} (above 1 means Lamina is slower)",
+    lines += [f"flush time lamina/raw (median): {f['time_ratio']:.2f} (above 1 means Lamina is slower)"]
+    o = result["overwrite_flush"]
+    lines += ["", f"Random 4 KiB overwrites of written data, a flush every {c['flush_every']} "
+              f"({c['overwrites']} writes; all timed):", ""]
+    rows = [("engine", "flushes", "fsyncs", "fsyncs/flush", "seconds")]
+    for engine in ("raw", "lamina"):
+        e = o[engine]
+        rows.append((engine, str(e["flushes"]), str(e["fsyncs"]), f"{e['fsyncs_per_flush']:.2f}", f"{e['seconds']:.3f}"))
+    lines += table(rows)
+    lines += [f"wall time lamina/raw: {o['time_ratio']:.2f} (above 1 means Lamina is slower)",
               "",
               f"contents identical after all phases: {'yes' if result['contents_identical'] else 'NO'}"]
     e = result["environment"]
@@ -315,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", choices=("text", "json"), default="text")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the random offsets and payloads")
     parser.add_argument("--flushes", type=int, default=200, help="rounds of the guest-flush measurement (default 200)")
+    parser.add_argument("--overwrites", type=int, default=4096,
+                        help="writes of the flush-heavy overwrite phase (default 4096)")
+    parser.add_argument("--flush-every", type=int, default=64, help="writes between flushes there (default 64)")
+    parser.add_argument("--io-script", metavar="FILE", default=None,
+                        help="only write the overwrite phase as qemu-io / lamina io commands to FILE, and exit")
     parser.add_argument("--min-time", type=float, default=1.0,
                         help="seconds each read phase runs at least, in whole passes (default 1.0)")
     parser.add_argument("--dir", default=None,
@@ -329,8 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         cluster_size_to_bits(args.cluster_size)
     except InvalidArgument as exc:
         parser.error(f"--cluster-size: {exc}")
-    if args.flushes < 1:
-        parser.error("--flushes must be at least 1")
+    if args.flushes < 1 or args.overwrites < 1 or args.flush_every < 1:
+        parser.error("--flushes, --overwrites and --flush-every must be at least 1")
+    if args.io_script:
+        with open(args.io_script, "w") as out:
+            out.write(io_script(overwrite_offsets(args.size, args.overwrites, args.seed), args.flush_every))
+        return 0
     result = run(args)
     if args.output == "json":
         json.dump(result, sys.stdout, indent=2)

@@ -180,6 +180,24 @@ def _skip_intents(self, regions) -> None:
     """Image._ensure_intents that never lists a region (breaks rule 1: intent before data)."""
 
 
+def _drop_intents_uncommitted(self, regions, add=frozenset(), **changes) -> None:
+    """Image._drop_intents that drops regions without committing their deferred maps (breaks rule 1's drop)."""
+    self._deferred -= regions
+    self._fresh -= regions
+    self._write_root(intents=tuple(sorted((self._intents - regions) | add)), **changes)
+
+
+def _flush_deferring_fresh(real: Callable) -> Callable:
+    """Image.flush that defers the maps of regions whose presence changed too (breaks F-PROTO-005)."""
+    def flush(self) -> None:
+        fresh, self._fresh = self._fresh, set()
+        try:
+            real(self)
+        finally:
+            self._fresh |= fresh  # committed later, by an eviction or the close
+    return flush
+
+
 def _resize_cut_first(real: Callable) -> Callable:
     """Image.resize whose shrink cuts the file (durably) before the root write records the new size."""
     def resize(self, virtual_size: int) -> None:
@@ -198,10 +216,14 @@ def _finish_vmstate_without_fsync(file, size: int, crc: int, where: str) -> None
 CONTROLS: dict[str, Control] = {c.name: c for c in [
     Control("skip-intent", "rule 1: a region is in the durable intent list before its first write",
             "strict", "allocate", "fails", lambda: {"Image._ensure_intents": _skip_intents}),
+    Control("drop-uncommitted-map", "rule 1: a region leaves the intent list only once its deferred map is committed",
+            "strict", "overwrite", "fails", lambda: {"Image._drop_intents": _drop_intents_uncommitted}),
+    Control("defer-fresh-map", "F-PROTO-005: a flush commits the map of every region whose presence changed",
+            "strict", "allocate", "fails", lambda: {"Image.flush": _flush_deferring_fresh(image_module.Image.flush)}),
     Control("skip-map-copy-fsync", "rule 2: fsync between the first and the second map copy",
             "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_skip_copy_fsync}),
     Control("map-current-slot-first", "rule 2: never write the slot holding the durable current copy first",
-            "torn", "overwrite", "fails", lambda: {"commit_maps": _commit_maps_current_slot_first}),
+            "torn", "allocate", "fails", lambda: {"commit_maps": _commit_maps_current_slot_first}),
     Control("skip-root-copy-fsync", "rule 2 for the root: fsync between the two root copies",
             "torn", "allocate", "fails", lambda: {"write_root": _write_root_skip_copy_fsync}),
     # Only a tear catches it (both copies torn at once); its failures are crashes of recovery, whose plans

@@ -71,13 +71,23 @@ def _apply_step(image: Image, disk: Disk, step: tuple) -> tuple[Disk, tuple]:
     return new, tuple((s, new.sectors.get(s, bytes(512))) for s in range(first, last + 1))
 
 
+def _policy(image: Image, workload: Workload) -> Image:
+    """The workload's lowered intent-list limits, so that a small trace reaches eviction (FORMAT.md section 6)."""
+    if workload.max_intents:
+        image.max_intents = workload.max_intents
+    if workload.settle_interval:
+        image.settle_interval = workload.settle_interval
+    return image
+
+
 def record_workload(workload: Workload, variant_name: str | None = None) -> Recording:
     """Run `workload` (under a broken variant when named) and record everything it does."""
     with variant(variant_name):
         storage = MemStorage()
         disk: Disk | None = None
         if not workload.create_in_trace:
-            image = Image.create(IMAGE_PATH, workload.virtual_size, workload.cluster_size, storage=storage)
+            image = _policy(Image.create(IMAGE_PATH, workload.virtual_size, workload.cluster_size, storage=storage),
+                            workload)
             disk = model.empty_disk(workload.virtual_size)
             for step in workload.setup:
                 disk, _ = _apply_step(image, disk, step)
@@ -89,11 +99,12 @@ def record_workload(workload: Workload, variant_name: str | None = None) -> Reco
         events: list[Event] = []
         start = len(trace)
         if workload.create_in_trace:
-            image = Image.create(IMAGE_PATH, workload.virtual_size, workload.cluster_size, storage=storage)
+            image = _policy(Image.create(IMAGE_PATH, workload.virtual_size, workload.cluster_size, storage=storage),
+                            workload)
             disk = model.empty_disk(workload.virtual_size)
             events.append(Event("create", start, len(trace), disk))
         else:
-            image = Image.open(IMAGE_PATH, storage=storage)
+            image = _policy(Image.open(IMAGE_PATH, storage=storage), workload)
             assert disk is not None
             events.append(Event("open", start, len(trace), disk))
         for step in workload.steps:

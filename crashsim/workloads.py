@@ -34,6 +34,8 @@ class Workload:
     setup: tuple[Step, ...] = ()
     cluster_size: int = CLUSTER
     create_in_trace: bool = False  # record Image.create itself (crashes during creation)
+    max_intents: int = 0  # a lowered intent-list limit for the writer (0: the implementation's own)
+    settle_interval: int = 0  # a lowered idle-eviction interval in flushes (0: SETTLE_INTERVAL)
 
     def without_steps(self, dropped: frozenset[int]) -> "Workload":
         """The same workload with some recorded steps removed (used when shrinking a failure)."""
@@ -79,6 +81,27 @@ _LIBRARY = [
              2 * REGION, (("write", 4 * K, 4 * K, 2), ("write", REGION - 4 * K, 8 * K, 3), ("flush",),
                           ("write", REGION + 512, 1 * K, 4)),
              setup=(("write", REGION - 8 * K, 8 * K, 1),)),
+    Workload("overwrite-flushes", "overwrites of present sectors across several flushes: the region stays listed "
+             "and its checksums are deferred (no map write), then an allocation in the same region commits its map",
+             REGION, (("write", 0, 4 * K, 2), ("flush",), ("write", 4 * K, 8 * K, 3), ("flush",), ("write", 512, 1024, 4),
+                      ("flush",), ("write", 20 * K, 4 * K, 5), ("write", 2 * K, 4 * K, 6)),
+             setup=(("write", 0, 16 * K, 1),)),
+    Workload("evict-full", "the intent list (lowered to 2 regions) overflows: the least recently written region's "
+             "deferred map is committed before a root write drops it, once after a flush and once forcing one",
+             4 * REGION, (("write", 0, 4 * K, 2), ("flush",), ("write", REGION, 4 * K, 3), ("write", 2 * REGION, 4 * K, 4),
+                          ("write", 3 * REGION + 8 * K, 4 * K, 5)),
+             setup=tuple(("write", r * REGION, 16 * K, 1) for r in range(4)), max_intents=2),
+    Workload("idle-evict", "idle eviction (interval lowered to 2 flushes): a region not written for that long has its "
+             "deferred map committed and is dropped by one root write, then is written and listed again",
+             2 * REGION, (("write", 0, 4 * K, 2), ("flush",), ("write", REGION, 4 * K, 3), ("flush",),
+                          ("write", REGION + 4 * K, 4 * K, 4), ("flush",), ("flush",), ("write", 8 * K, 4 * K, 5),
+                          ("flush",), ("write", 4 * K, 4 * K, 6)),
+             setup=(("write", 0, 16 * K, 1), ("write", REGION, 16 * K, 1)), settle_interval=2),
+    Workload("shrink-deferred", "a shrink over regions with deferred checksums: their maps are committed before "
+             "the root with the new size lists only the last partial region",
+             2 * REGION, (("write", 4 * K, 4 * K, 2), ("write", REGION + 4 * K, 4 * K, 3), ("flush",),
+                          ("resize", REGION - 32 * K), ("write", 8 * K, 4 * K, 4), ("resize", 2 * REGION)),
+             setup=(("write", 0, 16 * K, 1), ("write", REGION, 16 * K, 1))),
     Workload("create", "creation of the image itself (temporary file, rename, directory fsync) and a first write",
              REGION, (("write", 0, 4 * K, 1), ("flush",)), create_in_trace=True),
 ]

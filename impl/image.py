@@ -27,6 +27,7 @@ from lamina.spec.layout import (
     cluster_size_to_bits,
 )
 from lamina.spec.protocol import (
+    SETTLE_INTERVAL,
     cluster_crc,
     commit_maps,
     read_map_copies,
@@ -75,7 +76,9 @@ class MetadataRegion:
     region: int | None = None
 
 
-INTENT_READAHEAD = 8  # regions listed ahead of a sequential writer
+# A region is listed with its aligned group: one root write serves a sequential stream, or random writes after an
+# open, for 16 regions.  Listed regions never written are dropped by idle eviction, like any other idle region.
+INTENT_GROUP = 16
 NO_LIMIT = 1 << 63  # above every virtual size: no layer passed narrows the piece
 
 Method = TypeVar("Method", bound=Callable)
@@ -141,10 +144,18 @@ class Image:
         # region -> (base it was found through, first layer below that may hold it, the limit on the way there)
         self._skips: dict[int, tuple[Image | RawBase, Image | RawBase | None, int]] = {}
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
+        self._fresh: set[int] = set()  # regions whose presence changed since their map's last commit
+        self._deferred: set[int] = set()  # listed regions whose working checksums are newer than their durable map
+        self._flushes = 0  # flushes since open: the clock of idle eviction
+        self._last_written: dict[int, int] = {}  # listed region -> `_flushes` at its last write
         self._unsynced = False
         self._content_changed = False  # whether data_generation was bumped since open
         self._failed = False  # a mutating step failed midway since open
         self.preserve_content = False  # set by merges: they copy bytes the guest already sees
+        # The intent-list policy (FORMAT.md section 6); any smaller values are valid too, and the crash
+        # simulator lowers them so that small workloads reach eviction.
+        self.max_intents = MAX_INTENTS
+        self.settle_interval = SETTLE_INTERVAL
 
     # ----------------------------------------------------------------- life cycle
     @classmethod
@@ -246,7 +257,7 @@ class Image:
             raise
 
     def close(self) -> None:
-        """Flush, empty the intent list, and make both root copies durable.
+        """Flush, commit every deferred map, empty the intent list, and make both root copies durable.
 
         After a step that failed midway, the regions in the intent list may
         hold bytes no map accounts for, so they stay listed (F-PROTO-001) and
@@ -259,9 +270,11 @@ class Image:
         try:
             if self._writable:
                 try:
-                    self.flush()
                     if self._root.intents and not self._failed:
-                        self._write_root(intents=())
+                        self._checksum_dirty()
+                        self._drop_intents(set(self._intents))  # one commit of every map not durable yet
+                    else:
+                        self.flush()
                 finally:
                     if self._failed:
                         self._write_root()
@@ -418,18 +431,33 @@ class Image:
 
     @_marks_failure
     def flush(self) -> None:
-        """Make every write so far durable: checksum dirty clusters, then commit their maps."""
+        """Make every write so far durable: checksum dirty clusters, then commit the maps whose presence changed.
+
+        A region with only overwrites of present sectors keeps its durable map
+        (F-PROTO-005): it is listed, so its checksums can wait until it is
+        dropped; the flush costs it one fsync, shared with every other region.
+        Every `SETTLE_INTERVAL` flushes the regions idle that long are dropped.
+        """
         self._check_open()
         if not self._writable:
             return
-        if not self._dirty:
-            if self._unsynced:
-                self.file.fsync()
-                self._unsynced = False
-            return
+        self._checksum_dirty()
+        if self._fresh:
+            self._commit_maps(self._fresh)
+        elif self._unsynced:
+            self.file.fsync()
+            self._unsynced = False
+        self._flushes += 1
+        if self._flushes % self.settle_interval == 0 and not self._failed:
+            idle = {r for r in self._intents if self._last_written.get(r, -1) < self._flushes - self.settle_interval}
+            if idle:
+                self._drop_intents(idle)
+
+    @_marks_failure
+    def _checksum_dirty(self) -> None:
+        """Checksum every cluster written since the last flush into the working maps (their maps become deferred)."""
         g = self.geometry
         spc, size = g.sectors_per_cluster, g.cluster_size
-        maps = []
         for region, clusters in sorted(self._dirty.items()):
             m = self._maps[region]
             data_offset = g.region_data_offset(region)
@@ -440,10 +468,35 @@ class Image:
                     m.data_crcs[c] = cluster_crc(zero_absent(data.ljust(size, b"\0"), mask, spc), mask)
                 else:
                     m.data_crcs[c] = 0
-            maps.append(m)
-        commit_maps(self.file, g, maps, self._root.image_uuid)
-        self._unsynced = True
+            self._deferred.add(region)
         self._dirty.clear()
+
+    def _commit_maps(self, regions: set[int]) -> None:
+        """Commit the working maps of `regions` (rule 2): their presence and checksums become durable."""
+        regions = set(regions)  # a copy: the caller may pass `_fresh` itself
+        try:
+            commit_maps(self.file, self.geometry, [self._maps[r] for r in sorted(regions)], self._root.image_uuid)
+        except BaseException:
+            self._failed = True  # F-PROTO-004: what reached the file is unknown, the regions stay listed
+            raise
+        self._unsynced = True
+        self._fresh -= regions
+        self._deferred -= regions
+
+    def _drop_intents(self, regions: set[int], add: set[int] = frozenset(), **changes: object) -> None:
+        """One root write listing `add` and no longer `regions`, after their deferred maps are committed (rule 1).
+
+        Only regions whose writes are checksummed (`_checksum_dirty`) may be
+        dropped: their working maps then hold what the file holds.
+        """
+        if regions & set(self._dirty):
+            raise AssertionError("a region with unchecksummed writes stays listed (callers checksum or spare it)")
+        settle = regions & (self._deferred | self._fresh)
+        if settle:
+            self._commit_maps(settle)
+        self._write_root(intents=tuple(sorted((self._intents - regions) | add)), **changes)
+        for r in regions - add:
+            self._last_written.pop(r, None)
 
     @_marks_failure
     def resize(self, virtual_size: int) -> None:
@@ -459,16 +512,17 @@ class Image:
             self._write_root(virtual_size=virtual_size, **self._content_change())
             return
         last = virtual_size // new.region_span if virtual_size % new.region_span else None
-        intents = (last,) if last is not None else ()
-        self._write_root(virtual_size=virtual_size, intents=intents, base_visible=min(self._root.base_visible, virtual_size),
-                         **self._content_change())
+        intents = {last} if last is not None else set()
+        self._drop_intents(set(self._intents) - intents, add=intents, virtual_size=virtual_size,
+                           base_visible=min(self._root.base_visible, virtual_size), **self._content_change())
         self._maps = {r: m for r, m in self._maps.items() if r < new.num_regions}
         self._empty = RegionFlags()
         self.file.truncate(new.file_length)
         if last is not None:
             m = self._map(last, for_write=True)
             reconcile_region(self.file, new, m, sorted(self.file.data_extents()))
-            commit_maps(self.file, new, [m], self._root.image_uuid)
+            self._commit_maps({last})
+            self._last_written[last] = self._flushes
         self._unsynced = True
 
     # ----------------------------------------------------------------- layer operations
@@ -699,7 +753,7 @@ class Image:
             stop = min(end, (g.region_of(pos) + 1) * g.region_span)
             pieces.append((pos, stop))
             pos = stop
-        batch = MAX_INTENTS // 2
+        batch = max(1, self.max_intents // 2)
         for i in range(0, len(pieces), batch):
             group = pieces[i : i + batch]
             self._ensure_intents({g.region_of(p) for p, _ in group})
@@ -707,21 +761,35 @@ class Image:
                 action(p, s)
 
     def _ensure_intents(self, regions: set[int]) -> None:
-        """Rule 1 of the protocol: a region is in the durable intent list before its first write."""
+        """Rule 1 of the protocol: a region is in the durable intent list before its first write.
+
+        Listed regions stay listed (they are dropped at close, by idle
+        eviction in `flush`, or here when the list would overflow: the least
+        recently written regions with no write since the last flush, after
+        their deferred maps are committed).
+        """
         missing = regions - self._intents
         if not missing:
             return
-        wanted = set(self._dirty) | regions
+        wanted = set(regions)
         for region in missing:
-            if region - 1 in self._intents:
-                # A write stream moving forward: list the next regions now, one root write for several.
-                wanted.update(range(region, min(region + INTENT_READAHEAD, self._geometry.num_regions)))
-        if len(wanted) > MAX_INTENTS:
-            self.flush()
+            first = region - region % INTENT_GROUP
+            wanted.update(range(first, min(first + INTENT_GROUP, self._geometry.num_regions)))
+        limit = self.max_intents
+        after_eviction = limit - limit // 4  # a full list is cut to this, so evictions are rare
+        if len(self._intents | wanted) > limit:
             wanted = set(regions)
-            if len(wanted) > MAX_INTENTS:
-                raise AssertionError("callers list at most MAX_INTENTS // 2 regions at a time")
-        self._write_root(intents=tuple(sorted(wanted)), **self._content_change())
+        drop: set[int] = set()
+        if len(self._intents | wanted) > limit:
+            if self._failed:
+                raise InvalidArgument(f"{self.path}: a write failed earlier and {len(self._intents)} regions stay "
+                                      "listed until the image is closed (F-PROTO-004); close and open it again")
+            if len(set(self._dirty) | self._fresh | wanted) > after_eviction:
+                self.flush()  # then every listed region qualifies
+            idle = sorted(self._intents - set(self._dirty) - self._fresh - wanted,
+                          key=lambda r: self._last_written.get(r, -1))
+            drop = set(idle[: max(0, len(self._intents | wanted) - after_eviction)])
+        self._drop_intents(drop, add=wanted, **self._content_change())
 
     def _content_change(self) -> dict[str, int]:
         """The first root write after open that precedes a guest write bumps `data_generation`, once.
@@ -768,7 +836,9 @@ class Image:
         m = self._map(region, for_write=True)
         assert m is not None
         base = region * g.region_span
-        m.set_sectors((pos - base) // SECTOR_SIZE, (stop - pos) // SECTOR_SIZE, present)
+        if m.set_sectors((pos - base) // SECTOR_SIZE, (stop - pos) // SECTOR_SIZE, present):
+            self._fresh.add(region)  # its map must be committed at the next flush
+        self._last_written[region] = self._flushes
         clusters = self._dirty.setdefault(region, set())
         clusters.update(range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1))
 

@@ -2,11 +2,15 @@
 
 Three rules carry every guarantee:
 
-1. **Intent before data.**  Before the first write into a region since its
-   last commit, the region is listed in the root's write-intent list, and that
-   root is durable.  Only listed regions can hold data that disagrees with
-   their map's checksums, uncommitted bytes in absent sectors, or a map copy
-   being written; recovery looks at those regions and nowhere else.
+1. **Intent before data.**  Before the first write into a region the
+   durable root does not list, the region is listed in the root's
+   write-intent list, and that root is durable.  A region stays listed
+   across flushes; a root write drops it only when no write into it is
+   pending and its map, durable in one copy at least, records its presence
+   and its data's checksums.  Only listed regions can hold data that
+   disagrees with their map's checksums, uncommitted bytes in absent
+   sectors, or a map copy being written; recovery looks at those regions
+   and nowhere else.
 2. **One copy at a time.**  A new version of a replicated structure (root or
    map) is written first to the slot that does *not* hold the durable current
    copy, fsynced, and only then to the other slot.  A crash at any instant
@@ -15,9 +19,15 @@ Three rules carry every guarantee:
    all earlier writes, so a root that drops a region from the intent list is
    never durable before that region's map copies are.
 
-A guest flush therefore costs two fsyncs (data, then the first map copies);
-the second copies become durable at the next fsync, and the regions stay in
-the intent list until a later root write, which costs one more.
+A guest flush costs one fsync when only present sectors were overwritten: a
+listed region defers its checksums (F-PROTO-005), recovery recomputes them
+after a crash.  It costs two (data, then the first map copies) when some
+region's presence changed; the second copies become durable at the next
+fsync.  Before a region leaves the list its deferred map is committed
+(`commit_maps`), then one root write drops it (`write_root`, rule 3): at
+close, when the list is full, and every `SETTLE_INTERVAL` flushes for the
+regions idle that long (FORMAT.md section 6, F-PROTO-006: the exposure this
+bounds).
 """
 from __future__ import annotations
 
@@ -30,6 +40,11 @@ from .replication import select_map, select_root
 from .storage import File
 from .structures import Root, encode_map_copy, encode_root, next_counter, root_length_of
 from .zeros import is_zero
+
+# Every SETTLE_INTERVAL flushes the writer drops from the intent list the regions not written during the last
+# SETTLE_INTERVAL flushes (after committing their deferred maps): a listed region's data checksums are not judged
+# by `check` and are recomputed by recovery, so how long a region stays listed bounds that exposure (F-PROTO-006).
+SETTLE_INTERVAL = 64
 
 
 def read_root_copies(file: File) -> list[bytes]:

@@ -49,17 +49,22 @@ class RegionMap:
         width = self.sectors_per_cluster // 8
         self.present[cluster * width : (cluster + 1) * width] = mask.to_bytes(width, "little")
 
-    def set_sectors(self, first: int, count: int, value: bool) -> None:
-        """Set or clear the presence of `count` sectors from region sector `first`."""
+    def set_sectors(self, first: int, count: int, value: bool) -> bool:
+        """Set or clear the presence of `count` sectors from region sector `first`; whether any bit changed."""
         spc = self.sectors_per_cluster
         end = first + count
+        changed = False
         while first < end:
             cluster, lo = divmod(first, spc)
             hi = min(spc, lo + end - first)
             mask = ((1 << (hi - lo)) - 1) << lo
             old = self.cluster_mask(cluster)
-            self.set_cluster_mask(cluster, old | mask if value else old & ~mask)
+            new = old | mask if value else old & ~mask
+            if new != old:
+                self.set_cluster_mask(cluster, new)
+                changed = True
             first += hi - lo
+        return changed
 
     def any_present(self) -> bool:
         return not is_zero(self.present)

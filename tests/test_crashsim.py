@@ -161,8 +161,9 @@ def test_legal_set_after_a_flush_is_the_flushed_contents_only():
     (legal,) = legal_at(rec, flush.end).outcomes
     assert legal.alternatives == {}
     assert dict(legal.flushed) == dict(flush.disk.sectors)
-    (during,) = legal_at(rec, flush.start + 1).outcomes
-    assert during.alternatives  # the write before the flush is not acknowledged yet
+    assert flush.end == flush.start + 1  # a flush of overwrites is one fsync (F-PROTO-005)
+    (during,) = legal_at(rec, flush.start).outcomes
+    assert during.alternatives  # before that fsync the write before the flush is not acknowledged yet
 
 
 def test_judge_rejects_a_sector_that_is_neither_old_nor_new():

@@ -21,6 +21,8 @@ SAME_RULE = {
     "NEG-COMMIT-004": "prefer-older-copy",  # the lower generation preferred
     "NEG-INTENT-001": "skip-intent",  # data before its intent
     "NEG-INTENT-002": "root-without-barrier",  # root write without the fsync before it
+    "NEG-INTENT-003": "drop-uncommitted-map",  # a region dropped with its deferred map not committed
+    "NEG-INTENT-004": "defer-fresh-map",  # a flush that defers a map whose presence changed
 }
 
 

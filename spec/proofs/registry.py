@@ -45,9 +45,14 @@ PROPERTIES: tuple[Property, ...] = (
     Property("P-COMMIT-002", "at rest after a commit, one copy corrupted or stale: recovery still yields that commit",
              "R7 (two copies, any single corrupted or stale copy repaired)", "proved",
              partial(commit.check_corruption_at_rest, "spec")),
-    Property("P-INTENT-001", "after any crash every region with differing map copies or data off its checksums is in the durable root's intents",
-             "protocol rules 1 (intent before data) and 3 (barrier before the root)", "proved",
+    Property("P-INTENT-001", "after any crash every region with differing map copies or data off its checksums (deferred "
+             "ones included) is in the durable root's intents; regions stay listed across flushes, evictions commit first",
+             "protocol rules 1 (intent before data) and 3 (barrier before the root); F-PROTO-005", "proved",
              partial(intents.check_intents_cover_unsettled_regions, "spec")),
+    Property("P-INTENT-002", "after a crash past a flush, every region's map records the presence it acknowledged and "
+             "its data is durable, while overwrite-only flushes write no map",
+             "F-PROTO-005 (a flush commits the maps whose presence changed); R5", "proved",
+             partial(intents.check_flushed_writes_durable, "spec")),
     Property("NEG-LAYOUT-001", "control: regions of 129 clusters stride (off by one): map copy B lands on the next region's map copy A",
              "region stride = `CLUSTERS_PER_REGION + 2` clusters", "refuted", layout.refute_layout_with_short_stride),
     Property("NEG-COMMIT-001", "control: both slots written, then one fsync", "protocol rule 2", "refuted",
@@ -65,6 +70,11 @@ PROPERTIES: tuple[Property, ...] = (
     Property("NEG-INTENT-002", "control: a root write (dropping a flushed region) without the fsync before it",
              "protocol rule 3", "refuted",
              partial(intents.check_intents_cover_unsettled_regions, "no_barrier_before_root")),
+    Property("NEG-INTENT-003", "control: an eviction (or close) drops a region whose deferred map is not committed",
+             "protocol rule 1 (a region leaves the list only with its map committed)", "refuted",
+             partial(intents.check_intents_cover_unsettled_regions, "evict_uncommitted")),
+    Property("NEG-INTENT-004", "control: a flush defers the map of a region whose presence changed",
+             "F-PROTO-005", "refuted", partial(intents.check_flushed_writes_durable, "defer_fresh_map")),
 )
 
 
