@@ -87,6 +87,7 @@ class Explorer:
         self._opened: dict[tuple, Opened] = {}
         self._legal: dict[int, Legal] = {}
         self._judged: dict[tuple[int, tuple], str | None] = {}
+        self._recovered: dict[tuple, tuple] = {}  # recovered bytes -> the check and reading after recovery
         self.prechecks: dict[str, int] = {}  # exit code of the read-only check before recovery -> judged states
 
     def _count_precheck(self, opened: Opened) -> None:
@@ -101,7 +102,7 @@ class Explorer:
         key = state.key()
         result = self._opened.get(key)
         if result is None:
-            result = self._opened[key] = open_any(state, self.rec)
+            result = self._opened[key] = open_any(state, self.rec, recovered=self._recovered)
         return key, result
 
     def legal(self, crash: int) -> Legal:
@@ -205,11 +206,12 @@ class Explorer:
                 return
 
 
-def open_any(state: DiskState, rec: Recording | TreeRecording, trace: Trace | None = None) -> Opened:
-    """Recover, check and read a durable state: one image, or a whole tree."""
+def open_any(state: DiskState, rec: Recording | TreeRecording, trace: Trace | None = None,
+             recovered: dict[tuple, tuple] | None = None) -> Opened:
+    """Recover, check and read a durable state: one image, or a whole tree (`recovered`: see `oracle.open_state`)."""
     if isinstance(rec, TreeRecording):
-        return open_tree_state(state, rec, trace)  # type: ignore[return-value]
-    return open_state(state, rec.variant, trace)
+        return open_tree_state(state, rec, trace, recovered)  # type: ignore[return-value]
+    return open_state(state, rec.variant, trace, recovered)
 
 
 def file_to_guest(geometry: Geometry, offset: int) -> int | None:
