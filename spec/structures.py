@@ -222,8 +222,9 @@ class Root:
     base_path: str = ""  # tail, at 4096: `base_path_length` bytes of UTF-8, zero padded to a multiple of 8
     snapshots: tuple[SnapshotEntry, ...] = ()  # tail, after the base path: `num_snapshots` entries of 320 bytes
 
-    @property
+    @functools.cached_property
     def geometry(self) -> Geometry:
+        """Made once per root (cached; the root stays frozen), so its own cached sizes are kept too."""
         return Geometry(self.cluster_bits, self.virtual_size)
 
     def same_content(self, other: "Root") -> bool:
