@@ -4,7 +4,8 @@
 Each row is what `crashsim run WORKLOAD --jobs 1` explores under the default
 models (`layers`: every `layer-*` workload), run in this process: the states
 judged, the distinct crash images among them (each opened, recovered and
-checked once), the wall seconds and states per wall second.  With `--jobs N`
+checked once), the wall seconds and states per wall second, and per CPU
+second of this process (what the states per second are on an idle core).  With `--jobs N`
 the same row runs again on a pool of N processes (the run is cut into
 slices, `crashsim/spreadrun.py`) and the table adds its seconds and the
 speed-up; the results must equal the one-job run's (else exit 1).  See
@@ -35,12 +36,13 @@ def _names(row: str) -> list[str]:
     return list(TREE_LIBRARY) if row == "layers" else [row]
 
 
-def _run(row: str, models: list[str], jobs: int) -> tuple[float, list]:
+def _run(row: str, models: list[str], jobs: int) -> tuple[float, float, list]:
+    """Wall seconds, this process's CPU seconds (all of the work with one job) and the results."""
     tasks = [(w, m) for w in _names(row) for m in models]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with open_executor("local", jobs) as executor:
         results = run_all(tasks, Budget(), 0, jobs=jobs, executor=executor)
-    return time.perf_counter() - started, results
+    return time.perf_counter() - started, time.process_time() - cpu, results
 
 
 def _comparable(results: list) -> list:
@@ -61,23 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     mismatch = False
     for row in rows:
         one = [_run(row, models, 1) for _ in range(args.repeat)]
-        seconds = statistics.median(s for s, _ in one)
-        results = one[0][1]
+        seconds = statistics.median(s for s, _, _ in one)
+        cpu = statistics.median(c for _, c, _ in one)
+        results = one[0][2]
         states = sum(r.states for r in results)
         entry = {"workload": row, "models": models, "states": states, "distinct_images": sum(r.distinct_images for r in results),
                  "failing_states": sum(r.failing_states for r in results), "seconds": seconds,
-                 "states_per_second": states / seconds}
+                 "states_per_second": states / seconds, "cpu_seconds": cpu, "states_per_cpu_second": states / cpu}
         if args.jobs > 1:
             many = [_run(row, models, args.jobs) for _ in range(args.repeat)]
             entry["jobs"] = args.jobs
-            entry["seconds_jobs"] = statistics.median(s for s, _ in many)
+            entry["seconds_jobs"] = statistics.median(s for s, _, _ in many)
             entry["speedup"] = seconds / entry["seconds_jobs"]
-            entry["same_results"] = all(_comparable(r) == _comparable(results) for _, r in many)
+            entry["same_results"] = all(_comparable(r) == _comparable(results) for _, _, r in many)
             mismatch |= not entry["same_results"]
         out.append(entry)
         if args.output == "table":
             line = (f"{row:<16} {states:>7} states {entry['distinct_images']:>6} distinct judged {seconds:>8.2f} s "
-                    f"{entry['states_per_second']:>7.0f} states/s")
+                    f"{entry['states_per_second']:>7.0f} states/s ({entry['states_per_cpu_second']:.0f} per CPU second)")
             if args.jobs > 1:
                 line += (f"   --jobs {args.jobs}: {entry['seconds_jobs']:>7.2f} s, x{entry['speedup']:.2f}"
                          + ("" if entry["same_results"] else "  RESULTS DIFFER"))
