@@ -134,7 +134,7 @@ class _Task:
     model: Model
     ex: Explorer
     walk: list[tuple[str, int, dict[int, str], bool]]
-    keys: list[tuple]  # the image key of each state of the walk
+    keys: list[bytes]  # the digest of each state's image (the keys themselves would hold every state's blocks)
     recorded: bytes  # ops_digest of the recording
     verdicts: list[StateVerdict | None] = attrs.field(factory=list)
     seconds: float = 0.0
@@ -167,7 +167,7 @@ def _walk(workload: str, model_name: str, budget: Budget, seed: int, variant: st
     model = Model.parse(model_name)
     ex = Explorer(rec, model, seed)
     walk = list(explore(rec.ops, model, budget, seed))
-    keys = [ex.state(crash, outcomes).key() for _, crash, outcomes, _ in walk]
+    keys = [state_digest(ex.state(crash, outcomes).key()) for _, crash, outcomes, _ in walk]
     return _Task(workload, model, ex, walk, keys, ops_digest(rec.ops), [None] * len(walk))
 
 
@@ -177,14 +177,14 @@ def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant:
     walked = [_walk(w, m, budget, seed, variant) for w, m in tasks]
     pending = []
     for t in walked:
-        first: dict[tuple, int] = {}
+        first: dict[bytes, int] = {}
         groups: list[list[int]] = []
         for i, key in enumerate(t.keys):
             if key not in first:
                 first[key] = len(groups)
                 groups.append([])
             groups[first[key]].append(i)
-        t.digests = {state_digest(key) for key in first}
+        t.digests = set(first)
         for part in group_slices(groups):
             indices = [i for group in part for i in group]
             states = [(t.walk[i][1], tuple(sorted(t.walk[i][2].items()))) for i in indices]
@@ -227,7 +227,7 @@ def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant:
 
 def _merge_walk(t: _Task) -> None:
     """The walk's verdicts tallied in walk order, as `run_task`'s loop tallies them."""
-    ok: dict[tuple, tuple[int, dict[int, str]]] = {}
+    ok: dict[bytes, tuple[int, dict[int, str]]] = {}
     for (tier, crash, outcomes, exact), key, v in zip(t.walk, t.keys, t.verdicts):
         assert v is not None
         t.exhaustive[tier] = t.exhaustive.get(tier, True) and exact
