@@ -79,7 +79,8 @@ class RegionMap:
         non-zero checksum, or any allocated byte in the file (`extents`: sorted (offset, length); cluster c
         of the region at `data_offset + c * cluster_size`).  Every other cluster is absent, checksum 0 and a hole."""
         visit = set(self.present_clusters())
-        visit.update(c for c, crc in enumerate(self.data_crcs) if crc)
+        size = self.data_crcs.itemsize  # the clusters whose checksum word has a non-zero byte
+        visit.update(m.start() // size for m in _NONZERO_BYTE.finditer(self.data_crcs.tobytes()))
         end = data_offset + CLUSTERS_PER_REGION * cluster_size
         i = max(0, bisect.bisect_right(extents, (data_offset,)) - 1)
         for offset, length in extents[i:]:
