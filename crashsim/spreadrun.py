@@ -174,9 +174,11 @@ def _walk(workload: str, model_name: str, budget: Budget, seed: int, variant: st
 def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: str | None, executor: Executor,
                on_done: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
     """`run_task` of every (workload, model), in slices on `executor`; results in task order."""
-    walked = [_walk(w, m, budget, seed, variant) for w, m in tasks]
+    walked = []
     pending = []
-    for t in walked:
+    for w, m in tasks:  # each task's slices go out as soon as it is walked: the workers start while the rest is walked
+        t = _walk(w, m, budget, seed, variant)
+        walked.append(t)
         first: dict[bytes, int] = {}
         groups: list[list[int]] = []
         for i, key in enumerate(t.keys):
@@ -189,13 +191,15 @@ def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant:
             indices = [i for group in part for i in group]
             states = [(t.walk[i][1], tuple(sorted(t.walk[i][2].items()))) for i in indices]
             pending.append((t, indices, executor.submit(check_states, t.workload, t.model.name, seed, variant, t.recorded, states)))
-    for t, indices, future in pending:
-        verdicts, seconds = future.result()
-        t.seconds += seconds
-        for i, v in zip(indices, verdicts):
-            t.verdicts[i] = v
     recoveries = []
-    for t in walked:
+    for t in walked:  # in task order: a task's recoveries go out once its own slices are in
+        for owner, indices, future in pending:
+            if owner is not t:
+                continue
+            verdicts, seconds = future.result()
+            t.seconds += seconds
+            for i, v in zip(indices, verdicts):
+                t.verdicts[i] = v
         _merge_walk(t)
         rng = random.Random(seed)
         candidates = list(t.candidates)
@@ -204,14 +208,19 @@ def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant:
         for crash, outcomes in candidates[: budget.recovery_images]:
             recoveries.append((t, executor.submit(check_recoveries, t.workload, t.model.name, seed, variant, t.recorded, crash,
                                                   tuple(sorted(outcomes.items())))))
-    for t, future in recoveries:
-        judged, prechecks, digests, seconds = future.result()
-        t.seconds += seconds
-        t.tally(prechecks)
-        t.digests |= digests
-        for plan, message in judged:
-            t.note("recovery", plan, message)
-    shrinks = [(t, executor.submit(shrink_failure, t.failures[0], budget)) for t in walked if t.failures]
+    shrinks = []
+    for t in walked:  # likewise, a task's shrink goes out once its recoveries are in
+        for owner, future in recoveries:
+            if owner is not t:
+                continue
+            judged, prechecks, digests, seconds = future.result()
+            t.seconds += seconds
+            t.tally(prechecks)
+            t.digests |= digests
+            for plan, message in judged:
+                t.note("recovery", plan, message)
+        if t.failures:
+            shrinks.append((t, executor.submit(shrink_failure, t.failures[0], budget)))
     for t, future in shrinks:
         t.failures[0], seconds = future.result()
         t.seconds += seconds
