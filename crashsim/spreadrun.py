@@ -134,7 +134,8 @@ class _Task:
     model: Model
     ex: Explorer
     walk: list[tuple[str, int, dict[int, str], bool]]
-    keys: list[bytes]  # the digest of each state's image (the keys themselves would hold every state's blocks)
+    keys: list[int]  # the group of each state: states of one group have the same image
+    groups: list[list[int]]  # the states of each group, in walk order; groups in order of first appearance
     recorded: bytes  # ops_digest of the recording
     verdicts: list[StateVerdict | None] = attrs.field(factory=list)
     seconds: float = 0.0
@@ -167,8 +168,20 @@ def _walk(workload: str, model_name: str, budget: Budget, seed: int, variant: st
     model = Model.parse(model_name)
     ex = Explorer(rec, model, seed)
     walk = list(explore(rec.ops, model, budget, seed))
-    keys = [state_digest(ex.state(crash, outcomes).key()) for _, crash, outcomes, _ in walk]
-    return _Task(workload, model, ex, walk, keys, ops_digest(rec.ops), [None] * len(walk))
+    first: dict[tuple, int] = {}  # image key -> group (the keys are dropped with the walk: they hold blocks)
+    keys: list[int] = []
+    groups: list[list[int]] = []
+    digests = set()
+    for i, (_, crash, outcomes, _) in enumerate(walk):
+        key = ex.state(crash, outcomes).key()
+        group = first.get(key)
+        if group is None:
+            group = first[key] = len(groups)
+            groups.append([])
+            digests.add(state_digest(key))
+        groups[group].append(i)
+        keys.append(group)
+    return _Task(workload, model, ex, walk, keys, groups, ops_digest(rec.ops), [None] * len(walk), digests=digests)
 
 
 def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: str | None, executor: Executor,
@@ -179,15 +192,7 @@ def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant:
     for w, m in tasks:  # each task's slices go out as soon as it is walked: the workers start while the rest is walked
         t = _walk(w, m, budget, seed, variant)
         walked.append(t)
-        first: dict[bytes, int] = {}
-        groups: list[list[int]] = []
-        for i, key in enumerate(t.keys):
-            if key not in first:
-                first[key] = len(groups)
-                groups.append([])
-            groups[first[key]].append(i)
-        t.digests = set(first)
-        for part in group_slices(groups):
+        for part in group_slices(t.groups):
             indices = [i for group in part for i in group]
             states = [(t.walk[i][1], tuple(sorted(t.walk[i][2].items()))) for i in indices]
             pending.append((t, indices, executor.submit(check_states, t.workload, t.model.name, seed, variant, t.recorded, states)))
@@ -236,7 +241,7 @@ def run_sliced(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant:
 
 def _merge_walk(t: _Task) -> None:
     """The walk's verdicts tallied in walk order, as `run_task`'s loop tallies them."""
-    ok: dict[bytes, tuple[int, dict[int, str]]] = {}
+    ok: dict[int, tuple[int, dict[int, str]]] = {}
     for (tier, crash, outcomes, exact), key, v in zip(t.walk, t.keys, t.verdicts):
         assert v is not None
         t.exhaustive[tier] = t.exhaustive.get(tier, True) and exact
