@@ -116,6 +116,17 @@ class FileData:
         end = min(offset + length, self.size)
         pos = offset
         blocks = self.blocks
+        if end > offset and (end - offset) // BLOCK > len(blocks):
+            # A long range over few blocks (a root slot's tail): visit only the blocks there are.
+            first, last = offset // BLOCK, (end - 1) // BLOCK
+            for index in sorted(i for i in blocks if first <= i <= last):
+                lo, hi = max(offset, index * BLOCK), min(end, (index + 1) * BLOCK)
+                if hi - lo == BLOCK:
+                    del blocks[index]
+                else:
+                    b = blocks[index]
+                    blocks[index] = b[: lo - index * BLOCK] + bytes(hi - lo) + b[hi - index * BLOCK :]
+            return
         while pos < end:
             index, within = divmod(pos, BLOCK)
             take = min(BLOCK - within, end - pos)

@@ -100,8 +100,15 @@ class Legal:
     may_be_absent: bool
 
 
-def open_state(state: DiskState, variant_name: str | None, trace: Trace | None = None) -> Opened:
-    """Recover and check a durable state with the (possibly broken) implementation."""
+def open_state(state: DiskState, variant_name: str | None, trace: Trace | None = None,
+               recovered: dict[tuple, tuple] | None = None) -> Opened:
+    """Recover and check a durable state with the (possibly broken) implementation.
+
+    `recovered` memoizes the check and the reading after recovery by the
+    recovered bytes (a pure function of them): many crash states recover to
+    the same bytes, and each is then checked and read once.  The memo must
+    belong to one variant (an `Explorer`).
+    """
     orphans = tuple(sorted(p for p in state.names if p != IMAGE_PATH))
     if IMAGE_PATH not in state.names:
         return Opened(None, exists=False, orphans=orphans)
@@ -113,17 +120,30 @@ def open_state(state: DiskState, variant_name: str | None, trace: Trace | None =
     try:
         with variant(variant_name):
             image = Image.open(IMAGE_PATH, storage=storage)
-            report = check_image(image.file)
-            if report.exit_code != 0 or report.findings:
-                kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
-                return Opened(f"check after recovery: exit {report.exit_code} ({kinds}): {report.findings[0].message}",
-                              **checked)
-            disk = abstract_image(image.file)
-            return Opened(None, disk.virtual_size, disk.sectors, **checked)
+            after = state.key() if recovered is not None else None
+            verdict = recovered.get(after) if recovered is not None else None
+            if verdict is None:
+                verdict = _check_and_read(image)
+                if recovered is not None:
+                    recovered[after] = verdict
+            problem, size, sectors = verdict
+            if problem:
+                return Opened(problem, **checked)
+            return Opened(None, size, sectors, **checked)
     except LaminaError as exc:
         return Opened(f"open (recovery) failed: {type(exc).__name__}: {exc}", **checked)
     except Exception as exc:  # noqa: BLE001 - an implementation crash is a finding, not a simulator error
         return Opened(f"open (recovery) crashed: {type(exc).__name__}: {exc}", **checked)
+
+
+def _check_and_read(image: Image) -> tuple[str | None, int, Mapping[int, bytes]]:
+    """The spec's check of a recovered image (must be clean) and, if clean, its guest contents."""
+    report = check_image(image.file)
+    if report.exit_code != 0 or report.findings:
+        kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
+        return f"check after recovery: exit {report.exit_code} ({kinds}): {report.findings[0].message}", 0, {}
+    disk = abstract_image(image.file)
+    return None, disk.virtual_size, disk.sectors
 
 
 def legal_at(rec: Recording, crash: int) -> Legal:

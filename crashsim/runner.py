@@ -14,6 +14,7 @@ from typing import Callable, Iterable, TypeVar
 import attrs
 
 from .errors import BadPlan
+from lamina.impl.identity import fixed_identities
 from lamina.spec.layout import SECTOR_SIZE, Geometry
 
 from .explore import Budget, Materialiser, Model, Plan, barrier_of, explore, garbage, pending_at, tear_units
@@ -87,7 +88,9 @@ class Explorer:
         self._opened: dict[tuple, Opened] = {}
         self._legal: dict[int, Legal] = {}
         self._judged: dict[tuple[int, tuple], str | None] = {}
+        self._recovered: dict[tuple, tuple] = {}  # recovered bytes -> the check and reading after recovery
         self.prechecks: dict[str, int] = {}  # exit code of the read-only check before recovery -> judged states
+        self.touched: set[tuple] | None = None  # when a set: every image key opened (memo hits too) is added
 
     def _count_precheck(self, opened: Opened) -> None:
         if opened.prechecked:
@@ -99,9 +102,11 @@ class Explorer:
 
     def opened(self, state: DiskState) -> tuple[tuple, Opened]:
         key = state.key()
+        if self.touched is not None:
+            self.touched.add(key)
         result = self._opened.get(key)
         if result is None:
-            result = self._opened[key] = open_any(state, self.rec)
+            result = self._opened[key] = open_any(state, self.rec, recovered=self._recovered)
         return key, result
 
     def legal(self, crash: int) -> Legal:
@@ -205,11 +210,12 @@ class Explorer:
                 return
 
 
-def open_any(state: DiskState, rec: Recording | TreeRecording, trace: Trace | None = None) -> Opened:
-    """Recover, check and read a durable state: one image, or a whole tree."""
+def open_any(state: DiskState, rec: Recording | TreeRecording, trace: Trace | None = None,
+             recovered: dict[tuple, tuple] | None = None) -> Opened:
+    """Recover, check and read a durable state: one image, or a whole tree (`recovered`: see `oracle.open_state`)."""
     if isinstance(rec, TreeRecording):
-        return open_tree_state(state, rec, trace)  # type: ignore[return-value]
-    return open_state(state, rec.variant, trace)
+        return open_tree_state(state, rec, trace, recovered)  # type: ignore[return-value]
+    return open_state(state, rec.variant, trace, recovered)
 
 
 def file_to_guest(geometry: Geometry, offset: int) -> int | None:
@@ -230,12 +236,18 @@ def _timeline(rec: Recording) -> tuple[tuple, tuple]:
 
 
 def load_recording(workload: str, dropped: tuple[int, ...] = (), variant: str | None = None) -> Recording:
+    """Record a workload; uuids and snapshot times are fixed, so every process records the same bytes.
+
+    (Slices of one task are judged in several processes and their images
+    counted together by their bytes: `spreadrun.py`.)
+    """
     w = get_workload(workload)
     if dropped:
         w = attrs.evolve(w.without_steps(frozenset(dropped)), name=f"{w.name}@{','.join(map(str, dropped))}")
-    if hasattr(w, "tops"):
-        return record_tree_workload(w, variant)  # type: ignore[return-value]
-    return record_workload(w, variant)
+    with fixed_identities(f"crashsim:{w.name}"):
+        if hasattr(w, "tops"):
+            return record_tree_workload(w, variant)  # type: ignore[return-value]
+        return record_workload(w, variant)
 
 
 def run_task(workload: str, model_name: str, budget: Budget = Budget(), seed: int = 0, variant: str | None = None,
@@ -428,7 +440,11 @@ def minimize_outcomes(plan: P, fails: Callable[[P], bool], field: str = "outcome
 
 def run_all(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: str | None = None, jobs: int = 1,
             executor: Executor | None = None, on_done: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
-    """Run (workload, model) tasks, in this process or on an executor; results in task order."""
+    """Run (workload, model) tasks, in this process or on an executor; results in task order.
+
+    On an executor (or a pool of `jobs` processes) each task is cut into
+    slices of crash states (`spreadrun.py`), with the same results.
+    """
     if executor is None and jobs <= 1:
         results = []
         for w, m in tasks:
@@ -440,14 +456,9 @@ def run_all(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: st
     own = executor is None
     executor = executor or ProcessPoolExecutor(max_workers=jobs)
     try:
-        futures = [executor.submit(run_task, w, m, budget, seed, variant) for w, m in tasks]
-        results = []
-        for f in futures:
-            result = f.result()
-            if on_done:
-                on_done(result)
-            results.append(result)
-        return results
+        from .spreadrun import run_sliced
+
+        return run_sliced(tasks, budget, seed, variant, executor, on_done)
     finally:
         if own:
             executor.shutdown()

@@ -575,8 +575,13 @@ class TreeLegal:
     candidates: tuple[Candidate, ...]
 
 
-def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = None) -> TreeOpened:
-    """Check every tree read-only, then open every top writable (recovery, commit completion, orphan removal), check, read."""
+def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = None,
+                    recovered: dict[tuple, tuple] | None = None) -> TreeOpened:
+    """Check every tree read-only, then open every top writable (recovery, commit completion, orphan removal), check, read.
+
+    `recovered` memoizes the checks and the reading after recovery by the
+    recovered bytes, as `oracle.open_state` does (one memo per variant).
+    """
     workload = rec.workload
     tops = [sim_path(name) for name in workload.tops if sim_path(name) in state.names]
     try:
@@ -594,16 +599,15 @@ def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = 
                 if sim_path(name) in state.names:
                     Image.open(sim_path(name), storage=storage).close()
             storage.trace = None
-            for name in workload.tops:
-                path = sim_path(name)
-                if path not in state.names:
-                    continue
-                report = check_tree(path, storage)
-                if report.exit_code != 0 or report.findings:
-                    kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
-                    first = report.findings[0].message if report.findings else ""
-                    return TreeOpened(f"check_tree({name}) after recovery: exit {report.exit_code} ({kinds}): {first}", **checked)
-            view = read_tree(storage, workload)
+            after = state.key() if recovered is not None else None
+            verdict = recovered.get(after) if recovered is not None else None
+            if verdict is None:
+                verdict = _check_and_read_tree(storage, workload)
+                if recovered is not None:
+                    recovered[after] = verdict
+            problem, view = verdict
+            if problem:
+                return TreeOpened(problem, **checked)
     except LaminaError as exc:
         return TreeOpened(f"open (recovery) failed: {type(exc).__name__}: {exc}", **checked)
     except Exception as exc:  # noqa: BLE001 - an implementation crash is a finding, not a simulator error
@@ -612,6 +616,20 @@ def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = 
     orphans = tuple(sorted(p for p in state.names if p not in known
                            and not any(p.startswith(layer_dir_of(t) + os.sep) for t in known)))
     return TreeOpened(None, view, orphans=orphans, **checked)
+
+
+def _check_and_read_tree(storage: MemStorage, workload: TreeWorkload) -> tuple[str | None, View]:
+    """The spec's check_tree of every recovered top (must be clean) and, if all are, the whole tree as read."""
+    for name in workload.tops:
+        path = sim_path(name)
+        if path not in storage.state.names:
+            continue
+        report = check_tree(path, storage)
+        if report.exit_code != 0 or report.findings:
+            kinds = ", ".join(f"{f.severity}:{f.kind}" for f in report.findings)
+            first = report.findings[0].message if report.findings else ""
+            return f"check_tree({name}) after recovery: exit {report.exit_code} ({kinds}): {first}", ()
+    return None, read_tree(storage, workload)
 
 
 def tree_legal_at(rec: TreeRecording, crash: int) -> TreeLegal:

@@ -38,7 +38,7 @@ def abstract_image(file: File, base: Disk | None = None) -> Disk:
         if chosen.value is None:
             continue
         m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
-        for c in range(CLUSTERS_PER_REGION):
+        for c in m.present_clusters():
             mask = m.cluster_mask(c)
             if not mask:
                 continue

@@ -216,7 +216,7 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     first_cluster = region * CLUSTERS_PER_REGION
     data_offset = geometry.region_data_offset(region)
     verified = 0
-    for c in range(CLUSTERS_PER_REGION):
+    for c in m.clusters_to_visit(extents, data_offset, size):  # the others: absent, checksum 0, a hole
         cluster = first_cluster + c
         guest = cluster * size
         offset = data_offset + c * size

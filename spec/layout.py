@@ -16,6 +16,7 @@ allocated, so nothing can leak from an allocator.
 from __future__ import annotations
 
 import bisect
+import functools
 
 import attrs
 
@@ -80,53 +81,58 @@ def check_virtual_size(virtual_size: int) -> None:
 
 @attrs.frozen
 class Geometry:
-    """The fixed places of an image with a given cluster size and virtual size."""
+    """The fixed places of an image with a given cluster size and virtual size.
+
+    The derived sizes are cached on first use (`cached_property`: the
+    instance stays frozen; equality and hashing see only the two fields),
+    since every walk over clusters asks for them.
+    """
 
     cluster_bits: int
     virtual_size: int
 
-    @property
+    @functools.cached_property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
-    @property
+    @functools.cached_property
     def sectors_per_cluster(self) -> int:
         return self.cluster_size // SECTOR_SIZE
 
-    @property
+    @functools.cached_property
     def region_span(self) -> int:
         """Guest bytes described by one region's map."""
         return CLUSTERS_PER_REGION * self.cluster_size
 
-    @property
+    @functools.cached_property
     def region_stride(self) -> int:
         """File bytes one region occupies: both map clusters and its data clusters."""
         return REGION_STRIDE_CLUSTERS * self.cluster_size
 
-    @property
+    @functools.cached_property
     def first_region_offset(self) -> FileOffset:
         """The root area, rounded up to a whole cluster so that data clusters stay aligned."""
         return FileOffset(max(ROOT_AREA_SIZE, self.cluster_size))
 
-    @property
+    @functools.cached_property
     def num_regions(self) -> int:
         return -(-self.virtual_size // self.region_span)
 
-    @property
+    @functools.cached_property
     def num_clusters(self) -> int:
         return -(-self.virtual_size // self.cluster_size)
 
-    @property
+    @functools.cached_property
     def file_length(self) -> int:
         """The exact length of a well-formed image file."""
         return self.first_region_offset + self.num_regions * self.region_stride
 
-    @property
+    @functools.cached_property
     def map_bitmap_size(self) -> int:
         """Bytes of the presence bitmap: one bit per guest sector of the region (= cluster_size / 32)."""
         return CLUSTERS_PER_REGION * self.sectors_per_cluster // 8
 
-    @property
+    @functools.cached_property
     def map_used_length(self) -> int:
         """Bytes of a map copy that carry meaning; the rest of its cluster stays a hole."""
         return MAP_BITMAP_OFFSET + self.map_bitmap_size
@@ -140,7 +146,7 @@ class Geometry:
         return FileOffset(self.region_offset(region) + slot * last * self.cluster_size)
 
     def region_data_offset(self, region: RegionIndex) -> FileOffset:
-        return FileOffset(self.region_offset(region) + self.cluster_size)
+        return FileOffset(self.first_region_offset + region * self.region_stride + self.cluster_size)
 
     def region_of(self, offset: GuestOffset) -> RegionIndex:
         return RegionIndex(offset // self.region_span)
@@ -151,7 +157,8 @@ class Geometry:
     def guest_to_file(self, offset: GuestOffset) -> FileOffset:
         """The fixed file offset that holds a guest byte when the sector is present."""
         region, within = divmod(offset, self.region_span)
-        return FileOffset(self.region_data_offset(RegionIndex(region)) + within)
+        # region_data_offset(region) + within, spelled out: this runs once per cluster of every walk.
+        return FileOffset(self.first_region_offset + region * self.region_stride + self.cluster_size + within)
 
     def cluster_file_offset(self, cluster: ClusterIndex) -> FileOffset:
         return self.guest_to_file(GuestOffset(cluster * self.cluster_size))

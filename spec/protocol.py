@@ -121,7 +121,8 @@ def reconcile_region(file: File, geometry: Geometry, m: RegionMap, extents: list
     spc = geometry.sectors_per_cluster
     size = geometry.cluster_size
     first_cluster = m.region * CLUSTERS_PER_REGION
-    for c in range(CLUSTERS_PER_REGION):
+    # The other clusters are absent, checksum 0 and a hole already: nothing to reconcile.
+    for c in m.clusters_to_visit(extents, geometry.region_data_offset(m.region), size):
         guest = (first_cluster + c) * size
         sectors_inside = max(0, min(spc, (geometry.virtual_size - guest) // SECTOR_SIZE))
         mask = m.cluster_mask(c) & ((1 << sectors_inside) - 1)

@@ -6,6 +6,8 @@ protocol never writes that slot first).
 """
 from __future__ import annotations
 
+import bisect
+import re
 from array import array
 
 import attrs
@@ -13,6 +15,8 @@ import attrs
 from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, Geometry
 from .structures import MapCopy
 from .zeros import is_zero
+
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
 
 
 @attrs.define
@@ -65,6 +69,32 @@ class RegionMap:
                 changed = True
             first += hi - lo
         return changed
+
+    def present_clusters(self) -> list[int]:
+        """The data clusters (0-127) with at least one present sector, ascending.
+
+        Walks find them with one scan of the bitmap in C instead of a test per
+        cluster: a region is mostly empty, and every walk skips the rest.
+        """
+        width = self.sectors_per_cluster // 8
+        return sorted({m.start() // width for m in _NONZERO_BYTE.finditer(self.present)})
+
+    def clusters_to_visit(self, extents: list[tuple[int, int]], data_offset: int, cluster_size: int) -> list[int]:
+        """The data clusters a walk over the region cannot skip, ascending: those with a present sector, a
+        non-zero checksum, or any allocated byte in the file (`extents`: sorted (offset, length); cluster c
+        of the region at `data_offset + c * cluster_size`).  Every other cluster is absent, checksum 0 and a hole."""
+        visit = set(self.present_clusters())
+        size = self.data_crcs.itemsize  # the clusters whose checksum word has a non-zero byte
+        visit.update(m.start() // size for m in _NONZERO_BYTE.finditer(self.data_crcs.tobytes()))
+        end = data_offset + CLUSTERS_PER_REGION * cluster_size
+        i = max(0, bisect.bisect_right(extents, (data_offset,)) - 1)
+        for offset, length in extents[i:]:
+            if offset >= end:
+                break
+            lo, hi = max(offset, data_offset), min(offset + length, end)
+            if hi > lo:
+                visit.update(range((lo - data_offset) // cluster_size, (hi - 1 - data_offset) // cluster_size + 1))
+        return sorted(visit)
 
     def any_present(self) -> bool:
         return not is_zero(self.present)

@@ -228,8 +228,9 @@ class Root:
     base_path: str = ""  # tail, at 4096: `base_path_length` bytes of UTF-8, zero padded to a multiple of 8
     snapshots: tuple[SnapshotEntry, ...] = ()  # tail, after the base path: `num_snapshots` entries of 320 bytes
 
-    @property
+    @functools.cached_property
     def geometry(self) -> Geometry:
+        """Made once per root (cached; the root stays frozen), so its own cached sizes are kept too."""
         return Geometry(self.cluster_bits, self.virtual_size)
 
     def same_content(self, other: "Root") -> bool:
@@ -254,6 +255,11 @@ ROOT_TAIL = [
 
 
 def encode_root(root: Root) -> bytes:
+    """The `root_length` bytes of a root copy, CRC included (cached: a pure function of a frozen root)."""
+    return _encode_root_cached(root)
+
+
+def _encode_root(root: Root) -> bytes:
     """The `root_length` bytes of a root copy, CRC included."""
     path = root.base_path.encode("utf-8")
     length = ROOT_SIZE + _pad8(len(path)) + SNAPSHOT_ENTRY_SIZE * len(root.snapshots)
@@ -279,6 +285,18 @@ def root_length_of(head: bytes) -> int:
 
 
 def decode_root(data: bytes, slot: int | None = None, table: bool = True) -> Root:
+    """Decode and validate one root copy; raise a named FormatError saying what is wrong (see `_decode_root`).
+
+    A pure function of its arguments whose result is frozen, so the same
+    bytes are decoded once (a small cache: every open, check and reading
+    decodes both copies again, usually unchanged); failures are not cached.
+    """
+    if type(data) is bytes:
+        return _decode_root_cached(data, slot, table)
+    return _decode_root(data, slot, table)
+
+
+def _decode_root(data: bytes, slot: int | None = None, table: bool = True) -> Root:
     """Decode and validate one root copy; raise a named FormatError saying what is wrong.
 
     With `table` false the snapshot table is covered by the CRC but neither
@@ -394,6 +412,13 @@ def encode_map_copy(copy: MapCopy, geometry: Geometry) -> bytes:
 
 
 def decode_map_copy(data: bytes, geometry: Geometry, region: int, slot: int, image_uuid: bytes) -> MapCopy:
+    """Decode and validate one map copy as found at (region, slot); cached as `decode_root` is."""
+    if type(data) is bytes and type(image_uuid) is bytes:
+        return _decode_map_copy_cached(data, geometry, region, slot, image_uuid)
+    return _decode_map_copy(data, geometry, region, slot, image_uuid)
+
+
+def _decode_map_copy(data: bytes, geometry: Geometry, region: int, slot: int, image_uuid: bytes) -> MapCopy:
     """Decode and validate one map copy as found at (region, slot)."""
     where = f"map copy {'AB'[slot]} of region {region} (file offset {geometry.map_copy_offset(region, slot)}): "
     used = geometry.map_used_length
@@ -412,3 +437,8 @@ def decode_map_copy(data: bytes, geometry: Geometry, region: int, slot: int, ima
     if values["image_uuid"] != image_uuid:
         raise FieldOutOfRange(f"{where}belongs to another image (uuid {values['image_uuid'].hex()})")
     return MapCopy(**values)
+
+
+_decode_root_cached = functools.lru_cache(maxsize=1024)(_decode_root)
+_decode_map_copy_cached = functools.lru_cache(maxsize=2048)(_decode_map_copy)
+_encode_root_cached = functools.lru_cache(maxsize=1024)(_encode_root)

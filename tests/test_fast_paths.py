@@ -188,3 +188,27 @@ def test_io_c_then_file_and_errors_stop_the_run(tmp_path):
         assert bytes([0x11]) * 4096 == opened.read(0, 4096)
     missing = _lamina("io", "-f", str(tmp_path / "nope.txt"), image)
     assert 1 == missing.returncode and "nope.txt" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_clusters_a_region_walk_visits_are_those_the_per_cluster_test_keeps():
+    """RegionMap.clusters_to_visit / present_clusters against the test each walk made for all 128 clusters."""
+    from array import array
+
+    from lamina.spec.layout import CLUSTERS_PER_REGION, overlaps
+    from lamina.spec.regionmap import RegionMap
+
+    rng = random.Random(7)
+    for spc, size in ((8, 4096), (128, 65536)):
+        width = spc // 8
+        data = 1 << 20
+        for _ in range(300):
+            crcs = array("I", [rng.choice([0, 0, 0, rng.getrandbits(32), 1 << 24, 256]) for _ in range(CLUSTERS_PER_REGION)])
+            present = bytearray(rng.choice([0, 0, 0, 0, 1, 128]) for _ in range(CLUSTERS_PER_REGION * width))
+            m = RegionMap(0, 1, crcs, present, 0, spc)
+            starts = sorted({data - size + size * rng.randrange(CLUSTERS_PER_REGION + 2) for _ in range(rng.randrange(6))})
+            extents = [(o + rng.randrange(size), rng.randrange(1, 3 * size)) for o in starts]
+            extents = [e for i, e in enumerate(extents) if i == 0 or extents[i - 1][0] + extents[i - 1][1] < e[0]]
+            expected = [c for c in range(CLUSTERS_PER_REGION)
+                        if m.cluster_mask(c) or crcs[c] or overlaps(extents, data + c * size, size)]
+            assert m.clusters_to_visit(extents, data, size) == expected
+            assert m.present_clusters() == [c for c in range(CLUSTERS_PER_REGION) if m.cluster_mask(c)]
