@@ -32,10 +32,12 @@ from lamina.spec.references import (
     LayerMismatch,
     check_layer_dir,
     check_layer_file,
+    is_twin,
     layer_dir_of,
     layer_file_name,
     open_tree_file,
     resolve_base,
+    twin_of,
     vmstate_file_name,
 )
 from lamina.spec.protocol import read_root_copies, recover
@@ -132,6 +134,22 @@ def _ensure_layer_dir(storage: Storage, top: str) -> str:
         storage.fsync_dir(os.path.dirname(directory))
     check_layer_dir(storage, ImageContext.for_top(top))  # never write through a symlinked layer directory
     return directory
+
+
+def link_twin(storage: Storage, top: str, root: Root) -> None:
+    """F-TREE-003: give a new top its second name `<uuid hex>.lam` in the layer directory, the name it keeps once
+    frozen, so that a replica made by name (rsync -H) already holds a frozen layer under its final name.
+
+    Made after the top is in place (its switch done): a crash before this link leaves a top without a twin, which
+    is valid, and no orphan.  A name already there that is not the top itself is left alone (a writable open
+    removes such an orphan, F-TREE-001).
+    """
+    directory = _ensure_layer_dir(storage, top)
+    twin = twin_of(top, root)
+    if storage.exists(twin):
+        return
+    storage.link(top, twin)
+    storage.fsync_dir(directory)
 
 
 def _require_own_name(storage: Storage, top: str) -> None:
@@ -244,15 +262,17 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
         if vm_size:
             made.append(os.path.join(directory, vmstate_file_name(root.image_uuid)))
             _durable_file(storage, made[-1], write_vmstate)
-        made.append(os.path.join(directory, frozen))
-        storage.link(path, made[-1])
-        storage.fsync_dir(directory)
-        write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
-                                                   next_snapshot_id=next_id))
+        if not is_twin(storage, path, os.path.join(directory, frozen)):  # a top made before twins (F-TREE-003)
+            made.append(os.path.join(directory, frozen))
+            storage.link(path, made[-1])
+            storage.fsync_dir(directory)
+        new_root = _child_root(root, frozen, snapshots=root.snapshots + (entry,), next_snapshot_id=next_id)
+        write_new_layer(storage, path, new_root)
     except BaseException:
         if _is_top(storage, path, root.image_uuid):  # before the switch: nothing references what was made
             _remove(storage, made)
         raise
+    link_twin(storage, path, new_root)
     return entry
 
 
@@ -277,6 +297,7 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
                         context=top.context) as layer:
             new_root = _child_root(layer.root, frozen, snapshots=root.snapshots, next_snapshot_id=root.next_snapshot_id)
     write_new_layer(storage, path, new_root)
+    link_twin(storage, path, new_root)  # the old top's twin is now unreached: collected at the end
 
 
 def _vmstate(path: str, name: str, storage: Storage, force_share: bool = False) -> tuple[str, SnapshotEntry, ImageContext]:
@@ -433,11 +454,13 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
                 made.append(target)
         storage.fsync_dir(directory)
         parent = _layer_root(storage, new_context, layer)
-        write_new_layer(storage, new_path, _child_root(parent, layer))
+        new_root = _child_root(parent, layer)
+        write_new_layer(storage, new_path, new_root)
     except BaseException:
         if not storage.exists(new_path):  # before the switch: the links serve nothing
             _remove(storage, made)
         raise
+    link_twin(storage, new_path, new_root)
 
 
 # ---------------------------------------------------------------------------- commit and rebase
@@ -610,6 +633,9 @@ def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
             below = _layer_root(storage, context, name).base_path
             if LAYER_NAME.match(below):
                 pending.append(below)
+    twin = twin_of(path, root)
+    if is_twin(storage, path, twin):  # the top's own second name (F-TREE-003)
+        names.add(os.path.basename(twin))
     return names
 
 
@@ -636,6 +662,8 @@ def recover_layers(path: str, storage: Storage | None = None) -> None:
         layer = os.path.join(context.layer_dir, name)
         if not LAYER_NAME.match(name) or not storage.stat(layer).is_file:
             continue  # not a layer: check reports it, nothing writes into it
+        if is_twin(storage, path, layer):
+            continue  # the top itself (F-TREE-003), recovered as the top
         file = open_tree_file(storage, layer, True, context)
         try:
             selection = select_root(read_root_copies(file), table=False)
