@@ -28,8 +28,10 @@ from lamina.spec.references import (
     LAYER_NAME,
     BaseReferenceError,
     ChainTooDeep,
+    ChainWalk,
     ImageContext,
     LayerMismatch,
+    check_identity,
     check_layer_dir,
     check_layer_file,
     is_twin,
@@ -48,6 +50,7 @@ from lamina.spec.structures import (
     BASE_LAMINA,
     BASE_NONE,
     FLAG_COMMITTING,
+    KNOWN_AUTOCLEAR_FEATURES,
     Root,
     SnapshotEntry,
     make_snapshot_entry,
@@ -243,14 +246,16 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
     if vm_size > MAX_VMSTATE_SIZE:
         raise InvalidArgument(f"a VM state is at most {MAX_VMSTATE_SIZE} bytes (the format's MAX_VMSTATE_SIZE)")
     _require_own_name(storage, path)
-    with Image.open(path, storage=storage, lock=False) as top:
-        root = top.root
-        if root.snapshot(name) is not None:
-            raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
-        if len(root.snapshots) >= MAX_SNAPSHOTS:
-            raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
-        if len(top.chain()) >= MAX_CHAIN_DEPTH:  # the new top adds a file to the chain
-            raise ChainTooDeep(f"{path}: its chain is already {MAX_CHAIN_DEPTH} files deep, the format's maximum")
+    root = _closed_top(storage, path)
+    if root is None:  # work a writable open must do first (a commit to finish, a stray file under the frozen name)
+        with Image.open(path, storage=storage, lock=False) as top:
+            root = top.root
+    if root.snapshot(name) is not None:
+        raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
+    if len(root.snapshots) >= MAX_SNAPSHOTS:
+        raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
+    if chain_depth(storage, path, root) >= MAX_CHAIN_DEPTH:  # the new top adds a file to the chain
+        raise ChainTooDeep(f"{path}: its chain is already {MAX_CHAIN_DEPTH} files deep, the format's maximum")
     next_id = next_counter(root.next_snapshot_id, f"{path}: next_snapshot_id")
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
@@ -274,6 +279,60 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
         raise
     link_twin(storage, path, new_root)
     return entry
+
+
+def _closed_top(storage: Storage, path: str) -> Root | None:
+    """The top alone, recovered as a writable open recovers it and left durable with no intents: all snapshot create
+    needs of it.  None when a full writable open must come first: a commit to finish (F-COMMIT-001), autoclear bits
+    to clear, or a file under the frozen name that is not the top's twin (an orphan the open removes, F-TREE-001).
+
+    Snapshot create thus costs O(1) file operations in the number of snapshots, plus one root read per file of the
+    chain (`chain_depth`): it neither opens the chain's layers nor recovers or collects the layer directory, which
+    it does not read; the next writable open does both (a frozen layer a crash left mid-merge reads the same
+    contents either way, section 9).
+    """
+    context = ImageContext.for_top(path)
+    file = open_tree_file(storage, path, True, context)
+    try:
+        current = select_root(read_root_copies(file)).current()
+        check_layer_file(path, current, context)
+        if current.flags & FLAG_COMMITTING or current.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0):
+            return None
+        frozen = twin_of(path, current)
+        if storage.exists(frozen) and not is_twin(storage, path, frozen):
+            return None
+        return recover(file).root
+    finally:
+        file.close()
+
+
+def chain_depth(storage: Storage, path: str, root: Root) -> int:
+    """Files in the top's chain (the top and every base, raw included), from their roots alone (F-REF-002).
+
+    Each base is resolved by the one resolution (`resolve_base`) and must have the identity recorded (F-REF-003),
+    as an open of the chain checks; its table is not decoded, its maps are not read.  A loop or a chain deeper
+    than the format allows is an error here too.
+    """
+    walk = ChainWalk()
+    context = ImageContext.for_top(path)
+    depth = 0
+    while True:
+        walk.visit(os.path.realpath(path), path, storage)
+        depth += 1
+        found = resolve_base(root, context, path, storage)
+        if found is None:
+            return depth
+        if root.base_kind != BASE_LAMINA:
+            walk.visit(found.path, path, storage)
+            raw = open_tree_file(storage, found.path, False, found.context)
+            try:
+                check_identity(root, None, raw.size(), path)
+            finally:
+                raw.close()
+            return depth + 1
+        below = root_of(storage, found.path, found.context, table=False)
+        check_identity(root, below, below.virtual_size, path)
+        path, root, context = found.path, below, found.context
 
 
 def list_snapshots(path: str, storage: Storage | None = None, force_share: bool = False) -> tuple[SnapshotEntry, ...]:
