@@ -270,7 +270,7 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
         if not is_twin(storage, path, os.path.join(directory, frozen)):  # a top made before twins (F-TREE-003)
             made.append(os.path.join(directory, frozen))
             storage.link(path, made[-1])
-            storage.fsync_dir(directory)
+        storage.fsync_dir(directory)  # the VM state's rename (and the link) durable before the switch
         new_root = _child_root(root, frozen, snapshots=root.snapshots + (entry,), next_snapshot_id=next_id)
         write_new_layer(storage, path, new_root)
     except BaseException:
