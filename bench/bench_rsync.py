@@ -16,12 +16,13 @@ Cases: `lamina` (the layout of F-TREE-003: every top has its twin), `lamina-no-t
 
     python bench/bench_rsync.py [--size 1G] [--writes 1000] [--block-size 4096] [--cases ...] [--output json]
 
-The rsync command (README.md): rsync -aH --no-whole-file --fuzzy -B 4096 --stats SRC/ DST/
+The rsync command (README.md): rsync -aH --no-whole-file --fuzzy -B 4096 --modify-window=-1 --stats SRC/ DST/
 (`--block-size 0` leaves rsync's default block size, the square root of the file size.)
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import json
 import os
@@ -44,7 +45,8 @@ CASES = ("lamina", "lamina-no-twin", "lamina-clone", "qcow2", "raw")
 
 
 def rsync_command(block_size: int) -> list[str]:
-    return ["rsync", "-aH", "--no-whole-file", "--fuzzy", *(["-B", str(block_size)] if block_size else []), "--stats"]
+    return ["rsync", "-aH", "--no-whole-file", "--fuzzy", *(["-B", str(block_size)] if block_size else []),
+            "--modify-window=-1", "--stats"]
 
 
 def rsync(src: str, dst: str, block_size: int) -> dict:
@@ -106,6 +108,19 @@ def records_changed(before: dict, after: dict) -> int:
         a, b = before.get(key, {}), after.get(key, {})
         changed += sum(1 for index in set(a) | set(b) if a.get(index) != b.get(index))
     return changed
+
+
+def _same_trees(src: str, dst: str) -> None:
+    """The replica must be the source, name for name, byte for byte, hard links included (else the numbers lie)."""
+    for parent, _, names in os.walk(src):
+        for name in names:
+            a = os.path.join(parent, name)
+            b = os.path.join(dst, os.path.relpath(a, src))
+            if not filecmp.cmp(a, b, shallow=False):
+                raise SystemExit(f"the replica's {b} differs from {a}")
+            links = os.lstat(a).st_nlink
+            if os.lstat(b).st_nlink != links:
+                raise SystemExit(f"the replica's {b} has {os.lstat(b).st_nlink} links, the source {links}")
 
 
 def _fill(size: int):
@@ -179,6 +194,7 @@ def run_case(case: str, work: str, size: int, cluster: int, writes: list[tuple[i
     changed_seconds = time.perf_counter() - started
     second = rsync(src, dst, block_size)
     after = records(src)
+    _same_trees(src, dst)
     shutil.rmtree(src)
     shutil.rmtree(dst)
     return {"first_sent": first["sent"], "sent": second["sent"], "received": second["received"],
