@@ -429,6 +429,28 @@ def build_raw_base_odd(d: Path) -> tuple[str, str]:
     return "disk.lam", "disk.lam"
 
 
+def build_twin_copied(d: Path) -> tuple[str, str]:
+    """F-TREE-003: the top's twin replaced by a copy (a replica without -H): an orphan by identity in both."""
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(170, 8192))
+    twin, = (p for p in (d / "disk.lam.layers").glob("*.lam") if os.path.samefile(p, d / "disk.lam"))
+    twin.unlink()
+    shutil.copyfile(d / "disk.lam", twin)
+    return "disk.lam", "disk.lam"
+
+
+def build_entry_naming_the_top(d: Path) -> tuple[str, str]:
+    """F-ROOT-007: a snapshot entry whose layer_uuid is the root's own image_uuid makes the copy invalid."""
+    from lamina.spec.structures import make_snapshot_entry
+
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(171, 4096))
+        entry = make_snapshot_entry("me", id=1, layer_uuid=img.root.image_uuid, creation_time_ns=0, vm_clock_ns=0,
+                                    disk_size=MiB, vmstate_size=0, vmstate_crc=0)
+        img.set_root(snapshots=(entry,), next_snapshot_id=2)
+    return "disk.lam", "disk.lam"
+
+
 FORGED_CASES = [
     Case("forged-generation-at-bound", forged(lambda b: set_root_field(b, 24, 8, MAX_COUNTER))),
     Case("forged-data-generation-at-bound", forged(lambda b: set_root_field(b, 88, 8, MAX_COUNTER))),
@@ -447,6 +469,8 @@ FORGED_CASES = [
     Case("base-moved-on", build_overlay(base_generation_moved(False))),
     Case("vmstate-damaged", build_vmstate_damaged),
     Case("layers-swapped", build_layers_swapped),
+    Case("twin-copied", build_twin_copied),
+    Case("entry-naming-the-top", build_entry_naming_the_top),
     Case("raw-base-of-odd-length", build_raw_base_odd),
     Case("base-loop", build_base_loop),
 ]
