@@ -49,9 +49,10 @@ def bytes_changed(before: dict[str, bytes], after: dict[str, bytes]) -> int:
 
 
 def lamina_files(path: str) -> list[str]:
+    """The image's files, each once: the top's twin (F-TREE-003) is the top itself, not a second file."""
     directory = path + ".layers"
     extra = [os.path.join(directory, n) for n in os.listdir(directory)] if os.path.isdir(directory) else []
-    return [path] + extra
+    return [path] + [p for p in extra if not os.path.samefile(p, path)]
 
 
 FILL = 0x5A

@@ -3,7 +3,8 @@
 Builds an image with N snapshots taken one after another (each a layer on
 the previous one), then times `Image.open` (writable, the path every write
 command takes) and counts the storage operations it makes through a
-counting wrapper.  A linear open makes about the same count per snapshot at
+counting wrapper; then times one more `snapshot create` over the N and
+counts its operations (the time of the N creates alone is `snap s`).  A linear open makes about the same count per snapshot at
 every N.
 
 Taking N snapshots one by one costs N opens of a growing chain, so a
@@ -81,13 +82,19 @@ def build_direct(directory: str, snapshots: int) -> str:
     return path
 
 
+SNAPSHOT_SECONDS = [0.0]  # time spent in `create_snapshot` alone by the last `build`
+
+
 def build(directory: str, snapshots: int) -> str:
     path = os.path.join(directory, "disk.lam")
     Image.create(path, 1 << 20, 4096).close()
+    SNAPSHOT_SECONDS[0] = 0.0
     for i in range(snapshots):
         with Image.open(path) as image:
             image.write(i * 512 % (1 << 20), bytes([i % 255 + 1]) * 512)
+        started = time.perf_counter()
         layers.create_snapshot(path, f"s{i}")
+        SNAPSHOT_SECONDS[0] += time.perf_counter() - started
     return path
 
 
@@ -103,8 +110,15 @@ def measure(snapshots: int, how: str) -> dict:
         started = time.perf_counter()
         Image.open(path, storage=storage).close()
         opened = time.perf_counter() - started
+        one = CountingStorage()  # one more snapshot over the N: the file operations of a snapshot create
+        started = time.perf_counter()
+        layers.create_snapshot(path, "one-more", storage=one)
+        created = time.perf_counter() - started
         return {"snapshots": snapshots, "build": how, "build_seconds": round(built, 2), "open_seconds": round(opened, 3),
-                "opens": storage.counts["open"], "preads": storage.counts["pread"]}
+                "opens": storage.counts["open"], "preads": storage.counts["pread"],
+                "snapshot_seconds": round(SNAPSHOT_SECONDS[0], 2) if how == "snapshot" else None,
+                "create_seconds": round(created, 4), "create_opens": one.counts["open"],
+                "create_preads": one.counts["pread"]}
     finally:
         shutil.rmtree(directory)
 
@@ -120,10 +134,12 @@ def main() -> None:
     if args.output == "json":
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'snapshots':>10} {'build':>9} {'build s':>9} {'open s':>8} {'opens':>8} {'preads':>8}")
+    print(f"{'snapshots':>10} {'build':>9} {'build s':>9} {'snap s':>8} {'open s':>8} {'opens':>8} {'preads':>8} "
+          f"{'+1 snap s':>10} {'its opens':>10} {'its preads':>10}")
     for r in rows:
-        print(f"{r['snapshots']:>10} {r['build']:>9} {r['build_seconds']:>9} {r['open_seconds']:>8} {r['opens']:>8} "
-              f"{r['preads']:>8}")
+        print(f"{r['snapshots']:>10} {r['build']:>9} {r['build_seconds']:>9} {str(r['snapshot_seconds']):>8} "
+              f"{r['open_seconds']:>8} {r['opens']:>8} {r['preads']:>8} {r['create_seconds']:>10} "
+              f"{r['create_opens']:>10} {r['create_preads']:>10}")
 
 
 if __name__ == "__main__":

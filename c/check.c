@@ -450,11 +450,15 @@ static int readable_layer_of_name(const char *path, const char *name)
     return ok;
 }
 
-/* T4: every file of the layer directory is reached; no <top>.creating. */
-static void check_layer_directory(const char *image_top)
+/* T4: every file of the layer directory is reached; no <top>.creating.
+ * The top's twin (F-TREE-003) is reached: the top's own file, by identity
+ * (lstat of both names, as the reference judges it), named after its uuid. */
+static void check_layer_directory(const char *image_top, const lc_layer *top)
 {
-    char dir[PATH_MAX], path[PATH_MAX * 2], real[PATH_MAX];
-    struct stat st;
+    char dir[PATH_MAX], path[PATH_MAX * 2], real[PATH_MAX], twin[64];
+    struct stat st, top_st;
+    int top_regular = lstat(image_top, &top_st) == 0 && S_ISREG(top_st.st_mode);
+    layer_file_name(top->root->image_uuid, ".lam", twin, sizeof twin);
     if (snprintf(dir, sizeof dir, "%s.layers", image_top) >= (int)sizeof dir)
         return;
     if (lstat(dir, &st) == 0 && !S_ISDIR(st.st_mode)) {
@@ -473,6 +477,9 @@ static void check_layer_directory(const char *image_top)
                 continue;
             }
             if (realpath(path, real) && is_reached(real))
+                continue;
+            if (top_regular && st.st_dev == top_st.st_dev && st.st_ino == top_st.st_ino &&
+                !strcmp(e->d_name, twin))
                 continue;
             size_t n = strlen(e->d_name);
             if (n == 36 && !strcmp(e->d_name + 32, ".lam") && !readable_layer_of_name(path, e->d_name))
@@ -524,7 +531,7 @@ int cmd_check(const char *image)
         if (root->snapshots[i].vmstate_size)
             check_vmstate(image_top, &root->snapshots[i], rc == 0);
     }
-    check_layer_directory(image_top);
+    check_layer_directory(image_top, top);
     layer_close_chain(top);
     for (size_t i = 0; i < n_reached; i++)
         free(reached[i]);

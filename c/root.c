@@ -164,6 +164,8 @@ static copy_status judge_fields(lc_root *r, uint32_t position)
             return bad(r, COPY_OUT_OF_RANGE, "snapshot %u: id out of range", i);
         if (all_zero(s->layer_uuid, 16))
             return bad(r, COPY_OUT_OF_RANGE, "snapshot %u: layer_uuid is all zero", i);
+        if (!memcmp(s->layer_uuid, r->image_uuid, 16))
+            return bad(r, COPY_OUT_OF_RANGE, "snapshot %u: layer_uuid is the image's own uuid", i);
         if (s->vmstate_size > MAX_VMSTATE_SIZE)
             return bad(r, COPY_OUT_OF_RANGE, "snapshot %u: vmstate_size too large", i);
         if (s->disk_size % SECTOR_SIZE)

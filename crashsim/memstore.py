@@ -357,7 +357,7 @@ class MemStorage:
             if self._is_dir(path):
                 return FileStat(False, 1, True)
             raise FileNotFoundError(2, "No such file or directory", path)
-        return FileStat(True, sum(1 for i in self.state.names.values() if i == inode))
+        return FileStat(True, sum(1 for i in self.state.names.values() if i == inode), identity=(0, inode))
 
     def _is_dir(self, path: str) -> bool:
         """A directory made by mkdir, or one that holds a name (directories exist implicitly)."""

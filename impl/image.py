@@ -181,6 +181,9 @@ class Image:
         check_virtual_size(size)
         root = attrs.evolve(root, virtual_size=size, base_visible=min(size, root.base_size))
         write_new_layer(storage, path, root)
+        from .layers import link_twin
+
+        link_twin(storage, path, root)  # F-TREE-003: the name this top keeps once a snapshot freezes it
         return cls.open(path, storage=storage, allow_bases=allow_bases)
 
     @classmethod
@@ -235,7 +238,7 @@ class Image:
 
         A base is opened with `table` false: its snapshot table is not used (see `decode_root`).
         """
-        walk.visit(os.path.realpath(path), path)
+        walk.visit(os.path.realpath(path), path, storage)
         file = open_tree_file(storage, path, not readonly, context)
         try:
             if lock:
@@ -967,7 +970,7 @@ def open_base(root: Root, context: ImageContext, storage: Storage, walk: ChainWa
             if found is None:
                 return first
             if root.base_kind == BASE_RAW:
-                walk.visit(found.path, where)
+                walk.visit(found.path, where, storage)
                 layer: Image | RawBase = RawBase(found.path, open_tree_file(storage, found.path, False, found.context))
             else:
                 layer = Image._open_layer(found.path, True, storage, found.context, walk, table=False,
@@ -1041,11 +1044,11 @@ def reference_base(root: Root, base: str, base_format: str | None, context: Imag
         file.close()
     probe = attrs.evolve(root, base_kind=kind, base_path=name)
     walk = ChainWalk()
-    walk.visit(os.path.realpath(holder), holder)
+    walk.visit(os.path.realpath(holder), holder, storage)
     if kind == BASE_RAW:
         if size % SECTOR_SIZE:
             raise InvalidArgument(f"raw base {base} is {size} bytes, not a multiple of {SECTOR_SIZE}")
-        walk.visit(found.path, holder)
+        walk.visit(found.path, holder, storage)
         return attrs.evolve(probe, base_size=size)
     with Image.open(found.path, readonly=True, storage=storage, context=found.context, walk=walk) as image:
         return attrs.evolve(probe, base_uuid=image.root.image_uuid, base_size=image.virtual_size,

@@ -28,14 +28,18 @@ from lamina.spec.references import (
     LAYER_NAME,
     BaseReferenceError,
     ChainTooDeep,
+    ChainWalk,
     ImageContext,
     LayerMismatch,
+    check_identity,
     check_layer_dir,
     check_layer_file,
+    is_twin,
     layer_dir_of,
     layer_file_name,
     open_tree_file,
     resolve_base,
+    twin_of,
     vmstate_file_name,
 )
 from lamina.spec.protocol import read_root_copies, recover
@@ -46,6 +50,7 @@ from lamina.spec.structures import (
     BASE_LAMINA,
     BASE_NONE,
     FLAG_COMMITTING,
+    KNOWN_AUTOCLEAR_FEATURES,
     Root,
     SnapshotEntry,
     make_snapshot_entry,
@@ -147,6 +152,22 @@ def _ensure_layer_dir(storage: Storage, top: str) -> str:
     return directory
 
 
+def link_twin(storage: Storage, top: str, root: Root) -> None:
+    """F-TREE-003: give a new top its second name `<uuid hex>.lam` in the layer directory, the name it keeps once
+    frozen, so that a replica made by name (rsync -H) already holds a frozen layer under its final name.
+
+    Made after the top is in place (its switch done): a crash before this link leaves a top without a twin, which
+    is valid, and no orphan.  A name already there that is not the top itself is left alone (a writable open
+    removes such an orphan, F-TREE-001).
+    """
+    directory = _ensure_layer_dir(storage, top)
+    twin = twin_of(top, root)
+    if storage.exists(twin):
+        return
+    storage.link(top, twin)
+    storage.fsync_dir(directory)
+
+
 def _require_own_name(storage: Storage, top: str) -> None:
     """Snapshot create and revert rename a new top over the image's name: through a link they would replace the link."""
     if not storage.stat(top).is_file:
@@ -238,14 +259,16 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
     if vm_size > MAX_VMSTATE_SIZE:
         raise InvalidArgument(f"a VM state is at most {MAX_VMSTATE_SIZE} bytes (the format's MAX_VMSTATE_SIZE)")
     _require_own_name(storage, path)
-    with Image.open(path, storage=storage, lock=False) as top:
-        root = top.root
-        if root.snapshot(name) is not None:
-            raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
-        if len(root.snapshots) >= MAX_SNAPSHOTS:
-            raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
-        if len(top.chain()) >= MAX_CHAIN_DEPTH:  # the new top adds a file to the chain
-            raise ChainTooDeep(f"{path}: its chain is already {MAX_CHAIN_DEPTH} files deep, the format's maximum")
+    root = _closed_top(storage, path)
+    if root is None:  # work a writable open must do first (a commit to finish, a stray file under the frozen name)
+        with Image.open(path, storage=storage, lock=False) as top:
+            root = top.root
+    if root.snapshot(name) is not None:
+        raise SnapshotExists(f"{path}: a snapshot named {name!r} exists")
+    if len(root.snapshots) >= MAX_SNAPSHOTS:
+        raise InvalidArgument(f"{path}: already {MAX_SNAPSHOTS} snapshots, the format's maximum")
+    if chain_depth(storage, path, root) >= MAX_CHAIN_DEPTH:  # the new top adds a file to the chain
+        raise ChainTooDeep(f"{path}: its chain is already {MAX_CHAIN_DEPTH} files deep, the format's maximum")
     next_id = next_counter(root.next_snapshot_id, f"{path}: next_snapshot_id")
     directory = _ensure_layer_dir(storage, path)
     entry = make_snapshot_entry(
@@ -257,16 +280,72 @@ def create_snapshot(path: str, name: str, vmstate: bytes | File | None = None, v
         if vm_size:
             made.append(os.path.join(directory, vmstate_file_name(root.image_uuid)))
             _durable_file(storage, made[-1], write_vmstate)
-        made.append(os.path.join(directory, frozen))
-        storage.link(path, made[-1])
-        storage.fsync_dir(directory)
-        write_new_layer(storage, path, _child_root(root, frozen, snapshots=root.snapshots + (entry,),
-                                                   next_snapshot_id=next_id))
+        if not is_twin(storage, path, os.path.join(directory, frozen)):  # a top made before twins (F-TREE-003)
+            made.append(os.path.join(directory, frozen))
+            storage.link(path, made[-1])
+        storage.fsync_dir(directory)  # the VM state's rename (and the link) durable before the switch
+        new_root = _child_root(root, frozen, snapshots=root.snapshots + (entry,), next_snapshot_id=next_id)
+        write_new_layer(storage, path, new_root)
     except BaseException:
         if _is_top(storage, path, root.image_uuid):  # before the switch: nothing references what was made
             _remove(storage, made)
         raise
+    link_twin(storage, path, new_root)
     return entry
+
+
+def _closed_top(storage: Storage, path: str) -> Root | None:
+    """The top alone, recovered as a writable open recovers it and left durable with no intents: all snapshot create
+    needs of it.  None when a full writable open must come first: a commit to finish (F-COMMIT-001), autoclear bits
+    to clear, or a file under the frozen name that is not the top's twin (an orphan the open removes, F-TREE-001).
+
+    Snapshot create thus costs O(1) file operations in the number of snapshots, plus one root read per file of the
+    chain (`chain_depth`): it neither opens the chain's layers nor recovers or collects the layer directory, which
+    it does not read; the next writable open does both (a frozen layer a crash left mid-merge reads the same
+    contents either way, section 9).
+    """
+    context = ImageContext.for_top(path)
+    file = open_tree_file(storage, path, True, context)
+    try:
+        current = select_root(read_root_copies(file)).current()
+        check_layer_file(path, current, context)
+        if current.flags & FLAG_COMMITTING or current.autoclear_features & ~sum(KNOWN_AUTOCLEAR_FEATURES, 0):
+            return None
+        frozen = twin_of(path, current)
+        if storage.exists(frozen) and not is_twin(storage, path, frozen):
+            return None
+        return recover(file).root
+    finally:
+        file.close()
+
+
+def chain_depth(storage: Storage, path: str, root: Root) -> int:
+    """Files in the top's chain (the top and every base, raw included), from their roots alone (F-REF-002).
+
+    Each base is resolved by the one resolution (`resolve_base`) and must have the identity recorded (F-REF-003),
+    as an open of the chain checks; its table is not decoded, its maps are not read.  A loop or a chain deeper
+    than the format allows is an error here too.
+    """
+    walk = ChainWalk()
+    context = ImageContext.for_top(path)
+    depth = 0
+    while True:
+        walk.visit(os.path.realpath(path), path, storage)
+        depth += 1
+        found = resolve_base(root, context, path, storage)
+        if found is None:
+            return depth
+        if root.base_kind != BASE_LAMINA:
+            walk.visit(found.path, path, storage)
+            raw = open_tree_file(storage, found.path, False, found.context)
+            try:
+                check_identity(root, None, raw.size(), path)
+            finally:
+                raw.close()
+            return depth + 1
+        below = root_of(storage, found.path, found.context, table=False)
+        check_identity(root, below, below.virtual_size, path)
+        path, root, context = found.path, below, found.context
 
 
 def list_snapshots(path: str, storage: Storage | None = None, force_share: bool = False) -> tuple[SnapshotEntry, ...]:
@@ -290,6 +369,7 @@ def revert_snapshot(path: str, name: str, storage: Storage | None = None) -> Non
                         context=top.context) as layer:
             new_root = _child_root(layer.root, frozen, snapshots=root.snapshots, next_snapshot_id=root.next_snapshot_id)
     write_new_layer(storage, path, new_root)
+    link_twin(storage, path, new_root)  # the old top's twin is now unreached: collected at the end
 
 
 def _vmstate(path: str, name: str, storage: Storage, force_share: bool = False) -> tuple[str, SnapshotEntry, ImageContext]:
@@ -458,11 +538,13 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
                 made.append(target)
         storage.fsync_dir(directory)
         parent = _layer_root(storage, new_context, layer)
-        write_new_layer(storage, new_path, _child_root(parent, layer))
+        new_root = _child_root(parent, layer)
+        write_new_layer(storage, new_path, new_root)
     except BaseException:
         if not storage.exists(new_path):  # before the switch: the links serve nothing
             _remove(storage, made)
         raise
+    link_twin(storage, new_path, new_root)
 
 
 # ---------------------------------------------------------------------------- commit and rebase
@@ -644,6 +726,9 @@ def referenced_files(path: str, storage: Storage | None = None) -> set[str]:
             below = _layer_root(storage, context, name).base_path
             if LAYER_NAME.match(below):
                 pending.append(below)
+    twin = twin_of(path, root)
+    if is_twin(storage, path, twin):  # the top's own second name (F-TREE-003)
+        names.add(os.path.basename(twin))
     return names
 
 
@@ -670,6 +755,8 @@ def recover_layers(path: str, storage: Storage | None = None) -> None:
         layer = os.path.join(context.layer_dir, name)
         if not LAYER_NAME.match(name) or not storage.stat(layer).is_file:
             continue  # not a layer: check reports it, nothing writes into it
+        if is_twin(storage, path, layer):
+            continue  # the top itself (F-TREE-003), recovered as the top
         file = open_tree_file(storage, layer, True, context)
         try:
             selection = select_root(read_root_copies(file), table=False)

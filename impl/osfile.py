@@ -208,7 +208,7 @@ class OsStorage:
 
     def stat(self, path: str) -> FileStat:
         info = os.lstat(path)
-        return FileStat(stat.S_ISREG(info.st_mode), info.st_nlink, stat.S_ISDIR(info.st_mode))
+        return FileStat(stat.S_ISREG(info.st_mode), info.st_nlink, stat.S_ISDIR(info.st_mode), (info.st_dev, info.st_ino))
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)

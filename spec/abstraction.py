@@ -66,7 +66,7 @@ def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: Cha
     base: Disk | None = None
     try:
         while True:
-            walk.visit(os.path.realpath(path), path)
+            walk.visit(os.path.realpath(path), path, storage)
             file = open_tree_file(storage, path, False, context)  # the guarded open (F-OPEN-001)
             files.append(file)
             root = select_root(read_root_copies(file)).current()

@@ -146,6 +146,24 @@ def check_layer_file(path: str, root: Root, context: ImageContext) -> None:
         raise LayerMismatch(f"{path}: holds layer {root.image_uuid.hex()}, not the layer its name says")
 
 
+def twin_of(top_path: str, root: Root) -> str:
+    """F-TREE-003: the name a top also has in its layer directory, the name it keeps once frozen."""
+    return os.path.join(layer_dir_of(os.path.abspath(top_path)), layer_file_name(root.image_uuid))
+
+
+def is_twin(storage: Storage, top_path: str, path: str) -> bool:
+    """Whether `path` is another name of the top file itself (same device and inode, neither a symbolic link).
+
+    By identity, never by name: a copy of the top under its uuid is not its twin (it is an orphan), and
+    taking it for one would freeze stale bytes as a snapshot.
+    """
+    try:
+        top, other = storage.stat(top_path), storage.stat(path)
+    except FileNotFoundError:
+        return False
+    return top.is_file and other.is_file and top.identity is not None and top.identity == other.identity
+
+
 @attrs.frozen
 class ResolvedBase:
     """A base that may be followed: its real path, and the image its own references resolve against."""
@@ -205,9 +223,17 @@ class ChainWalk:
     """Loop and depth guard for following a chain of bases."""
 
     def __init__(self) -> None:
-        self.seen: set[str] = set()
+        self.seen: set[str] = set()  # real paths, or `identity:DEV:INO`
 
-    def visit(self, real_path: str, where: str) -> None:
+    def visit(self, real_path: str, where: str, storage: Storage | None = None) -> None:
+        """Count one file of the chain; with `storage`, a file is known by its identity (device and inode), so
+        two names of one file (a top and its twin, F-TREE-003) are one file met twice."""
+        if storage is not None:
+            try:
+                identity = storage.stat(real_path).identity
+            except (FileNotFoundError, OSError):
+                identity = None
+            real_path = f"{real_path}" if identity is None else f"identity:{identity[0]}:{identity[1]}"
         if real_path in self.seen:
             raise BaseLoop(f"{where}: base chain loops back to {real_path}")
         if len(self.seen) >= MAX_CHAIN_DEPTH:

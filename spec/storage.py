@@ -37,6 +37,7 @@ class FileStat:
     is_file: bool
     nlink: int
     is_dir: bool = False
+    identity: tuple[int, int] | None = None  # (device, inode): two names of one file have the same (a top and its twin)
 
 
 class File(Protocol):

@@ -355,6 +355,8 @@ def _decode_root(data: bytes, slot: int | None = None, table: bool = True) -> Ro
                        ("layer_uuid", [e.layer_uuid for e in entries])):
         if len(set(keys)) != len(keys):
             raise FieldOutOfRange(f"{where}two snapshots share one {what}")
+    if any(e.layer_uuid == values["image_uuid"] for e in entries):
+        raise FieldOutOfRange(f"{where}a snapshot's layer_uuid is the image's own image_uuid (the top is no snapshot)")
     if entries and max(e.id for e in entries) >= values["next_snapshot_id"]:
         raise FieldOutOfRange(f"{where}a snapshot id is not below next_snapshot_id")
     values["snapshots"] = tuple(entries) if table else None

@@ -8,7 +8,8 @@ Invariants beyond those of one file (I1-I7):
   valid layer whose uuid is the entry's;
 - T3 every snapshot's VM-state file has the size and CRC32C recorded;
 - T4 every file in the layer directory is reached from the top (a snapshot,
-  its VM state, or a member of a chain), and no `<top>.creating` is left
+  its VM state, a member of a chain, or the top's own twin: the same file
+  under `<top uuid>.lam`, F-TREE-003), and no `<top>.creating` is left
   beside the top.  What is left there by an interrupted operation (a
   snapshot create or delete, a clone, a new top a crash kept from its
   rename) is pending work, which a writable open removes: a note, not an
@@ -41,9 +42,11 @@ from .references import (
     check_identity,
     check_layer_file,
     image_of,
+    is_twin,
     layer_file_name,
     open_tree_file,
     resolve_base,
+    twin_of,
     vmstate_file_name,
 )
 from .replication import select_root
@@ -193,7 +196,7 @@ def layer_files(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
         while True:
             real = os.path.realpath(path)
             try:
-                walk.visit(real, path)
+                walk.visit(real, path, storage)
             except LaminaError as exc:
                 findings.append(Finding(CORRUPTION, "base-reference", str(exc)))
                 break
@@ -236,6 +239,9 @@ def referenced_names(top_path: str, storage: Storage, files: list[str]) -> set[s
     layer_dir = ImageContext.for_top(top_path).layer_dir
     names = {os.path.basename(f) for f in files if os.path.dirname(os.path.abspath(f)) == layer_dir}  # this image's own
     names |= {vmstate_file_name(e.layer_uuid) for e in top.snapshots if e.vmstate_size}
+    twin = twin_of(top_path, top)
+    if is_twin(storage, top_path, twin):  # F-TREE-003: the top's own second name
+        names.add(os.path.basename(twin))
     return names
 
 

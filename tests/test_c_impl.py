@@ -226,13 +226,18 @@ def build_base_shrunk(d: Path) -> tuple[str, str]:
     return "top.lam", "top.lam"
 
 
+def frozen_layers(d: Path, top: str = "disk.lam"):
+    """The frozen layers of `top`: the files of its layer directory but the top's own twin (F-TREE-003)."""
+    return (p for p in (d / f"{top}.layers").glob("*.lam") if not os.path.samefile(p, d / top))
+
+
 def build_layer_directory(d: Path) -> tuple[str, str]:
     """T4: every kind of stray file a layer directory can hold, and a <top>.creating."""
     with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
         img.write(0, pattern(100, 64 * KiB))
     assert lamina("snapshot", "create", "disk.lam", "s1", cwd=d)[0] == 0
     layers = d / "disk.lam.layers"
-    frozen = next(layers.glob("*.lam"))
+    frozen = next(frozen_layers(d))
     (layers / "junk").write_bytes(b"junk")
     shutil.copyfile(frozen, layers / ("0" * 31 + "1.lam"))  # named as a layer it is not
     (layers / ("1" * 32 + ".lam")).symlink_to(frozen.name)
@@ -403,7 +408,7 @@ def build_layers_swapped(d: Path) -> tuple[str, str]:
     with Image.open(str(d / "disk.lam")) as img:
         img.write(0, pattern(151, 512))
     assert lamina("snapshot", "create", "disk.lam", "s2", cwd=d)[0] == 0
-    first, second = sorted((d / "disk.lam.layers").glob("*.lam"))
+    first, second = sorted(frozen_layers(d))
     a, b = first.read_bytes(), second.read_bytes()
     first.write_bytes(b)
     second.write_bytes(a)
@@ -421,6 +426,28 @@ def build_raw_base_odd(d: Path) -> tuple[str, str]:
     set_root_field(buf, 120, 8, MiB - 100)   # base_size
     set_root_field(buf, 3988, 8, MiB - 100)  # base_visible
     (d / "disk.lam").write_bytes(bytes(buf))
+    return "disk.lam", "disk.lam"
+
+
+def build_twin_copied(d: Path) -> tuple[str, str]:
+    """F-TREE-003: the top's twin replaced by a copy (a replica without -H): an orphan by identity in both."""
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(170, 8192))
+    twin, = (p for p in (d / "disk.lam.layers").glob("*.lam") if os.path.samefile(p, d / "disk.lam"))
+    twin.unlink()
+    shutil.copyfile(d / "disk.lam", twin)
+    return "disk.lam", "disk.lam"
+
+
+def build_entry_naming_the_top(d: Path) -> tuple[str, str]:
+    """F-ROOT-007: a snapshot entry whose layer_uuid is the root's own image_uuid makes the copy invalid."""
+    from lamina.spec.structures import make_snapshot_entry
+
+    with Image.create(str(d / "disk.lam"), MiB, cluster_size=4096) as img:
+        img.write(0, pattern(171, 4096))
+        entry = make_snapshot_entry("me", id=1, layer_uuid=img.root.image_uuid, creation_time_ns=0, vm_clock_ns=0,
+                                    disk_size=MiB, vmstate_size=0, vmstate_crc=0)
+        img.set_root(snapshots=(entry,), next_snapshot_id=2)
     return "disk.lam", "disk.lam"
 
 
@@ -442,6 +469,8 @@ FORGED_CASES = [
     Case("base-moved-on", build_overlay(base_generation_moved(False))),
     Case("vmstate-damaged", build_vmstate_damaged),
     Case("layers-swapped", build_layers_swapped),
+    Case("twin-copied", build_twin_copied),
+    Case("entry-naming-the-top", build_entry_naming_the_top),
     Case("raw-base-of-odd-length", build_raw_base_odd),
     Case("base-loop", build_base_loop),
 ]
@@ -743,7 +772,7 @@ def test_hostile_images_agree_with_reference(binaries: dict[str, Path], tmp_path
     for n in range(16):
         d = tmp_path / f"m{n}"
         shutil.copytree(seed, d)
-        target = rng.choice([d / "disk.lam", d / "b.lam", *sorted((d / "disk.lam.layers").glob("*.lam"))])
+        target = rng.choice([d / "disk.lam", d / "b.lam", *sorted(frozen_layers(d))])
         buf = bytearray(target.read_bytes())
         mutate(buf, rng)
         target.write_bytes(bytes(buf))

@@ -8,6 +8,7 @@ that the user sees one line `lamina: ...` and no traceback.
 from __future__ import annotations
 
 import os
+import shutil
 import resource
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def test_a_symlinked_layer_directory_of_an_image_without_snapshots_is_reported_a
     (victim / ("ab" * 16 + ".lam")).write_bytes(b"named like an orphan layer")
     image = str(tmp_path / "d.lam")
     Image.create(image, MiB, 4096).close()
+    shutil.rmtree(image + ".layers")  # the twin's directory (F-TREE-003) replaced by a link to another
     os.symlink(victim, image + ".layers")
     with Image.open(image) as top:  # writable: orphan collection runs
         top.write(0, b"x" * 512)
