@@ -343,6 +343,7 @@ def _build(storage: Storage, target: str, reader: StreamReader, old: Root | None
         if not storage.exists(target) if old is None else layers._is_top(storage, target, old.image_uuid):
             layers._remove(storage, made)
         raise
+    layers.link_twin(storage, target, new_top)  # after the switch, as every new top (F-TREE-003)
     return entry.text_name
 
 
