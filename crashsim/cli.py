@@ -408,9 +408,11 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         else:
             print(f"FAIL: {message}" if message else f"ok: the checker passes on the state of {plan.to_string()}")
         return 1 if message else 0
-    with open_executor(args.executor, args.jobs) as executor:
+    from lamina.impl.progress import Progress
+
+    with open_executor(args.executor, args.jobs) as executor, Progress(True, "exploring", unit=" states") as bar:
         results = explore_trace("program", trace.base, trace.ops, models, budget, args.seed, check, context,
-                                executor=executor)
+                                executor=executor, progress=bar.update)
     return _print_trace_results(args, budget, results, {}, time.perf_counter() - started)
 
 

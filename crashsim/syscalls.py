@@ -669,13 +669,14 @@ Checker = Callable[[str, int], "str | None"]
 def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequence[str], budget: Budget, seed: int,
                   checker: Checker, context: Callable[[int], object] = lambda crash: None,
                   stop_at_first: bool = False, variant: str | None = None,
-                  executor: Executor | None = None) -> list[TraceResult]:
+                  executor: Executor | None = None, progress: Callable[[int], None] = lambda n: None) -> list[TraceResult]:
     """Check every crash state the explorer yields under each model; a directory seen before reuses its verdict.
 
     `context(crash)` names what a verdict depends on besides the directory
     (for a Lamina workload: which steps had returned).  With an `executor`
     (and without `stop_at_first`) the checks run there in slices, with the
-    same results (`spreadtrace`).
+    same results (`spreadtrace`).  `progress(n)` counts states as they are
+    judged (in-process only).
     """
     if executor is not None and not stop_at_first:
         from .spreadtrace import explore_trace_on
@@ -694,6 +695,7 @@ def explore_trace(name: str, base: DiskState, ops: Sequence[Op], models: Sequenc
                                                                        verdicts, context, checker):
                 result.states += 1
                 result.checked += fresh
+                progress(1)
                 if verdict is not None:
                     plan = Plan(name, model.name, seed, crash, tuple(sorted(outcomes.items())), variant=variant,
                                 pending=tuple(pending_at(barriers, crash)))

@@ -14,10 +14,10 @@ from lamina.impl.cli import main
 LAMINA = [sys.executable, "-m", "lamina.impl.cli"]
 
 
-def on_terminal(args: list[str], cwd) -> tuple[int, str]:
+def on_terminal(args: list[str], cwd, command: list[str] = LAMINA) -> tuple[int, str]:
     """Run `lamina ARGS` with stderr on a pseudo-terminal; return its exit code and what it drew there."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(LAMINA + args, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+    proc = subprocess.Popen(command + args, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     out = b""
     while True:
@@ -81,3 +81,16 @@ def test_progress_is_drawn_on_a_terminal_only(images, name):
     assert piped(again("out2.lam"), images) == (code, "")  # no terminal: nothing extra on stderr
     assert on_terminal([a for a in again("out3.lam") if a != "-p"], images) == (code, "")  # no -p
     assert on_terminal(again("out4.lam") + ["-q"], images) == (code, "")  # -q
+
+
+@pytest.mark.skipif(not __import__("shutil").which("strace"), reason="needs strace (Debian package strace)")
+def test_crash_exploration_draws_a_bar_on_a_terminal_only(tmp_path):
+    crashsim = [sys.executable, "-m", "lamina.crashsim.cli"]
+    os.mkdir(tmp_path / "init")
+    subprocess.run(crashsim + ["record", "--dir", "run", "--init", "init", "--out", "p.trace", "--", "sh", "-c",
+                               "echo hello > f && sync"], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    explore = ["explore", "p.trace", "--check", "test -d {dir}", "--model", "strict"]
+    code, drawn = on_terminal(explore, tmp_path, crashsim)
+    assert code == 0 and "exploring" in drawn and "states/s" in drawn
+    done = subprocess.run(crashsim + explore, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "exploring" not in done.stderr
