@@ -199,6 +199,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(error_line(exc), file=sys.stderr)
         return EXIT_COMPARE_ERROR
     if args.output == "json":
+        import json
+
         print(json.dumps(verdict.to_json(), indent=4))
     elif not args.quiet:
         print("\n".join(verdict.lines()))
@@ -491,6 +493,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.name not in SCHEMAS:
         raise InvalidArgument(f"no JSON schema named {args.name!r}; `lamina schema` lists them")
+    import json
+
     print(json.dumps(SCHEMAS[args.name], indent=4))
     return EXIT_OK
 

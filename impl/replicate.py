@@ -363,7 +363,7 @@ def repair_data_from(top: str, replica: str, storage: Storage | None = None) -> 
     """F-SEND-007: rewrite every data cluster of `top`'s tree that fails its CRC32C from `replica`.
 
     A cluster of layer (uuid, data generation) is repaired from the replica's
-    layer of that identity (F-SEND-006: it reads the same): its present
+    layer of that identity (which reads the same, by F-SEND-006): its present
     sectors take the bytes the replica's layer reads there, and only if the
     cluster then matches the checksum its own map recorded are they written,
     so a wrong or damaged replica can never make things worse.  Each rewrite

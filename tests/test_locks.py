@@ -17,6 +17,8 @@ from lamina.impl import layers
 from lamina.impl.cli import main
 from lamina.impl.image import Image
 from lamina.impl.osfile import OsStorage
+from lamina.spec.references import twin_of
+from lamina.spec.tree import root_of
 from lamina.spec.errors import ImageLocked, InvalidArgument
 
 from conftest import pattern
@@ -127,7 +129,8 @@ def test_two_processes_the_second_writer_gets_a_clear_error(image_path, holder):
                   else lamina("snapshot", "list", "-U", image_path))
         assert 0 == forced.returncode, (args, forced.stderr)
     assert 1 == lamina("snapshot", "create", image_path, "s").returncode
-    assert not os.path.exists(image_path + ".layers")  # refused before anything was made
+    # refused before anything was made: the layer directory holds the top's twin (F-TREE-003) and nothing else
+    assert os.listdir(image_path + ".layers") == [os.path.basename(twin_of(image_path, root_of(OsStorage(), image_path)))]
     assert "only for read-only" in lamina("io", "-U", image_path, "-c", "read 0 4k").stderr
 
 
