@@ -35,7 +35,7 @@ from lamina.impl.replicate import receive, send
 from lamina.impl.sizes import parse_size
 
 BLOCK = 4096
-RSYNC = ["rsync", "-a", "-S", "--no-whole-file", "--stats"]
+RSYNC = ["rsync", "-aH", "--no-whole-file", "--fuzzy", "-B", "4096", "--modify-window=-1", "--stats"]  # the README's
 
 
 def rsync_sent(src: str, dst: str) -> int:
