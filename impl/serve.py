@@ -56,8 +56,13 @@ def check_nbdkit() -> None:
 
 
 def server_env() -> dict[str, str]:
-    """nbdkit embeds the system Python: a virtual environment's Python variables must not reach it."""
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    """nbdkit embeds the system Python: a virtual environment must not reach it, neither by its variables nor
+    by PATH (the embedded interpreter looks `python3` up on PATH and, found in a venv's `bin`, adopts that venv),
+    so that it sees exactly its own packages and the `paths=` it is given, whatever shell started `lamina`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
+    entries = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(e for e in entries if not os.path.isfile(os.path.join(e, os.pardir, "pyvenv.cfg")))
+    return env
 
 
 def package_paths() -> list[str]:

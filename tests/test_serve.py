@@ -497,6 +497,18 @@ def test_a_server_python_that_cannot_import_lamina_is_named(tmp_path, image_path
 
     Image.create(image_path, 1 << 20).close()
     monkeypatch.setattr(serve_module, "package_paths", lambda: [])  # nbdkit's Python sees only its own packages
-    with pytest.raises(serve_module.ServerUnavailable, match="cannot import lamina"):
-        serve_module.serve(image_path, socket=str(tmp_path / "s"), announce=lambda line: None)
+    # ...even from a shell with the venv activated: its `bin` first on PATH (where the embedded Python looked up
+    # `python3` and adopted the venv, so the import succeeded and the server ran: a hang in CI)
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.setenv("VIRTUAL_ENV", sys.prefix)
+    import signal
+    import threading
+
+    watchdog = threading.Timer(60, os.kill, (os.getpid(), signal.SIGTERM))  # a server that did start: stop it, fail
+    watchdog.start()
+    try:
+        with pytest.raises(serve_module.ServerUnavailable, match="cannot import lamina"):
+            serve_module.serve(image_path, socket=str(tmp_path / "s"), announce=lambda line: None)
+    finally:
+        watchdog.cancel()
     Image.open(image_path).close()  # nothing holds the lock
