@@ -13,6 +13,7 @@ format document, section "Layers"):
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 import os
@@ -851,6 +852,23 @@ def _compare_by_reading(a: Image, b: Image, size: int) -> Iterator[tuple[int, in
         db = b.read(pos, min(n, max(0, b.virtual_size - pos))).ljust(n, b"\0")
         if da != db:
             yield pos, pos + n
+
+
+def gaps(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) outside the sorted, disjoint [lo, hi) `ranges` (found by bisection)."""
+    out = []
+    pos = start
+    for lo, hi in ranges[max(0, bisect.bisect_right(ranges, (start, start)) - 1):]:
+        if lo >= end:
+            break
+        if hi <= pos:
+            continue
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < end:
+        out.append((pos, end))
+    return out
 
 
 def _merge(ranges) -> Iterator[tuple[int, int]]:

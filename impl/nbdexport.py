@@ -12,13 +12,12 @@ connection covers it.
 """
 from __future__ import annotations
 
-import bisect
 import errno
 
 from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 
 from .image import Image
-from .layers import open_target, parse_target
+from .layers import gaps, open_target, parse_target
 
 ZERO_CHUNK = 4 << 20  # bytes of zeros written at a time for a zero request that must not leave a hole
 
@@ -111,7 +110,7 @@ class Export:
         else:
             if self._ranges is None:
                 self._ranges = self.image.guest_data_ranges()
-            holes = _complement(self._ranges, offset, end)
+            holes = gaps(self._ranges, offset, end)
         out: list[tuple[int, int, bool]] = []
         pos = offset
         for lo, hi in holes:
@@ -126,20 +125,3 @@ class Export:
     def close(self) -> None:
         """Flush and close the image (its lock goes with it)."""
         self.image.close()
-
-
-def _complement(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    """The parts of [start, end) outside the sorted, disjoint `ranges`."""
-    out = []
-    pos = start
-    for lo, hi in ranges[max(0, bisect.bisect_right(ranges, (start, start)) - 1):]:
-        if lo >= end:
-            break
-        if hi <= pos:
-            continue
-        if lo > pos:
-            out.append((pos, lo))
-        pos = max(pos, hi)
-    if pos < end:
-        out.append((pos, end))
-    return out

@@ -15,6 +15,7 @@ from xml.sax.saxutils import escape, quoteattr
 from lamina.spec.layout import ROOT_SLOT_SIZE, root_copy_offset
 
 from .image import Image, MetadataRegion, RawBase
+from .layers import gaps
 from .sizes import format_size
 
 WIDTH, LEFT, BAR, GAP = 960, 10, 22, 44
@@ -64,22 +65,6 @@ def tree_dot(data: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- who serves what
-def _subtract(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """[lo, hi) ranges minus the merged, sorted `cut`."""
-    out = []
-    for lo, hi in ranges:
-        pos = lo
-        for a, b in cut:
-            if b <= pos or a >= hi:
-                continue
-            if a > pos:
-                out.append((pos, a))
-            pos = max(pos, b)
-        if pos < hi:
-            out.append((pos, hi))
-    return out
-
-
 def _intersect(ranges: list[tuple[int, int]], other: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(max(lo, a), min(hi, b)) for lo, hi in ranges for a, b in other if max(lo, a) < min(hi, b)]
 
@@ -97,7 +82,7 @@ def served_ranges(image: Image) -> list[tuple[int, int, int]]:
         out += [(lo, hi, depth) for lo, hi in mine]
         if isinstance(layer, RawBase):
             break
-        remaining = _intersect(_subtract(remaining, held), [(0, layer._base_limit())])
+        remaining = _intersect([g for lo, hi in remaining for g in gaps(held, lo, hi)], [(0, layer._base_limit())])
         if not remaining:
             break
     return sorted(out)

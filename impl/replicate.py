@@ -39,7 +39,7 @@ from lamina.spec.stream import (
 )
 from lamina.spec.structures import BASE_LAMINA, Root, next_counter
 from lamina.spec.check import check_region
-from lamina.spec.layout import CLUSTERS_PER_REGION, Geometry
+from lamina.spec.layout import CLUSTERS_PER_REGION, Geometry, allocated_regions
 from lamina.spec.protocol import cluster_crc, read_map_copies
 from lamina.spec.regionmap import RegionMap, bit_runs, zero_absent
 from lamina.spec.replication import select_map
@@ -304,7 +304,7 @@ def _build(storage: Storage, target: str, reader: StreamReader, old: Root | None
     vm_path = os.path.join(context.layer_dir, vmstate_file_name(begin.snapshot_uuid))
     made = [layer_path, layer_path + ".creating", vm_path, vm_path + ".creating"]
     root = Root(cluster_bits=begin.cluster_bits, virtual_size=begin.virtual_size, image_uuid=begin.snapshot_uuid,
-                data_generation=max(1, begin.snapshot_data_generation))
+                data_generation=begin.snapshot_data_generation)
     if not begin.full:
         root = attrs.evolve(root, base_kind=BASE_LAMINA, base_path=layer_file_name(begin.from_uuid),
                             base_uuid=begin.from_uuid, base_data_generation=begin.from_data_generation,
@@ -385,7 +385,7 @@ def repair_data_from(top: str, replica: str, storage: Storage | None = None) -> 
             try:
                 g = root.geometry
                 extents = sorted(file.data_extents())
-                for region in _regions_holding(g, extents) - set(root.intents):  # listed regions: not judged (F-CHECK-002)
+                for region in set(allocated_regions(extents, g)) - set(root.intents):  # listed regions: not judged (F-CHECK-002)
                     findings: list = []
                     check_region(file, g, root, region, extents, findings)
                     bad = [f for f in findings if f.kind == "data-checksum"]
@@ -396,16 +396,6 @@ def repair_data_from(top: str, replica: str, storage: Storage | None = None) -> 
             finally:
                 file.close()
     return results
-
-
-def _regions_holding(g: Geometry, extents: list[tuple[int, int]]) -> set[int]:
-    """The regions whose file bytes some data extent overlaps."""
-    out: set[int] = set()
-    for offset, length in extents:
-        first = max(0, (offset - g.first_region_offset) // g.region_stride)
-        last = min(g.num_regions - 1, (offset + length - 1 - g.first_region_offset) // g.region_stride)
-        out.update(range(first, last + 1))
-    return out
 
 
 def _repair_cluster(storage: Storage, file: File, path: str, g: Geometry, m: RegionMap, where: tuple[int, int],
