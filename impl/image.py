@@ -51,6 +51,9 @@ from lamina.spec.references import (
 from lamina.spec.structures import (BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, KNOWN_AUTOCLEAR_FEATURES, ROOT_MAGIC, Root, encode_root,
                                     next_counter)
 
+from lamina.spec.layout import CLUSTERS_PER_REGION
+from lamina.spec.store import SharedReferenceError, StoreView, open_store, uses_store
+
 from .identity import new_uuid
 from .osfile import OsStorage
 
@@ -138,6 +141,7 @@ class Image:
         self._storage = storage
         self.context = context
         self.base = base
+        self._store: StoreView | None = None  # the shared store, for a layer with `shared-clusters` (F-SHARE-003)
         self._maps: dict[int, RegionMap] = {}
         self._empty = RegionFlags()  # regions known to hold no sector here: a chain walk skips them unread
         self._span = self._geometry.region_span  # fixed: the cluster size of a layer never changes
@@ -232,7 +236,8 @@ class Image:
 
     @classmethod
     def _open_layer(cls, path: str, readonly: bool, storage: Storage, context: ImageContext, walk: ChainWalk,
-                    table: bool = True, lock: bool = True, force_share: bool = False) -> "Image":
+                    table: bool = True, lock: bool = True, force_share: bool = False,
+                    store_lock: bool = True) -> "Image":
         """One layer file, without its base, locked unless `lock` is false; a writable open recovers it (and the
         image's frozen layers) first.
 
@@ -240,6 +245,7 @@ class Image:
         """
         walk.visit(os.path.realpath(path), path, storage)
         file = open_tree_file(storage, path, not readonly, context)
+        image = None
         try:
             if lock:
                 file.lock(exclusive=not readonly)
@@ -254,8 +260,15 @@ class Image:
                     from .layers import recover_layers
 
                     recover_layers(path, storage)
-            return cls(path, file, root, best, not readonly, storage, context, None, force_share)
+            image = cls(path, file, root, best, not readonly, storage, context, None, force_share)
+            if uses_store(root):
+                image._store = open_store(root, context, storage, path)
+                if lock and store_lock:
+                    image._store.file.lock(exclusive=False)  # read, like a base (F-LOCK-001)
+            return image
         except BaseException:
+            if image is not None and image._store is not None:
+                image._store.close()
             file.close()
             raise
 
@@ -287,6 +300,9 @@ class Image:
         finally:
             self._file.close()
             self._file = None
+            if self._store is not None:
+                self._store.close()
+                self._store = None
             _close_chain(self.base)
 
     def __enter__(self) -> "Image":
@@ -377,7 +393,53 @@ class Image:
         data = self.file.pread(self._geometry.guest_to_file(pos), stop - pos)
         if len(data) < stop - pos:
             data = data.ljust(stop - pos, b"\0")
+        if m.shared_clusters():
+            data = self._with_shared(m, pos, stop, data)
         return data, runs
+
+    def _with_shared(self, m: RegionMap, pos: int, stop: int, data: bytes) -> bytes:
+        """F-SHARE-003: the bytes of shared clusters in [pos, stop) come from the store, at the same offsets."""
+        g = self._geometry
+        size, base = g.cluster_size, m.region * g.region_span
+        out = None
+        for c in range((pos - base) // size, (stop - 1 - base) // size + 1):
+            if not m.shared[c]:
+                continue
+            if self._store is None:
+                raise SharedReferenceError(f"{self.path}: cluster {m.region * CLUSTERS_PER_REGION + c} is shared but "
+                                           "the layer names no store")
+            held = self._store.cluster(m.shared[c] - 1, f"{self.path}: cluster {m.region * CLUSTERS_PER_REGION + c}: ")
+            lo, hi = max(pos, base + c * size), min(stop, base + (c + 1) * size)
+            out = out if out is not None else bytearray(data)
+            out[lo - pos : hi - pos] = held[lo - base - c * size : hi - base - c * size]
+        return bytes(out) if out is not None else data
+
+    def _unshare(self, pos: int, stop: int) -> None:
+        """Before a write into shared clusters of this layer (a merge into a frozen layer), copy their bytes home.
+
+        The present sectors of each shared cluster in [pos, stop) get the store's bytes at their local place, and
+        the working map drops the reference; the region is listed, so a crash before the map commit leaves the
+        reference, and recovery punches the local copy (F-SHARE-003).
+        """
+        g = self._geometry
+        region = pos // g.region_span
+        m = self._map(region, for_write=True)
+        if m is None or not m.shared_clusters():
+            return
+        size, base = g.cluster_size, region * g.region_span
+        for c in range((pos - base) // size, (stop - 1 - base) // size + 1):
+            if not m.shared[c]:
+                continue
+            assert self._store is not None
+            held = self._store.cluster(m.shared[c] - 1, f"{self.path}: cluster {region * CLUSTERS_PER_REGION + c}: ")
+            offset = g.region_data_offset(region) + c * size
+            for first, count, present in bit_runs(m.cluster_mask(c), g.sectors_per_cluster):
+                if present:
+                    self.file.pwrite(offset + first * SECTOR_SIZE, held[first * SECTOR_SIZE : (first + count) * SECTOR_SIZE])
+            m.shared[c] = 0
+            self._unsynced = True
+            self._fresh.add(region)
+            self._dirty.setdefault(region, set()).add(c)
 
     def _lacks(self, lo: int, hi: int, region: int) -> bool:
         """Whether the loaded map of `region` has no sector in any cluster [lo, hi) meets (False when not loaded).
@@ -466,7 +528,10 @@ class Image:
             data_offset = g.region_data_offset(region)
             for c in clusters:
                 mask = m.cluster_mask(c)
-                if mask:
+                if mask and m.shared[c] and self._store is not None:  # its bytes are the store's (F-SHARE-003)
+                    data = self._store.cluster(m.shared[c] - 1, f"{self.path}: ")
+                    m.data_crcs[c] = cluster_crc(zero_absent(data, mask, spc), mask)
+                elif mask:
                     data = self.file.pread(data_offset + c * size, size)
                     m.data_crcs[c] = cluster_crc(zero_absent(data.ljust(size, b"\0"), mask, spc), mask)
                 else:
@@ -843,10 +908,18 @@ class Image:
             self._fresh.add(region)  # its map must be committed at the next flush
         self._last_written[region] = self._flushes
         clusters = self._dirty.setdefault(region, set())
-        clusters.update(range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1))
+        touched = range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1)
+        clusters.update(touched)
+        if not present and m.shared_clusters():
+            for c in touched:  # a shared cluster left with no present sector references nothing (F-SHARE-002)
+                if m.shared[c] and not m.cluster_mask(c):
+                    m.shared[c] = 0
+                    self._fresh.add(region)
 
     @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
+        if self._store is not None:
+            self._unshare(pos, pos + len(data))
         self.file.pwrite(self.geometry.guest_to_file(pos), data)
         self._unsynced = True
         self._mark(pos, pos + len(data), True)
@@ -854,6 +927,8 @@ class Image:
     @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:
         """Punch the bytes; over a base the sectors stay present (as holes) so the base does not show through."""
+        if self._store is not None:
+            self._unshare(pos, stop)
         self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
         self._unsynced = True
         self._mark(pos, stop, self.base is not None)

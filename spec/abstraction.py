@@ -20,10 +20,14 @@ from .protocol import read_map_copies, read_root_copies
 from .regionmap import RegionMap
 from .replication import select_map, select_root
 from .storage import File
+from .store import SharedReferenceError, StoreView, open_store, uses_store
 
 
-def abstract_image(file: File, base: Disk | None = None) -> Disk:
-    """The guest-visible disk a layer file denotes over the disk its base denotes (F-MEAN-002)."""
+def abstract_image(file: File, base: Disk | None = None, store: StoreView | None = None) -> Disk:
+    """The guest-visible disk a layer file denotes over the disk its base denotes (F-MEAN-002).
+
+    A present sector of a shared cluster reads the store cluster's bytes at the same offset (F-SHARE-003).
+    """
     root = select_root(read_root_copies(file)).current()
     g = root.geometry
     sectors: dict[int, bytes] = {}
@@ -43,7 +47,12 @@ def abstract_image(file: File, base: Disk | None = None) -> Disk:
             if not mask:
                 continue
             cluster = region * CLUSTERS_PER_REGION + c
-            data = file.pread(g.cluster_file_offset(cluster), g.cluster_size).ljust(g.cluster_size, b"\0")
+            if m.shared[c]:
+                if store is None:
+                    raise SharedReferenceError(f"cluster {cluster} is shared but the layer names no store")
+                data = store.cluster(m.shared[c] - 1, f"cluster {cluster}: ")
+            else:
+                data = file.pread(g.cluster_file_offset(cluster), g.cluster_size).ljust(g.cluster_size, b"\0")
             for k in range(g.sectors_per_cluster):
                 sector = cluster * g.sectors_per_cluster + k
                 chunk = data[k * SECTOR_SIZE : (k + 1) * SECTOR_SIZE]
@@ -63,6 +72,7 @@ def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: Cha
     """
     walk = walk or ChainWalk()
     files: list[File] = []
+    stores: list[StoreView | None] = []
     base: Disk | None = None
     try:
         while True:
@@ -70,6 +80,7 @@ def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: Cha
             file = open_tree_file(storage, path, False, context)  # the guarded open (F-OPEN-001)
             files.append(file)
             root = select_root(read_root_copies(file)).current()
+            stores.append(open_store(root, context, storage, path) if uses_store(root) else None)
             found = resolve_base(root, context, path, storage)
             if found is None:
                 break
@@ -82,9 +93,12 @@ def abstract_layer(path: str, storage: Storage, context: ImageContext, walk: Cha
                     raw.close()
                 break
             path, context = found.path, found.context
-        for file in reversed(files[1:]):
-            base = abstract_image(file, base)
-        return abstract_image(files[0], base)
+        for file, store in reversed(list(zip(files[1:], stores[1:]))):
+            base = abstract_image(file, base, store)
+        return abstract_image(files[0], base, stores[0])
     finally:
         for file in files:
             file.close()
+        for store in stores:
+            if store is not None:
+                store.close()

@@ -43,6 +43,7 @@ from .replication import select_map, select_root
 from .storage import File
 from .references import LAYER_NAME
 from .structures import BASE_NONE, FLAG_COMMITTING, Root, encode_root
+from .store import SharedReferenceError, StoreView, uses_store
 from .zeros import is_zero
 
 CORRUPTION = "corruption"
@@ -81,6 +82,8 @@ FINDING_KINDS: tuple[tuple[str, str, str], ...] = (
     ("map-invariant", CORRUPTION, "a map of a region not in the intent list marks sectors past the virtual size"),
     ("unflushed-bytes", PENDING, "absent sectors of a region in the intent list hold bytes (an unflushed write)"),
     ("data-checksum", CORRUPTION, "a data cluster of a region not in the intent list fails its CRC32C"),
+    ("shared-reference", CORRUPTION, "a reference into the shared store cannot be followed: no store, another "
+                                     "store, a cluster past its end or free (F-SHARE-004)"),
     ("snapshot-layer", CORRUPTION, "a snapshot's layer file is missing, invalid or another layer (T2)"),
     ("vmstate", CORRUPTION, "a snapshot's VM state is missing or fails its size or CRC32C (T3)"),
     ("base-reference", PENDING, "a layer marked committing finds its base written by that commit (T1)"),
@@ -189,8 +192,11 @@ def check_root(file: File, findings: list[Finding]) -> Root:
 
 
 def check_region(file: File, geometry: Geometry, root: Root, region: int, extents: list[tuple[int, int]],
-                 findings: list[Finding]) -> int:
-    """I3-I6 for one region; returns the number of data clusters verified."""
+                 findings: list[Finding], store: "StoreView | SharedReferenceError | None" = None) -> int:
+    """I3-I6 for one region; returns the number of data clusters verified.
+
+    A shared cluster (F-SHARE-004) is judged by the store's bytes (I5), and its local place must be a hole (I6).
+    """
     pending = region in root.intents
     span = (region * geometry.region_span, min(geometry.region_span, geometry.virtual_size - region * geometry.region_span))
     try:
@@ -206,8 +212,8 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)
     size, spc, virtual_size = geometry.cluster_size, geometry.sectors_per_cluster, geometry.virtual_size
     for slot in (0, 1):
-        pad = geometry.map_copy_offset(region, slot) + geometry.map_used_length
-        tail = size - geometry.map_used_length
+        pad = geometry.map_copy_offset(region, slot) + geometry.map_read_length
+        tail = size - geometry.map_read_length
         if not is_zero(file.pread(pad, tail)):
             findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes after map copy {'AB'[slot]} of region {region} at file offset {pad}",
                                     ("punch", pad, tail)))
@@ -227,6 +233,37 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
                                     f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"
                                     + ("; recovery drops them" if pending else "")))
             mask &= (1 << inside) - 1
+        if m.shared[c]:
+            length = min(size, virtual_size - guest) if guest < virtual_size else size
+            if overlaps(extents, offset, size) and not is_zero(file.pread(offset, size)):
+                findings.append(Finding(PENDING, "unflushed-bytes", f"shared cluster {cluster} still holds its local bytes; "
+                                        "recovery punches them") if pending else
+                                Finding(LEAK, "leaked-bytes", f"non-zero bytes at the local place of shared cluster {cluster} "
+                                        f"(file offset {offset})", ("punch", offset, size), (guest, length)))
+            if not mask:
+                if not pending:
+                    findings.append(Finding(CORRUPTION, "shared-reference", f"cluster {cluster} has no present sector but "
+                                            f"references store cluster {m.shared[c] - 1}", None, (guest, length)))
+                continue
+            if isinstance(store, SharedReferenceError) or store is None:
+                why = str(store) if store is not None else "the layer names no store"
+                findings.append(Finding(CORRUPTION, "shared-reference", f"guest range [{guest}, {guest + length}) "
+                                        f"(cluster {cluster}) is shared, but {why}", None, (guest, length)))
+                continue
+            try:
+                data = store.cluster(m.shared[c] - 1, f"guest range [{guest}, {guest + length}) (cluster {cluster}): ")
+            except FormatError as exc:
+                findings.append(Finding(CORRUPTION, "shared-reference", str(exc), None, (guest, length)))
+                continue
+            if pending:
+                continue
+            verified += 1
+            if cluster_crc(zero_absent(data, mask, spc), mask) != m.data_crcs[c]:
+                findings.append(Finding(CORRUPTION, "data-checksum",
+                                        f"data of guest range [{guest}, {guest + length}) (cluster {cluster}, shared: "
+                                        f"store cluster {m.shared[c] - 1} of {store.path}) does not match its CRC32C",
+                                        None, (guest, length)))
+            continue
         if not mask and not m.data_crcs[c] and not overlaps(extents, offset, size):
             continue
         data = file.pread(offset, size)
@@ -256,10 +293,12 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     return verified
 
 
-def check_image(file: File, progress: Callable[[float], None] | None = None) -> CheckReport:
+def check_image(file: File, progress: Callable[[float], None] | None = None,
+                store: "Callable[[Root], StoreView] | None" = None) -> CheckReport:
     """Judge an image against the invariants I1-I7; never raises for a damaged image.
 
-    `progress`, if given, is told the fraction of regions checked (a progress bar).
+    `progress`, if given, is told the fraction of regions checked (a progress bar).  `store`, for a layer
+    whose root sets `shared-clusters`, opens the store its references lead to (F-SHARE-004).
     """
     findings: list[Finding] = []
     try:
@@ -281,8 +320,20 @@ def check_image(file: File, progress: Callable[[float], None] | None = None) -> 
     _check_root_padding(file, root, extents, findings)
     regions = set(allocated_regions(extents, geometry)) | set(root.intents)
     clusters = 0
-    for i, region in enumerate(sorted(regions)):
-        clusters += check_region(file, geometry, root, region, extents, findings)
-        if progress:
-            progress((i + 1) / len(regions))
+    view: StoreView | SharedReferenceError | None = None
+    if uses_store(root):
+        try:
+            if store is None:
+                raise SharedReferenceError("no store was given to check against")
+            view = store(root)
+        except (FormatError, OSError) as exc:
+            view = SharedReferenceError(str(exc))
+    try:
+        for i, region in enumerate(sorted(regions)):
+            clusters += check_region(file, geometry, root, region, extents, findings, view)
+            if progress:
+                progress((i + 1) / len(regions))
+    finally:
+        if isinstance(view, StoreView):
+            view.close()
     return CheckReport(tuple(findings), root, len(regions), clusters)

@@ -48,6 +48,7 @@ MAX_COUNTER = (1 << 63) - 1  # (= 9223372036854775807)
 MAP_HEADER_SIZE = 64
 MAP_CRCS_OFFSET = MAP_HEADER_SIZE  # (= 64)
 MAP_BITMAP_OFFSET = MAP_CRCS_OFFSET + 4 * CLUSTERS_PER_REGION  # (= 576)
+SHARED_TABLE_SIZE = 8 * CLUSTERS_PER_REGION  # (= 1024) a map copy's table of references into the shared store
 ZERO_SECTOR = bytes(SECTOR_SIZE)
 
 
@@ -90,6 +91,7 @@ class Geometry:
 
     cluster_bits: int
     virtual_size: int
+    shared: bool = False  # the root sets `shared-clusters`: a map copy may carry a table of shared references
 
     @functools.cached_property
     def cluster_size(self) -> int:
@@ -137,6 +139,11 @@ class Geometry:
         """Bytes of a map copy that carry meaning; the rest of its cluster stays a hole."""
         return MAP_BITMAP_OFFSET + self.map_bitmap_size
 
+    @functools.cached_property
+    def map_read_length(self) -> int:
+        """Bytes a reader reads of a map copy: the used length, plus the shared table a copy may carry (F-SHARE-002)."""
+        return self.map_used_length + (SHARED_TABLE_SIZE if self.shared else 0)
+
     def region_offset(self, region: RegionIndex) -> FileOffset:
         return FileOffset(self.first_region_offset + region * self.region_stride)
 
@@ -167,7 +174,7 @@ class Geometry:
         return root_copy_offset(slot)
 
     def with_virtual_size(self, virtual_size: int) -> "Geometry":
-        return Geometry(self.cluster_bits, virtual_size)
+        return Geometry(self.cluster_bits, virtual_size, self.shared)
 
 
 def overlaps(extents: list[tuple[int, int]], offset: int, length: int) -> bool:

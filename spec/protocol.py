@@ -58,7 +58,7 @@ def read_root_copies(file: File) -> list[bytes]:
 
 
 def read_map_copies(file: File, geometry: Geometry, region: int) -> list[bytes]:
-    return [file.pread(geometry.map_copy_offset(region, slot), geometry.map_used_length) for slot in (0, 1)]
+    return [file.pread(geometry.map_copy_offset(region, slot), geometry.map_read_length) for slot in (0, 1)]
 
 
 def write_root(file: File, root: Root, best_slot: int, unsynced: bool) -> int:
@@ -128,6 +128,15 @@ def reconcile_region(file: File, geometry: Geometry, m: RegionMap, extents: list
         mask = m.cluster_mask(c) & ((1 << sectors_inside) - 1)
         m.set_cluster_mask(c, mask)
         offset = geometry.cluster_file_offset(first_cluster + c)
+        if m.shared[c]:
+            # F-SHARE-003: the bytes are the store's, frozen and durable before the reference was: the checksum
+            # stands; the local place is a hole (a crash between a dedup's map commit and its punch left it not).
+            if overlaps(extents, offset, size):
+                file.punch_hole(offset, size)
+            if not mask:
+                m.shared[c] = 0
+                m.data_crcs[c] = 0
+            continue
         if not mask and not overlaps(extents, offset, size):
             m.data_crcs[c] = 0
             continue

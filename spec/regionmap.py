@@ -27,6 +27,8 @@ class RegionMap:
     present: bytearray  # one bit per guest sector of the region, LSB first
     best_slot: int  # the slot holding the durable current copy; written second
     sectors_per_cluster: int
+    # per data cluster: 0 when its bytes are local, else 1 + the store cluster holding them (F-SHARE-002)
+    shared: array = attrs.field(factory=lambda: array("Q", [0] * CLUSTERS_PER_REGION))
 
     @classmethod
     def empty(cls, geometry: Geometry, region: int) -> "RegionMap":
@@ -37,12 +39,18 @@ class RegionMap:
     def from_copy(cls, copy: MapCopy | None, geometry: Geometry, region: int, slot: int) -> "RegionMap":
         if copy is None:
             return cls.empty(geometry, region)
+        shared = array("Q", copy.shared) if copy.shared else array("Q", [0] * CLUSTERS_PER_REGION)
         return cls(region, copy.generation, array("I", copy.data_crcs), bytearray(copy.present), slot,
-                   geometry.sectors_per_cluster)
+                   geometry.sectors_per_cluster, shared)
 
     def to_copy(self, slot: int, image_uuid: bytes) -> MapCopy:
         return MapCopy(region=self.region, slot=slot, generation=self.generation, image_uuid=image_uuid,
-                       data_crcs=tuple(self.data_crcs), present=bytes(self.present))
+                       data_crcs=tuple(self.data_crcs), present=bytes(self.present),
+                       shared=tuple(self.shared) if any(self.shared) else ())
+
+    def shared_clusters(self) -> list[int]:
+        """The data clusters (0-127) whose bytes live in the shared store, ascending."""
+        return [c for c, s in enumerate(self.shared) if s] if any(self.shared) else []
 
     def cluster_mask(self, cluster: int) -> int:
         """Presence bits of one data cluster of the region (bit j = sector j of the cluster)."""

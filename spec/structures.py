@@ -33,6 +33,7 @@ from .layout import (
     MIN_CLUSTER_BITS,
     ROOT_SIZE,
     SECTOR_SIZE,
+    SHARED_TABLE_SIZE,
     Geometry,
 )
 
@@ -41,10 +42,12 @@ MAP_MAGIC = b"\x8aLAMMAP\n"
 ROOT_CRC_OFFSET = ROOT_SIZE - 4  # (= 4092)
 MAP_CRC_OFFSET = MAP_HEADER_SIZE - 4  # (= 60)
 
-# Feature bits as data.  v1 defines none; a reader refuses an image with an
-# incompatible bit it does not know, ignores unknown compatible bits, and a
-# writer clears unknown auto-clear bits.
-KNOWN_INCOMPATIBLE_FEATURES: dict[int, str] = {}
+# Feature bits as data.  A reader refuses an image with an incompatible bit it
+# does not know, ignores unknown compatible bits, and a writer clears unknown
+# auto-clear bits.  The one bit defined: `shared-clusters` (FORMAT.md section 13),
+# a frozen layer whose maps reference clusters of the directory's shared store.
+FEATURE_SHARED_CLUSTERS = 1 << 0
+KNOWN_INCOMPATIBLE_FEATURES: dict[int, str] = {FEATURE_SHARED_CLUSTERS: "shared-clusters"}
 KNOWN_COMPATIBLE_FEATURES: dict[int, str] = {}
 KNOWN_AUTOCLEAR_FEATURES: dict[int, str] = {}
 
@@ -63,7 +66,9 @@ def _zero(value: bytes) -> bool:
 BASE_NONE, BASE_RAW, BASE_LAMINA = 0, 1, 2
 FLAG_COMMITTING = 1  # a `commit` into the base is in progress; recovery finishes it
 KNOWN_FLAGS = FLAG_COMMITTING
-ROOT_RESERVED_TAIL = ROOT_CRC_OFFSET - 3996  # (= 96)
+ROOT_RESERVED_TAIL = ROOT_CRC_OFFSET - 4012  # (= 80)
+MAP_FLAG_SHARED_TABLE = 1  # a map copy's `flags` bit 0: the copy carries the shared table after its bitmap
+MAP_RESERVED_OFFSET = 44
 
 
 COUNTER_RULE = "1 to 2^63 - 1 (`MAX_COUNTER`)"
@@ -221,7 +226,11 @@ class Root:
     base_visible: int = field(3988, "u64", "the base shows through only below this guest offset; a shrink lowers it, "
                               "so a later grow reads zeros", constraint="at most `virtual_size` and `base_size`; 0 without a base",
                               default=0)
-    reserved: bytes = field(3996, "bytes", "reserved", size=ROOT_RESERVED_TAIL, constraint="all zero", valid=_zero,
+    store_uuid: bytes = field(3996, "bytes", "`image_uuid` of the shared store `lamina-store.lam` this layer's maps "
+                              "reference (F-SHARE-001)", size=16,
+                              constraint="not all zero exactly when `incompatible_features` sets `shared-clusters`",
+                              default=bytes(16))
+    reserved: bytes = field(4012, "bytes", "reserved", size=ROOT_RESERVED_TAIL, constraint="all zero", valid=_zero,
                             default=bytes(ROOT_RESERVED_TAIL))
     crc: int = field(ROOT_CRC_OFFSET, "u32", "CRC32C of the `root_length` bytes with this field as zero",
                      constraint="matches", default=0)
@@ -231,7 +240,7 @@ class Root:
     @functools.cached_property
     def geometry(self) -> Geometry:
         """Made once per root (cached; the root stays frozen), so its own cached sizes are kept too."""
-        return Geometry(self.cluster_bits, self.virtual_size)
+        return Geometry(self.cluster_bits, self.virtual_size, bool(self.incompatible_features & FEATURE_SHARED_CLUSTERS))
 
     def same_content(self, other: "Root") -> bool:
         """Whether two copies carry the same version (they differ only in slot and CRC)."""
@@ -337,6 +346,8 @@ def _decode_root(data: bytes, slot: int | None = None, table: bool = True) -> Ro
         raise FieldOutOfRange(f"{where}base_uuid and base_data_generation must be zero unless the base is a Lamina layer")
     if kind == BASE_NONE and (values["base_size"] or values["base_visible"]):
         raise FieldOutOfRange(f"{where}base_size and base_visible must be zero without a base")
+    if bool(incompat & FEATURE_SHARED_CLUSTERS) != any(values["store_uuid"]):
+        raise FieldOutOfRange(f"{where}store_uuid must be set exactly when the shared-clusters feature is")
     if values["base_visible"] > min(values["base_size"], values["virtual_size"]):
         raise FieldOutOfRange(f"{where}base_visible {values['base_visible']} is past the base size or the virtual size")
     raw_path = data[ROOT_SIZE : ROOT_SIZE + path_length]
@@ -389,8 +400,11 @@ class MapCopy:
                             constraint=COUNTER_RULE, valid=_counter, default=1)
     image_uuid: bytes = field(24, "bytes", "the root's `image_uuid`", size=16,
                               constraint="equals the root's", default=bytes(16))
-    reserved: bytes = field(40, "bytes", "reserved", size=MAP_CRC_OFFSET - 40, constraint="all zero",
-                            valid=_zero, default=bytes(MAP_CRC_OFFSET - 40))
+    flags: int = field(40, "u32", "bit 0: the copy carries the `shared` table after `present` (F-SHARE-002)",
+                       constraint="no unknown bit; bit 0 only when the root sets `shared-clusters`",
+                       valid=lambda v: not v & ~MAP_FLAG_SHARED_TABLE, default=0)
+    reserved: bytes = field(MAP_RESERVED_OFFSET, "bytes", "reserved", size=MAP_CRC_OFFSET - MAP_RESERVED_OFFSET,
+                            constraint="all zero", valid=_zero, default=bytes(MAP_CRC_OFFSET - MAP_RESERVED_OFFSET))
     crc: int = field(MAP_CRC_OFFSET, "u32", "CRC32C of the used length with this field as zero",
                      constraint="matches", default=0)
     data_crcs: tuple[int, ...] = field(MAP_CRCS_OFFSET, f"u32[{CLUSTERS_PER_REGION}]",
@@ -401,14 +415,33 @@ class MapCopy:
                            "presence bitmap: bit k (LSB first) set when guest sector k of the region is present",
                            constraint="cluster_size / 32 bytes; bits past the virtual size zero",
                            default=b"")
+    # tail, after `present`, only when `flags` bit 0 is set: u64[128], store cluster index + 1 per data cluster (0: local)
+    shared: tuple[int, ...] = ()
+
+
+MAP_TAIL = [
+    ("shared", "576 + cluster_size / 32", "1024 when `flags` bit 0 is set, else 0",
+     "u64[128]: for data cluster c, 0 when its bytes are local, else 1 + the index of the store cluster that holds "
+     "them (F-SHARE-002)"),
+]
+
+
+def map_used_length_of(copy_flags: int, geometry: Geometry) -> int:
+    """The used length of a map copy: the fixed part and bitmap, plus the shared table when its flag is set."""
+    return geometry.map_used_length + (SHARED_TABLE_SIZE if copy_flags & MAP_FLAG_SHARED_TABLE else 0)
 
 
 def encode_map_copy(copy: MapCopy, geometry: Geometry) -> bytes:
     """The used bytes of a map copy, CRC included (the rest of its cluster stays a hole)."""
     if len(copy.present) != geometry.map_bitmap_size:
         raise ValueError("presence bitmap length does not match the geometry")
-    buf = bytearray(geometry.map_used_length)
-    encode_fields(attrs.evolve(copy, crc=0), buf)
+    flags = copy.flags | (MAP_FLAG_SHARED_TABLE if any(copy.shared) else 0)
+    if flags & MAP_FLAG_SHARED_TABLE and not geometry.shared:
+        raise ValueError("a map copy with shared clusters in a layer without the shared-clusters feature")
+    buf = bytearray(map_used_length_of(flags, geometry))
+    encode_fields(attrs.evolve(copy, crc=0, flags=flags), buf)
+    if flags & MAP_FLAG_SHARED_TABLE:
+        struct.pack_into(f"<{CLUSTERS_PER_REGION}Q", buf, geometry.map_used_length, *copy.shared)
     struct.pack_into("<I", buf, MAP_CRC_OFFSET, structure_crc(buf, MAP_CRC_OFFSET))
     return bytes(buf)
 
@@ -424,6 +457,10 @@ def _decode_map_copy(data: bytes, geometry: Geometry, region: int, slot: int, im
     """Decode and validate one map copy as found at (region, slot)."""
     where = f"map copy {'AB'[slot]} of region {region} (file offset {geometry.map_copy_offset(region, slot)}): "
     used = geometry.map_used_length
+    if len(data) >= MAP_HEADER_SIZE and data[:8] == MAP_MAGIC:
+        flags = struct.unpack_from("<I", data, 40)[0]
+        if flags & MAP_FLAG_SHARED_TABLE and geometry.shared:
+            used = map_used_length_of(flags, geometry)  # F-SHARE-002: the copy itself says it carries the table
     data = data[:used]
     if len(data) < used:
         raise FieldOutOfRange(f"{where}only {len(data)} bytes before the end of the file, a map copy has {used}")
@@ -438,6 +475,10 @@ def _decode_map_copy(data: bytes, geometry: Geometry, region: int, slot: int, im
         )
     if values["image_uuid"] != image_uuid:
         raise FieldOutOfRange(f"{where}belongs to another image (uuid {values['image_uuid'].hex()})")
+    if values["flags"] & MAP_FLAG_SHARED_TABLE:
+        if not geometry.shared:
+            raise FieldOutOfRange(f"{where}carries a shared table but the root does not set shared-clusters")
+        values["shared"] = struct.unpack_from(f"<{CLUSTERS_PER_REGION}Q", data, geometry.map_used_length)
     return MapCopy(**values)
 
 

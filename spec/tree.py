@@ -305,19 +305,41 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
         if report.completed:
             report = attrs.evolve(report, findings=report.findings + (Finding(CORRUPTION, "tree", str(exc)),))
         return report
+    from .store import open_store, store_path, uses_store
+
     regions = clusters = 0
     completed = True
     root = None
+    stores: list[str] = []
     for index, path in enumerate(files):
         file = open_tree_file(storage, path, False, context)
+        own = ImageContext.for_layer(path, allowed)
         try:
-            report = check_image(file, (lambda f, i=index: progress((i + f) / len(files))) if progress else None)
+            report = check_image(file, (lambda f, i=index: progress((i + f) / len(files))) if progress else None,
+                                 lambda r, p=path, c=own: open_store(r, c, storage, p))
         finally:
             file.close()
+        if report.root is not None and uses_store(report.root) and store_path(own) not in stores \
+                and storage.exists(store_path(own)):
+            stores.append(store_path(own))
         root = root or report.root
         findings += _prefixed(report, os.path.basename(path)) if path != top_path else list(report.findings)
         regions, clusters = regions + report.regions_checked, clusters + report.clusters_checked
         completed = completed and report.completed
+    for path in stores:  # F-SHARE-004: the store is checked like any layer, once
+        try:
+            file = open_tree_file(storage, path, False, ImageContext.for_layer(path, allowed))
+        except (OSError, LaminaError) as exc:
+            findings.append(Finding(CORRUPTION, "shared-reference", f"the shared store {path} cannot be opened: {exc}"))
+            continue
+        try:
+            report = check_image(file)
+        finally:
+            file.close()
+        findings += _prefixed(report, os.path.basename(path))
+        regions, clusters = regions + report.regions_checked, clusters + report.clusters_checked
+        if not report.completed:
+            findings.append(Finding(CORRUPTION, "shared-reference", f"the shared store {path} has no usable root"))
     if _is_top(top_path):
         keep = referenced_names(top_path, storage, files) if storage.exists(context.layer_dir) else set()
         removable, foreign = orphans(storage, context, keep)
