@@ -1,5 +1,5 @@
 """The `lamina` command: create, info, check, map, convert, compare, resize, io, snapshot, clone, commit, rebase,
-diff, send, receive, scrub, serve (an NBD export through nbdkit), schema, vectors and conform (the conformance kit,
+diff, dedup, send, receive, scrub, serve (an NBD export through nbdkit), schema, vectors and conform (the conformance kit,
 `conform/`).
 
 Exit codes: 0 success; 1 an error (message on stderr, one line, no
@@ -340,6 +340,28 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                                                      for f in fixes]} if args.replica else {})}
     _emit(args, data, "\n".join(lines + [_describe(report)]))
     return report.exit_code
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from .dedup import dedup, images_in
+
+    if args.snapshot:  # freeze each top first: only frozen data is shared
+        for image in images_in(args.image + (args.across or []), OsStorage()):
+            layers.create_snapshot(image, args.snapshot)
+    with _bar(args, "dedup") as bar:
+        report = dedup(args.image, args.across or [], dry_run=args.dry_run, gc_only=args.gc,
+                       progress=bar.to if bar.active else None)
+    saved = "would save" if report.dry_run else "saved"
+    text = (f"layers scanned: {report.layers} ({report.layers_skipped} skipped: another cluster size or directory)\n"
+            f"clusters scanned: {report.clusters_scanned} ({format_size(report.bytes_scanned)})\n"
+            f"duplicates found: {report.duplicates} (new store clusters: {report.store_clusters_added})\n"
+            f"bytes {saved}: {report.bytes_saved} ({format_size(max(0, report.bytes_saved))})\n"
+            f"store clusters collected: {report.collected}"
+            + (f"\nclusters failing their checksum, not shared: {report.checksum_failures}" if report.checksum_failures else ""))
+    if args.gc:
+        text = f"store clusters collected: {report.collected}"
+    _emit(args, report.to_json(), text)
+    return EXIT_OK
 
 
 def cmd_map(args: argparse.Namespace) -> int:
@@ -700,6 +722,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--from", dest="replica", metavar="REPLICA", help="rewrite data that fails its checksum from REPLICA")
     p.add_argument("image")
     p.set_defaults(run=cmd_scrub)
+
+    p = sub.add_parser("dedup", help="store equal clusters of frozen layers (snapshots, bases) once, in the "
+                       "directory's shared store lamina-store.lam")
+    output(p)
+    progress_options(p)
+    p.add_argument("--across", action="append", metavar="IMAGE_OR_DIR",
+                   help="also deduplicate against these images (or every image of a directory): same directory only")
+    p.add_argument("--dry-run", action="store_true", help="report what would be saved; write nothing")
+    p.add_argument("--gc", action="store_true", help="only collect store clusters that no layer references")
+    p.add_argument("--snapshot", metavar="NAME", help="first take a snapshot NAME of each image, freezing its top")
+    p.add_argument("image", nargs="+")
+    p.set_defaults(run=cmd_dedup)
 
     p = sub.add_parser("map", help="list guest extents (and metadata regions)")
     output(p)

@@ -98,7 +98,10 @@ def images_in(paths: list[str], storage: Storage) -> list[str]:
                     out.append(full)
         else:
             out.append(path)
-    return out
+    unique: dict[str, str] = {}
+    for path in out:  # an image named twice (by itself and in its directory) counts once
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 def frozen_layers(tops: list[str], storage: Storage) -> list[str]:
@@ -179,6 +182,10 @@ def dedup(images: list[str], across: list[str] = (), dry_run: bool = False, stor
     if not tops:
         raise InvalidArgument("dedup: no image named")
     directory = _directory_of(tops[0])
+    for path in list(images) + list(across):
+        if os.path.isdir(path) and os.path.abspath(path) != directory:
+            raise DedupAcrossDirectories(f"{path}: not {directory}; one shared store serves one directory, so "
+                                         "images deduplicated together must be in the same directory")
     for top in tops:
         if _directory_of(top) != directory:
             raise DedupAcrossDirectories(f"{top}: not in {directory}; one shared store serves one directory, so "

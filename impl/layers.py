@@ -50,6 +50,7 @@ from lamina.spec.tree import orphans, read_vmstate_chunks, root_of, sparse_crc32
 from lamina.spec.structures import (
     BASE_LAMINA,
     BASE_NONE,
+    FEATURE_SHARED_CLUSTERS,
     FLAG_COMMITTING,
     KNOWN_AUTOCLEAR_FEATURES,
     Root,
@@ -519,6 +520,10 @@ def clone(path: str, name: str, new_path: str, storage: Storage | None = None) -
     while True:
         chain.append(current)
         current_root = _layer_root(storage, context, current)
+        if current_root.incompatible_features & FEATURE_SHARED_CLUSTERS \
+                and os.path.dirname(os.path.abspath(new_path)) != context.top_dir:
+            raise InvalidArgument(f"{new_path}: the snapshot's data is shared through the store of {context.top_dir} "
+                                  "(F-SHARE-001); make the clone in that directory, or convert it")
         if current_root.base_kind == BASE_NONE:
             break
         if not LAYER_NAME.match(current_root.base_path):

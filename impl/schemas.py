@@ -67,6 +67,10 @@ SCHEMAS: dict[str, dict] = {
          "offset": {"oneOf": [INT, {"type": "null"}]}})),
     "lamina.diff/1": _schema("lamina.diff/1", "lamina diff --output json",
                              {"type": "array", "items": _object({"start": INT, "length": {"type": "integer", "minimum": 1}})}),
+    "lamina.dedup/1": _schema("lamina.dedup/1", "lamina dedup --output json", _object(
+        {"dry_run": BOOL, "layers": INT, "layers_skipped": INT, "clusters_scanned": INT, "bytes_scanned": INT,
+         "duplicates": INT, "store_clusters_added": INT, "bytes_saved": {"type": "integer"}, "checksum_failures": INT,
+         "collected": INT, "seconds": {"type": "number", "minimum": 0}})),
 }
 
 #: Which schema each command's JSON follows (the README's table).
@@ -74,4 +78,5 @@ COMMANDS = {
     "info": "lamina.info/1", "info --tree": "lamina.tree/1", "check": "lamina.check/1",
     "check --repair": "lamina.check-repair/1", "scrub": "lamina.scrub/1", "map": "lamina.map/1", "map --metadata": "lamina.map-metadata/1",
     "snapshot list": "lamina.snapshot-list/1", "compare": "lamina.compare/1", "diff": "lamina.diff/1",
+    "dedup": "lamina.dedup/1",
 }

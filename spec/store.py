@@ -92,6 +92,8 @@ class StoreView:
 def open_store(root: Root, context: ImageContext, storage: Storage, where: str) -> StoreView:
     """The store a layer with `shared-clusters` references, its identity and cluster size checked (F-SHARE-001)."""
     path = store_path(context)
+    if not storage.exists(path):
+        raise SharedReferenceError(f"{where}: its data is shared through {path}, which does not exist")
     try:
         file = open_tree_file(storage, path, False, context)
     except FileNotFoundError:

@@ -36,6 +36,7 @@ RUNS = {
     "snapshot list": (["snapshot", "list", "d.lam"], 0),
     "compare": (["compare", "d.lam@s1", "d.lam"], 1),
     "diff": (["diff", "d.lam@s1", "d.lam"], 0),
+    "dedup": (["dedup", "--dry-run", "d.lam"], 0),
 }
 
 
