@@ -61,12 +61,19 @@ def root_tail_table() -> str:
     return "\n".join(rows)
 
 
+def map_tail_table() -> str:
+    """The optional part of a map copy after its presence bitmap (F-SHARE-002)."""
+    rows = ["| offset | size | field | meaning |", "|---|---|---|---|"]
+    rows += [f"| {offset} | {size} | `{name}` | {doc} |" for name, offset, size, doc in structures.MAP_TAIL]
+    return "\n".join(rows)
+
+
 def errors_table() -> str:
     """Every named error the spec raises, with what it means: what a reader must report, by name."""
-    from . import errors, references, stream
+    from . import errors, references, store, stream
 
     rows = ["| error | kind of | meaning |", "|---|---|---|"]
-    for module in (errors, references, stream):
+    for module in (errors, references, store, stream):
         for name, value in vars(module).items():
             if isinstance(value, type) and issubclass(value, errors.LaminaError) and value.__module__ == module.__name__:
                 parent = value.__mro__[1].__name__
@@ -107,6 +114,7 @@ PLACEHOLDERS = {
     "fields:StreamBegin": lambda: _stream_table("StreamBegin"),
     "fields:StreamEnd": lambda: _stream_table("StreamEnd"),
     "root_tail": lambda: root_tail_table(),
+    "map_tail": lambda: map_tail_table(),
     "constants": constants_table,
     "geometry": geometry_table,
     "proofs": proofs_table,

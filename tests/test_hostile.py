@@ -30,7 +30,7 @@ FORBIDDEN = {
     "cluster_bits": [0, 11, 22, 63, 0xFFFFFFFF],
     "virtual_size": [513, (1 << 50) + 512, (1 << 64) - 512],
     "generation": [0],
-    "incompatible_features": [1, 1 << 63],
+    "incompatible_features": [1, 2, 1 << 63],  # 1: shared-clusters without a store_uuid
     "image_uuid": [bytes(16)],
     "slot": [2, 0xFFFFFFFF],
     "num_intents": [961, 0xFFFFFFFF],
@@ -46,6 +46,7 @@ FORBIDDEN = {
     "next_snapshot_id": [0],
     "flags": [2, 1 << 31],
     "base_visible": [512],
+    "store_uuid": [b"\x01" * 16],  # without the shared-clusters feature
     "reserved": [b"\xff" * ROOT_RESERVED_TAIL],
     "crc": ["wrong"],
 }
