@@ -460,8 +460,9 @@ FORGED_CASES = [
     Case("forged-committing-without-base", forged(lambda b: set_root_field(b, 3984, 4, 1))),
     Case("forged-version-2-in-copy-b",
          forged(lambda b: set_root_field(b, 8, 4, 2, slots=(524288,)))),
+    # bit 1: unknown to both readers (bit 0, shared-clusters, is known to the reference and refused by lamina-c)
     Case("forged-incompatible-feature-in-copy-a",
-         forged(lambda b: set_root_field(b, 32, 8, 1, slots=(0,)))),
+         forged(lambda b: set_root_field(b, 32, 8, 2, slots=(0,)))),
     Case("forged-crc-of-an-empty-cluster", forged(lambda b: set_map_field(b, 64 + 4 * 5, 4, 1234))),
     Case("forged-presence-past-the-size", forged(lambda b: set_root_field(b, 16, 8, 4096))),
     Case("forged-shrink-crash", forged(shrunk_listed)),
