@@ -2,7 +2,8 @@
 
 Each variant breaks one rule of `spec/protocol.py` (or of the layer
 operations) by patching names in `lamina.impl.image` (the implementation's
-view of the protocol), `lamina.impl.layers` (prefix `layers:`), `lamina.impl.replicate` (prefix `replicate:`) or, for
+view of the protocol), `lamina.impl.layers` (prefix `layers:`), `lamina.impl.replicate` (prefix `replicate:`), `lamina.impl.dedup`
+(prefix `dedup:`) or, for
 recovery, module globals of `lamina.spec.protocol` (prefix `protocol:`) for
 the duration of a `variant(...)` block; no file of `spec/` or `impl/` is edited, and the spec's
 `check` (which has its own bindings) stays the real one.  The
@@ -19,6 +20,7 @@ from typing import Callable, Iterator
 
 import attrs
 
+import lamina.impl.dedup as dedup_module
 import lamina.impl.image as image_module
 import lamina.impl.layers as layers_module
 import lamina.impl.replicate as replicate_module
@@ -213,6 +215,27 @@ def _finish_vmstate_without_fsync(file, size: int, crc: int, where: str) -> None
     file.truncate(size)
 
 
+def _punch_before_commit(real: Callable) -> Callable:
+    """dedup's step 3 with the local clusters punched before the maps referencing the store are committed."""
+    def reference_clusters(layer, store_uuid, clusters, store) -> None:
+        g = layer.geometry
+        for cluster in clusters:
+            region, c = divmod(cluster, 128)
+            layer.file.punch_hole(g.region_data_offset(region) + c * g.cluster_size, g.cluster_size)
+        layer.file.fsync()
+        real(layer, store_uuid, clusters, store)
+    return reference_clusters
+
+
+def _store_without_fsync(real: Callable) -> Callable:
+    """dedup's step 2 with no fsync of the store: references may reach the disk before the store's clusters."""
+    def apply(opened, store, index, duplicates, report, progress) -> None:
+        if store is not None:
+            store._file = _SkipFsync(store._file, lambda n: True)
+        real(opened, store, index, duplicates, report, progress)
+    return apply
+
+
 CONTROLS: dict[str, Control] = {c.name: c for c in [
     Control("skip-intent", "rule 1: a region is in the durable intent list before its first write",
             "strict", "allocate", "fails", lambda: {"Image._ensure_intents": _skip_intents}),
@@ -257,6 +280,11 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
     # The old oracle judged the size and each sector apart, so "old size, flushed sectors zero" passed.
     Control("shrink-cut-before-root", "a shrink writes the root with the new size before it cuts the file (FORMAT §6)",
             "strict", "resize", "fails", lambda: {"Image.resize": _resize_cut_first(image_module.Image.resize)}),
+    Control("dedup-punch-before-commit", "F-SHARE-005: a frozen layer's local clusters are punched only after the maps "
+            "referencing the store are committed", "strict", "layer-dedup", "fails",
+            lambda: {"dedup:reference_clusters": _punch_before_commit(dedup_module.reference_clusters)}),
+    Control("dedup-store-not-durable", "F-SHARE-005: the store's clusters are durable before any layer references them",
+            "reorder", "layer-dedup", "fails", lambda: {"dedup:_apply": _store_without_fsync(dedup_module._apply)}),
     Control("skip-data-fsync", "commit_maps' first fsync (data and earlier second copies before first copies)",
             "reorder", "layer-base-first-write", "fails", lambda: {"commit_maps": _commit_maps_skip_data_fsync}),
 ]}
@@ -279,7 +307,8 @@ def variant(name: str | None) -> Iterator[None]:
     try:
         for target, value in patches.items():
             module, _, dotted = target.rpartition(":")
-            owner: object = {"protocol": protocol, "layers": layers_module, "replicate": replicate_module}.get(
+            owner: object = {"protocol": protocol, "layers": layers_module, "replicate": replicate_module,
+                             "dedup": dedup_module}.get(
                 module, image_module)
             *path, attr = dotted.split(".")
             for part in path:

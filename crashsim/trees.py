@@ -37,7 +37,7 @@ from typing import Mapping
 
 import attrs
 
-from lamina.impl import layers, replicate
+from lamina.impl import dedup as dedup_module, layers, replicate
 from lamina.impl.image import Image
 from lamina.spec import model
 from lamina.spec.abstraction import abstract_layer
@@ -45,6 +45,7 @@ from lamina.spec.errors import LaminaError
 from lamina.spec.layout import SECTOR_SIZE, ZERO_SECTOR
 from lamina.spec.model import Disk
 from lamina.spec.references import LAYER_NAME, ImageContext, layer_dir_of, layer_file_name, vmstate_file_name
+from lamina.spec.store import STORE_NAME
 from lamina.spec.structures import BASE_NONE
 from lamina.spec.tree import check_tree, root_of
 
@@ -114,7 +115,9 @@ class TreeWorkload:
     ("resize", name, size), ("close", name), ("snapshot", name, snap, vmstate_bytes),
     ("revert", name, snap), ("delete", name, snap), ("clone", name, snap, new),
     ("commit", name), ("rebase", name, new_base, format, unsafe), ("receive", name, source, snap, since, force):
-    send `source@snap` (in full, or since snapshot `since`) and receive the stream into `name`.
+    send `source@snap` (in full, or since snapshot `since`) and receive the stream into `name`;
+    ("dedup", name, (other, ...)): share the equal frozen clusters of `name` and the others through the
+    directory's store (no guest contents change); ("gc", name): collect the store of `name`'s directory.
     """
 
     name: str
@@ -139,6 +142,14 @@ _OVER_LAM = ("create", "disk.lam", S, "base.lam", "lamina")
 _SNAPS = (("write", "disk.lam", 0, 8 * K, 21), ("close", "disk.lam"), ("snapshot", "disk.lam", "s1", 0),
           ("write", "disk.lam", 4 * K, 8 * K, 22), ("close", "disk.lam"), ("snapshot", "disk.lam", "s2", 0),
           ("write", "disk.lam", 10 * K, 4 * K, 23), ("close", "disk.lam"))
+
+# Two clones of one snapshot that write the same 8 KiB (two 4 KiB clusters) and a sector of their own, then snapshot.
+_TWO_CLONES = (("create", "disk.lam", S, None, None), ("write", "disk.lam", 0, 4 * K, 21), ("close", "disk.lam"),
+               ("snapshot", "disk.lam", "s0", 0), ("clone", "disk.lam", "s0", "a.lam"), ("clone", "disk.lam", "s0", "b.lam"),
+               ("write", "a.lam", 8 * K, 8 * K, 41), ("write", "a.lam", 20 * K, 512, 42), ("close", "a.lam"),
+               ("snapshot", "a.lam", "s1", 0),
+               ("write", "b.lam", 8 * K, 8 * K, 41), ("write", "b.lam", 24 * K, 512, 43), ("close", "b.lam"),
+               ("snapshot", "b.lam", "s1", 0))
 
 _TREE_LIBRARY = [
     TreeWorkload("layer-write-raw", "guest writes over a raw base: absent sectors, partial sectors, zeroes, flush",
@@ -206,6 +217,25 @@ _TREE_LIBRARY = [
                  ("disk.lam", "base.lam", "replica.lam"),
                  (("receive", "replica.lam", "disk.lam", "s2", "s1", False),),
                  setup=(*_LAM_BASE, _OVER_LAM, *_SNAPS, ("receive", "replica.lam", "disk.lam", "s1", None, False))),
+    TreeWorkload("layer-dedup", "dedup over two clones' snapshots that wrote the same data: the store is written and "
+                 "made durable, then each frozen layer's maps reference it and its local clusters are punched",
+                 ("disk.lam", "a.lam", "b.lam"),
+                 (("dedup", "a.lam", ("b.lam",)),),
+                 setup=_TWO_CLONES),
+    TreeWorkload("layer-delete-shared", "delete a snapshot below a deduplicated one: the merge writes into a shared "
+                 "cluster of the frozen layer above, which first takes its bytes home from the store",
+                 ("disk.lam", "other.lam"),
+                 (("delete", "disk.lam", "s1"),),
+                 setup=(("create", "disk.lam", S, None, None), ("write", "disk.lam", 0, 8 * K, 21), ("close", "disk.lam"),
+                        ("snapshot", "disk.lam", "s1", 0), ("write", "disk.lam", 0, 2 * K, 31), ("close", "disk.lam"),
+                        ("snapshot", "disk.lam", "s2", 0), ("create", "other.lam", S, None, None),
+                        ("write", "other.lam", 0, 2 * K, 31), ("close", "other.lam"), ("snapshot", "other.lam", "s1", 0),
+                        ("dedup", "disk.lam", ("other.lam",)))),
+    TreeWorkload("layer-gc", "collect the store after the snapshots that shared its clusters were deleted (their "
+                 "bytes merged into the tops): every store cluster is unreferenced and discarded",
+                 ("disk.lam", "a.lam", "b.lam"),
+                 (("gc", "a.lam"),),
+                 setup=(*_TWO_CLONES, ("dedup", "a.lam", ("b.lam",)), ("delete", "a.lam", "s1"), ("delete", "b.lam", "s1"))),
     TreeWorkload("layer-resize", "shrink then grow over a base: the base must not show through again",
                  ("disk.lam",),
                  (("write", "disk.lam", 0, 4 * K, 1), ("flush", "disk.lam"), ("resize", "disk.lam", 32 * K),
@@ -409,6 +439,10 @@ class _Runner:
             s = next(x for x in tree[source].snapshots if x.name == snap)
             held = tree[name].snapshots if name in tree else ()
             self.tree = _set(tree, name, Branch(s.disk, base=None, snapshots=held + (Snap(snap, s.disk, s.vmstate, None),)))
+        elif kind == "dedup":
+            dedup_module.dedup([path], [sim_path(other) for other in step[2]], storage=storage)  # contents unchanged
+        elif kind == "gc":
+            dedup_module.gc(path, storage=storage)
         else:
             raise ValueError(f"unknown tree step {step!r}")
         if kind not in ("raw", "create") or self.trace is not None:
@@ -612,7 +646,7 @@ def open_tree_state(state: DiskState, rec: TreeRecording, trace: Trace | None = 
         return TreeOpened(f"open (recovery) failed: {type(exc).__name__}: {exc}", **checked)
     except Exception as exc:  # noqa: BLE001 - an implementation crash is a finding, not a simulator error
         return TreeOpened(f"open (recovery) crashed: {type(exc).__name__}: {exc}", **checked)
-    known = {sim_path(n) for n in _names(workload)}
+    known = {sim_path(n) for n in _names(workload)} | {sim_path(STORE_NAME)}  # the store is the directory's
     orphans = tuple(sorted(p for p in state.names if p not in known
                            and not any(p.startswith(layer_dir_of(t) + os.sep) for t in known)))
     return TreeOpened(None, view, orphans=orphans, **checked)

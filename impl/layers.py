@@ -23,7 +23,9 @@ from typing import Callable, Iterator, TypeVar
 import attrs
 from lamina.spec.crc import crc32c
 
-from lamina.spec.errors import CommittingIntoSnapshot, CommittingWithoutBase, InvalidArgument, LaminaError, UnsafeFile
+from lamina.spec.errors import (CommittingIntoSnapshot, CommittingWithoutBase, ImageLocked, InvalidArgument, LaminaError,
+                                UnsafeFile)
+from lamina.spec.store import STORE_NAME
 from lamina.spec.layout import MAX_CHAIN_DEPTH, MAX_SNAPSHOTS, MAX_VMSTATE_SIZE, SECTOR_SIZE
 from lamina.spec.references import (
     LAYER_NAME,
@@ -775,6 +777,29 @@ def recover_layers(path: str, storage: Storage | None = None) -> None:
                 recover(file)
         finally:
             file.close()
+    recover_store(context.top_dir, storage)
+
+
+def recover_store(directory: str, storage: Storage) -> None:
+    """Recover the directory's shared store when a crash left it mid-update (a dedup or collection).
+
+    The store is shared by the images of the directory, so it is recovered under its own exclusive lock,
+    and left alone while another process holds it (that one recovers it, or the next writable open does).
+    """
+    path = os.path.join(directory, STORE_NAME)
+    if not storage.exists(path) or not storage.stat(path).is_file:
+        return
+    file = open_tree_file(storage, path, True, ImageContext.for_top(path))
+    try:
+        try:
+            file.lock(exclusive=True)
+        except ImageLocked:
+            return
+        selection = select_root(read_root_copies(file), table=False)
+        if selection.value is not None and (selection.value.intents or selection.problems):
+            recover(file)
+    finally:
+        file.close()
 
 
 def collect_garbage(path: str, storage: Storage | None = None) -> list[str]:
