@@ -217,9 +217,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             _emit(args, data, layers.draw_tree(data))
         return EXIT_OK
+    from .dedup import shared_bytes
+
     with _open(args) as image:
         root = image.root
         disk = os.stat(image.path).st_blocks * 512
+        shared, exclusive = shared_bytes(image)
         data = {
             "filename": args.image,
             "format": "lamina",
@@ -240,6 +243,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                     **({"backing-filename": root.base_path, "backing-format": "raw" if root.base_kind == 1 else "lamina"}
                        if root.base_kind else {}),
                     "compatible-features": root.compatible_features,
+                    "shared-bytes": shared,
+                    "exclusive-bytes": exclusive,
                 },
             },
         }
@@ -250,7 +255,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 f"    uuid: {root.image_uuid.hex()}\n    generation: {root.generation}\n"
                 f"    unclean shutdown: {'yes, ' + str(len(root.intents)) + ' regions to recover' if root.intents else 'no'}\n"
                 + (f"backing file: {root.base_path}\n" if root.base_kind else "")
-                + (f"snapshots: {len(root.snapshots)}\n" if root.snapshots else ""))
+                + (f"snapshots: {len(root.snapshots)}\n" if root.snapshots else "")
+                + f"data held by this layer: {format_size(exclusive)} exclusive, {format_size(shared)} shared "
+                  f"(in {'the store' if shared else 'no store'})\n")
         _emit(args, data, text)
     return EXIT_OK
 
@@ -796,7 +803,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("image", help="IMAGE or IMAGE@SNAPSHOT")
     p.set_defaults(run=cmd_serve)
 
-    p = sub.add_parser("schema", help="list the JSON Schemas of --output json, or print one (lamina.info/1...)")
+    p = sub.add_parser("schema", help="list the JSON Schemas of --output json, or print one (lamina.info/2...)")
     p.add_argument("name", nargs="?")
     p.set_defaults(run=cmd_schema)
 

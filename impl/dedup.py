@@ -436,6 +436,29 @@ def gc(directory_or_image: str, storage: Storage | None = None) -> int:
         store.close()
 
 
+def layer_sharing(path: str, storage: Storage) -> tuple[int, int]:
+    """(shared, exclusive) bytes of a layer file's present sectors, from its root and current maps alone."""
+    file = open_tree_file(storage, path, False, ImageContext.for_layer(path))
+    try:
+        root = select_root(read_root_copies(file), table=False).current()
+        g = root.geometry
+        shared = exclusive = 0
+        for region in allocated_regions(sorted(file.data_extents()), g):
+            chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
+            if chosen.value is None:
+                continue
+            m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
+            for c in m.present_clusters():
+                n = bin(m.cluster_mask(c)).count("1") * SECTOR_SIZE
+                if m.shared[c]:
+                    shared += n
+                else:
+                    exclusive += n
+        return shared, exclusive
+    finally:
+        file.close()
+
+
 def shared_bytes(layer: Image) -> tuple[int, int]:
     """(shared, exclusive) bytes of a layer's present sectors: those whose bytes live in the store, and the rest."""
     g = layer.geometry

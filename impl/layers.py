@@ -937,16 +937,23 @@ def tree(path: str, storage: Storage | None = None, force_share: bool = False) -
             return "layer:" + layer_root.base_path
         return node_for_external(layer_root.base_path, layer_root.base_kind)
 
+    from .dedup import layer_sharing
+
+    def sharing(layer_path: str) -> dict[str, int]:
+        shared, exclusive = layer_sharing(layer_path, storage)
+        return {"shared_bytes": shared, "exclusive_bytes": exclusive}
+
     for entry in root.snapshots:
         name = layer_file_name(entry.layer_uuid)
         layer_root = _layer_root(storage, context, name)
         nodes["layer:" + name] = {"kind": "snapshot", "name": entry.text_name, "id": entry.id,
                                   "created": entry.creation_time_ns, "vm_clock_ns": entry.vm_clock_ns,
                                   "disk_size": entry.disk_size, "vmstate_size": entry.vmstate_size,
-                                  "file": os.path.join(os.path.basename(context.layer_dir), name), "children": []}
+                                  "file": os.path.join(os.path.basename(context.layer_dir), name), "children": [],
+                                  **sharing(os.path.join(context.layer_dir, name))}
         parents["layer:" + name] = parent_key(layer_root)
     nodes["top"] = {"kind": "current", "name": os.path.basename(path), "disk_size": root.virtual_size,
-                    "disk_usage": disk_usage, "children": []}
+                    "disk_usage": disk_usage, "children": [], **sharing(path)}
     parents["top"] = parent_key(root)
     # Layers a chain reaches that are no snapshot of this image: a clone's origin, shared by hard link.
     pending = [p for p in list(parents.values()) if p and p.startswith("layer:") and p not in nodes]
@@ -957,7 +964,8 @@ def tree(path: str, storage: Storage | None = None, force_share: bool = False) -
         name = key[len("layer:"):]
         layer_root = _layer_root(storage, context, name)
         nodes[key] = {"kind": "layer", "name": name, "disk_size": layer_root.virtual_size,
-                      "file": os.path.join(os.path.basename(context.layer_dir), name), "children": []}
+                      "file": os.path.join(os.path.basename(context.layer_dir), name), "children": [],
+                      **sharing(os.path.join(context.layer_dir, name))}
         parents[key] = parent_key(layer_root)
         if parents[key] and parents[key].startswith("layer:") and parents[key] not in nodes:
             pending.append(parents[key])
@@ -977,6 +985,10 @@ def draw_tree(data: dict) -> str:
     lines: list[str] = []
 
     def label(node: dict) -> str:
+        return plain(node) + (f" [{format_size(node['exclusive_bytes'])} exclusive, "
+                              f"{format_size(node['shared_bytes'])} shared]" if node.get("shared_bytes") else "")
+
+    def plain(node: dict) -> str:
         if node["kind"] == "base":
             return f"{node['name']} (base, {node['format']})"
         if node["kind"] == "layer":

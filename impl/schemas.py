@@ -36,18 +36,19 @@ _METADATA = _object({"offset": INT, "length": INT, "kind": {"enum": ["root", "ma
 _NODE = _object({"kind": {"enum": ["base", "layer", "snapshot", "current"]}, "name": STR,
                  "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
                 {"format": {"enum": ["raw", "lamina"]}, "id": INT, "created": INT, "vm_clock_ns": INT, "disk_size": INT,
-                 "vmstate_size": INT, "disk_usage": INT, "file": STR})
+                 "vmstate_size": INT, "disk_usage": INT, "file": STR, "shared_bytes": INT,
+                 "exclusive_bytes": INT})
 
 SCHEMAS: dict[str, dict] = {
-    "lamina.info/1": _schema("lamina.info/1", "lamina info --output json", _object({
+    "lamina.info/2": _schema("lamina.info/2", "lamina info --output json", _object({
         "filename": STR, "format": {"const": "lamina"}, "virtual-size": INT, "actual-size": INT, "cluster-size": INT,
         "dirty-flag": BOOL,
         "format-specific": _object({"type": {"const": "lamina"}, "data": _object(
             {"version": INT, "uuid": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "generation": INT,
              "pending-intents": INT, "regions": INT, "incompatible-features": INT, "snapshots": INT,
-             "compatible-features": INT},
+             "compatible-features": INT, "shared-bytes": INT, "exclusive-bytes": INT},
             {"backing-filename": STR, "backing-format": {"enum": ["raw", "lamina"]}})})})),
-    "lamina.tree/1": _schema("lamina.tree/1", "lamina info --tree --output json",
+    "lamina.tree/2": _schema("lamina.tree/2", "lamina info --tree --output json",
                              _object({"image": STR, "layers": {"type": "array", "items": {"$ref": "#/$defs/node"}}}),
                              {"node": _NODE}),
     "lamina.check/1": _schema("lamina.check/1", "lamina check --output json", _CHECK),
@@ -75,7 +76,7 @@ SCHEMAS: dict[str, dict] = {
 
 #: Which schema each command's JSON follows (the README's table).
 COMMANDS = {
-    "info": "lamina.info/1", "info --tree": "lamina.tree/1", "check": "lamina.check/1",
+    "info": "lamina.info/2", "info --tree": "lamina.tree/2", "check": "lamina.check/1",
     "check --repair": "lamina.check-repair/1", "scrub": "lamina.scrub/1", "map": "lamina.map/1", "map --metadata": "lamina.map-metadata/1",
     "snapshot list": "lamina.snapshot-list/1", "compare": "lamina.compare/1", "diff": "lamina.diff/1",
     "dedup": "lamina.dedup/1",

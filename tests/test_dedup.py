@@ -286,3 +286,27 @@ def test_the_feature_is_set_only_in_the_frozen_layers_that_share(two_clones):
     with pytest.raises(Exception, match="shared through the store"):
         os.mkdir("other")
         layers.clone("a.lam", "s1", "other/c.lam")
+
+
+def test_info_and_the_tree_report_shared_and_exclusive_bytes(two_clones, capsys):
+    import json
+
+    assert 0 == main(["info", "--output", "json", "a.lam@s1"])
+    before = json.loads(capsys.readouterr().out)["format-specific"]["data"]
+    assert before["shared-bytes"] == 0 and before["exclusive-bytes"] == 8 * MiB + 64 * KiB
+    dedup(["a.lam", "b.lam"])
+    assert 0 == main(["info", "--output", "json", "a.lam@s1"])
+    after = json.loads(capsys.readouterr().out)["format-specific"]["data"]
+    assert after["shared-bytes"] == 8 * MiB and after["exclusive-bytes"] == 64 * KiB
+    assert 0 == main(["info", "--tree", "--output", "json", "b.lam"])
+    data = json.loads(capsys.readouterr().out)
+
+    def nodes(node):
+        yield node
+        for child in node["children"]:
+            yield from nodes(child)
+
+    found = {n["name"]: (n["shared_bytes"], n["exclusive_bytes"]) for root in data["layers"] for n in nodes(root)}
+    assert found["s1"] == (8 * MiB, 64 * KiB) and found["b.lam"] == (0, 0)
+    assert 0 == main(["info", "--tree", "b.lam"])
+    assert "8 MiB shared" in capsys.readouterr().out
