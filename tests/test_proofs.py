@@ -55,7 +55,7 @@ def test_ids_are_stable_and_unique() -> None:
     ids = [p.pid for p in PROPERTIES]
     assert len(ids) == len(set(ids))
     for prop in PROPERTIES:
-        assert re.fullmatch(r"(P|NEG)-(LAYOUT|COMMIT|INTENT)-\d{3}", prop.pid)
+        assert re.fullmatch(r"(P|NEG)-(LAYOUT|COMMIT|INTENT|SHARE)-\d{3}", prop.pid)
         assert (prop.expected == "refuted") == prop.pid.startswith("NEG-")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from . import commit, intents, layout
+from . import commit, intents, layout, share
 from .core import Property
 
 PROPERTIES: tuple[Property, ...] = (
@@ -53,6 +53,9 @@ PROPERTIES: tuple[Property, ...] = (
              "its data is durable, while overwrite-only flushes write no map",
              "F-PROTO-005 (a flush commits the maps whose presence changed); R5", "proved",
              partial(intents.check_flushed_writes_durable, "spec")),
+    Property("P-SHARE-001", "crash anywhere in a dedup of a cluster, any reorder and tear: the frozen layer reads "
+             "its bytes, from its local place or from the store", "F-SHARE-005 (store durable before any reference; "
+             "punch after the map commit)", "proved", partial(share.check_share_order, "spec")),
     Property("NEG-LAYOUT-001", "control: regions of 129 clusters stride (off by one): map copy B lands on the next region's map copy A",
              "region stride = `CLUSTERS_PER_REGION + 2` clusters", "refuted", layout.refute_layout_with_short_stride),
     Property("NEG-COMMIT-001", "control: both slots written, then one fsync", "protocol rule 2", "refuted",
@@ -75,6 +78,11 @@ PROPERTIES: tuple[Property, ...] = (
              partial(intents.check_intents_cover_unsettled_regions, "evict_uncommitted")),
     Property("NEG-INTENT-004", "control: a flush defers the map of a region whose presence changed",
              "F-PROTO-005", "refuted", partial(intents.check_flushed_writes_durable, "defer_fresh_map")),
+    Property("NEG-SHARE-001", "control: the references are written before the store's cluster is durable",
+             "F-SHARE-005 step 2 before step 3", "refuted", partial(share.check_share_order, "reference_before_store")),
+    Property("NEG-SHARE-002", "control: the local place is punched before the map with the reference is committed",
+             "F-SHARE-005 step 3 (punch after the map commit)", "refuted",
+             partial(share.check_share_order, "punch_before_commit")),
 )
 
 
