@@ -21,15 +21,15 @@ from .storage import File
 from .structures import FLAG_COMMITTING, encode_map_copy
 
 
-def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
-    """Repair what can be repaired; return the reports before and after."""
-    before = check_image(file)
+def repair_image(file: File, store=None) -> tuple[CheckReport, CheckReport]:
+    """Repair what can be repaired; return the reports before and after (`store`: as `check_image` takes it)."""
+    before = check_image(file, store=store)
     if not before.completed:
         return before, before
     recovered = recover(file)
     root, best = recovered.root, recovered.root_best_slot
     geometry = root.geometry
-    for finding in check_image(file).findings:
+    for finding in check_image(file, store=store).findings:
         action = finding.repair
         if action is None:
             continue
@@ -52,4 +52,4 @@ def repair_image(file: File) -> tuple[CheckReport, CheckReport]:
         elif action[0] == "truncate":
             file.truncate(action[1])
         file.fsync()
-    return before, check_image(file)
+    return before, check_image(file, store=store)

@@ -362,6 +362,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
 def repair_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) -> tuple[CheckReport, CheckReport]:
     """Repair every layer file, then remove orphans; references and VM state cannot be repaired."""
     from .repair import repair_image
+    from .store import open_store
 
     before = check_tree(top_path, storage, allowed)
     try:
@@ -371,7 +372,7 @@ def repair_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = ()) 
     for path in files:
         file = open_tree_file(storage, path, True, ImageContext.for_top(top_path, allowed))
         try:
-            repair_image(file)
+            repair_image(file, lambda r, p=path: open_store(r, ImageContext.for_layer(p, allowed), storage, p))
         finally:
             file.close()
     for finding in check_tree(top_path, storage, allowed).findings:

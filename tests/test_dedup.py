@@ -310,3 +310,10 @@ def test_info_and_the_tree_report_shared_and_exclusive_bytes(two_clones, capsys)
     assert found["s1"] == (8 * MiB, 64 * KiB) and found["b.lam"] == (0, 0)
     assert 0 == main(["info", "--tree", "b.lam"])
     assert "8 MiB shared" in capsys.readouterr().out
+
+
+def test_check_repair_of_a_deduplicated_image_finds_nothing_to_mend(two_clones, capsys):
+    dedup(["a.lam", "b.lam"])
+    assert 0 == main(["check", "--repair", "a.lam"])
+    assert "No errors were found" in capsys.readouterr().out
+    assert 0 == main(["check", STORE_NAME])
