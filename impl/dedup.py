@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import attrs
 
 from lamina.spec.crc import crc32c
-from lamina.spec.errors import FormatError, InvalidArgument, LaminaError
+from lamina.spec.errors import FormatError, InvalidArgument, LaminaError, UnsafeFile
 from lamina.spec.layout import CLUSTERS_PER_REGION, MAX_VIRTUAL_SIZE, SECTOR_SIZE, allocated_regions
 from lamina.spec.protocol import cluster_crc, read_map_copies, read_root_copies
 from lamina.spec.references import LAYER_DIR_SUFFIX, LAYER_NAME, ChainWalk, ImageContext, image_of, open_tree_file
@@ -133,6 +133,8 @@ def _open_store_image(directory: str, cluster_bits: int, storage: Storage, creat
         if not create:
             return None
         write_new_layer(storage, path, Root(cluster_bits=cluster_bits, virtual_size=0, image_uuid=new_uuid()))
+    if not storage.stat(path).is_file:  # opened as an image of its own, it would follow a symbolic link (F-OPEN-001)
+        raise UnsafeFile(f"{path}: the shared store is not a regular file (a symbolic link?); refusing to use it")
     store = Image.open(path, readonly=readonly, storage=storage)
     if store.root.base_kind or uses_store(store.root):
         store.close()

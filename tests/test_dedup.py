@@ -317,3 +317,28 @@ def test_check_repair_of_a_deduplicated_image_finds_nothing_to_mend(two_clones, 
     assert 0 == main(["check", "--repair", "a.lam"])
     assert "No errors were found" in capsys.readouterr().out
     assert 0 == main(["check", STORE_NAME])
+
+
+def test_a_deduplicated_snapshot_sends_converts_and_clones_with_its_contents(two_clones):
+    import io
+
+    from lamina.impl.replicate import receive, send
+
+    dedup(["a.lam", "b.lam"])
+    expected = contents(["a.lam@s1"])["a.lam@s1"]
+    stream = io.BytesIO()
+    send("a.lam@s1", stream)
+    receive("replica.lam", io.BytesIO(stream.getvalue()))
+    assert contents(["replica.lam@s1"])["replica.lam@s1"] == expected
+    assert 0 == main(["convert", "-O", "raw", "a.lam@s1", "a.raw"])
+    with open("a.raw", "rb") as f:
+        assert f.read() == expected
+    layers.clone("a.lam", "s1", "c.lam")  # same directory: the clone reads the shared data
+    assert contents(["c.lam"])["c.lam"] == expected and clean("c.lam")
+
+
+def test_a_store_that_is_a_symbolic_link_is_refused(two_clones):
+    os.symlink("elsewhere.lam", STORE_NAME)
+    with pytest.raises(Exception, match="not a regular file|symbolic link"):
+        dedup(["a.lam", "b.lam"])
+    assert not os.path.exists("elsewhere.lam")
