@@ -266,8 +266,7 @@ def _share(layers: list[str], store: Image | None, bits: int | None, report: Ded
 def _read_location(opened: list[Image], store: Image | None, location: int) -> tuple[bytes, int]:
     """The held bytes at a location and the presence mask of its sectors (a store cluster: its own)."""
     number, cluster = location >> 40, location & ((1 << 40) - 1)
-    if number == 0:
-        assert store is not None
+    if number == 0 and store is not None:  # locations of number 0 exist only when there is a store
         g = store.geometry
         m = store._map(cluster // CLUSTERS_PER_REGION)
         return store.read(cluster * g.cluster_size, g.cluster_size), m.cluster_mask(cluster % CLUSTERS_PER_REGION)

@@ -424,13 +424,12 @@ class Image:
         g = self._geometry
         region = pos // g.region_span
         m = self._map(region, for_write=True)
-        if m is None or not m.shared_clusters():
+        if m is None or not m.shared_clusters() or self._store is None:
             return
         size, base = g.cluster_size, region * g.region_span
         for c in range((pos - base) // size, (stop - 1 - base) // size + 1):
             if not m.shared[c]:
                 continue
-            assert self._store is not None
             held = self._store.cluster(m.shared[c] - 1, f"{self.path}: cluster {region * CLUSTERS_PER_REGION + c}: ")
             offset = g.region_data_offset(region) + c * size
             for first, count, present in bit_runs(m.cluster_mask(c), g.sectors_per_cluster):
