@@ -895,3 +895,19 @@ def test_each_broken_build_fails_the_vectors_of_its_defect_and_only_those(binari
     assert 4 == code
     assert built_for <= failed, f"{variant} passes vectors built for its defect: {sorted(built_for - failed)}"
     assert failed <= covering, f"{variant} fails vectors that do not cover {defect}: {sorted(failed - covering)}"
+
+
+def test_lamina_c_refuses_a_deduplicated_layer(binaries: dict[str, Path], tmp_path: Path) -> None:
+    """A reader that does not know `shared-clusters` (FORMAT.md section 13) refuses the layer, as F-ROOT-003 says."""
+    from lamina.impl import layers
+    from lamina.impl.dedup import dedup
+
+    for name in ("p.lam", "q.lam"):
+        with Image.create(str(tmp_path / name), MiB, cluster_size=4096) as img:
+            img.write(0, bytes(range(256)) * 64)
+        layers.create_snapshot(str(tmp_path / name), "s")
+    assert dedup([str(tmp_path / "p.lam")], [str(tmp_path / "q.lam")]).duplicates
+    entry = layers.list_snapshots(str(tmp_path / "p.lam"))[0]
+    frozen = f"p.lam.layers/{entry.layer_uuid.hex()}.lam"
+    done = subprocess.run([str(binaries[""]), "dump", frozen, "x.out"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0 and "UnknownIncompatibleFeature" in done.stderr
