@@ -117,7 +117,8 @@ class TreeWorkload:
     ("commit", name), ("rebase", name, new_base, format, unsafe), ("receive", name, source, snap, since, force):
     send `source@snap` (in full, or since snapshot `since`) and receive the stream into `name`;
     ("dedup", name, (other, ...)): share the equal frozen clusters of `name` and the others through the
-    directory's store (no guest contents change); ("gc", name): collect the store of `name`'s directory.
+    directory's store (no guest contents change); ("gc", name): collect the store of `name`'s directory;
+    ("remove", name): delete the image, as `rm` would: its top, then every file of its layer directory.
     """
 
     name: str
@@ -236,6 +237,11 @@ _TREE_LIBRARY = [
                  ("disk.lam", "a.lam", "b.lam"),
                  (("gc", "a.lam"),),
                  setup=(*_TWO_CLONES, ("dedup", "a.lam", ("b.lam",)), ("delete", "a.lam", "s1"), ("delete", "b.lam", "s1"))),
+    TreeWorkload("layer-remove-shared", "delete the image whose snapshot is the last to reference the store's "
+                 "clusters (the other one deleted its snapshot, merging the bytes into its top), then collect",
+                 ("disk.lam", "a.lam", "b.lam"),
+                 (("remove", "b.lam"), ("gc", "a.lam")),
+                 setup=(*_TWO_CLONES, ("dedup", "a.lam", ("b.lam",)), ("delete", "a.lam", "s1"))),
     TreeWorkload("layer-resize", "shrink then grow over a base: the base must not show through again",
                  ("disk.lam",),
                  (("write", "disk.lam", 0, 4 * K, 1), ("flush", "disk.lam"), ("resize", "disk.lam", 32 * K),
@@ -443,6 +449,14 @@ class _Runner:
             dedup_module.dedup([path], [sim_path(other) for other in step[2]], storage=storage)  # contents unchanged
         elif kind == "gc":
             dedup_module.gc(path, storage=storage)
+        elif kind == "remove":
+            storage.unlink(path)
+            storage.fsync_dir(SIM_ROOT)
+            directory = layer_dir_of(path)
+            for entry in sorted(storage.listdir(directory)):
+                storage.unlink(os.path.join(directory, entry))
+            storage.fsync_dir(directory)
+            self.tree = _set(tree, name, None)
         else:
             raise ValueError(f"unknown tree step {step!r}")
         if kind not in ("raw", "create") or self.trace is not None:

@@ -33,7 +33,8 @@ PASSING = list(TREE_LIBRARY)
 
 def test_the_library_covers_every_management_operation():
     kinds = {step[0] for w in TREE_LIBRARY.values() for step in w.steps}
-    assert {"write", "flush", "zero", "resize", "snapshot", "revert", "delete", "clone", "commit", "rebase", "receive"} <= kinds
+    assert {"write", "flush", "zero", "resize", "snapshot", "revert", "delete", "clone", "commit", "rebase", "receive",
+            "dedup", "gc", "remove"} <= kinds
     rebases = {step[4] for w in TREE_LIBRARY.values() for step in w.steps if step[0] == "rebase"}
     assert rebases == {True, False}  # safe and unsafe
     bases = {step[3] for w in TREE_LIBRARY.values() for step in w.setup if step[0] == "create" and step[1] == "disk.lam"}
