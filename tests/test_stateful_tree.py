@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from lamina.impl import layers
 from lamina.impl.convert import convert
+from lamina.impl.dedup import dedup, gc
 from lamina.impl.image import Image
 from lamina.impl.osfile import OsStorage
 from lamina.spec import model
@@ -136,6 +137,16 @@ class TreeMachine(RuleBasedStateMachine):
         path = self._image(data)
         layers.rebase(path, None)
         self.committable.discard(path)
+
+    @rule()
+    def dedup(self) -> None:
+        """Share the equal frozen clusters of every image (R8): no branch or snapshot changes contents."""
+        dedup(sorted(self.images))
+
+    @rule()
+    def collect(self) -> None:
+        """Collect the store: what nobody references goes, nothing any layer reads does."""
+        gc(self.dir.name)
 
     @invariant()
     def every_branch_and_snapshot_matches(self) -> None:
