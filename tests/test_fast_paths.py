@@ -12,11 +12,13 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from lamina.impl.cli import take_io_commands
 from lamina.impl.image import Image
 from lamina.impl.iocmd import split_words
+from lamina.spec.errors import InvalidArgument
 from lamina.spec.layout import SECTOR_SIZE
 from lamina.spec.regionmap import absent_runs, bit_runs, zero_absent
 from lamina.spec.zeros import is_zero
@@ -343,3 +345,52 @@ def test_check_by_runs_finds_what_the_cluster_by_cluster_definition_finds(tmp_pa
         finally:
             file.close()
     assert {"data-checksum", "leaked-bytes", "unflushed-bytes"} <= kinds  # the damage reached every judgement
+
+
+def test_write_clusters_records_what_write_and_flush_record(tmp_path):
+    """Image.write_clusters (checksums taken from the bytes in hand) and list_intents (regions listed ahead) leave
+    the maps a plain write and flush leave: the same presence and checksums, and a clean check."""
+    from lamina.impl.osfile import OsStorage
+    from lamina.spec.check import check_image
+    from lamina.spec.protocol import read_map_copies
+    from lamina.spec.replication import select_map
+
+    rng = random.Random(5)
+    size, cluster = 6 * 128 * 4096 + 3 * SECTOR_SIZE, 4096
+    writes = []
+    for _ in range(40):
+        first = rng.randrange(size // cluster)
+        count = min(size // cluster - first, rng.choice([1, 3, 130, 300]))
+        writes.append((first * cluster, bytes(rng.getrandbits(8) for _ in range(64)) * (count * cluster // 64)))
+    maps = []
+    for how in ("plain", "clusters"):
+        path = str(tmp_path / f"{how}.lam")
+        with Image.create(path, size, cluster) as image:
+            image.max_intents = 8  # small: the listing evicts, and a write's own listing flushes midway
+            for i, (offset, data) in enumerate(writes):
+                if how == "plain":
+                    image.write(offset, data)
+                else:
+                    if i % 3 == 0:
+                        image.list_intents([(offset, len(data)), (0, SECTOR_SIZE)])
+                    image.write_clusters(offset, data)
+                if i % 7 == 6:
+                    image.flush()
+            with pytest.raises(InvalidArgument):
+                image.write_clusters(SECTOR_SIZE, bytes(cluster)) if how == "clusters" else image.write_clusters(0, bytes(100))
+        file = OsStorage().open(path, writable=False)
+        try:
+            report = check_image(file)
+            assert report.exit_code == 0 and not report.findings, report.findings
+            g = report.root.geometry
+            found = {}
+            for region in range(g.num_regions):
+                chosen = select_map(read_map_copies(file, g, region), g, region, report.root.image_uuid)
+                if chosen.value is not None:
+                    found[region] = (chosen.value.present, chosen.value.data_crcs)
+            maps.append(found)
+        finally:
+            file.close()
+        with Image.open(path, readonly=True) as opened:
+            maps[-1] = (maps[-1], opened.read(0, size))
+    assert maps[0] == maps[1]
