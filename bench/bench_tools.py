@@ -69,11 +69,52 @@ def time_row(name: str, commands: dict[str, list[str]], ratios: list[tuple[str, 
                  "ratios": []}
     for a, b, target in ratios:
         pairs = [x / y for x, y in zip(wall[a], wall[b])]
+        cpus = [x / y for x, y in zip(cpu[a], cpu[b]) if y > 0]
         row["ratios"].append({"of": a, "over": b, "target": target, **spread(pairs),
+                              "cpu_median": statistics.median(cpus) if cpus else None,
                               "met": None if target is None else statistics.median(pairs) <= target})
     print(f"  {name}: " + ", ".join(f"{s} {v['wall_s']['median']:.3f} s" for s, v in row["sides"].items())
           + "".join(f", {r['of']}/{r['over']} {r['median']:.2f}" for r in row["ratios"]), file=sys.stderr)
     return row
+
+
+def time_in_process(name: str, calls: dict[str, Callable[[], object]], ratios: list[tuple[str, str, float | None]],
+                    runs: int) -> dict:
+    """As `time_row`, for functions called in this process (no start-up): wall seconds only."""
+    wall: dict[str, list[float]] = {side: [] for side in calls}
+    for i in range(runs + 1):
+        for side, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if i:
+                wall[side].append(time.perf_counter() - start)
+    row: dict = {"name": name, "runs": runs, "commands": {s: "(in this process) " + getattr(c, "what", "") for s, c in calls.items()},
+                 "sides": {s: {"wall_s": spread(wall[s]), "wall_all_s": wall[s]} for s in calls}, "ratios": []}
+    for a, b, target in ratios:
+        pairs = [x / y for x, y in zip(wall[a], wall[b])]
+        row["ratios"].append({"of": a, "over": b, "target": target, **spread(pairs), "cpu_median": None,
+                              "met": None if target is None else statistics.median(pairs) <= target})
+    print(f"  {name}: " + ", ".join(f"{s} {v['wall_s']['median']:.3f} s" for s, v in row["sides"].items())
+          + "".join(f", {r['of']}/{r['over']} {r['median']:.2f}" for r in row["ratios"]), file=sys.stderr)
+    return row
+
+
+def in_process_check(path: str) -> Callable[[], object]:
+    """The spec's check of one layer file, as `lamina check` runs it, without the process around it."""
+    from lamina.impl.osfile import OsStorage
+    from lamina.spec.check import check_image
+
+    def call() -> object:
+        file = OsStorage().open(path, writable=False)
+        try:
+            report = check_image(file)
+        finally:
+            file.close()
+        if report.exit_code:
+            raise SystemExit(f"check of {path}: exit {report.exit_code}")
+        return report
+    call.what = f"lamina.spec.check.check_image of {os.path.basename(path)}"  # type: ignore[attr-defined]
+    return call
 
 
 def profile(argv: list[str], top: int) -> str:
@@ -114,6 +155,13 @@ def bench(args: argparse.Namespace, work: str) -> dict:
             rows.append(time_row(f"check {tag}", {"lamina": LAMINA + ["check", lam], "read": READ_EXTENTS + [lam],
                                                   "qemu": ["qemu-img", "check", qcow]},
                                  [("lamina", "read", 1.5), ("lamina", "qemu", None)], args.runs))
+            from read_extents import read_extents
+
+            def read() -> int:
+                return read_extents(lam)
+            read.what = f"read_extents.read_extents of {os.path.basename(lam)}"  # type: ignore[attr-defined]
+            rows.append(time_in_process(f"check {tag}, in process", {"check_image": in_process_check(lam), "read": read},
+                                        [("check_image", "read", None)], args.runs))
             prof(f"check {tag}", ["check", lam])
         if "map" in args.only:
             rows.append(time_row(f"map {tag}", {"lamina": LAMINA + ["map", lam], "qemu": ["qemu-img", "map", qcow]},
@@ -137,18 +185,23 @@ def bench(args: argparse.Namespace, work: str) -> dict:
             shutil.rmtree(lam + ".layers", ignore_errors=True)
         rows.append(time_row(f"convert raw->format {human(size)}",
                              {"lamina": LAMINA + ["convert", "-f", "raw", "-O", "lamina", "--cluster-size", cs, src, lam],
-                              "qemu": ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={args.cluster_size}", src, qcow]},
-                             [("lamina", "qemu", 1.0)], args.runs, {"lamina": fresh_lamina, "qemu": remove(qcow)}))
+                              "qemu": ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={args.cluster_size}", src, qcow],
+                              "qemu-wb": ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", "-o",
+                                          f"cluster_size={args.cluster_size}", src, qcow + ".wb"]},
+                             [("lamina", "qemu", 1.0), ("lamina", "qemu-wb", None)], args.runs,
+                             {"lamina": fresh_lamina, "qemu": remove(qcow), "qemu-wb": remove(qcow + ".wb")}))
         rows.append(time_row(f"convert format->raw {human(size)}",
                              {"lamina": LAMINA + ["convert", "-O", "raw", lam, back_l],
-                              "qemu": ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back_q]},
-                             [("lamina", "qemu", 1.0)], args.runs, {"lamina": remove(back_l), "qemu": remove(back_q)}))
+                              "qemu": ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back_q],
+                              "qemu-wb": ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw", qcow, back_q + ".wb"]},
+                             [("lamina", "qemu", 1.0), ("lamina", "qemu-wb", None)], args.runs,
+                             {"lamina": remove(back_l), "qemu": remove(back_q), "qemu-wb": remove(back_q + ".wb")}))
         same = filecmp.cmp(src, back_l, shallow=False) and filecmp.cmp(back_l, back_q, shallow=False)
         fresh_lamina()
         prof(f"convert raw->format {human(size)}", ["convert", "-f", "raw", "-O", "lamina", "--cluster-size", cs, src, lam])
         remove(back_l)()
         prof(f"convert format->raw {human(size)}", ["convert", "-O", "raw", lam, back_l])
-        remove(src, qcow, back_l, back_q)()
+        remove(src, qcow, qcow + ".wb", back_l, back_q, back_q + ".wb")()
         fresh_lamina()
     return {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "system": platform.platform(),
                         "load_average": os.getloadavg()},
@@ -157,19 +210,20 @@ def bench(args: argparse.Namespace, work: str) -> dict:
 
 
 def render(result: dict) -> str:
-    head = ("row", "command", "median s", "min-max s", "ratio", "median", "min-max", "target")
+    head = ("row", "command", "median s", "min-max s", "ratio", "median", "min-max", "cpu", "target")
     body = []
     for row in result["rows"]:
         first = True
         for side, v in row["sides"].items():
             w = v["wall_s"]
-            body.append((row["name"] if first else "", side, f"{w['median']:.3f}", f"{w['min']:.3f}-{w['max']:.3f}", "", "", "", ""))
+            body.append((row["name"] if first else "", side, f"{w['median']:.3f}", f"{w['min']:.3f}-{w['max']:.3f}", "", "", "", "", ""))
             first = False
         for r in row["ratios"]:
             met = "" if r["target"] is None else f"<= {r['target']:g} " + ("met" if r["met"] else "NOT met")
-            body.append(("", "", "", "", f"{r['of']}/{r['over']}", f"{r['median']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}", met))
+            cpu = "" if r.get("cpu_median") is None else f"{r['cpu_median']:.2f}"
+            body.append(("", "", "", "", f"{r['of']}/{r['over']}", f"{r['median']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}", cpu, met))
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 1, 4, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    lines = ["  ".join(c.ljust(w) if i in (0, 1, 4, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for row in result["rows"]:
@@ -177,7 +231,8 @@ def render(result: dict) -> str:
     if result["convert_round_trip_identical"] is not None:
         lines.append("convert round trip identical to the source: " + ("yes" if result["convert_round_trip_identical"] else "NO"))
     lines.append(f"whole-process wall times, medians of {result['runs']} interleaved runs after a warm-up round; "
-                 f"ratios are medians of the pairwise ratios (above 1 the first is slower); Python "
+                 f"ratios are medians of the pairwise ratios (above 1 the first is slower), cpu the median ratio of "
+                 f"user + system CPU seconds; Python "
                  f"{result['machine']['python']}, {result['machine']['cpus']} CPUs, load average at the end "
                  f"{result['machine']['load_average'][0]:.2f}; cached I/O (nothing dropped from the page cache)")
     return "\n".join(lines)

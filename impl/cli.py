@@ -364,6 +364,13 @@ def cmd_map(args: argparse.Namespace) -> int:
             data = {"extents": extents, "metadata": meta}
             rows += ["", "Metadata        Length          Kind    Copy  Region"]
             rows += [f"{hex(m['offset']):<16}{hex(m['length']):<16}{m['kind']:<8}{m['copy']:<6}{m.get('region', '')}" for m in meta]
+        if getattr(args, "output", "human") == "json" and isinstance(data, list):
+            import json
+
+            # One extent a line, as `qemu-img map --output=json` prints them (and by json's compiled encoder,
+            # which an indented document does without: a map of many extents is mostly encoding).
+            print("[" + ",\n".join(json.dumps(e) for e in data) + "]")
+            return EXIT_OK
         _emit(args, data, "\n".join(rows))
     return EXIT_OK
 
