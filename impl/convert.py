@@ -31,17 +31,20 @@ def detect_format(path: str) -> str:
 
     `IMAGE@SNAPSHOT` is the format of IMAGE (Lamina, or a qcow2 with internal snapshots).
     """
+    image, snap = parse_target(path)
+    if snap is None:
+        file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
+        try:
+            head = file.pread(0, len(ROOT_MAGIC))
+        finally:
+            file.close()
+        if head == ROOT_MAGIC:
+            return "lamina"  # and the qemu module, with its imports, stays unloaded
     from .qemu import probe_format
 
-    image, snap = parse_target(path)
     if snap is not None:
         return probe_format(image) or "lamina"
-    file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
-    try:
-        head = file.pread(0, len(ROOT_MAGIC))
-    finally:
-        file.close()
-    return "lamina" if head == ROOT_MAGIC else probe_format(path) or "raw"
+    return probe_format(path) or "raw"
 
 
 class RawSource:
