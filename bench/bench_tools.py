@@ -51,10 +51,28 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+BEFORE: list[str] = []  # --before: another `lamina` to time beside this one (a side "before" in every row)
+
+
 def time_row(name: str, commands: dict[str, list[str]], ratios: list[tuple[str, str, float | None]], runs: int,
-             prepare: dict[str, Prepare] | None = None) -> dict:
-    """Every command of the row in turn, `runs` rounds after one warm-up round; ratios (a, b, target) of a over b."""
-    prepare = prepare or {}
+             prepare: dict[str, Prepare] | None = None, before: dict[str, str] | None = None) -> dict:
+    """Every command of the row in turn, `runs` rounds after one warm-up round; ratios (a, b, target) of a over b.
+
+    With --before, the "lamina" command runs a second time as the side "before" through that other `lamina`,
+    with the paths of `before` (this side's output path -> the other's) swapped in.
+    """
+    prepare = dict(prepare or {})
+    if BEFORE and "lamina" in commands:
+        swap = before or {}
+        other = BEFORE + [swap.get(a, a) for a in commands["lamina"][len(LAMINA):]]
+        commands = {**commands, "before": other}
+        ratios = [*ratios, ("lamina", "before", None)]
+        if "lamina" in prepare and swap:
+            def fresh_before() -> None:
+                for path in swap.values():
+                    remove(path)()
+                    shutil.rmtree(path + ".layers", ignore_errors=True)
+            prepare["before"] = fresh_before
     wall: dict[str, list[float]] = {side: [] for side in commands}
     cpu: dict[str, list[float]] = {side: [] for side in commands}
     for i in range(runs + 1):
@@ -189,24 +207,26 @@ def bench(args: argparse.Namespace, work: str) -> dict:
                               "qemu-wb": ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", "-o",
                                           f"cluster_size={args.cluster_size}", src, qcow + ".wb"]},
                              [("lamina", "qemu", 1.0), ("lamina", "qemu-wb", None)], args.runs,
-                             {"lamina": fresh_lamina, "qemu": remove(qcow), "qemu-wb": remove(qcow + ".wb")}))
+                             {"lamina": fresh_lamina, "qemu": remove(qcow), "qemu-wb": remove(qcow + ".wb")}, {lam: lam + ".before"}))
         rows.append(time_row(f"convert format->raw {human(size)}",
                              {"lamina": LAMINA + ["convert", "-O", "raw", lam, back_l],
                               "qemu": ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back_q],
                               "qemu-wb": ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw", qcow, back_q + ".wb"]},
                              [("lamina", "qemu", 1.0), ("lamina", "qemu-wb", None)], args.runs,
-                             {"lamina": remove(back_l), "qemu": remove(back_q), "qemu-wb": remove(back_q + ".wb")}))
+                             {"lamina": remove(back_l), "qemu": remove(back_q), "qemu-wb": remove(back_q + ".wb")},
+                             {back_l: back_l + ".before"}))
         same = filecmp.cmp(src, back_l, shallow=False) and filecmp.cmp(back_l, back_q, shallow=False)
         fresh_lamina()
         prof(f"convert raw->format {human(size)}", ["convert", "-f", "raw", "-O", "lamina", "--cluster-size", cs, src, lam])
         remove(back_l)()
         prof(f"convert format->raw {human(size)}", ["convert", "-O", "raw", lam, back_l])
-        remove(src, qcow, qcow + ".wb", back_l, back_q, back_q + ".wb")()
+        remove(src, qcow, qcow + ".wb", back_l, back_q, back_q + ".wb", back_l + ".before", lam + ".before")()
+        shutil.rmtree(lam + ".before.layers", ignore_errors=True)
         fresh_lamina()
     return {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "system": platform.platform(),
                         "load_average": os.getloadavg()},
             "disk": args.disk, "data": args.data, "cluster_size": args.cluster_size, "convert_size": args.convert_size,
-            "runs": args.runs, "rows": rows, "convert_round_trip_identical": same, "profiles": profiles}
+            "runs": args.runs, "before": args.before, "rows": rows, "convert_round_trip_identical": same, "profiles": profiles}
 
 
 def render(result: dict) -> str:
@@ -249,12 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed rounds of each row (after one warm-up round)")
     parser.add_argument("--profile", type=int, nargs="?", const=25, default=0, metavar="N",
                         help="also print the top N functions (own time) of a cProfile of each Lamina command")
+    parser.add_argument("--before", metavar="LAMINA", default=None,
+                        help="another `lamina` executable (an older version) to time beside this one in every row")
     parser.add_argument("--output", choices=("text", "json"), default="text")
     parser.add_argument("--dir", default=None, help="directory for the images (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if shutil.which("qemu-img") is None:
         parser.error("qemu-img is not on the PATH")
+    if args.before:
+        BEFORE[:] = [args.before]
     work = tempfile.mkdtemp(prefix="lamina-bench-tools-", dir=args.dir)
     try:
         result = bench(args, work)
