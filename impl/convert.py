@@ -21,8 +21,7 @@ from .layers import open_target, parse_target
 from .osfile import OsStorage, start_writeback
 from .progress import QUIET, Progress
 
-CHUNK = 1 << 20
-BIG_CHUNK = 1 << 23  # (= 8 MiB, one region at 64 KiB clusters)
+CHUNK = 1 << 20  # bytes a piece: small enough to stay in the cache from its read to its write and checksum
 NATIVE = ("raw", "lamina")
 
 
@@ -198,8 +197,6 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
         if snapshots(image_info(src, src_format)):
             return import_snapshots(src, src_format, dst, cluster_size, progress, notes)
     source = open_source(src, src_format, allow_bases, force_share)
-    # Native sources are read in big pieces (one pread each); a foreign one in pieces NBD requests carry well.
-    chunk = CHUNK if src_format not in NATIVE else BIG_CHUNK
     written = 0
     try:
         size = source.virtual_size
@@ -210,7 +207,7 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
         try:
             ranges = list(source.data_ranges())  # first: a foreign source's block status never interleaves its reads
             prepare(ranges)
-            for pos, step, data in source.read_pieces(_pieces(iter(ranges), size, chunk)):
+            for pos, step, data in source.read_pieces(_pieces(iter(ranges), size)):
                 progress.update(pos - done)  # the hole skipped before this piece
                 for lo, hi in _nonzero_runs(data, pos, cluster_size):
                     write(pos + lo, data if hi - lo == len(data) else data[lo:hi])

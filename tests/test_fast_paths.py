@@ -318,7 +318,7 @@ def _damaged_image(path: str, rng: random.Random) -> None:
         os.close(fd)
 
 
-def test_check_by_runs_finds_what_the_cluster_by_cluster_definition_finds(tmp_path):
+def test_check_by_runs_finds_what_the_cluster_by_cluster_definition_finds(tmp_path, monkeypatch):
     """spec.check.check_region (whole runs read at once, full runs judged by their checksums alone, padding read
     only where allocated) against the plain per-cluster walk, finding for finding, on damaged images."""
     from lamina.impl.osfile import OsStorage
@@ -330,6 +330,7 @@ def test_check_by_runs_finds_what_the_cluster_by_cluster_definition_finds(tmp_pa
     for case in range(60):
         path = str(tmp_path / f"{case}.lam")
         _damaged_image(path, rng)
+        monkeypatch.setattr(check, "READ_CHUNK", rng.choice([1 << 20, 3 * 4096, 1]))  # runs cut short, or not
         file = OsStorage().open(path, writable=False)
         try:
             findings: list = []
