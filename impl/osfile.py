@@ -78,6 +78,17 @@ class OsFile:
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
 
+    def pread_into(self, offset: int, buffer: memoryview) -> int:
+        """`pread` into a caller's buffer (short only at end of file): a walk over many megabytes reuses one
+        buffer instead of a new object per read, whose pages the host would map in afresh each time."""
+        done = 0
+        while done < len(buffer):
+            n = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if n <= 0:
+                break
+            done += n
+        return done
+
     def pwrite(self, offset: int, data: bytes) -> None:
         try:
             view = memoryview(data)

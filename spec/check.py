@@ -219,8 +219,11 @@ def _runs(clusters: list[int], longest: int) -> list[tuple[int, int]]:
 
 
 def check_region(file: File, geometry: Geometry, root: Root, region: int, extents: list[tuple[int, int]],
-                 findings: list[Finding]) -> int:
-    """I3-I6 for one region; returns the number of data clusters verified."""
+                 findings: list[Finding], buffer: memoryview | None = None) -> int:
+    """I3-I6 for one region; returns the number of data clusters verified.
+
+    `buffer` (`read_buffer`) is where the data is read when the backend can read into one; else each read
+    is a new object."""
     pending = region in root.intents
     span = (region * geometry.region_span, min(geometry.region_span, geometry.virtual_size - region * geometry.region_span))
     try:
@@ -251,12 +254,23 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     # Clusters wholly inside the virtual size: their masks need no clipping.
     inside_clusters = max(0, min(CLUSTERS_PER_REGION, (virtual_size - first_cluster * size) // size))
     verified = 0
+    longest = max(1, READ_CHUNK // size)
+    # A backend that can read into a buffer (`pread_into`, the OS one) fills one for the whole walk.
+    read_into = getattr(file, "pread_into", None)
+    if read_into is None:
+        buffer = None
+    elif buffer is None or len(buffer) < longest * size:
+        buffer = read_buffer(geometry)
     # The clusters not visited are absent, checksum 0 and a hole.  The others are read a run at a time.
-    for a, b in _runs(m.clusters_to_visit(extents, data_offset, size), max(1, READ_CHUNK // size)):
-        data = file.pread(data_offset + a * size, (b - a) * size)
-        if len(data) < (b - a) * size:
-            data = data.ljust((b - a) * size, b"\0")
-        view = memoryview(data)
+    for a, b in _runs(m.clusters_to_visit(extents, data_offset, size), longest):
+        if buffer is not None:
+            view = buffer[: (b - a) * size]
+            got = read_into(data_offset + a * size, view)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)  # past the end of the file: read as zero
+        else:
+            data = file.pread(data_offset + a * size, (b - a) * size)
+            view = memoryview(data.ljust((b - a) * size, b"\0"))
         if not pending and b <= inside_clusters and present[a * width : b * width] == all_present * (b - a):
             # Every sector of the run present (a written run): no absent bytes to judge, the checksums alone.
             got = [crc32c(view[i : i + size]) for i in range(0, (b - a) * size, size)]
@@ -301,6 +315,11 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     return verified
 
 
+def read_buffer(geometry: Geometry) -> memoryview:
+    """A buffer for `check_region`'s reads at this geometry's cluster size, to be reused region after region."""
+    return memoryview(bytearray(max(1, READ_CHUNK // geometry.cluster_size) * geometry.cluster_size))
+
+
 def _checksum_finding(geometry: Geometry, cluster: int, offset: int) -> Finding:
     size, virtual_size = geometry.cluster_size, geometry.virtual_size
     guest = cluster * size
@@ -335,8 +354,9 @@ def check_image(file: File, progress: Callable[[float], None] | None = None) -> 
     _check_root_padding(file, root, extents, findings)
     regions = set(allocated_regions(extents, geometry)) | set(root.intents)
     clusters = 0
+    buffer = read_buffer(geometry)
     for i, region in enumerate(sorted(regions)):
-        clusters += check_region(file, geometry, root, region, extents, findings)
+        clusters += check_region(file, geometry, root, region, extents, findings, buffer)
         if progress:
             progress((i + 1) / len(regions))
     return CheckReport(tuple(findings), root, len(regions), clusters)
