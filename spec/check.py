@@ -255,8 +255,10 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     inside_clusters = max(0, min(CLUSTERS_PER_REGION, (virtual_size - first_cluster * size) // size))
     verified = 0
     longest = max(1, READ_CHUNK // size)
-    # A backend that can read into a buffer (`pread_into`, the OS one) fills one for the whole walk.
-    read_into = getattr(file, "pread_into", None)
+    # A backend that can read into a buffer (`pread_into`, the OS one) fills one for the whole walk.  Only
+    # its own class's method counts: a wrapper that forwards what it does not define (one that paces or
+    # counts reads) would otherwise be passed by.
+    read_into = file.pread_into if hasattr(type(file), "pread_into") else None  # type: ignore[attr-defined]
     if read_into is None:
         buffer = None
     elif buffer is None or len(buffer) < longest * size:
