@@ -393,19 +393,32 @@ def cmd_map(args: argparse.Namespace) -> int:
             data = {"extents": extents, "metadata": meta}
             rows += ["", "Metadata        Length          Kind    Copy  Region"]
             rows += [f"{hex(m['offset']):<16}{hex(m['length']):<16}{m['kind']:<8}{m['copy']:<6}{m.get('region', '')}" for m in meta]
+        if getattr(args, "output", "human") == "json" and isinstance(data, list):
+            import json
+
+            # One extent a line, as `qemu-img map --output=json` prints them (and by json's compiled encoder,
+            # which an indented document does without: a map of many extents is mostly encoding).
+            print("[" + ",\n".join(json.dumps(e) for e in data) + "]")
+            return EXIT_OK
         _emit(args, data, "\n".join(rows))
     return EXIT_OK
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert, detect_format
+    import contextlib
+
+    from .convert import NATIVE, convert, detect_format
     from .progress import Progress
 
     src_format = args.f or detect_format(args.src)
-    from .qemu import signals_interrupt
+    if src_format in NATIVE and args.O in NATIVE:
+        guard = contextlib.nullcontext()  # no server to stop: the qemu module and its imports are not needed
+    else:
+        from .qemu import signals_interrupt
 
+        guard = signals_interrupt()
     notes: list[str] = []
-    with signals_interrupt(), Progress(args.progress and not args.quiet, "convert") as bar:
+    with guard, Progress(args.progress and not args.quiet, "convert") as bar:
         convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar,
                 tuple(args.allow_base or ()), force_share=_force_share(args), options=args.o, notes=notes)
     for note in notes:

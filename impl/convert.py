@@ -18,10 +18,10 @@ from lamina.spec.zeros import is_zero
 
 from .image import Image
 from .layers import open_target, parse_target
-from .osfile import OsStorage
+from .osfile import OsStorage, start_writeback
 from .progress import QUIET, Progress
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # bytes a piece: small enough to stay in the cache from its read to its write and checksum
 NATIVE = ("raw", "lamina")
 
 
@@ -30,17 +30,20 @@ def detect_format(path: str) -> str:
 
     `IMAGE@SNAPSHOT` is the format of IMAGE (Lamina, or a qcow2 with internal snapshots).
     """
+    image, snap = parse_target(path)
+    if snap is None:
+        file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
+        try:
+            head = file.pread(0, len(ROOT_MAGIC))
+        finally:
+            file.close()
+        if head == ROOT_MAGIC:
+            return "lamina"  # and the qemu module, with its imports, stays unloaded
     from .qemu import probe_format
 
-    image, snap = parse_target(path)
     if snap is not None:
         return probe_format(image) or "lamina"
-    file = OsStorage().open(path, writable=False, follow_symlinks=True)  # the guarded open: a FIFO never blocks
-    try:
-        head = file.pread(0, len(ROOT_MAGIC))
-    finally:
-        file.close()
-    return "lamina" if head == ROOT_MAGIC else probe_format(path) or "raw"
+    return probe_format(path) or "raw"
 
 
 class RawSource:
@@ -143,14 +146,33 @@ def open_source(path: str, fmt: str | None = None, allow_bases: tuple[str, ...] 
     return ForeignSource(path, fmt)
 
 
-def _pieces(ranges: Iterator[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
-    """Chunks of at most CHUNK bytes, aligned to CHUNK, covering `ranges` below `size`."""
+def _pieces(ranges: Iterator[tuple[int, int]], size: int, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
+    """Chunks of at most `chunk` bytes, aligned to `chunk`, covering `ranges` below `size`."""
     for start, length in ranges:
         pos, end = start, min(start + length, size)
         while pos < end:
-            step = min(CHUNK - pos % CHUNK, end - pos)
+            step = min(chunk - pos % chunk, end - pos)
             yield pos, step
             pos += step
+
+
+def _nonzero_runs(data: bytes, pos: int, grain: int) -> list[tuple[int, int]]:
+    """[lo, hi) offsets into `data` (read at guest offset `pos`) of the runs of `grain`-aligned pieces that are
+    not all zero: what a copy writes; the zero pieces between stay holes."""
+    if is_zero(data):
+        return []
+    view = memoryview(data)
+    runs: list[tuple[int, int]] = []
+    lo = 0
+    while lo < len(data):
+        hi = min(len(data), lo + grain - (pos + lo) % grain)
+        if not is_zero(view[lo:hi]):
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi)
+            else:
+                runs.append((lo, hi))
+        lo = hi
+    return runs
 
 
 def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | None = None,
@@ -160,9 +182,10 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
     """Copy the guest contents of `src` into a new `dst`; return the bytes of data written.
 
     Only ranges the source may hold (its chain's extents, a raw file's data,
-    a foreign image's block status) are read, and chunks that are all zero
-    are not written, so holes and zeroes stay holes.  A foreign source with
-    internal snapshots and a Lamina target: see `import_snapshots`.
+    a foreign image's block status) are read, and pieces of a cluster
+    (`cluster_size`) that are all zero are not written, so holes and zeroes
+    stay holes.  A foreign source with internal snapshots and a Lamina
+    target: see `import_snapshots`.
     """
     progress = progress or QUIET
     src_format = src_format or detect_format(src)
@@ -178,16 +201,18 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
     try:
         size = source.virtual_size
         progress.set_total(size)
-        write, finish = _target(dst, dst_format, size, cluster_size, options)
+        write, finish, prepare, settle = _target(dst, dst_format, size, cluster_size, options)
         done = 0
         ok = False
         try:
             ranges = list(source.data_ranges())  # first: a foreign source's block status never interleaves its reads
+            prepare(ranges)
             for pos, step, data in source.read_pieces(_pieces(iter(ranges), size)):
                 progress.update(pos - done)  # the hole skipped before this piece
-                if not is_zero(data):
-                    write(pos, data)
-                    written += step
+                for lo, hi in _nonzero_runs(data, pos, cluster_size):
+                    write(pos + lo, data if hi - lo == len(data) else data[lo:hi])
+                    written += hi - lo
+                settle(pos, step)
                 progress.update(step)
                 done = pos + step
             progress.update(size - done)
@@ -200,17 +225,57 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
 
 
 def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | None):
-    """(write(offset, data), finish(ok)) for a new image of `fmt` at `dst`."""
+    """(write(offset, data), finish(ok), prepare(ranges), settle(offset, length)) for a new image of `fmt` at `dst`.
+
+    `prepare` is told the (offset, length) ranges that the writes will fall
+    in, before the first; `settle` that a guest range is written, so that
+    its file bytes can start on their way to the device (`start_writeback`):
+    the one fsync at the end then waits for little.
+    """
     if fmt == "lamina":
         # A raw file's last partial sector reads as zero-padded, as qemu-img rounds it.
         target = Image.create(dst, -(-size // SECTOR_SIZE) * SECTOR_SIZE, cluster_size)
-        return target.write, lambda ok: target.close()
+        virtual = target.virtual_size
+        window = max(1, target.max_intents // 2) * target.geometry.region_span  # regions listed per root write
+        ahead: dict[int, list[tuple[int, int]]] = {}  # window -> the ranges the copy will write in it
+        listed = [-1]  # the window whose regions are listed
+
+        def prepare(ranges: list[tuple[int, int]]) -> None:
+            for p, n in _pieces(iter(ranges), virtual, window):
+                ahead.setdefault(p // window, []).append((p, n))
+
+        def write_lamina(offset: int, data: bytes) -> None:
+            if offset // window != listed[0]:  # rule 1 for the window's writes in one root write, not one per group
+                listed[0] = offset // window
+                target.list_intents(ahead.pop(listed[0], []))
+            end = offset + len(data)
+            lo, hi = -(-offset // cluster_size) * cluster_size, end // cluster_size * cluster_size
+            if hi <= lo:
+                target.write(offset, data)
+                return
+            view = memoryview(data)
+            if lo > offset:
+                target.write(offset, bytes(view[: lo - offset]))
+            target.write_clusters(lo, data if (lo, hi) == (offset, end) else bytes(view[lo - offset : hi - offset]))
+            if end > hi:
+                target.write(hi, bytes(view[hi - offset :]))
+        geometry = target.geometry
+
+        def settle_lamina(offset: int, length: int) -> None:
+            file = target.file
+            if length > 0 and hasattr(file, "start_writeback"):
+                lo = geometry.guest_to_file(offset)
+                file.start_writeback(lo, geometry.guest_to_file(offset + length - 1) + 1 - lo)
+        return write_lamina, lambda ok: target.close(), prepare, settle_lamina
     if fmt == "raw":
         raw = open(dst, "xb")
         raw.truncate(size)
 
         def write(offset: int, data: bytes) -> None:
-            os.pwrite(raw.fileno(), data, offset)
+            view = memoryview(data)
+            while view:
+                done = os.pwrite(raw.fileno(), view, offset)
+                view, offset = view[done:], offset + done
 
         def finish(ok: bool) -> None:
             try:
@@ -219,7 +284,7 @@ def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | Non
                     os.fsync(raw.fileno())
             finally:
                 raw.close()
-        return write, finish
+        return write, finish, lambda ranges: None, lambda offset, length: start_writeback(raw.fileno(), offset, length)
     from .qemu import Export, create_image
 
     create_image(dst, fmt, size, options)
@@ -236,7 +301,7 @@ def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | Non
             export.close()
         else:
             export.abort()
-    return client.submit_write, finish_foreign  # writes pipelined; the final flush waits for every reply
+    return client.submit_write, finish_foreign, lambda ranges: None, lambda offset, length: None  # writes pipelined; the final flush waits for every reply
 
 
 def _differing_runs(old: bytes, new: bytes) -> Iterator[tuple[int, int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import attrs
 
@@ -26,6 +26,7 @@ from lamina.spec.layout import (
     check_virtual_size,
     cluster_size_to_bits,
 )
+from lamina.spec.crc import crc32c
 from lamina.spec.protocol import (
     SETTLE_INTERVAL,
     cluster_crc,
@@ -492,6 +493,50 @@ class Image:
     def discard(self, offset: int, length: int) -> None:
         """Drop a range; it reads as zero afterwards."""
         self.write_zeroes(offset, length)
+
+    def list_intents(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """List the regions of guest (offset, length) ranges in the intent list now, ahead of writes (rule 1).
+
+        A bulk copy that knows what it will write pays one root write per
+        batch of regions (half the list), not one per group of 16 regions
+        written; regions listed and never written are dropped like any other.
+        """
+        self._check_writable()
+        span = self._span
+        regions: set[int] = set()
+        for offset, length in ranges:
+            self._check_range(offset, length)
+            if length:
+                regions.update(range(offset // span, (offset + length - 1) // span + 1))
+        ordered = sorted(regions)
+        batch = max(1, self.max_intents // 2)
+        for i in range(0, len(ordered), batch):
+            self._ensure_intents(set(ordered[i : i + batch]))
+
+    def write_clusters(self, offset: int, data: bytes) -> None:
+        """Write whole clusters and take their checksums from `data` itself, so the flush reads nothing back.
+
+        What `write` then `flush` would record, for a copy that holds the
+        bytes anyway (convert): every sector of these clusters is present, so
+        each cluster's checksum is the CRC32C of its bytes as written.
+        """
+        size = self.cluster_size
+        if offset % size or len(data) % size:
+            raise InvalidArgument(f"{self.path}: write_clusters at {offset}, {len(data)} bytes: not whole clusters of {size}")
+        self.write(offset, data)
+        view = memoryview(data)
+        span = self._span
+        for pos in range(offset, offset + len(data), size):
+            region, within = divmod(pos, span)
+            c = within // size
+            clusters = self._dirty.get(region)
+            if clusters is None or c not in clusters:
+                continue  # checksummed already (a flush inside the write): nothing is pending for it
+            self._maps[region].data_crcs[c] = crc32c(view[pos - offset : pos - offset + size])
+            clusters.discard(c)
+            if not clusters:
+                del self._dirty[region]
+            self._deferred.add(region)
 
     @_marks_failure
     def flush(self) -> None:

@@ -26,7 +26,24 @@ def _libc():  # -> (the C library, the ctypes module)
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if hasattr(libc, "sync_file_range"):
+        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return libc, ctypes
+
+
+_SYNC_FILE_RANGE_WRITE = 0x02
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing the dirty pages of a file range to the device, without waiting (`sync_file_range`'s WRITE).
+
+    Only a hint, where the host has it: nothing is durable until an fsync.
+    A bulk copy that calls it behind its writes has the device working
+    while it copies, so that its one fsync at the end finds little left.
+    """
+    libc, _ = _libc()
+    if length > 0 and hasattr(libc, "sync_file_range"):
+        libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure is harmless: fsync decides
 
 
 class StorageError(LaminaError):
@@ -60,6 +77,17 @@ class OsFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
+
+    def pread_into(self, offset: int, buffer: memoryview) -> int:
+        """`pread` into a caller's buffer (short only at end of file): a walk over many megabytes reuses one
+        buffer instead of a new object per read, whose pages the host would map in afresh each time."""
+        done = 0
+        while done < len(buffer):
+            n = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if n <= 0:
+                break
+            done += n
+        return done
 
     def pwrite(self, offset: int, data: bytes) -> None:
         try:
@@ -95,6 +123,10 @@ class OsFile:
 
     def fsync(self) -> None:
         os.fsync(self._fd)
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """A hint to the host (`start_writeback`); not part of the storage interface, which has no need of it."""
+        start_writeback(self._fd, offset, length)
 
     def size(self) -> int:
         return os.fstat(self._fd).st_size

@@ -31,12 +31,14 @@ table in the format document is the whole truth.
 """
 from __future__ import annotations
 
+import bisect
 from typing import Callable
 
 import attrs
 
 from .errors import FormatError
 from .layout import CLUSTERS_PER_REGION, MAX_COUNTER, ROOT_AREA_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, allocated_regions, overlaps, root_copy_offset
+from .crc import crc32c
 from .protocol import cluster_crc, read_map_copies, read_root_copies
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
@@ -191,12 +193,42 @@ def check_root(file: File, findings: list[Finding]) -> Root:
     return root
 
 
+# Bytes a walk over a region's data reads with one pread: runs of clusters it must judge, not one read per cluster.
+READ_CHUNK = 1 << 20  # (= 1 MiB: the bytes are still in the cache when their checksum reads them)
+
+
+def _allocated_nonzero(file: File, extents: list[tuple[int, int]], lo: int, length: int) -> bool:
+    """Whether [lo, lo+length) holds a non-zero byte: only its allocated parts are read (holes read zero)."""
+    hi = lo + length
+    i = max(0, bisect.bisect_right(extents, (lo,)) - 1)
+    for offset, n in extents[i:]:
+        if offset >= hi:
+            break
+        a, b = max(lo, offset), min(hi, offset + n)
+        if b > a and not is_zero(file.pread(a, b - a)):
+            return True
+    return False
+
+
+def _runs(clusters: list[int], longest: int) -> list[tuple[int, int]]:
+    """[first, end) of each run of consecutive values of an ascending list, cut to at most `longest` values."""
+    runs: list[tuple[int, int]] = []
+    for c in clusters:
+        if runs and runs[-1][1] == c and c - runs[-1][0] < longest:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
 def check_region(file: File, geometry: Geometry, root: Root, region: int, extents: list[tuple[int, int]],
-                 findings: list[Finding], store: "StoreView | SharedReferenceError | None" = None) -> int:
+                 findings: list[Finding], store: "StoreView | SharedReferenceError | None" = None,
+                 buffer: memoryview | None = None) -> int:
     """I3-I6 for one region; returns the number of data clusters verified.
 
     A shared cluster (F-SHARE-004) is judged by the store's bytes (I5), and its local place must be a hole (I6).
-    """
+    `buffer` (`read_buffer`) is where the data is read when the backend can read into one; else each read
+    is a new object."""
     pending = region in root.intents
     span = (region * geometry.region_span, min(geometry.region_span, geometry.virtual_size - region * geometry.region_span))
     try:
@@ -214,83 +246,148 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     for slot in (0, 1):
         pad = geometry.map_copy_offset(region, slot) + geometry.map_read_length
         tail = size - geometry.map_read_length
-        if not is_zero(file.pread(pad, tail)):
+        if _allocated_nonzero(file, extents, pad, tail):
             findings.append(Finding(LEAK, "leaked-bytes", f"non-zero bytes after map copy {'AB'[slot]} of region {region} at file offset {pad}",
                                     ("punch", pad, tail)))
     # Plain integers for the loop: cluster c of the region lies at data_offset + c * size (identity mapping).
     full = (1 << spc) - 1
     first_cluster = region * CLUSTERS_PER_REGION
     data_offset = geometry.region_data_offset(region)
+    width = spc // 8  # bytes of one cluster's presence mask
+    present, crcs = bytes(m.present), m.data_crcs
+    all_present = b"\xff" * width
+    # Clusters wholly inside the virtual size: their masks need no clipping.
+    inside_clusters = max(0, min(CLUSTERS_PER_REGION, (virtual_size - first_cluster * size) // size))
     verified = 0
-    for c in m.clusters_to_visit(extents, data_offset, size):  # the others: absent, checksum 0, a hole
-        cluster = first_cluster + c
-        guest = cluster * size
-        offset = data_offset + c * size
-        inside = max(0, min(spc, (virtual_size - guest) // SECTOR_SIZE))
-        mask = m.cluster_mask(c)
-        if mask >> inside:
-            findings.append(Finding(PENDING if pending else CORRUPTION, "map-invariant",
-                                    f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"
-                                    + ("; recovery drops them" if pending else "")))
-            mask &= (1 << inside) - 1
-        if m.shared[c]:
-            length = min(size, virtual_size - guest) if guest < virtual_size else size
-            if overlaps(extents, offset, size) and not is_zero(file.pread(offset, size)):
-                findings.append(Finding(PENDING, "unflushed-bytes", f"shared cluster {cluster} still holds its local bytes; "
-                                        "recovery punches them") if pending else
-                                Finding(LEAK, "leaked-bytes", f"non-zero bytes at the local place of shared cluster {cluster} "
-                                        f"(file offset {offset})", ("punch", offset, size), (guest, length)))
-            if not mask:
-                if not pending:
-                    findings.append(Finding(CORRUPTION, "shared-reference", f"cluster {cluster} has no present sector but "
-                                            f"references store cluster {m.shared[c] - 1}", None, (guest, length)))
-                continue
-            if isinstance(store, SharedReferenceError) or store is None:
-                why = str(store) if store is not None else "the layer names no store"
-                findings.append(Finding(CORRUPTION, "shared-reference", f"guest range [{guest}, {guest + length}) "
-                                        f"(cluster {cluster}) is shared, but {why}", None, (guest, length)))
-                continue
-            try:
-                data = store.cluster(m.shared[c] - 1, f"guest range [{guest}, {guest + length}) (cluster {cluster}): ")
-            except FormatError as exc:
-                findings.append(Finding(CORRUPTION, "shared-reference", str(exc), None, (guest, length)))
-                continue
-            if pending:
-                continue
-            verified += 1
-            if cluster_crc(zero_absent(data, mask, spc), mask) != m.data_crcs[c]:
-                findings.append(Finding(CORRUPTION, "data-checksum",
-                                        f"data of guest range [{guest}, {guest + length}) (cluster {cluster}, shared: "
-                                        f"store cluster {m.shared[c] - 1} of {store.path}) does not match its CRC32C",
-                                        None, (guest, length)))
-            continue
-        if not mask and not m.data_crcs[c] and not overlaps(extents, offset, size):
-            continue
-        data = file.pread(offset, size)
-        if len(data) < size:
-            data = data.ljust(size, b"\0")
-        if not mask and not m.data_crcs[c] and is_zero(data):
-            continue
-        if mask == full:  # every sector present: no absent bytes to judge, nothing to zero
-            leaked = []
+    longest = max(1, READ_CHUNK // size)
+    # A backend that can read into a buffer (`pread_into`, the OS one) fills one for the whole walk.  Only
+    # its own class's method counts: a wrapper that forwards what it does not define (one that paces or
+    # counts reads) would otherwise be passed by.
+    read_into = file.pread_into if hasattr(type(file), "pread_into") else None  # type: ignore[attr-defined]
+    if read_into is None:
+        buffer = None
+    elif buffer is None or len(buffer) < longest * size:
+        buffer = read_buffer(geometry)
+    # The clusters not visited are absent, checksum 0 and a hole.  The others are read a run at a time.
+    visit = m.clusters_to_visit(extents, data_offset, size)
+    if any(m.shared):  # shared clusters are judged by the store's bytes, one by one
+        local = []
+        for c in visit:
+            if m.shared[c]:
+                verified += _check_shared(file, geometry, m, region, c, extents, findings, store, pending)
+            else:
+                local.append(c)
+        visit = local
+    for a, b in _runs(visit, longest):
+        if buffer is not None:
+            view = buffer[: (b - a) * size]
+            got = read_into(data_offset + a * size, view)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)  # past the end of the file: read as zero
         else:
-            leaked = [(s, n) for s, n in absent_runs(mask, spc) if not is_zero(memoryview(data)[s * SECTOR_SIZE : (s + n) * SECTOR_SIZE])]
-        if pending:
-            if leaked:
-                findings.append(Finding(PENDING, "unflushed-bytes", f"cluster {cluster} holds bytes of an unflushed write; recovery punches them"))
+            data = file.pread(data_offset + a * size, (b - a) * size)
+            view = memoryview(data.ljust((b - a) * size, b"\0"))
+        if not pending and b <= inside_clusters and present[a * width : b * width] == all_present * (b - a):
+            # Every sector of the run present (a written run): no absent bytes to judge, the checksums alone.
+            got = [crc32c(view[i : i + size]) for i in range(0, (b - a) * size, size)]
+            verified += b - a
+            if got != crcs[a:b].tolist():
+                for c in range(a, b):
+                    if got[c - a] != crcs[c]:
+                        findings.append(_checksum_finding(geometry, first_cluster + c, data_offset + c * size))
             continue
-        for s, n in leaked:
-            findings.append(Finding(LEAK, "leaked-bytes",
-                                    f"non-zero bytes in absent sectors of cluster {cluster} (guest offset {guest + s * SECTOR_SIZE}, {n * SECTOR_SIZE} bytes, file offset {offset + s * SECTOR_SIZE})",
-                                    ("punch", offset + s * SECTOR_SIZE, n * SECTOR_SIZE), (guest + s * SECTOR_SIZE, n * SECTOR_SIZE)))
-        expected = cluster_crc(zero_absent(data, mask, spc), mask)
-        verified += 1
-        if expected != m.data_crcs[c]:
-            length = min(size, virtual_size - guest) if guest < virtual_size else size
-            findings.append(Finding(CORRUPTION, "data-checksum",
-                                    f"data of guest range [{guest}, {guest + length}) (cluster {cluster}, file offset {offset}) does not match its CRC32C",
-                                    None, (guest, length)))
+        for c in range(a, b):
+            cluster = first_cluster + c
+            guest = cluster * size
+            offset = data_offset + c * size
+            inside = max(0, min(spc, (virtual_size - guest) // SECTOR_SIZE))
+            mask = int.from_bytes(present[c * width : (c + 1) * width], "little")
+            if mask >> inside:
+                findings.append(Finding(PENDING if pending else CORRUPTION, "map-invariant",
+                                        f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"
+                                        + ("; recovery drops them" if pending else "")))
+                mask &= (1 << inside) - 1
+            if not mask and not crcs[c] and not overlaps(extents, offset, size):
+                continue
+            cdata = view[(c - a) * size : (c - a + 1) * size]
+            if not mask and not crcs[c] and is_zero(cdata):
+                continue
+            if mask == full:  # every sector present: no absent bytes to judge, nothing to zero
+                leaked = []
+            else:
+                leaked = [(s, n) for s, n in absent_runs(mask, spc) if not is_zero(cdata[s * SECTOR_SIZE : (s + n) * SECTOR_SIZE])]
+            if pending:
+                if leaked:
+                    findings.append(Finding(PENDING, "unflushed-bytes", f"cluster {cluster} holds bytes of an unflushed write; recovery punches them"))
+                continue
+            for s, n in leaked:
+                findings.append(Finding(LEAK, "leaked-bytes",
+                                        f"non-zero bytes in absent sectors of cluster {cluster} (guest offset {guest + s * SECTOR_SIZE}, {n * SECTOR_SIZE} bytes, file offset {offset + s * SECTOR_SIZE})",
+                                        ("punch", offset + s * SECTOR_SIZE, n * SECTOR_SIZE), (guest + s * SECTOR_SIZE, n * SECTOR_SIZE)))
+            expected = crc32c(cdata) if mask == full else cluster_crc(zero_absent(bytes(cdata), mask, spc), mask)
+            verified += 1
+            if expected != crcs[c]:
+                findings.append(_checksum_finding(geometry, cluster, offset))
     return verified
+
+
+def _check_shared(file: File, geometry: Geometry, m: RegionMap, region: int, c: int, extents: list[tuple[int, int]],
+                  findings: list[Finding], store: "StoreView | SharedReferenceError | None", pending: bool) -> int:
+    """I5 and I6 of shared cluster `c` (F-SHARE-004): its bytes are the store's, its local place a hole."""
+    size, spc, virtual_size = geometry.cluster_size, geometry.sectors_per_cluster, geometry.virtual_size
+    cluster = region * CLUSTERS_PER_REGION + c
+    guest = cluster * size
+    offset = geometry.region_data_offset(region) + c * size
+    inside = max(0, min(spc, (virtual_size - guest) // SECTOR_SIZE))
+    mask = m.cluster_mask(c)
+    if mask >> inside:
+        findings.append(Finding(PENDING if pending else CORRUPTION, "map-invariant",
+                                f"region {region}'s map marks sectors of cluster {cluster} at or past the virtual size as present"
+                                + ("; recovery drops them" if pending else "")))
+        mask &= (1 << inside) - 1
+    length = min(size, virtual_size - guest) if guest < virtual_size else size
+    if overlaps(extents, offset, size) and not is_zero(file.pread(offset, size)):
+        findings.append(Finding(PENDING, "unflushed-bytes", f"shared cluster {cluster} still holds its local bytes; "
+                                "recovery punches them") if pending else
+                        Finding(LEAK, "leaked-bytes", f"non-zero bytes at the local place of shared cluster {cluster} "
+                                f"(file offset {offset})", ("punch", offset, size), (guest, length)))
+    if not mask:
+        if not pending:
+            findings.append(Finding(CORRUPTION, "shared-reference", f"cluster {cluster} has no present sector but "
+                                    f"references store cluster {m.shared[c] - 1}", None, (guest, length)))
+        return 0
+    if isinstance(store, SharedReferenceError) or store is None:
+        why = str(store) if store is not None else "the layer names no store"
+        findings.append(Finding(CORRUPTION, "shared-reference", f"guest range [{guest}, {guest + length}) "
+                                f"(cluster {cluster}) is shared, but {why}", None, (guest, length)))
+        return 0
+    try:
+        data = store.cluster(m.shared[c] - 1, f"guest range [{guest}, {guest + length}) (cluster {cluster}): ")
+    except FormatError as exc:
+        findings.append(Finding(CORRUPTION, "shared-reference", str(exc), None, (guest, length)))
+        return 0
+    if pending:
+        return 0
+    if cluster_crc(zero_absent(data, mask, spc), mask) != m.data_crcs[c]:
+        findings.append(Finding(CORRUPTION, "data-checksum",
+                                f"data of guest range [{guest}, {guest + length}) (cluster {cluster}, shared: "
+                                f"store cluster {m.shared[c] - 1} of {store.path}) does not match its CRC32C",
+                                None, (guest, length)))
+    return 1
+
+
+def read_buffer(geometry: Geometry) -> memoryview:
+    """A buffer for `check_region`'s reads at this geometry's cluster size, to be reused region after region."""
+    return memoryview(bytearray(max(1, READ_CHUNK // geometry.cluster_size) * geometry.cluster_size))
+
+
+def _checksum_finding(geometry: Geometry, cluster: int, offset: int) -> Finding:
+    size, virtual_size = geometry.cluster_size, geometry.virtual_size
+    guest = cluster * size
+    length = min(size, virtual_size - guest) if guest < virtual_size else size
+    return Finding(CORRUPTION, "data-checksum",
+                   f"data of guest range [{guest}, {guest + length}) (cluster {cluster}, file offset {offset}) does not match its CRC32C",
+                   None, (guest, length))
 
 
 def check_image(file: File, progress: Callable[[float], None] | None = None,
@@ -328,9 +425,10 @@ def check_image(file: File, progress: Callable[[float], None] | None = None,
             view = store(root)
         except (FormatError, OSError) as exc:
             view = SharedReferenceError(str(exc))
+    buffer = read_buffer(geometry)
     try:
         for i, region in enumerate(sorted(regions)):
-            clusters += check_region(file, geometry, root, region, extents, findings, view)
+            clusters += check_region(file, geometry, root, region, extents, findings, view, buffer)
             if progress:
                 progress((i + 1) / len(regions))
     finally:

@@ -16,7 +16,17 @@ from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, Geometry
 from .structures import MapCopy
 from .zeros import is_zero
 
-_NONZERO_BYTE = re.compile(rb"[^\x00]")
+_NONZERO_RUN = re.compile(rb"[^\x00]+")
+
+
+def _clusters_of_runs(data: bytes | bytearray, width: int) -> set[int]:
+    """The indices of the `width`-byte words of `data` that hold a non-zero byte."""
+    if data.count(0) == 0:
+        return set(range(len(data) // width))
+    found: set[int] = set()
+    for m in _NONZERO_RUN.finditer(data):
+        found.update(range(m.start() // width, (m.end() - 1) // width + 1))
+    return found
 
 
 @attrs.define
@@ -81,23 +91,23 @@ class RegionMap:
     def present_clusters(self) -> list[int]:
         """The data clusters (0-127) with at least one present sector, ascending.
 
-        Walks find them with one scan of the bitmap in C instead of a test per
-        cluster: a region is mostly empty, and every walk skips the rest.
+        One scan of the bitmap in C finds the runs of non-zero bytes (a fully
+        written region is one run, an empty one none), and each run names
+        the clusters it spans: one step per run, not per cluster or byte.
         """
-        width = self.sectors_per_cluster // 8
-        return sorted({m.start() // width for m in _NONZERO_BYTE.finditer(self.present)})
+        return sorted(_clusters_of_runs(self.present, self.sectors_per_cluster // 8))
 
     def clusters_to_visit(self, extents: list[tuple[int, int]], data_offset: int, cluster_size: int) -> list[int]:
         """The data clusters a walk over the region cannot skip, ascending: those with a present sector, a
         non-zero checksum, or any allocated byte in the file (`extents`: sorted (offset, length); cluster c
         of the region at `data_offset + c * cluster_size`).  Every other cluster is absent, checksum 0 and a hole."""
-        visit = set(self.present_clusters())
-        size = self.data_crcs.itemsize  # the clusters whose checksum word has a non-zero byte
-        visit.update(m.start() // size for m in _NONZERO_BYTE.finditer(self.data_crcs.tobytes()))
+        visit = _clusters_of_runs(self.present, self.sectors_per_cluster // 8)
+        if len(visit) < CLUSTERS_PER_REGION:
+            visit |= _clusters_of_runs(self.data_crcs.tobytes(), self.data_crcs.itemsize)  # a non-zero checksum word
         end = data_offset + CLUSTERS_PER_REGION * cluster_size
         i = max(0, bisect.bisect_right(extents, (data_offset,)) - 1)
         for offset, length in extents[i:]:
-            if offset >= end:
+            if offset >= end or len(visit) == CLUSTERS_PER_REGION:
                 break
             lo, hi = max(offset, data_offset), min(offset + length, end)
             if hi > lo:

@@ -48,6 +48,22 @@ def test_inspecting_commands_import_only_what_they_need(tmp_path, command):
     assert ("lamina.spec.check" in modules) == (command == ["check"])  # the checker is check's alone
 
 
+@pytest.mark.parametrize("direction", ["to raw", "from raw"])
+def test_convert_between_native_formats_starts_no_qemu_machinery(tmp_path, direction):
+    """Lamina to raw and back need no qemu-nbd: the qemu module (child processes, sockets, JSON) stays unloaded."""
+    path, raw = str(tmp_path / "disk.lam"), str(tmp_path / "disk.raw")
+    with Image.create(path, 1 << 20) as image:
+        image.write(0, b"\xab" * 4096)
+    if direction == "to raw":
+        modules = modules_of(tmp_path, "convert", "-O", "raw", path, raw)
+    else:
+        with open(raw, "wb") as f:
+            f.write(b"\xcd" * 8192)
+        modules = modules_of(tmp_path, "convert", "-f", "raw", raw, str(tmp_path / "new.lam"))
+    assert "lamina.impl.convert" in modules
+    assert "lamina.impl.qemu" not in modules and unwanted(modules) == []
+
+
 def test_json_is_imported_for_json_output_only(tmp_path):
     path = str(tmp_path / "disk.lam")
     Image.create(path, 1 << 20).close()
