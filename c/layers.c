@@ -311,7 +311,7 @@ int store_attach(lc_layer *l)
         lc_lock_failed = 0;
         if (lstat(path, &st) < 0 && errno == ENOENT) {
             e->rc = LC_CORRUPT;
-            snprintf(e->err, sizeof e->err, "%s does not exist", path);
+            snprintf(e->err, sizeof e->err, "%.900s does not exist", path);
         } else if ((e->rc = layer_open(path, 0, path, BASE_LAMINA, &e->layer)) != 0) {
             snprintf(e->err, sizeof e->err, "%s", lc_errmsg);
             if (!lc_lock_failed)

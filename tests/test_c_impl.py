@@ -299,6 +299,184 @@ def build_snapshot_by_id(d: Path) -> tuple[str, str]:
     return "disk.lam@2", "disk.lam"
 
 
+# Deduplicated trees (FORMAT.md section 13): frozen layers whose equal clusters
+# `lamina dedup` moved into the directory's shared store lamina-store.lam.
+
+SHARED_A = pattern(60, 16 * KiB)  # data written into several images, so dedup shares it
+
+
+def make_shared_clones(d: Path) -> None:
+    """Two clones of one snapshot, each written (partly the same bytes), snapshotted, deduplicated."""
+    if (d / "disk.lam").exists():
+        return
+    with Image.create(str(d / "disk.lam"), 2 * MiB, cluster_size=4096) as img:
+        img.write(0, pattern(61, 64 * KiB))
+        img.write(256 * KiB, SHARED_A)
+    assert lamina("snapshot", "create", "disk.lam", "gold", cwd=d)[0] == 0
+    for n, name in enumerate(("a.lam", "b.lam")):
+        assert lamina("clone", "disk.lam", "gold", name, cwd=d)[0] == 0
+        with Image.open(str(d / name)) as img:
+            img.write(128 * KiB, SHARED_A)             # equal in both clones and the base
+            img.write(4096 + 512, pattern(62, 1024))   # a partly present cluster, equal in both
+            img.write(1 * MiB + 4096 * n, pattern(63 + n, 8192))  # data of its own
+        assert lamina("snapshot", "create", name, "s", cwd=d)[0] == 0
+        with Image.open(str(d / name)) as img:
+            img.write(128 * KiB + 4096, pattern(70 + n, 4096))  # the top moves on over shared data
+    code, _ = lamina("dedup", "a.lam", "b.lam", cwd=d)
+    assert code == 0
+    assert (d / "lamina-store.lam").exists()
+
+
+def build_shared_clones(target: str, image: str) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        make_shared_clones(d)
+        return target, image
+    return build
+
+
+TEN = 10
+
+
+def make_ten_images(d: Path) -> None:
+    """Ten images sharing clusters from one pool, frozen and deduplicated with `dedup --across`."""
+    if (d / "i0.lam").exists():
+        return
+    pool = [pattern(80 + k, 4096) for k in range(6)]
+    rng = random.Random(81)
+    for i in range(TEN):
+        with Image.create(str(d / f"i{i}.lam"), MiB, cluster_size=4096) as img:
+            for c in rng.sample(range(64), 12):
+                img.write(c * 4096, rng.choice(pool))
+            img.write(512 * KiB + 512 * i, pattern(90 + i, 512))  # one sector of its own
+    code, _ = lamina("dedup", "--snapshot", "s", "i0.lam", "--across", ".", cwd=d)
+    assert code == 0
+
+
+def build_ten(i: int, snap: bool) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        make_ten_images(d)
+        return f"i{i}.lam" + ("@s" if snap else ""), f"i{i}.lam"
+    return build
+
+
+def make_shared_pair(d: Path) -> Path:
+    """Two images with equal data, snapshotted and deduplicated: the frozen layer of p.lam."""
+    from lamina.impl import layers
+
+    for n, name in enumerate(("p.lam", "q.lam")):
+        with Image.create(str(d / name), MiB, cluster_size=4096) as img:
+            img.write(0, SHARED_A)
+            img.write(64 * KiB, pattern(100 + n, 4096))
+        assert lamina("snapshot", "create", name, "s", cwd=d)[0] == 0
+    assert lamina("dedup", "p.lam", "--across", "q.lam", cwd=d)[0] == 0
+    entry = layers.list_snapshots(str(d / "p.lam"))[0]
+    return d / "p.lam.layers" / f"{entry.layer_uuid.hex()}.lam"
+
+
+MAP_USED_4K = 576 + 4096 // 32
+SHARED_USED_4K = MAP_USED_4K + 1024
+
+
+def set_shared(buf: bytearray, cluster: int, value: int | None = None,
+               clear_presence: bool = False) -> None:
+    """Region 0 of a 4 KiB-cluster layer whose maps carry the shared table: both copies."""
+    for copy in (0, 129):
+        start = MiB + copy * 4096
+        assert int.from_bytes(buf[start + 40:start + 44], "little") & 1, "no shared table"
+        if value is not None:
+            at = start + MAP_USED_4K + 8 * cluster
+            buf[at:at + 8] = value.to_bytes(8, "little")
+        if clear_presence:
+            buf[start + 576 + cluster] = 0  # 8 sectors of a 4 KiB cluster: one byte of bits
+            buf[start + 64 + 4 * cluster:start + 68 + 4 * cluster] = bytes(4)
+        forge_map_crc(buf, start, SHARED_USED_4K)
+
+
+def store_clusters(d: Path) -> int:
+    store = (d / "lamina-store.lam").read_bytes()[:4096]
+    return int.from_bytes(store[16:24], "little") // (1 << int.from_bytes(store[12:16], "little"))
+
+
+def build_shared_hostile(change: Callable[[Path, Path], None]) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        frozen = make_shared_pair(d)
+        change(d, frozen)
+        return "p.lam@s", "p.lam"
+    return build
+
+
+def edit(path: Path, change: Callable[[bytearray], None]) -> None:
+    buf = bytearray(path.read_bytes())
+    change(buf)
+    path.write_bytes(bytes(buf))
+
+
+def ref_past_end(d: Path, frozen: Path) -> None:
+    edit(frozen, lambda b: set_shared(b, 0, 1 + store_clusters(d)))
+
+
+def ref_to_free_cluster(d: Path, frozen: Path) -> None:
+    """The store grown (its root forged, as a resize leaves it) and a reference to a cluster past the old end."""
+    used = store_clusters(d)
+    assert used < 64  # one region of 4 KiB clusters either way: the file length stays right
+    edit(d / "lamina-store.lam", lambda b: set_root_field(b, 16, 8, 64 * 4096))
+    edit(frozen, lambda b: set_shared(b, 0, 1 + used + 3))
+
+
+def ref_without_present_sector(d: Path, frozen: Path) -> None:
+    edit(frozen, lambda b: set_shared(b, 1, clear_presence=True))
+
+
+def another_store_uuid(d: Path, frozen: Path) -> None:
+    def change(buf: bytearray) -> None:
+        for slot in SLOTS:
+            buf[slot + 3996] ^= 0x5A
+            forge_root_crc(buf, slot)
+    edit(frozen, change)
+
+
+def store_missing(d: Path, frozen: Path) -> None:
+    (d / "lamina-store.lam").unlink()
+
+
+def store_of_another_cluster_size(d: Path, frozen: Path) -> None:
+    """An empty 8 KiB-cluster layer with the store's uuid in place of the store."""
+    uuid = (d / "lamina-store.lam").read_bytes()[56:72]
+    (d / "lamina-store.lam").unlink()
+    with Image.create(str(d / "lamina-store.lam"), MiB, cluster_size=8192):
+        pass
+    shutil.rmtree(d / "lamina-store.lam.layers", ignore_errors=True)  # its twin
+    def change(buf: bytearray) -> None:
+        for slot in SLOTS:
+            buf[slot + 56:slot + 72] = uuid
+            forge_root_crc(buf, slot)
+    edit(d / "lamina-store.lam", change)
+
+
+def store_data_flipped(d: Path, frozen: Path) -> None:
+    """A bit of the store's first data cluster: the store's I5 and each referencing image's I5."""
+    flip(d / "lamina-store.lam", MiB + 4096 + 100, 0x01)
+
+
+def local_bytes_under_a_reference(d: Path, frozen: Path) -> None:
+    """I6 (F-SHARE-004): the local place of a shared cluster is not a hole."""
+    with open(frozen, "r+b") as fh:
+        fh.seek(MiB + 4096)
+        fh.write(b"left over")
+
+
+SHARED_HOSTILE = {
+    "shared-ref-past-the-store-end": ref_past_end,
+    "shared-ref-to-a-free-cluster": ref_to_free_cluster,
+    "shared-ref-without-present-sector": ref_without_present_sector,
+    "shared-another-store-uuid": another_store_uuid,
+    "shared-store-missing": store_missing,
+    "shared-store-of-another-cluster-size": store_of_another_cluster_size,
+    "shared-store-data-flipped": store_data_flipped,
+    "shared-local-bytes-under-a-reference": local_bytes_under_a_reference,
+}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -476,6 +654,16 @@ FORGED_CASES = [
     Case("base-loop", build_base_loop),
 ]
 
+SHARED_CASES = [
+    Case("shared-clones-a", build_shared_clones("a.lam", "a.lam"), "shared-clones"),
+    Case("shared-clones-a-snapshot", build_shared_clones("a.lam@s", "a.lam"), "shared-clones"),
+    Case("shared-clones-b", build_shared_clones("b.lam", "b.lam"), "shared-clones"),
+    Case("shared-clones-b-snapshot", build_shared_clones("b.lam@s", "b.lam"), "shared-clones"),
+    Case("shared-clones-base-gold", build_shared_clones("disk.lam@gold", "disk.lam"), "shared-clones"),
+] + [Case(f"shared-ten-i{i}" + ("-snapshot" if snap else ""), build_ten(i, snap), "shared-ten")
+     for i in range(TEN) for snap in (True, False)] + [
+    Case(name, build_shared_hostile(change)) for name, change in SHARED_HOSTILE.items()]
+
 
 CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
          (4 * KiB, 8 * KiB, 16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB,
@@ -501,7 +689,7 @@ CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
     Case("both-roots-damaged", build_both_roots),
     Case("missing-snapshot-layer", build_missing_snapshot_layer),
     Case("base-shrunk-then-grown", build_base_shrunk),
-] + FORGED_CASES
+] + FORGED_CASES + SHARED_CASES
 
 # The cases each broken variant must fail, and no others.
 DEFECT_CASES = {
@@ -607,7 +795,7 @@ def run_case(exe: Path, exp: Expected, name: str) -> list[str]:
 
 def test_capabilities(binaries: dict[str, Path]) -> None:
     done = subprocess.run([str(binaries[""]), "capabilities"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout == "dump check\n"
+    assert done.returncode == 0 and done.stdout == "dump check shared-clusters\n"
     bad = subprocess.run([str(binaries[""]), "apply", "x", "y"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr
 
@@ -897,17 +1085,45 @@ def test_each_broken_build_fails_the_vectors_of_its_defect_and_only_those(binari
     assert failed <= covering, f"{variant} fails vectors that do not cover {defect}: {sorted(failed - covering)}"
 
 
-def test_lamina_c_refuses_a_deduplicated_layer(binaries: dict[str, Path], tmp_path: Path) -> None:
-    """A reader that does not know `shared-clusters` (FORMAT.md section 13) refuses the layer, as F-ROOT-003 says."""
-    from lamina.impl import layers
-    from lamina.impl.dedup import dedup
+def test_lamina_c_reads_deduplicated_trees(expected: dict[str, Expected]) -> None:
+    """The trees of SHARED_CASES are deduplicated: frozen layers set shared-clusters and a store holds data."""
+    for group in ("shared-clones", "shared-ten"):
+        d = expected[f"{group}-{'a' if group == 'shared-clones' else 'i0'}"].directory
+        roots = [p.read_bytes()[:4096] for p in d.glob("*.layers/*.lam")]
+        assert any(int.from_bytes(r[32:40], "little") & 1 for r in roots), group
+        assert (d / "lamina-store.lam").exists()
+    assert all(expected[c.name].raw is not None and expected[c.name].check_exit == 0
+               for c in SHARED_CASES if c.group)
 
-    for name in ("p.lam", "q.lam"):
-        with Image.create(str(tmp_path / name), MiB, cluster_size=4096) as img:
-            img.write(0, bytes(range(256)) * 64)
-        layers.create_snapshot(str(tmp_path / name), "s")
-    assert dedup([str(tmp_path / "p.lam")], [str(tmp_path / "q.lam")]).duplicates
-    entry = layers.list_snapshots(str(tmp_path / "p.lam"))[0]
-    frozen = f"p.lam.layers/{entry.layer_uuid.hex()}.lam"
-    done = subprocess.run([str(binaries[""]), "dump", frozen, "x.out"], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode != 0 and "UnknownIncompatibleFeature" in done.stderr
+
+# The verdict FORMAT.md section 13 gives each hostile reference: (dump refused, check kinds that must appear).
+SHARED_VERDICTS = {
+    "shared-ref-past-the-store-end": (True, {"shared-reference"}),
+    "shared-ref-to-a-free-cluster": (True, {"shared-reference"}),
+    "shared-ref-without-present-sector": (False, {"shared-reference"}),
+    "shared-another-store-uuid": (True, {"shared-reference"}),
+    "shared-store-missing": (True, {"shared-reference"}),
+    "shared-store-of-another-cluster-size": (True, {"shared-reference"}),
+    "shared-store-data-flipped": (False, {"data-checksum"}),
+    "shared-local-bytes-under-a-reference": (False, {"leaked-bytes"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_VERDICTS))
+def test_hostile_shared_references(binaries: dict[str, Path], expected: dict[str, Expected], name: str) -> None:
+    """Each forged reference gets FORMAT.md's verdict from both readers (agreement itself: test_agrees_with_reference)."""
+    refused, kinds = SHARED_VERDICTS[name]
+    exp = expected[name]
+    assert (exp.raw is None) == refused and kinds <= exp.kinds
+    done = subprocess.run([str(binaries["sanitized"]), "dump", exp.target, "x.out"], cwd=exp.directory,
+                          capture_output=True, text=True, timeout=60)
+    assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+    (exp.directory / "x.out").unlink(missing_ok=True)
+    if refused:
+        assert done.returncode == 2 and "SharedReferenceError" in done.stderr, done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+    check = subprocess.run([str(binaries["sanitized"]), "check", exp.image], cwd=exp.directory,
+                           capture_output=True, text=True, timeout=60)
+    assert "Sanitizer" not in check.stderr and "runtime error" not in check.stderr, check.stderr
+    assert check.returncode == exp.check_exit
