@@ -638,7 +638,7 @@ FORGED_CASES = [
     Case("forged-committing-without-base", forged(lambda b: set_root_field(b, 3984, 4, 1))),
     Case("forged-version-2-in-copy-b",
          forged(lambda b: set_root_field(b, 8, 4, 2, slots=(524288,)))),
-    # bit 1: unknown to both readers (bit 0, shared-clusters, is known to the reference and refused by lamina-c)
+    # bit 1: unknown to both readers (bit 0 is shared-clusters, known to both)
     Case("forged-incompatible-feature-in-copy-a",
          forged(lambda b: set_root_field(b, 32, 8, 2, slots=(0,)))),
     Case("forged-crc-of-an-empty-cluster", forged(lambda b: set_map_field(b, 64 + 4 * 5, 4, 1234))),
@@ -696,9 +696,11 @@ DEFECT_CASES = {
     "BROKEN_IGNORE_SECOND_COPY": {"damaged-root-a", "damaged-map-a", "damaged-map-b",
                                   "forged-version-2-in-copy-b"},
     "BROKEN_TRUST_CRC": {"damaged-root-a", "damaged-map-a", "flipped-data", "both-roots-damaged",
-                         "forged-crc-of-an-empty-cluster", "forged-presence-past-the-size"},
+                         "forged-crc-of-an-empty-cluster", "forged-presence-past-the-size",
+                         "shared-store-data-flipped"},
     "BROKEN_BASE_PAST_END": {"base-shrunk-then-grown"},
-    "BROKEN_SNAPSHOT_LAYER": {"snapshot-monday", "snapshot-tuesday", "snapshot-by-id"},
+    "BROKEN_SNAPSHOT_LAYER": {"snapshot-monday", "snapshot-tuesday", "snapshot-by-id",
+                              "shared-clones-a-snapshot", "shared-clones-b-snapshot"},
 }
 
 
