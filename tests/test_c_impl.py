@@ -1129,3 +1129,73 @@ def test_hostile_shared_references(binaries: dict[str, Path], expected: dict[str
                            capture_output=True, text=True, timeout=60)
     assert "Sanitizer" not in check.stderr and "runtime error" not in check.stderr, check.stderr
     assert check.returncode == exp.check_exit
+
+
+def mutate_shared(buf: bytearray, rng: random.Random) -> None:
+    """One hostile change to a deduplicated 4 KiB-cluster layer: its shared tables, its map flags, its root."""
+    kind = rng.randrange(4)
+    copies = rng.choice([[0], [1], [0, 1]])
+    for copy in copies:
+        start = MiB + copy * 129 * 4096
+        if start + SHARED_USED_4K > len(buf):
+            return
+        if kind == 0:  # a table entry set to a boundary value
+            at = start + MAP_USED_4K + 8 * rng.randrange(8)
+            buf[at:at + 8] = (rng.choice(HOSTILE_VALUES + (2, 3, 4, 5)) & ((1 << 64) - 1)).to_bytes(8, "little")
+        elif kind == 1:  # bits anywhere in the used length, table included
+            for _ in range(rng.randrange(1, 4)):
+                buf[start + rng.randrange(SHARED_USED_4K)] ^= 1 << rng.randrange(8)
+        elif kind == 2:  # the flags word
+            buf[start + 40:start + 44] = rng.choice([0, 2, 3, 1 << 31]).to_bytes(4, "little")
+        if kind < 3 and rng.random() < 0.8:
+            forge_map_crc(buf, start, SHARED_USED_4K if buf[start + 40] & 1 else MAP_USED_4K)
+    if kind == 3:  # the feature word or store_uuid of the root, CRC forged
+        offset, size = rng.choice(((32, 8), (3996, 16), (4004, 8)))
+        for slot in SLOTS:
+            value = rng.choice((0, 1, 2, 3, 1 << 63)) if size == 8 else 0
+            buf[slot + offset:slot + offset + size] = value.to_bytes(size, "little")
+            forge_root_crc(buf, slot)
+
+
+def test_hostile_deduplicated_trees_agree_with_reference(binaries: dict[str, Path], tmp_path: Path) -> None:
+    """Mutated frozen layers and stores of a deduplicated tree: the sanitized lamina-c gives the reference's verdicts."""
+    sanitized = binaries["sanitized"]
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    with contextlib.chdir(seed):
+        make_shared_pair(seed)
+        with Image.open("p.lam") as img:
+            img.write(8192, pattern(110, 4096))
+    rng = random.Random(20261202)
+    disagreements = []
+    for n in range(24):
+        d = tmp_path / f"m{n}"
+        shutil.copytree(seed, d, symlinks=True)
+        target = rng.choice([d / "lamina-store.lam", *sorted(frozen_layers(d, "p.lam")),
+                             *sorted(frozen_layers(d, "q.lam"))])
+        buf = bytearray(target.read_bytes())
+        (mutate if target.name == "lamina-store.lam" and rng.random() < 0.5 else mutate_shared)(buf, rng)
+        target.write_bytes(bytes(buf))
+        for image in ("p.lam", "p.lam@s", "q.lam@s"):
+            code, _ = lamina("convert", "-O", "raw", image, "ref.out", cwd=d)
+            done = subprocess.run([str(sanitized), "dump", image, "c.out"], cwd=d,
+                                  capture_output=True, text=True, timeout=60)
+            assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+            assert done.returncode in (0, 1, 2), done.stderr
+            if (code == 0) != (done.returncode == 0) or (
+                    code == 0 and (d / "ref.out").read_bytes() != (d / "c.out").read_bytes()):
+                disagreements.append((n, target.name, image, code, done.returncode, done.stderr))
+            for out_name in ("ref.out", "c.out"):
+                (d / out_name).unlink(missing_ok=True)
+        for image in ("p.lam", "q.lam"):
+            code, out = lamina("check", "--output", "json", image, cwd=d)
+            ref_kinds = {f["kind"] for f in json.loads(out)["findings"]} if out.startswith("{") else set()
+            done = subprocess.run([str(sanitized), "check", image], cwd=d, capture_output=True,
+                                  text=True, timeout=60)
+            assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+            kinds = {line.split(":", 1)[0] for line in done.stdout.splitlines()}
+            if code != done.returncode or kinds != ref_kinds:
+                disagreements.append((n, target.name, "check " + image, code, done.returncode, done.stdout,
+                                      sorted(ref_kinds)))
+        shutil.rmtree(d)
+    assert disagreements == [], "\n".join(map(repr, disagreements))
