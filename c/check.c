@@ -340,8 +340,18 @@ static void check_layer_file(lc_layer *l, const char *label)
         finding(CL_CORRUPT, "map-unrecoverable", label, "out of memory");
         return;
     }
-    if (layer_shared(l) && store_attach(l) == 0)
-        check_once(l->store, l->store->path); /* the store, once per tree */
+    if (layer_shared(l)) {
+        if (store_attach(l) == 0) {
+            check_once(l->store, l->store->path); /* the store, once per tree */
+        } else {
+            /* a store that is there but has no usable root is judged as a
+             * layer is: root-unrecoverable, once (and shared-reference for
+             * each cluster that needs it, below) */
+            const char *why = store_root_unusable_once(l);
+            if (why)
+                finding(CL_CORRUPT, "root-unrecoverable", NULL, "%s", why);
+        }
+    }
     uint32_t next_intent = 0;
     uint64_t r = 0;
     for (;;) {

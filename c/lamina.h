@@ -164,6 +164,7 @@ typedef struct lc_layer {
      * owned by the store table of layers.c, never by this layer */
     struct lc_layer *store;
     int store_failed;     /* the store cannot be used: store_err says why */
+    int store_entry;      /* 1 + its index in the store table of layers.c */
     char store_err[1024];
     /* one-region map cache of the reader */
     int64_t cached_region;
@@ -180,6 +181,7 @@ int resolve_base(const lc_layer *layer, char *out, size_t outlen, char *image_to
 int store_attach(lc_layer *l);
 int chain_attach_stores(lc_layer *top);
 void store_close_all(void);
+const char *store_root_unusable_once(const lc_layer *l);
 int find_snapshot(const lc_root *root, const char *name);
 int open_snapshot_layer(const char *image, const lc_root *root, int idx, lc_layer **out);
 int read_view(lc_layer *layer, uint64_t off, uint64_t len, uint8_t *buf, int *touched);

@@ -258,6 +258,8 @@ static struct store_entry {
     char path[PATH_MAX];
     lc_layer *layer; /* NULL when it could not be opened */
     int rc;
+    int roots_unusable; /* it opened, but neither root copy could be used */
+    int reported;       /* check reported that once */
     char err[1024];
 } stores[MAX_STORES];
 static size_t n_stores;
@@ -314,12 +316,14 @@ int store_attach(lc_layer *l)
             snprintf(e->err, sizeof e->err, "%.900s does not exist", path);
         } else if ((e->rc = layer_open(path, 0, path, BASE_LAMINA, &e->layer)) != 0) {
             snprintf(e->err, sizeof e->err, "%s", lc_errmsg);
+            e->roots_unusable = e->rc == LC_CORRUPT && e->layer != NULL;
             if (!lc_lock_failed)
                 e->rc = LC_CORRUPT;
             layer_close_chain(e->layer);
             e->layer = NULL;
         }
     }
+    l->store_entry = (int)(e - stores) + 1;
     if (e->rc)
         return store_fail(l, e->rc, "%s: its data is shared through a store that cannot be used: %s (SharedReferenceError)",
                           l->path, e->err);
@@ -346,6 +350,19 @@ int chain_attach_stores(lc_layer *top)
             return rc;
     }
     return 0;
+}
+
+/* The first time it is asked for a store whose roots are both unusable:
+ * its message (check reports the store's root-unrecoverable once). */
+const char *store_root_unusable_once(const lc_layer *l)
+{
+    if (l->store_entry <= 0 || (size_t)l->store_entry > n_stores)
+        return NULL;
+    struct store_entry *e = &stores[l->store_entry - 1];
+    if (!e->roots_unusable || e->reported)
+        return NULL;
+    e->reported = 1;
+    return e->err;
 }
 
 void store_close_all(void)
