@@ -373,6 +373,20 @@ def make_shared_pair(d: Path) -> Path:
     return d / "p.lam.layers" / f"{entry.layer_uuid.hex()}.lam"
 
 
+def build_shared_cluster_size(cluster: int) -> Callable[[Path], tuple[str, str]]:
+    """Two images of one cluster size with equal data (whole and partly present clusters), deduplicated."""
+    def build(d: Path) -> tuple[str, str]:
+        for n, name in enumerate(("p.lam", "q.lam")):
+            with Image.create(str(d / name), 4 * cluster + MiB, cluster_size=cluster) as img:
+                img.write(0, pattern(120, 2 * cluster))
+                img.write(2 * cluster + 1024, pattern(121, 2048))
+                img.write(3 * cluster, pattern(122 + n, 512))
+            assert lamina("snapshot", "create", name, "s", cwd=d)[0] == 0
+        assert lamina("dedup", "p.lam", "q.lam", cwd=d)[0] == 0
+        return "p.lam@s", "p.lam"
+    return build
+
+
 MAP_USED_4K = 576 + 4096 // 32
 SHARED_USED_4K = MAP_USED_4K + 1024
 
@@ -660,6 +674,8 @@ SHARED_CASES = [
     Case("shared-clones-b", build_shared_clones("b.lam", "b.lam"), "shared-clones"),
     Case("shared-clones-b-snapshot", build_shared_clones("b.lam@s", "b.lam"), "shared-clones"),
     Case("shared-clones-base-gold", build_shared_clones("disk.lam@gold", "disk.lam"), "shared-clones"),
+    Case("shared-cluster-64k", build_shared_cluster_size(64 * KiB)),
+    Case("shared-cluster-2048k", build_shared_cluster_size(2048 * KiB)),
 ] + [Case(f"shared-ten-i{i}" + ("-snapshot" if snap else ""), build_ten(i, snap), "shared-ten")
      for i in range(TEN) for snap in (True, False)] + [
     Case(name, build_shared_hostile(change)) for name, change in SHARED_HOSTILE.items()]
@@ -1095,7 +1111,11 @@ def test_lamina_c_reads_deduplicated_trees(expected: dict[str, Expected]) -> Non
         assert any(int.from_bytes(r[32:40], "little") & 1 for r in roots), group
         assert (d / "lamina-store.lam").exists()
     assert all(expected[c.name].raw is not None and expected[c.name].check_exit == 0
-               for c in SHARED_CASES if c.group)
+               for c in SHARED_CASES if c.name not in SHARED_HOSTILE)
+    for name in ("shared-cluster-64k", "shared-cluster-2048k"):
+        d = expected[name].directory
+        store = (d / "lamina-store.lam").read_bytes()[:4096]
+        assert int.from_bytes(store[16:24], "little") >= 2 * (1 << int.from_bytes(store[12:16], "little"))
 
 
 # The verdict FORMAT.md section 13 gives each hostile reference: (dump refused, check kinds that must appear).
