@@ -479,6 +479,48 @@ def local_bytes_under_a_reference(d: Path, frozen: Path) -> None:
         fh.write(b"left over")
 
 
+def table_only_in_copy_a(d: Path, frozen: Path) -> None:
+    """Copy B without the table (flags 0, the shorter used length): valid twins that differ, B is stale."""
+    def change(buf: bytearray) -> None:
+        start = MiB + 129 * 4096
+        buf[start + 40:start + 44] = bytes(4)
+        forge_map_crc(buf, start, MAP_USED_4K)
+    edit(frozen, change)
+
+
+def listed_ref_past_end(d: Path, frozen: Path) -> None:
+    """F-CHECK-002 exempts I5 of a listed region, not its references."""
+    clusters = store_clusters(d)
+    def change(buf: bytearray) -> None:
+        set_shared(buf, 0, 1 + clusters)
+        set_root_field(buf, 76, 4, 1)  # intents: region 0
+    edit(frozen, change)
+
+
+def table_dropped_leaving_its_place(d: Path, frozen: Path) -> None:
+    """F-MAP-006: both copies drop the table (the clusters read their punched local places), its bytes stay."""
+    def change(buf: bytearray) -> None:
+        for copy in (0, 129):
+            start = MiB + copy * 4096
+            buf[start + 40:start + 44] = bytes(4)
+            forge_map_crc(buf, start, MAP_USED_4K)
+    edit(frozen, change)
+
+
+def bytes_after_the_table(d: Path, frozen: Path) -> None:
+    flip(frozen, MiB + SHARED_USED_4K + 3, 0x07)
+
+
+def store_sector_absent(d: Path, frozen: Path) -> None:
+    """A present sector of a shared cluster whose store sector is absent: it reads what the store denotes, zero."""
+    def change(buf: bytearray) -> None:
+        for copy in (0, 129):
+            start = MiB + copy * 4096
+            buf[start + 576] = 0x01  # store cluster 0: its first sector alone stays present
+            forge_map_crc(buf, start, MAP_USED_4K)
+    edit(d / "lamina-store.lam", change)
+
+
 SHARED_HOSTILE = {
     "shared-ref-past-the-store-end": ref_past_end,
     "shared-ref-to-a-free-cluster": ref_to_free_cluster,
@@ -488,6 +530,11 @@ SHARED_HOSTILE = {
     "shared-store-of-another-cluster-size": store_of_another_cluster_size,
     "shared-store-data-flipped": store_data_flipped,
     "shared-local-bytes-under-a-reference": local_bytes_under_a_reference,
+    "shared-table-only-in-copy-a": table_only_in_copy_a,
+    "shared-listed-ref-past-the-store-end": listed_ref_past_end,
+    "shared-table-dropped-leaving-its-place": table_dropped_leaving_its_place,
+    "shared-bytes-after-the-table": bytes_after_the_table,
+    "shared-store-sector-absent": store_sector_absent,
 }
 
 
@@ -710,10 +757,11 @@ CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
 # The cases each broken variant must fail, and no others.
 DEFECT_CASES = {
     "BROKEN_IGNORE_SECOND_COPY": {"damaged-root-a", "damaged-map-a", "damaged-map-b",
-                                  "forged-version-2-in-copy-b"},
+                                  "forged-version-2-in-copy-b", "shared-table-only-in-copy-a"},
     "BROKEN_TRUST_CRC": {"damaged-root-a", "damaged-map-a", "flipped-data", "both-roots-damaged",
                          "forged-crc-of-an-empty-cluster", "forged-presence-past-the-size",
-                         "shared-store-data-flipped"},
+                         "shared-store-data-flipped", "shared-store-sector-absent",
+                         "shared-table-dropped-leaving-its-place"},
     "BROKEN_BASE_PAST_END": {"base-shrunk-then-grown"},
     "BROKEN_SNAPSHOT_LAYER": {"snapshot-monday", "snapshot-tuesday", "snapshot-by-id",
                               "shared-clones-a-snapshot", "shared-clones-b-snapshot"},
@@ -1128,6 +1176,11 @@ SHARED_VERDICTS = {
     "shared-store-of-another-cluster-size": (True, {"shared-reference"}),
     "shared-store-data-flipped": (False, {"data-checksum"}),
     "shared-local-bytes-under-a-reference": (False, {"leaked-bytes"}),
+    "shared-table-only-in-copy-a": (False, {"map-copy"}),
+    "shared-listed-ref-past-the-store-end": (True, {"shared-reference", "intents"}),
+    "shared-table-dropped-leaving-its-place": (False, {"data-checksum"}),
+    "shared-bytes-after-the-table": (False, {"leaked-bytes"}),
+    "shared-store-sector-absent": (False, {"data-checksum"}),
 }
 
 
