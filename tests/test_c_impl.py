@@ -521,6 +521,24 @@ def store_sector_absent(d: Path, frozen: Path) -> None:
     edit(d / "lamina-store.lam", change)
 
 
+def store_map_flag(d: Path, frozen: Path) -> None:
+    """Map flags bit 0 in copy A of the store, a layer without shared-clusters: that copy is invalid."""
+    def change(buf: bytearray) -> None:
+        buf[MiB + 40] |= 1
+        forge_map_crc(buf, MiB, MAP_USED_4K)
+    edit(d / "lamina-store.lam", change)
+
+
+def store_with_shared_clusters(d: Path, frozen: Path) -> None:
+    """F-SHARE-001: the store is a layer without shared-clusters."""
+    def change(buf: bytearray) -> None:
+        for slot in SLOTS:
+            buf[slot + 32] |= 1
+            buf[slot + 3996:slot + 4012] = b"\x11" * 16
+            forge_root_crc(buf, slot)
+    edit(d / "lamina-store.lam", change)
+
+
 SHARED_HOSTILE = {
     "shared-ref-past-the-store-end": ref_past_end,
     "shared-ref-to-a-free-cluster": ref_to_free_cluster,
@@ -535,6 +553,8 @@ SHARED_HOSTILE = {
     "shared-table-dropped-leaving-its-place": table_dropped_leaving_its_place,
     "shared-bytes-after-the-table": bytes_after_the_table,
     "shared-store-sector-absent": store_sector_absent,
+    "shared-map-flag-in-the-store": store_map_flag,
+    "shared-store-with-shared-clusters": store_with_shared_clusters,
 }
 
 
@@ -757,7 +777,8 @@ CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
 # The cases each broken variant must fail, and no others.
 DEFECT_CASES = {
     "BROKEN_IGNORE_SECOND_COPY": {"damaged-root-a", "damaged-map-a", "damaged-map-b",
-                                  "forged-version-2-in-copy-b", "shared-table-only-in-copy-a"},
+                                  "forged-version-2-in-copy-b", "shared-table-only-in-copy-a",
+                                  "shared-map-flag-in-the-store"},
     "BROKEN_TRUST_CRC": {"damaged-root-a", "damaged-map-a", "flipped-data", "both-roots-damaged",
                          "forged-crc-of-an-empty-cluster", "forged-presence-past-the-size",
                          "shared-store-data-flipped", "shared-store-sector-absent",
@@ -1181,6 +1202,8 @@ SHARED_VERDICTS = {
     "shared-table-dropped-leaving-its-place": (False, {"data-checksum"}),
     "shared-bytes-after-the-table": (False, {"leaked-bytes"}),
     "shared-store-sector-absent": (False, {"data-checksum"}),
+    "shared-map-flag-in-the-store": (False, {"map-copy"}),
+    "shared-store-with-shared-clusters": (True, {"shared-reference"}),
 }
 
 
