@@ -17,6 +17,7 @@
 typedef enum { CL_PENDING, CL_LEAK, CL_DEGRADED, CL_CORRUPT } finding_class;
 
 static int found[4];
+static char locked_store[1024]; /* a store a writer holds: the check cannot complete */
 
 /* Print one finding, `kind: message`, and count its class. */
 static void finding(finding_class c, const char *kind, const char *label, const char *fmt, ...)
@@ -214,6 +215,8 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
                         (unsigned long long)c);
                 continue;
             }
+            if (!l->store && locked_store[0])
+                continue; /* the check cannot complete: reported at its end */
             if (!l->store || store_cluster_usable(l->store, ref - 1)) {
                 finding(CL_CORRUPT, "shared-reference", label, "guest range [%llu, %llu) (cluster %llu) is shared, but %s",
                         (unsigned long long)guest, (unsigned long long)(guest + g->cluster_size),
@@ -341,7 +344,10 @@ static void check_layer_file(lc_layer *l, const char *label)
         return;
     }
     if (layer_shared(l)) {
-        if (store_attach(l) == 0) {
+        int src = store_attach(l);
+        if (src == LC_ERROR && !locked_store[0]) {
+            snprintf(locked_store, sizeof locked_store, "%s", lc_errmsg);
+        } else if (src == 0) {
             check_once(l->store, l->store->path); /* the store, once per tree */
         } else {
             /* a store that is there but has no usable root is judged as a
@@ -594,6 +600,10 @@ int cmd_check(const char *image)
         free(reached[i]);
     free(reached);
     fflush(stdout);
+    if (locked_store[0]) {
+        fprintf(stderr, "lamina-c: %s\n", locked_store);
+        return LC_ERROR;
+    }
     if (found[CL_CORRUPT])
         return 2;
     if (found[CL_DEGRADED] || found[CL_LEAK])

@@ -324,6 +324,9 @@ int store_attach(lc_layer *l)
         }
     }
     l->store_entry = (int)(e - stores) + 1;
+    if (e->rc == LC_ERROR)
+        return store_fail(l, e->rc, "%s: its data is shared through a store held by a writer: %s", l->path,
+                          e->err);
     if (e->rc)
         return store_fail(l, e->rc, "%s: its data is shared through a store that cannot be used: %s (SharedReferenceError)",
                           l->path, e->err);

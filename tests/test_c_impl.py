@@ -952,6 +952,18 @@ def test_a_writer_keeps_lamina_c_out(binaries: dict[str, Path], tmp_path: Path) 
     assert done.returncode == 0 and done.stdout == ""
 
 
+def test_a_writer_of_the_store_keeps_lamina_c_out(binaries: dict[str, Path], tmp_path: Path) -> None:
+    """F-LOCK-001/002 for the store (section 13, Limits): a writer holding it makes lamina-c fail with ImageLocked, exit 1."""
+    make_shared_pair(tmp_path)
+    with Image.open(str(tmp_path / "lamina-store.lam")):
+        for command in (["dump", "p.lam@s", "x.out"], ["check", "p.lam"]):
+            done = subprocess.run([str(binaries[""]), *command], cwd=tmp_path, capture_output=True, text=True)
+            assert done.returncode == 1 and "ImageLocked" in done.stderr and done.stdout == "", (command, done)
+    assert not (tmp_path / "x.out").exists()
+    done = subprocess.run([str(binaries[""]), "check", "p.lam"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == ""
+
+
 # ----------------------------------------------------------------------------
 # Hostile input: mutated images, many with their CRCs forged so that the field
 # rules, not the checksums, must catch them.  lamina-c (built with the address
