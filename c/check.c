@@ -17,6 +17,7 @@
 typedef enum { CL_PENDING, CL_LEAK, CL_DEGRADED, CL_CORRUPT } finding_class;
 
 static int found[4];
+static char locked_store[1024]; /* a store a writer holds: the check cannot complete */
 
 /* Print one finding, `kind: message`, and count its class. */
 static void finding(finding_class c, const char *kind, const char *label, const char *fmt, ...)
@@ -126,7 +127,8 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
     uint64_t data_off = start + g->cluster_size;
     char what[128];
     lc_maps maps;
-    if (map_read_both(l->fd, l->file_size, g, root->image_uuid, r, &maps)) {
+    int shared = layer_shared(l);
+    if (map_read_both(l->fd, l->file_size, g, root->image_uuid, shared, r, &maps)) {
         finding(CL_CORRUPT, "map-unrecoverable", label, "region %llu: %s", (unsigned long long)r,
                 lc_errmsg);
         map_free(&maps);
@@ -135,7 +137,10 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
     for (int k = 0; k < 2; k++) {
         snprintf(what, sizeof what, "region %llu: map copy %c past its used length",
                  (unsigned long long)r, 'A' + k);
-        zero_span(l, label, copy_off[k] + g->map_used, g->cluster_size - g->map_used, 0, what);
+        /* F-MAP-006: in a layer that sets shared-clusters the table's place
+         * follows `present` whether or not the copy carries it */
+        uint64_t used = g->map_used + (shared ? SHARED_TABLE_SIZE : 0);
+        zero_span(l, label, copy_off[k] + used, g->cluster_size - used, 0, what);
     }
     finding_class copy_class = listed ? CL_PENDING : CL_DEGRADED;
     if (maps.state == MAP_NO_VALID_COPY) {
@@ -185,9 +190,50 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
     int absent_bytes_reported = 0;
     for (uint64_t c = 0; c < CLUSTERS_PER_REGION; c++) {
         uint64_t coff = data_off + c * g->cluster_size;
+        uint64_t guest = r * g->region_span + c * g->cluster_size;
         int any_present = 0;
         uint32_t crc;
-        if (is_hole(l, coff, g->cluster_size)) {
+        uint64_t ref = map_shared_ref(&maps.copy[maps.current], g, c);
+        if (ref) {
+            /* F-SHARE-004: follow the reference; I5 over the store's bytes,
+             * I6 for the local place, which must be a hole */
+            for (uint64_t s = 0; s < spc && !any_present; s++)
+                any_present = PRESENT(c * spc + s);
+            uint64_t where;
+            int nz = first_nonzero(l->fd, l->file_size, coff, g->cluster_size, &where);
+            if (nz != 0 && !absent_bytes_reported) {
+                absent_bytes_reported = 1;
+                finding(listed ? CL_PENDING : CL_LEAK, listed ? "unflushed-bytes" : "leaked-bytes", label,
+                        "region %llu: the local place of shared cluster %llu (guest range [%llu, %llu)) holds bytes",
+                        (unsigned long long)r, (unsigned long long)c, (unsigned long long)guest,
+                        (unsigned long long)(guest + g->cluster_size));
+            }
+            if (!any_present) {
+                finding(CL_CORRUPT, "shared-reference", label,
+                        "guest range [%llu, %llu) (cluster %llu) is shared but has no present sector",
+                        (unsigned long long)guest, (unsigned long long)(guest + g->cluster_size),
+                        (unsigned long long)c);
+                continue;
+            }
+            if (!l->store && locked_store[0])
+                continue; /* the check cannot complete: reported at its end */
+            if (!l->store || store_cluster_usable(l->store, ref - 1)) {
+                finding(CL_CORRUPT, "shared-reference", label, "guest range [%llu, %llu) (cluster %llu) is shared, but %s",
+                        (unsigned long long)guest, (unsigned long long)(guest + g->cluster_size),
+                        (unsigned long long)c, l->store ? lc_errmsg : l->store_err);
+                continue;
+            }
+            int touched = 0;
+            if (read_view(l->store, (ref - 1) * g->cluster_size, g->cluster_size, cluster, &touched)) {
+                finding(CL_CORRUPT, "shared-reference", label, "guest range [%llu, %llu) is shared, but %s",
+                        (unsigned long long)guest, (unsigned long long)(guest + g->cluster_size), lc_errmsg);
+                continue;
+            }
+            for (uint64_t s = 0; s < spc; s++)
+                if (!PRESENT(c * spc + s))
+                    memset(cluster + s * SECTOR_SIZE, 0, SECTOR_SIZE);
+            crc = crc32c(0, cluster, g->cluster_size);
+        } else if (is_hole(l, coff, g->cluster_size)) {
             /* a hole reads as zero: no absent byte to report, a known CRC */
             for (uint64_t s = 0; s < spc && !any_present; s++)
                 any_present = PRESENT(c * spc + s);
@@ -220,7 +266,6 @@ static void check_region(lc_layer *l, const char *label, uint64_t r, int listed,
             continue; /* F-CHECK-002: no data checksums in a listed region */
 #ifndef BROKEN_TRUST_CRC
         uint32_t recorded = get_u32(map + MAP_CRCS_OFFSET + 4 * c);
-        uint64_t guest = r * g->region_span + c * g->cluster_size;
         if (any_present && crc != recorded)
             finding(CL_CORRUPT, "data-checksum", label,
                     "data of guest range [%llu, %llu) (cluster %llu, file offset %llu) does not match its CRC32C",
@@ -254,6 +299,8 @@ static uint64_t next_data_region(const lc_layer *l, uint64_t r)
         return UINT64_MAX;
     return ((uint64_t)d - g->first_region_offset) / g->region_stride;
 }
+
+static void check_once(lc_layer *l, const char *label);
 
 /* I1-I8 of one Lamina layer file whose root could be selected. */
 static void check_layer_file(lc_layer *l, const char *label)
@@ -295,6 +342,21 @@ static void check_layer_file(lc_layer *l, const char *label)
     if (!cluster) {
         finding(CL_CORRUPT, "map-unrecoverable", label, "out of memory");
         return;
+    }
+    if (layer_shared(l)) {
+        int src = store_attach(l);
+        if (src == LC_ERROR && !locked_store[0]) {
+            snprintf(locked_store, sizeof locked_store, "%s", lc_errmsg);
+        } else if (src == 0) {
+            check_once(l->store, l->store->path); /* the store, once per tree */
+        } else {
+            /* a store that is there but has no usable root is judged as a
+             * layer is: root-unrecoverable, once (and shared-reference for
+             * each cluster that needs it, below) */
+            const char *why = store_root_unusable_once(l);
+            if (why)
+                finding(CL_CORRUPT, "root-unrecoverable", NULL, "%s", why);
+        }
     }
     uint32_t next_intent = 0;
     uint64_t r = 0;
@@ -533,10 +595,15 @@ int cmd_check(const char *image)
     }
     check_layer_directory(image_top, top);
     layer_close_chain(top);
+    store_close_all();
     for (size_t i = 0; i < n_reached; i++)
         free(reached[i]);
     free(reached);
     fflush(stdout);
+    if (locked_store[0]) {
+        fprintf(stderr, "lamina-c: %s\n", locked_store);
+        return LC_ERROR;
+    }
     if (found[CL_CORRUPT])
         return 2;
     if (found[CL_DEGRADED] || found[CL_LEAK])

@@ -33,6 +33,11 @@
 #define MAX_VMSTATE_SIZE (1ull << 46)
 #define MAX_COUNTER ((1ull << 63) - 1)
 #define FLAG_COMMITTING 1u
+#define FEATURE_SHARED_CLUSTERS 1u /* incompatible_features bit 0 (section 13) */
+#define KNOWN_INCOMPATIBLE FEATURE_SHARED_CLUSTERS
+#define MAP_FLAG_SHARED 1u         /* map flags bit 0: the copy carries `shared` */
+#define SHARED_TABLE_SIZE 1024u    /* u64[128] */
+#define STORE_NAME "lamina-store.lam"
 
 #define BASE_NONE 0u
 #define BASE_RAW 1u
@@ -86,7 +91,7 @@ typedef struct {
     uint32_t buf_len;
     uint32_t version, cluster_bits, slot, num_intents, root_length, base_kind;
     uint64_t virtual_size, generation, incompat, compat, autoclear, data_generation;
-    uint8_t image_uuid[16], base_uuid[16];
+    uint8_t image_uuid[16], base_uuid[16], store_uuid[16];
     uint64_t base_data_generation, base_size, next_snapshot_id, base_visible;
     uint32_t intents[MAX_INTENTS];
     uint32_t base_path_length, num_snapshots, flags;
@@ -119,7 +124,9 @@ typedef struct {
     copy_status status;
     int zeroed; /* the used length is all zero */
     char why[200];
-    uint8_t *buf; /* used length bytes */
+    uint8_t *buf; /* used length bytes (and the shared table's place) */
+    uint32_t used; /* the used length: 576 + cluster_size / 32, + 1024 with the table */
+    int has_table; /* flags bit 0 in a layer that sets shared-clusters */
     uint64_t generation;
 } lc_mapcopy;
 
@@ -133,7 +140,8 @@ typedef struct {
 } lc_maps;
 
 int map_read_both(int fd, uint64_t file_size, const lc_geometry *g, const uint8_t *image_uuid,
-                  uint64_t region, lc_maps *maps);
+                  int shared_layer, uint64_t region, lc_maps *maps);
+uint64_t map_shared_ref(const lc_mapcopy *m, const lc_geometry *g, uint64_t c);
 void map_free(lc_maps *maps);
 int map_present(const uint8_t *map, uint64_t sector);
 
@@ -152,6 +160,12 @@ typedef struct lc_layer {
     lc_geometry geo;
     uint64_t visible; /* min(base_visible, size of the base): where the base shows */
     struct lc_layer *base;
+    /* the shared store (section 13) when the root sets shared-clusters;
+     * owned by the store table of layers.c, never by this layer */
+    struct lc_layer *store;
+    int store_failed;     /* the store cannot be used: store_err says why */
+    int store_entry;      /* 1 + its index in the store table of layers.c */
+    char store_err[1024];
     /* one-region map cache of the reader */
     int64_t cached_region;
     lc_maps cached;
@@ -164,9 +178,16 @@ int chain_open(lc_layer *top);
 int image_of(const char *real, char *out, size_t outlen);
 int resolve_base(const lc_layer *layer, char *out, size_t outlen, char *image_top,
                  size_t image_len);
+int store_attach(lc_layer *l);
+int chain_attach_stores(lc_layer *top);
+void store_close_all(void);
+const char *store_root_unusable_once(const lc_layer *l);
 int find_snapshot(const lc_root *root, const char *name);
 int open_snapshot_layer(const char *image, const lc_root *root, int idx, lc_layer **out);
 int read_view(lc_layer *layer, uint64_t off, uint64_t len, uint8_t *buf, int *touched);
+int store_cluster_usable(lc_layer *store, uint64_t s);
+int load_map(lc_layer *l, uint64_t r);
+int layer_shared(const lc_layer *l);
 int pread_full(int fd, void *buf, size_t len, uint64_t off);
 
 int cmd_dump(const char *target, const char *out);

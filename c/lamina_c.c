@@ -26,7 +26,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "capabilities")) {
         if (argc != 2)
             return usage();
-        printf("dump check\n");
+        printf("dump check shared-clusters\n"); /* commands, then the format features it reads */
         return 0;
     }
     if (!strcmp(cmd, "dump")) {

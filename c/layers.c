@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -248,6 +249,130 @@ int chain_open(lc_layer *top)
         l = b;
     }
     return 0;
+}
+
+/* The shared stores opened so far (F-SHARE-001), one per directory, so a
+ * tree's layers share one open store and check judges it once. */
+#define MAX_STORES 64
+static struct store_entry {
+    char path[PATH_MAX];
+    lc_layer *layer; /* NULL when it could not be opened */
+    int rc;
+    int roots_unusable; /* it opened, but neither root copy could be used */
+    int reported;       /* check reported that once */
+    char err[1024];
+} stores[MAX_STORES];
+static size_t n_stores;
+
+int layer_shared(const lc_layer *l)
+{
+    return l->kind == BASE_LAMINA && l->root && (l->root->incompat & FEATURE_SHARED_CLUSTERS) != 0;
+}
+
+static int store_fail(lc_layer *l, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int store_fail(lc_layer *l, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(l->store_err, sizeof l->store_err, fmt, ap);
+    va_end(ap);
+    l->store_failed = 1;
+    return lc_fail(code, "%s", l->store_err);
+}
+
+/* F-SHARE-001: the store of a layer whose root sets shared-clusters is
+ * lamina-store.lam in the directory of its image's top, opened with the
+ * guarded open; it must be a layer without a base and without
+ * shared-clusters, of the layer's cluster size, whose image_uuid is the
+ * layer's store_uuid.  Else SharedReferenceError (exit 2; 1 for a lock). */
+int store_attach(lc_layer *l)
+{
+    if (!layer_shared(l) || l->store)
+        return 0;
+    if (l->store_failed)
+        return lc_fail(LC_CORRUPT, "%s", l->store_err);
+    char dir[PATH_MAX], rdir[PATH_MAX], path[PATH_MAX];
+    dir_of(l->image_top, dir, sizeof dir);
+    if (!realpath(dir, rdir))
+        return store_fail(l, LC_CORRUPT, "%s: cannot resolve the directory %s of its store (SharedReferenceError)",
+                          l->path, dir);
+    if (snprintf(path, sizeof path, "%s/%s", strcmp(rdir, "/") ? rdir : "", STORE_NAME) >= (int)sizeof path)
+        return store_fail(l, LC_CORRUPT, "%s: store path too long (SharedReferenceError)", l->path);
+    struct store_entry *e = NULL;
+    for (size_t i = 0; i < n_stores; i++)
+        if (!strcmp(stores[i].path, path))
+            e = &stores[i];
+    if (!e) {
+        if (n_stores == MAX_STORES)
+            return store_fail(l, LC_ERROR, "%s: more than %u stores in one tree", l->path, MAX_STORES);
+        e = &stores[n_stores++];
+        memset(e, 0, sizeof *e);
+        memcpy(e->path, path, strlen(path) + 1);
+        struct stat st;
+        lc_lock_failed = 0;
+        if (lstat(path, &st) < 0 && errno == ENOENT) {
+            e->rc = LC_CORRUPT;
+            snprintf(e->err, sizeof e->err, "%.900s does not exist", path);
+        } else if ((e->rc = layer_open(path, 0, path, BASE_LAMINA, &e->layer)) != 0) {
+            snprintf(e->err, sizeof e->err, "%s", lc_errmsg);
+            e->roots_unusable = e->rc == LC_CORRUPT && e->layer != NULL;
+            if (!lc_lock_failed)
+                e->rc = LC_CORRUPT;
+            layer_close_chain(e->layer);
+            e->layer = NULL;
+        }
+    }
+    l->store_entry = (int)(e - stores) + 1;
+    if (e->rc == LC_ERROR)
+        return store_fail(l, e->rc, "%s: its data is shared through a store held by a writer: %s", l->path,
+                          e->err);
+    if (e->rc)
+        return store_fail(l, e->rc, "%s: its data is shared through a store that cannot be used: %s (SharedReferenceError)",
+                          l->path, e->err);
+    const lc_root *sr = e->layer->root;
+    if (sr->base_kind != BASE_NONE || (sr->incompat & FEATURE_SHARED_CLUSTERS))
+        return store_fail(l, LC_CORRUPT, "%s: the store %s has a base or shared clusters of its own (SharedReferenceError)",
+                          l->path, path);
+    if (memcmp(sr->image_uuid, l->root->store_uuid, 16) != 0)
+        return store_fail(l, LC_CORRUPT, "%s: the store %s is another store than the layer's store_uuid names (SharedReferenceError)",
+                          l->path, path);
+    if (sr->cluster_bits != l->root->cluster_bits)
+        return store_fail(l, LC_CORRUPT, "%s: the store %s has clusters of %llu bytes, the layer %llu (SharedReferenceError)",
+                          l->path, path, 1ull << sr->cluster_bits, 1ull << l->root->cluster_bits);
+    l->store = e->layer;
+    return 0;
+}
+
+/* The store of every Lamina layer of an open chain (a reader's view). */
+int chain_attach_stores(lc_layer *top)
+{
+    for (lc_layer *l = top; l; l = l->base) {
+        int rc = store_attach(l);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* The first time it is asked for a store whose roots are both unusable:
+ * its message (check reports the store's root-unrecoverable once). */
+const char *store_root_unusable_once(const lc_layer *l)
+{
+    if (l->store_entry <= 0 || (size_t)l->store_entry > n_stores)
+        return NULL;
+    struct store_entry *e = &stores[l->store_entry - 1];
+    if (!e->roots_unusable || e->reported)
+        return NULL;
+    e->reported = 1;
+    return e->err;
+}
+
+void store_close_all(void)
+{
+    for (size_t i = 0; i < n_stores; i++)
+        layer_close_chain(stores[i].layer);
+    n_stores = 0;
 }
 
 int find_snapshot(const lc_root *root, const char *name)

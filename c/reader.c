@@ -11,13 +11,14 @@
 #include <unistd.h>
 
 /* The current map of region r of a Lamina layer, through a one-region cache. */
-static int load_map(lc_layer *l, uint64_t r)
+int load_map(lc_layer *l, uint64_t r)
 {
     if (l->cached_region == (int64_t)r)
         return 0;
     map_free(&l->cached);
     l->cached_region = -1;
-    int rc = map_read_both(l->fd, l->file_size, &l->geo, l->root->image_uuid, r, &l->cached);
+    int rc = map_read_both(l->fd, l->file_size, &l->geo, l->root->image_uuid, layer_shared(l), r,
+                           &l->cached);
     if (rc)
         return rc;
     if (l->cached.state == MAP_NO_VALID_COPY)
@@ -32,6 +33,40 @@ static int is_present(const lc_layer *l, uint64_t region_sector)
     if (l->cached.state != MAP_CURRENT)
         return 0;
     return map_present(l->cached.copy[l->cached.current].buf, region_sector);
+}
+
+/* F-SHARE-003: store cluster s exists (it lies wholly below the store's
+ * virtual size) and is allocated (has a present sector); else the reference
+ * is SharedReferenceError, never a read of something else. */
+int store_cluster_usable(lc_layer *store, uint64_t s)
+{
+    const lc_geometry *g = &store->geo;
+    uint64_t clusters = store->root->virtual_size / g->cluster_size;
+    if (s >= clusters)
+        return lc_fail(LC_CORRUPT, "%s: store cluster %llu is past the store's end (%llu clusters) (SharedReferenceError)",
+                       store->path, (unsigned long long)s, (unsigned long long)clusters);
+    int rc = load_map(store, s / CLUSTERS_PER_REGION);
+    if (rc)
+        return rc;
+    uint64_t spc = g->cluster_size / SECTOR_SIZE;
+    uint64_t first = (s % CLUSTERS_PER_REGION) * spc;
+    if (store->cached.state == MAP_CURRENT) {
+        const uint8_t *map = store->cached.copy[store->cached.current].buf;
+        for (uint64_t k = 0; k < spc; k++)
+            if (map_present(map, first + k))
+                return 0;
+    }
+    return lc_fail(LC_CORRUPT, "%s: store cluster %llu is not allocated (SharedReferenceError)", store->path,
+                   (unsigned long long)s);
+}
+
+/* The reference of the current map of `l` for the data cluster holding the
+ * region-relative offset `roff` (0: local). */
+static uint64_t shared_ref_at(const lc_layer *l, uint64_t roff)
+{
+    if (l->cached.state != MAP_CURRENT)
+        return 0;
+    return map_shared_ref(&l->cached.copy[l->cached.current], &l->geo, roff / l->geo.cluster_size);
 }
 
 /* Fill buf with the guest bytes [off, off + len) of `l`'s view (F-MEAN-002).
@@ -64,13 +99,28 @@ int read_view(lc_layer *l, uint64_t off, uint64_t len, uint8_t *buf, int *touche
         while (off < stop) {
             uint64_t sector = (off % g->region_span) / SECTOR_SIZE;
             int present = is_present(l, sector);
+            uint64_t ref = present ? shared_ref_at(l, off % g->region_span) : 0;
             uint64_t e = (off / SECTOR_SIZE + 1) * SECTOR_SIZE;
-            while (e < stop && is_present(l, (e % g->region_span) / SECTOR_SIZE) == present)
+            uint64_t cluster_end = (off / g->cluster_size + 1) * g->cluster_size;
+            /* a run of present sectors of a shared cluster ends with the cluster;
+             * one of local clusters goes on while the clusters stay local */
+            while (e < stop && is_present(l, (e % g->region_span) / SECTOR_SIZE) == present &&
+                   (ref ? e < cluster_end : !present || shared_ref_at(l, e % g->region_span) == 0))
                 e += SECTOR_SIZE;
             if (e > stop)
                 e = stop;
             uint64_t n = e - off;
-            if (present) {
+            if (present && ref) {
+                lc_layer *store = l->store;
+                if (!store)
+                    return lc_fail(LC_CORRUPT, "%s: a shared cluster without a usable store (SharedReferenceError)",
+                                   l->path);
+                if ((rc = store_cluster_usable(store, ref - 1)))
+                    return rc;
+                rc = read_view(store, (ref - 1) * g->cluster_size + off % g->cluster_size, n, buf, touched);
+                if (rc)
+                    return rc;
+            } else if (present) {
                 if (pread_full(l->fd, buf, n, file_base + off % g->region_span) < 0)
                     return lc_fail(LC_ERROR, "%s: read error: %s", l->path, strerror(errno));
                 *touched = 1;
@@ -167,7 +217,7 @@ static int open_view(const char *target, lc_layer **top_out, lc_layer **view_out
     } else {
         /* The top is opened as an image, its chain included, before its table
          * is used (as the reference does; FORMAT.md leaves this open). */
-        if ((rc = chain_open(*top_out)))
+        if ((rc = chain_open(*top_out)) || (rc = chain_attach_stores(*top_out)))
             return rc;
         int idx = find_snapshot((*top_out)->root, snap);
         if (idx < 0)
@@ -184,7 +234,9 @@ static int open_view(const char *target, lc_layer **top_out, lc_layer **view_out
         if (rc)
             return rc;
     }
-    return chain_open(*view_out);
+    if ((rc = chain_open(*view_out)))
+        return rc;
+    return chain_attach_stores(*view_out);
 }
 
 #define DUMP_CHUNK (1u << 20)
@@ -197,6 +249,7 @@ int cmd_dump(const char *target, const char *out)
         if (view && view != top)
             layer_close_chain(view);
         layer_close_chain(top);
+        store_close_all();
         return rc;
     }
     uint8_t *buf = malloc(DUMP_CHUNK);
@@ -242,5 +295,6 @@ done:
     if (view != top)
         layer_close_chain(view);
     layer_close_chain(top);
+    store_close_all();
     return rc;
 }

@@ -71,6 +71,7 @@ static void decode_fixed(lc_root *r)
     r->next_snapshot_id = get_u64(b + 3976);
     r->flags = get_u32(b + 3984);
     r->base_visible = get_u64(b + 3988);
+    memcpy(r->store_uuid, b + 3996, 16);
 }
 
 /* Every field rule and structure rule after version and features. */
@@ -131,7 +132,13 @@ static copy_status judge_fields(lc_root *r, uint32_t position)
     if (r->base_visible > r->virtual_size || r->base_visible > r->base_size)
         return bad(r, COPY_OUT_OF_RANGE, "base_visible %llu above virtual_size or base_size",
                    (unsigned long long)r->base_visible);
-    if (!all_zero(b + 3996, 96))
+    /* F-SHARE-001, F-ROOT-009: store_uuid is not all zero exactly when
+     * shared-clusters is set; reserved (4012-4091) is all zero. */
+    if ((r->incompat & FEATURE_SHARED_CLUSTERS) && all_zero(r->store_uuid, 16))
+        return bad(r, COPY_OUT_OF_RANGE, "shared-clusters is set but store_uuid is all zero");
+    if (!(r->incompat & FEATURE_SHARED_CLUSTERS) && !all_zero(r->store_uuid, 16))
+        return bad(r, COPY_OUT_OF_RANGE, "store_uuid is set without shared-clusters");
+    if (!all_zero(b + 4012, 80))
         return bad(r, COPY_OUT_OF_RANGE, "reserved bytes are not zero");
     /* structure: root_length, the tail */
     uint64_t pad = ((uint64_t)r->base_path_length + 7) & ~7ull;
@@ -252,9 +259,9 @@ static int root_read_copy(int fd, uint64_t file_size, uint32_t position, lc_root
         bad(r, COPY_UNSUPPORTED, "format version %u is not 1 (UnsupportedVersion)", r->version);
         return 0;
     }
-    if (r->incompat != 0) {
+    if (r->incompat & ~(uint64_t)KNOWN_INCOMPATIBLE) {
         bad(r, COPY_UNSUPPORTED, "unknown incompatible features 0x%llx (UnknownIncompatibleFeature)",
-            (unsigned long long)r->incompat);
+            (unsigned long long)(r->incompat & ~(uint64_t)KNOWN_INCOMPATIBLE));
         return 0;
     }
     judge_fields(r, position);

@@ -299,6 +299,265 @@ def build_snapshot_by_id(d: Path) -> tuple[str, str]:
     return "disk.lam@2", "disk.lam"
 
 
+# Deduplicated trees (FORMAT.md section 13): frozen layers whose equal clusters
+# `lamina dedup` moved into the directory's shared store lamina-store.lam.
+
+SHARED_A = pattern(60, 16 * KiB)  # data written into several images, so dedup shares it
+
+
+def make_shared_clones(d: Path) -> None:
+    """Two clones of one snapshot, each written (partly the same bytes), snapshotted, deduplicated."""
+    if (d / "disk.lam").exists():
+        return
+    with Image.create(str(d / "disk.lam"), 2 * MiB, cluster_size=4096) as img:
+        img.write(0, pattern(61, 64 * KiB))
+        img.write(256 * KiB, SHARED_A)
+    assert lamina("snapshot", "create", "disk.lam", "gold", cwd=d)[0] == 0
+    for n, name in enumerate(("a.lam", "b.lam")):
+        assert lamina("clone", "disk.lam", "gold", name, cwd=d)[0] == 0
+        with Image.open(str(d / name)) as img:
+            img.write(128 * KiB, SHARED_A)             # equal in both clones and the base
+            img.write(4096 + 512, pattern(62, 1024))   # a partly present cluster, equal in both
+            img.write(1 * MiB + 4096 * n, pattern(63 + n, 8192))  # data of its own
+        assert lamina("snapshot", "create", name, "s", cwd=d)[0] == 0
+        with Image.open(str(d / name)) as img:
+            img.write(128 * KiB + 4096, pattern(70 + n, 4096))  # the top moves on over shared data
+    code, _ = lamina("dedup", "a.lam", "b.lam", cwd=d)
+    assert code == 0
+    assert (d / "lamina-store.lam").exists()
+
+
+def build_shared_clones(target: str, image: str) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        make_shared_clones(d)
+        return target, image
+    return build
+
+
+TEN = 10
+
+
+def make_ten_images(d: Path) -> None:
+    """Ten images sharing clusters from one pool, frozen and deduplicated with `dedup --across`."""
+    if (d / "i0.lam").exists():
+        return
+    pool = [pattern(80 + k, 4096) for k in range(6)]
+    rng = random.Random(81)
+    for i in range(TEN):
+        with Image.create(str(d / f"i{i}.lam"), MiB, cluster_size=4096) as img:
+            for c in rng.sample(range(64), 12):
+                img.write(c * 4096, rng.choice(pool))
+            img.write(512 * KiB + 512 * i, pattern(90 + i, 512))  # one sector of its own
+    code, _ = lamina("dedup", "--snapshot", "s", "i0.lam", "--across", ".", cwd=d)
+    assert code == 0
+
+
+def build_ten(i: int, snap: bool) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        make_ten_images(d)
+        return f"i{i}.lam" + ("@s" if snap else ""), f"i{i}.lam"
+    return build
+
+
+def make_shared_pair(d: Path) -> Path:
+    """Two images with equal data, snapshotted and deduplicated: the frozen layer of p.lam."""
+    from lamina.impl import layers
+
+    for n, name in enumerate(("p.lam", "q.lam")):
+        with Image.create(str(d / name), MiB, cluster_size=4096) as img:
+            img.write(0, SHARED_A)
+            img.write(64 * KiB, pattern(100 + n, 4096))
+        assert lamina("snapshot", "create", name, "s", cwd=d)[0] == 0
+    assert lamina("dedup", "p.lam", "--across", "q.lam", cwd=d)[0] == 0
+    entry = layers.list_snapshots(str(d / "p.lam"))[0]
+    return d / "p.lam.layers" / f"{entry.layer_uuid.hex()}.lam"
+
+
+def build_shared_cluster_size(cluster: int) -> Callable[[Path], tuple[str, str]]:
+    """Two images of one cluster size with equal data (whole and partly present clusters), deduplicated."""
+    def build(d: Path) -> tuple[str, str]:
+        for n, name in enumerate(("p.lam", "q.lam")):
+            with Image.create(str(d / name), 4 * cluster + MiB, cluster_size=cluster) as img:
+                img.write(0, pattern(120, 2 * cluster))
+                img.write(2 * cluster + 1024, pattern(121, 2048))
+                img.write(3 * cluster, pattern(122 + n, 512))
+            assert lamina("snapshot", "create", name, "s", cwd=d)[0] == 0
+        assert lamina("dedup", "p.lam", "q.lam", cwd=d)[0] == 0
+        return "p.lam@s", "p.lam"
+    return build
+
+
+MAP_USED_4K = 576 + 4096 // 32
+SHARED_USED_4K = MAP_USED_4K + 1024
+
+
+def set_shared(buf: bytearray, cluster: int, value: int | None = None,
+               clear_presence: bool = False) -> None:
+    """Region 0 of a 4 KiB-cluster layer whose maps carry the shared table: both copies."""
+    for copy in (0, 129):
+        start = MiB + copy * 4096
+        assert int.from_bytes(buf[start + 40:start + 44], "little") & 1, "no shared table"
+        if value is not None:
+            at = start + MAP_USED_4K + 8 * cluster
+            buf[at:at + 8] = value.to_bytes(8, "little")
+        if clear_presence:
+            buf[start + 576 + cluster] = 0  # 8 sectors of a 4 KiB cluster: one byte of bits
+            buf[start + 64 + 4 * cluster:start + 68 + 4 * cluster] = bytes(4)
+        forge_map_crc(buf, start, SHARED_USED_4K)
+
+
+def store_clusters(d: Path) -> int:
+    store = (d / "lamina-store.lam").read_bytes()[:4096]
+    return int.from_bytes(store[16:24], "little") // (1 << int.from_bytes(store[12:16], "little"))
+
+
+def build_shared_hostile(change: Callable[[Path, Path], None]) -> Callable[[Path], tuple[str, str]]:
+    def build(d: Path) -> tuple[str, str]:
+        frozen = make_shared_pair(d)
+        change(d, frozen)
+        return "p.lam@s", "p.lam"
+    return build
+
+
+def edit(path: Path, change: Callable[[bytearray], None]) -> None:
+    buf = bytearray(path.read_bytes())
+    change(buf)
+    path.write_bytes(bytes(buf))
+
+
+def ref_past_end(d: Path, frozen: Path) -> None:
+    edit(frozen, lambda b: set_shared(b, 0, 1 + store_clusters(d)))
+
+
+def ref_to_free_cluster(d: Path, frozen: Path) -> None:
+    """The store grown (its root forged, as a resize leaves it) and a reference to a cluster past the old end."""
+    used = store_clusters(d)
+    assert used < 64  # one region of 4 KiB clusters either way: the file length stays right
+    edit(d / "lamina-store.lam", lambda b: set_root_field(b, 16, 8, 64 * 4096))
+    edit(frozen, lambda b: set_shared(b, 0, 1 + used + 3))
+
+
+def ref_without_present_sector(d: Path, frozen: Path) -> None:
+    edit(frozen, lambda b: set_shared(b, 1, clear_presence=True))
+
+
+def another_store_uuid(d: Path, frozen: Path) -> None:
+    def change(buf: bytearray) -> None:
+        for slot in SLOTS:
+            buf[slot + 3996] ^= 0x5A
+            forge_root_crc(buf, slot)
+    edit(frozen, change)
+
+
+def store_missing(d: Path, frozen: Path) -> None:
+    (d / "lamina-store.lam").unlink()
+
+
+def store_of_another_cluster_size(d: Path, frozen: Path) -> None:
+    """An empty 8 KiB-cluster layer with the store's uuid in place of the store."""
+    uuid = (d / "lamina-store.lam").read_bytes()[56:72]
+    (d / "lamina-store.lam").unlink()
+    with Image.create(str(d / "lamina-store.lam"), MiB, cluster_size=8192):
+        pass
+    shutil.rmtree(d / "lamina-store.lam.layers", ignore_errors=True)  # its twin
+    def change(buf: bytearray) -> None:
+        for slot in SLOTS:
+            buf[slot + 56:slot + 72] = uuid
+            forge_root_crc(buf, slot)
+    edit(d / "lamina-store.lam", change)
+
+
+def store_data_flipped(d: Path, frozen: Path) -> None:
+    """A bit of the store's first data cluster: the store's I5 and each referencing image's I5."""
+    flip(d / "lamina-store.lam", MiB + 4096 + 100, 0x01)
+
+
+def local_bytes_under_a_reference(d: Path, frozen: Path) -> None:
+    """I6 (F-SHARE-004): the local place of a shared cluster is not a hole."""
+    with open(frozen, "r+b") as fh:
+        fh.seek(MiB + 4096)
+        fh.write(b"left over")
+
+
+def table_only_in_copy_a(d: Path, frozen: Path) -> None:
+    """Copy B without the table (flags 0, the shorter used length): valid twins that differ, B is stale."""
+    def change(buf: bytearray) -> None:
+        start = MiB + 129 * 4096
+        buf[start + 40:start + 44] = bytes(4)
+        forge_map_crc(buf, start, MAP_USED_4K)
+    edit(frozen, change)
+
+
+def listed_ref_past_end(d: Path, frozen: Path) -> None:
+    """F-CHECK-002 exempts I5 of a listed region, not its references."""
+    clusters = store_clusters(d)
+    def change(buf: bytearray) -> None:
+        set_shared(buf, 0, 1 + clusters)
+        set_root_field(buf, 76, 4, 1)  # intents: region 0
+    edit(frozen, change)
+
+
+def table_dropped_leaving_its_place(d: Path, frozen: Path) -> None:
+    """F-MAP-006: both copies drop the table (the clusters read their punched local places), its bytes stay."""
+    def change(buf: bytearray) -> None:
+        for copy in (0, 129):
+            start = MiB + copy * 4096
+            buf[start + 40:start + 44] = bytes(4)
+            forge_map_crc(buf, start, MAP_USED_4K)
+    edit(frozen, change)
+
+
+def bytes_after_the_table(d: Path, frozen: Path) -> None:
+    flip(frozen, MiB + SHARED_USED_4K + 3, 0x07)
+
+
+def store_sector_absent(d: Path, frozen: Path) -> None:
+    """A present sector of a shared cluster whose store sector is absent: it reads what the store denotes, zero."""
+    def change(buf: bytearray) -> None:
+        for copy in (0, 129):
+            start = MiB + copy * 4096
+            buf[start + 576] = 0x01  # store cluster 0: its first sector alone stays present
+            forge_map_crc(buf, start, MAP_USED_4K)
+    edit(d / "lamina-store.lam", change)
+
+
+def store_map_flag(d: Path, frozen: Path) -> None:
+    """Map flags bit 0 in copy A of the store, a layer without shared-clusters: that copy is invalid."""
+    def change(buf: bytearray) -> None:
+        buf[MiB + 40] |= 1
+        forge_map_crc(buf, MiB, MAP_USED_4K)
+    edit(d / "lamina-store.lam", change)
+
+
+def store_with_shared_clusters(d: Path, frozen: Path) -> None:
+    """F-SHARE-001: the store is a layer without shared-clusters."""
+    def change(buf: bytearray) -> None:
+        for slot in SLOTS:
+            buf[slot + 32] |= 1
+            buf[slot + 3996:slot + 4012] = b"\x11" * 16
+            forge_root_crc(buf, slot)
+    edit(d / "lamina-store.lam", change)
+
+
+SHARED_HOSTILE = {
+    "shared-ref-past-the-store-end": ref_past_end,
+    "shared-ref-to-a-free-cluster": ref_to_free_cluster,
+    "shared-ref-without-present-sector": ref_without_present_sector,
+    "shared-another-store-uuid": another_store_uuid,
+    "shared-store-missing": store_missing,
+    "shared-store-of-another-cluster-size": store_of_another_cluster_size,
+    "shared-store-data-flipped": store_data_flipped,
+    "shared-local-bytes-under-a-reference": local_bytes_under_a_reference,
+    "shared-table-only-in-copy-a": table_only_in_copy_a,
+    "shared-listed-ref-past-the-store-end": listed_ref_past_end,
+    "shared-table-dropped-leaving-its-place": table_dropped_leaving_its_place,
+    "shared-bytes-after-the-table": bytes_after_the_table,
+    "shared-store-sector-absent": store_sector_absent,
+    "shared-map-flag-in-the-store": store_map_flag,
+    "shared-store-with-shared-clusters": store_with_shared_clusters,
+}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -460,7 +719,7 @@ FORGED_CASES = [
     Case("forged-committing-without-base", forged(lambda b: set_root_field(b, 3984, 4, 1))),
     Case("forged-version-2-in-copy-b",
          forged(lambda b: set_root_field(b, 8, 4, 2, slots=(524288,)))),
-    # bit 1: unknown to both readers (bit 0, shared-clusters, is known to the reference and refused by lamina-c)
+    # bit 1: unknown to both readers (bit 0 is shared-clusters, known to both)
     Case("forged-incompatible-feature-in-copy-a",
          forged(lambda b: set_root_field(b, 32, 8, 2, slots=(0,)))),
     Case("forged-crc-of-an-empty-cluster", forged(lambda b: set_map_field(b, 64 + 4 * 5, 4, 1234))),
@@ -475,6 +734,18 @@ FORGED_CASES = [
     Case("raw-base-of-odd-length", build_raw_base_odd),
     Case("base-loop", build_base_loop),
 ]
+
+SHARED_CASES = [
+    Case("shared-clones-a", build_shared_clones("a.lam", "a.lam"), "shared-clones"),
+    Case("shared-clones-a-snapshot", build_shared_clones("a.lam@s", "a.lam"), "shared-clones"),
+    Case("shared-clones-b", build_shared_clones("b.lam", "b.lam"), "shared-clones"),
+    Case("shared-clones-b-snapshot", build_shared_clones("b.lam@s", "b.lam"), "shared-clones"),
+    Case("shared-clones-base-gold", build_shared_clones("disk.lam@gold", "disk.lam"), "shared-clones"),
+    Case("shared-cluster-64k", build_shared_cluster_size(64 * KiB)),
+    Case("shared-cluster-2048k", build_shared_cluster_size(2048 * KiB)),
+] + [Case(f"shared-ten-i{i}" + ("-snapshot" if snap else ""), build_ten(i, snap), "shared-ten")
+     for i in range(TEN) for snap in (True, False)] + [
+    Case(name, build_shared_hostile(change)) for name, change in SHARED_HOSTILE.items()]
 
 
 CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
@@ -501,16 +772,20 @@ CASES = [Case(f"cluster-{c // KiB}k", build_cluster_size(c)) for c in
     Case("both-roots-damaged", build_both_roots),
     Case("missing-snapshot-layer", build_missing_snapshot_layer),
     Case("base-shrunk-then-grown", build_base_shrunk),
-] + FORGED_CASES
+] + FORGED_CASES + SHARED_CASES
 
 # The cases each broken variant must fail, and no others.
 DEFECT_CASES = {
     "BROKEN_IGNORE_SECOND_COPY": {"damaged-root-a", "damaged-map-a", "damaged-map-b",
-                                  "forged-version-2-in-copy-b"},
+                                  "forged-version-2-in-copy-b", "shared-table-only-in-copy-a",
+                                  "shared-map-flag-in-the-store"},
     "BROKEN_TRUST_CRC": {"damaged-root-a", "damaged-map-a", "flipped-data", "both-roots-damaged",
-                         "forged-crc-of-an-empty-cluster", "forged-presence-past-the-size"},
+                         "forged-crc-of-an-empty-cluster", "forged-presence-past-the-size",
+                         "shared-store-data-flipped", "shared-store-sector-absent",
+                         "shared-table-dropped-leaving-its-place"},
     "BROKEN_BASE_PAST_END": {"base-shrunk-then-grown"},
-    "BROKEN_SNAPSHOT_LAYER": {"snapshot-monday", "snapshot-tuesday", "snapshot-by-id"},
+    "BROKEN_SNAPSHOT_LAYER": {"snapshot-monday", "snapshot-tuesday", "snapshot-by-id",
+                              "shared-clones-a-snapshot", "shared-clones-b-snapshot"},
 }
 
 
@@ -607,7 +882,7 @@ def run_case(exe: Path, exp: Expected, name: str) -> list[str]:
 
 def test_capabilities(binaries: dict[str, Path]) -> None:
     done = subprocess.run([str(binaries[""]), "capabilities"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout == "dump check\n"
+    assert done.returncode == 0 and done.stdout == "dump check shared-clusters\n"
     bad = subprocess.run([str(binaries[""]), "apply", "x", "y"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr
 
@@ -674,6 +949,18 @@ def test_a_writer_keeps_lamina_c_out(binaries: dict[str, Path], tmp_path: Path) 
             assert done.returncode == 1 and "locked" in done.stderr
     done = subprocess.run([str(binaries[""]), "check", "disk.lam"], cwd=tmp_path,
                           capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == ""
+
+
+def test_a_writer_of_the_store_keeps_lamina_c_out(binaries: dict[str, Path], tmp_path: Path) -> None:
+    """F-LOCK-001/002 for the store (section 13, Limits): a writer holding it makes lamina-c fail with ImageLocked, exit 1."""
+    make_shared_pair(tmp_path)
+    with Image.open(str(tmp_path / "lamina-store.lam")):
+        for command in (["dump", "p.lam@s", "x.out"], ["check", "p.lam"]):
+            done = subprocess.run([str(binaries[""]), *command], cwd=tmp_path, capture_output=True, text=True)
+            assert done.returncode == 1 and "ImageLocked" in done.stderr and done.stdout == "", (command, done)
+    assert not (tmp_path / "x.out").exists()
+    done = subprocess.run([str(binaries[""]), "check", "p.lam"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == ""
 
 
@@ -897,17 +1184,126 @@ def test_each_broken_build_fails_the_vectors_of_its_defect_and_only_those(binari
     assert failed <= covering, f"{variant} fails vectors that do not cover {defect}: {sorted(failed - covering)}"
 
 
-def test_lamina_c_refuses_a_deduplicated_layer(binaries: dict[str, Path], tmp_path: Path) -> None:
-    """A reader that does not know `shared-clusters` (FORMAT.md section 13) refuses the layer, as F-ROOT-003 says."""
-    from lamina.impl import layers
-    from lamina.impl.dedup import dedup
+def test_lamina_c_reads_deduplicated_trees(expected: dict[str, Expected]) -> None:
+    """The trees of SHARED_CASES are deduplicated: frozen layers set shared-clusters and a store holds data."""
+    for group in ("shared-clones", "shared-ten"):
+        d = expected[f"{group}-{'a' if group == 'shared-clones' else 'i0'}"].directory
+        roots = [p.read_bytes()[:4096] for p in d.glob("*.layers/*.lam")]
+        assert any(int.from_bytes(r[32:40], "little") & 1 for r in roots), group
+        assert (d / "lamina-store.lam").exists()
+    assert all(expected[c.name].raw is not None and expected[c.name].check_exit == 0
+               for c in SHARED_CASES if c.name not in SHARED_HOSTILE)
+    for name in ("shared-cluster-64k", "shared-cluster-2048k"):
+        d = expected[name].directory
+        store = (d / "lamina-store.lam").read_bytes()[:4096]
+        assert int.from_bytes(store[16:24], "little") >= 2 * (1 << int.from_bytes(store[12:16], "little"))
 
-    for name in ("p.lam", "q.lam"):
-        with Image.create(str(tmp_path / name), MiB, cluster_size=4096) as img:
-            img.write(0, bytes(range(256)) * 64)
-        layers.create_snapshot(str(tmp_path / name), "s")
-    assert dedup([str(tmp_path / "p.lam")], [str(tmp_path / "q.lam")]).duplicates
-    entry = layers.list_snapshots(str(tmp_path / "p.lam"))[0]
-    frozen = f"p.lam.layers/{entry.layer_uuid.hex()}.lam"
-    done = subprocess.run([str(binaries[""]), "dump", frozen, "x.out"], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode != 0 and "UnknownIncompatibleFeature" in done.stderr
+
+# The verdict FORMAT.md section 13 gives each hostile reference: (dump refused, check kinds that must appear).
+SHARED_VERDICTS = {
+    "shared-ref-past-the-store-end": (True, {"shared-reference"}),
+    "shared-ref-to-a-free-cluster": (True, {"shared-reference"}),
+    "shared-ref-without-present-sector": (False, {"shared-reference"}),
+    "shared-another-store-uuid": (True, {"shared-reference"}),
+    "shared-store-missing": (True, {"shared-reference"}),
+    "shared-store-of-another-cluster-size": (True, {"shared-reference"}),
+    "shared-store-data-flipped": (False, {"data-checksum"}),
+    "shared-local-bytes-under-a-reference": (False, {"leaked-bytes"}),
+    "shared-table-only-in-copy-a": (False, {"map-copy"}),
+    "shared-listed-ref-past-the-store-end": (True, {"shared-reference", "intents"}),
+    "shared-table-dropped-leaving-its-place": (False, {"data-checksum"}),
+    "shared-bytes-after-the-table": (False, {"leaked-bytes"}),
+    "shared-store-sector-absent": (False, {"data-checksum"}),
+    "shared-map-flag-in-the-store": (False, {"map-copy"}),
+    "shared-store-with-shared-clusters": (True, {"shared-reference"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_VERDICTS))
+def test_hostile_shared_references(binaries: dict[str, Path], expected: dict[str, Expected], name: str) -> None:
+    """Each forged reference gets FORMAT.md's verdict from both readers (agreement itself: test_agrees_with_reference)."""
+    refused, kinds = SHARED_VERDICTS[name]
+    exp = expected[name]
+    assert (exp.raw is None) == refused and kinds <= exp.kinds
+    done = subprocess.run([str(binaries["sanitized"]), "dump", exp.target, "x.out"], cwd=exp.directory,
+                          capture_output=True, text=True, timeout=60)
+    assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+    (exp.directory / "x.out").unlink(missing_ok=True)
+    if refused:
+        assert done.returncode == 2 and "SharedReferenceError" in done.stderr, done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+    check = subprocess.run([str(binaries["sanitized"]), "check", exp.image], cwd=exp.directory,
+                           capture_output=True, text=True, timeout=60)
+    assert "Sanitizer" not in check.stderr and "runtime error" not in check.stderr, check.stderr
+    assert check.returncode == exp.check_exit
+
+
+def mutate_shared(buf: bytearray, rng: random.Random) -> None:
+    """One hostile change to a deduplicated 4 KiB-cluster layer: its shared tables, its map flags, its root."""
+    kind = rng.randrange(4)
+    copies = rng.choice([[0], [1], [0, 1]])
+    for copy in copies:
+        start = MiB + copy * 129 * 4096
+        if start + SHARED_USED_4K > len(buf):
+            return
+        if kind == 0:  # a table entry set to a boundary value
+            at = start + MAP_USED_4K + 8 * rng.randrange(8)
+            buf[at:at + 8] = (rng.choice(HOSTILE_VALUES + (2, 3, 4, 5)) & ((1 << 64) - 1)).to_bytes(8, "little")
+        elif kind == 1:  # bits anywhere in the used length, table included
+            for _ in range(rng.randrange(1, 4)):
+                buf[start + rng.randrange(SHARED_USED_4K)] ^= 1 << rng.randrange(8)
+        elif kind == 2:  # the flags word
+            buf[start + 40:start + 44] = rng.choice([0, 2, 3, 1 << 31]).to_bytes(4, "little")
+        if kind < 3 and rng.random() < 0.8:
+            forge_map_crc(buf, start, SHARED_USED_4K if buf[start + 40] & 1 else MAP_USED_4K)
+    if kind == 3:  # the feature word or store_uuid of the root, CRC forged
+        offset, size = rng.choice(((32, 8), (3996, 16), (4004, 8)))
+        for slot in SLOTS:
+            value = rng.choice((0, 1, 2, 3, 1 << 63)) if size == 8 else 0
+            buf[slot + offset:slot + offset + size] = value.to_bytes(size, "little")
+            forge_root_crc(buf, slot)
+
+
+def test_hostile_deduplicated_trees_agree_with_reference(binaries: dict[str, Path], tmp_path: Path) -> None:
+    """Mutated frozen layers and stores of a deduplicated tree: the sanitized lamina-c gives the reference's verdicts."""
+    sanitized = binaries["sanitized"]
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    with contextlib.chdir(seed):
+        make_shared_pair(seed)
+        with Image.open("p.lam") as img:
+            img.write(8192, pattern(110, 4096))
+    rng = random.Random(20261202)
+    disagreements = []
+    for n in range(24):
+        d = tmp_path / f"m{n}"
+        shutil.copytree(seed, d, symlinks=True)
+        target = rng.choice([d / "lamina-store.lam", *sorted(frozen_layers(d, "p.lam")),
+                             *sorted(frozen_layers(d, "q.lam"))])
+        buf = bytearray(target.read_bytes())
+        (mutate if target.name == "lamina-store.lam" and rng.random() < 0.5 else mutate_shared)(buf, rng)
+        target.write_bytes(bytes(buf))
+        for image in ("p.lam", "p.lam@s", "q.lam@s"):
+            code, _ = lamina("convert", "-O", "raw", image, "ref.out", cwd=d)
+            done = subprocess.run([str(sanitized), "dump", image, "c.out"], cwd=d,
+                                  capture_output=True, text=True, timeout=60)
+            assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+            assert done.returncode in (0, 1, 2), done.stderr
+            if (code == 0) != (done.returncode == 0) or (
+                    code == 0 and (d / "ref.out").read_bytes() != (d / "c.out").read_bytes()):
+                disagreements.append((n, target.name, image, code, done.returncode, done.stderr))
+            for out_name in ("ref.out", "c.out"):
+                (d / out_name).unlink(missing_ok=True)
+        for image in ("p.lam", "q.lam"):
+            code, out = lamina("check", "--output", "json", image, cwd=d)
+            ref_kinds = {f["kind"] for f in json.loads(out)["findings"]} if out.startswith("{") else set()
+            done = subprocess.run([str(sanitized), "check", image], cwd=d, capture_output=True,
+                                  text=True, timeout=60)
+            assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr
+            kinds = {line.split(":", 1)[0] for line in done.stdout.splitlines()}
+            if code != done.returncode or kinds != ref_kinds:
+                disagreements.append((n, target.name, "check " + image, code, done.returncode, done.stdout,
+                                      sorted(ref_kinds)))
+        shutil.rmtree(d)
+    assert disagreements == [], "\n".join(map(repr, disagreements))
