@@ -368,12 +368,14 @@ class Image:
         """This layer's bytes over [pos, stop) within one region, and the runs it lacks (no bytes: it lacks all)."""
         region = pos // self._geometry.region_span
         m = self._map(region)
-        if m is None or not m.any_present():
+        if m is None:
             self._empty.add(region)  # until a write here (`_map` for writing clears it)
             return b"", [(pos, stop)]
         runs = self._absent_runs(m, pos, stop)
-        if runs == [(pos, stop)]:
-            return b"", runs  # none of these sectors here: nothing to read from this file
+        if runs == [(pos, stop)]:  # none of these sectors here: nothing to read from this file
+            if not m.any_present():
+                self._empty.add(region)  # nor anywhere in the region (asked only now: a read of present sectors never scans the bitmap)
+            return b"", runs
         data = self.file.pread(self._geometry.guest_to_file(pos), stop - pos)
         if len(data) < stop - pos:
             data = data.ljust(stop - pos, b"\0")
@@ -411,6 +413,10 @@ class Image:
             buf[-SECTOR_SIZE:] = self.read(end - SECTOR_SIZE, SECTOR_SIZE)
             buf[head : head + len(data)] = data
             offset, data = start, bytes(buf)
+        region = offset // self._span
+        if region in self._intents and (offset + len(data) - 1) // self._span == region:
+            self._write_segment(offset, data)  # the common case: one region, already listed (rule 1 holds)
+            return
         self._for_each_region(offset, len(data), lambda pos, stop: self._write_segment(pos, data[pos - offset : stop - offset]))
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -834,20 +840,27 @@ class Image:
         self._unsynced = True
 
     def _mark(self, pos: int, stop: int, present: bool) -> None:
-        g = self.geometry
-        region = g.region_of(pos)
+        span = self._span
+        region = pos // span
         m = self._map(region, for_write=True)
         assert m is not None
-        base = region * g.region_span
+        base = region * span
         if m.set_sectors((pos - base) // SECTOR_SIZE, (stop - pos) // SECTOR_SIZE, present):
             self._fresh.add(region)  # its map must be committed at the next flush
         self._last_written[region] = self._flushes
-        clusters = self._dirty.setdefault(region, set())
-        clusters.update(range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1))
+        clusters = self._dirty.get(region)
+        if clusters is None:
+            clusters = self._dirty[region] = set()
+        bits = self._geometry.cluster_bits
+        first, last = (pos - base) >> bits, (stop - 1 - base) >> bits
+        if first == last:
+            clusters.add(first)
+        else:
+            clusters.update(range(first, last + 1))
 
     @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
-        self.file.pwrite(self.geometry.guest_to_file(pos), data)
+        self.file.pwrite(self._geometry.guest_to_file(pos), data)
         self._unsynced = True
         self._mark(pos, pos + len(data), True)
 
