@@ -144,6 +144,9 @@ class Image:
         # region -> (base it was found through, first layer below that may hold it, the limit on the way there)
         self._skips: dict[int, tuple[Image | RawBase, Image | RawBase | None, int]] = {}
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
+        # (region, cluster) -> the checksum of a dirty cluster whose last write covered all of it, made from the
+        # bytes in hand: the flush records it without reading the cluster back (any other write of it drops it)
+        self._known_crcs: dict[tuple[int, int], int] = {}
         self._fresh: set[int] = set()  # regions whose presence changed since their map's last commit
         self._deferred: set[int] = set()  # listed regions whose working checksums are newer than their durable map
         self._flushes = 0  # flushes since open: the clock of idle eviction
@@ -467,18 +470,23 @@ class Image:
         """Checksum every cluster written since the last flush into the working maps (their maps become deferred)."""
         g = self.geometry
         spc, size = g.sectors_per_cluster, g.cluster_size
+        known, full = self._known_crcs, (1 << spc) - 1
         for region, clusters in sorted(self._dirty.items()):
             m = self._maps[region]
             data_offset = g.region_data_offset(region)
             for c in clusters:
                 mask = m.cluster_mask(c)
-                if mask:
+                crc = known.get((region, c)) if known else None
+                if crc is not None and mask == full:
+                    m.data_crcs[c] = crc
+                elif mask:
                     data = self.file.pread(data_offset + c * size, size)
                     m.data_crcs[c] = cluster_crc(zero_absent(data.ljust(size, b"\0"), mask, spc), mask)
                 else:
                     m.data_crcs[c] = 0
             self._deferred.add(region)
         self._dirty.clear()
+        known.clear()
 
     def _commit_maps(self, regions: set[int]) -> None:
         """Commit the working maps of `regions` (rule 2): their presence and checksums become durable."""
@@ -857,12 +865,21 @@ class Image:
             clusters.add(first)
         else:
             clusters.update(range(first, last + 1))
+        if self._known_crcs:  # these clusters' bytes change here: a checksum made before no longer holds
+            for c in range(first, last + 1):
+                self._known_crcs.pop((region, c), None)
 
     @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
         self.file.pwrite(self._geometry.guest_to_file(pos), data)
         self._unsynced = True
         self._mark(pos, pos + len(data), True)
+        size = self._geometry.cluster_size
+        if not (pos | len(data)) & (size - 1):  # whole clusters: their checksums from the bytes in hand
+            region, view = pos // self._span, memoryview(data)
+            first = (pos - region * self._span) // size
+            for i in range(0, len(data), size):
+                self._known_crcs[(region, first + i // size)] = cluster_crc(view[i : i + size], 1)
 
     @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:

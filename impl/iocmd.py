@@ -43,6 +43,8 @@ def _split(args: list[str], flags: str, valued: str) -> tuple[dict[str, str | bo
     """Single-letter options as qemu-io takes them: `-P 0xab`, `-z`."""
     if len(args) == 2 and not args[0].startswith("-") and not args[1].startswith("-"):
         return {}, args  # the common `OFFSET LENGTH`
+    if len(args) == 4 and args[0] == "-P" and "P" in valued and not args[2].startswith("-") and not args[3].startswith("-"):
+        return {"P": args[1]}, args[2:]  # and `-P PATTERN OFFSET LENGTH`
     opts: dict[str, str | bool] = {}
     rest = []
     it = iter(args)
