@@ -93,14 +93,15 @@ def _chunks(image: Image, offset: int, length: int) -> range:
     return range(offset, offset + length, IO_CHUNK)
 
 
-_FILLED: dict[tuple[int, int], bytes] = {}  # (pattern, length) -> that many bytes of the pattern, for the lengths seen
+_FILLED: dict[tuple[int, int], bytes] = {}  # (pattern, length) -> that many bytes of the pattern, for the shapes seen
+_FILLED_BUDGET = 1 << 25  # (= 32 MiB) held at most: every pattern byte at 64 KiB, or a few whole IO_CHUNKs
 
 
 def _filled(pattern: int, length: int) -> bytes:
-    """`length` bytes of `pattern`, kept for the next command of the same shape (a few entries, at most IO_CHUNK each)."""
+    """`length` bytes of `pattern`, kept for the next command of the same shape."""
     data = _FILLED.get((pattern, length))
     if data is None:
-        if len(_FILLED) >= 16:
+        if sum(n for _, n in _FILLED) + length > _FILLED_BUDGET:
             _FILLED.clear()
         data = _FILLED[(pattern, length)] = bytes([pattern]) * length
     return data
