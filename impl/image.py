@@ -14,6 +14,7 @@ from typing import Callable, Iterator, TypeVar
 
 import attrs
 
+from lamina.spec.crc import crc32c
 from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 from lamina.spec.layout import (
     DEFAULT_CLUSTER_BITS,
@@ -470,14 +471,14 @@ class Image:
         """Checksum every cluster written since the last flush into the working maps (their maps become deferred)."""
         g = self.geometry
         spc, size = g.sectors_per_cluster, g.cluster_size
-        known, full = self._known_crcs, (1 << spc) - 1
+        known = self._known_crcs
         for region, clusters in sorted(self._dirty.items()):
             m = self._maps[region]
             data_offset = g.region_data_offset(region)
             for c in clusters:
                 mask = m.cluster_mask(c)
                 crc = known.get((region, c)) if known else None
-                if crc is not None and mask == full:
+                if crc is not None:  # made by the cluster's last change, a write that left nothing present outside it
                     m.data_crcs[c] = crc
                 elif mask:
                     data = self.file.pread(data_offset + c * size, size)
@@ -871,15 +872,34 @@ class Image:
 
     @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
+        """Write sector-aligned bytes within one region, and checksum from them the clusters they make whole.
+
+        A cluster whose present sectors after this write are all sectors of
+        this write (it was written whole, or had none present outside it) has
+        the checksum of these bytes with zeros around them (absent sectors
+        count as zero, F-MAP rules): it is made now from the bytes in hand, so
+        that the flush need not read the cluster back.
+        """
+        size, span = self._geometry.cluster_size, self._span
+        region = pos // span
+        base = region * span
+        end = pos + len(data)
+        first, last = (pos - base) // size, (end - 1 - base) // size
+        m = self._map(region, for_write=True)  # loaded before the write (`_mark` would load it after)
+        assert m is not None
+        before = [m.cluster_mask(c) for c in range(first, last + 1)]
         self.file.pwrite(self._geometry.guest_to_file(pos), data)
         self._unsynced = True
-        self._mark(pos, pos + len(data), True)
-        size = self._geometry.cluster_size
-        if not (pos | len(data)) & (size - 1):  # whole clusters: their checksums from the bytes in hand
-            region, view = pos // self._span, memoryview(data)
-            first = (pos - region * self._span) // size
-            for i in range(0, len(data), size):
-                self._known_crcs[(region, first + i // size)] = cluster_crc(view[i : i + size], 1)
+        self._mark(pos, end, True)
+        view = memoryview(data)
+        for i, c in enumerate(range(first, last + 1)):
+            start = base + c * size
+            lo, hi = max(pos, start) - start, min(end, start + size) - start
+            if before[i] & ~(((1 << ((hi - lo) // SECTOR_SIZE)) - 1) << (lo // SECTOR_SIZE)):
+                continue  # sectors present outside this write: the flush reads the cluster back
+            crc = crc32c(_zeros(lo)) if lo else 0
+            crc = crc32c(view[start + lo - pos : start + hi - pos], crc)
+            self._known_crcs[(region, c)] = crc32c(_zeros(size - hi), crc) if hi < size else crc
 
     @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:
@@ -887,6 +907,13 @@ class Image:
         self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
         self._unsynced = True
         self._mark(pos, stop, self.base is not None)
+
+
+_ZERO_BYTES = bytes(1 << 21)  # (= 2 MiB, the largest cluster) zeros for the checksums of partly written clusters
+
+
+def _zeros(length: int) -> memoryview:
+    return memoryview(_ZERO_BYTES)[:length]
 
 
 def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Image | RawBase | None", int]:
