@@ -872,13 +872,21 @@ class Image:
 
     @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
-        """Write sector-aligned bytes within one region, and checksum from them the clusters they make whole.
+        """Write sector-aligned bytes within one region, and the checksums of the clusters they touch.
 
-        A cluster whose present sectors after this write are all sectors of
-        this write (it was written whole, or had none present outside it) has
-        the checksum of these bytes with zeros around them (absent sectors
-        count as zero, F-MAP rules): it is made now from the bytes in hand, so
-        that the flush need not read the cluster back.
+        A cluster's checksum is that of its bytes with absent sectors as zero.
+        When this write leaves nothing present outside it in a cluster (whole
+        clusters, or a first write into an empty one), that is these bytes with
+        zeros around them.  When sectors outside it are present and the
+        cluster's current checksum is known (it was not changed since it was
+        last checksummed, or its last change left a known checksum), the new
+        one follows from the old by CRC32C's linearity over GF(2) (for messages
+        of one length, crc(a ^ b) = crc(a) ^ crc(b) ^ crc(zeros)), from the
+        bytes this write replaces (read before it, absent sectors as zero) and
+        the new ones.  Either way the flush records it without reading the
+        cluster back; bytes that rotted outside the write before it are not
+        blessed into the new checksum, as a read-back would, so `check` still
+        finds them.
         """
         size, span = self._geometry.cluster_size, self._span
         region = pos // span
@@ -887,19 +895,42 @@ class Image:
         first, last = (pos - base) // size, (end - 1 - base) // size
         m = self._map(region, for_write=True)  # loaded before the write (`_mark` would load it after)
         assert m is not None
-        before = [m.cluster_mask(c) for c in range(first, last + 1)]
+        dirty = self._dirty.get(region, ())
+        known = self._known_crcs
+        plans = []  # (cluster, lo, hi, the cluster's checksum before, the replaced bytes as seen) or None to read back
+        for c in range(first, last + 1):
+            start = base + c * size
+            lo, hi = max(pos, start) - start, min(end, start + size) - start
+            sectors = (hi - lo) // SECTOR_SIZE
+            old_mask = m.cluster_mask(c)
+            if not old_mask & ~(((1 << sectors) - 1) << (lo // SECTOR_SIZE)):
+                plans.append((c, lo, hi, None, None))
+                continue
+            current = known.get((region, c))
+            if current is None and c not in dirty:
+                current = m.data_crcs[c]
+            if current is None:
+                plans.append(None)
+                continue
+            replaced = self.file.pread(self._geometry.guest_to_file(start + lo), hi - lo).ljust(hi - lo, b"\0")
+            plans.append((c, lo, hi, current, zero_absent(replaced, old_mask >> (lo // SECTOR_SIZE) & ((1 << sectors) - 1), sectors)))
         self.file.pwrite(self._geometry.guest_to_file(pos), data)
         self._unsynced = True
         self._mark(pos, end, True)
         view = memoryview(data)
-        for i, c in enumerate(range(first, last + 1)):
-            start = base + c * size
-            lo, hi = max(pos, start) - start, min(end, start + size) - start
-            if before[i] & ~(((1 << ((hi - lo) // SECTOR_SIZE)) - 1) << (lo // SECTOR_SIZE)):
-                continue  # sectors present outside this write: the flush reads the cluster back
-            crc = crc32c(_zeros(lo)) if lo else 0
-            crc = crc32c(view[start + lo - pos : start + hi - pos], crc)
-            self._known_crcs[(region, c)] = crc32c(_zeros(size - hi), crc) if hi < size else crc
+        for plan in plans:
+            if plan is None:
+                continue  # the flush reads the cluster back
+            c, lo, hi, current, replaced = plan
+            new = view[base + c * size + lo - pos : base + c * size + hi - pos]
+            if current is None:  # nothing present outside: these bytes with zeros around them
+                crc = crc32c(new, crc32c(_zeros(lo)) if lo else 0)
+                known[(region, c)] = crc32c(_zeros(size - hi), crc) if hi < size else crc
+                continue
+            delta = (int.from_bytes(replaced, "little") ^ int.from_bytes(new, "little")).to_bytes(hi - lo, "little")
+            crc = crc32c(delta, crc32c(_zeros(lo)) if lo else 0)
+            crc = crc32c(_zeros(size - hi), crc) if hi < size else crc
+            known[(region, c)] = current ^ crc ^ _zeros_crc(size)
 
     @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:
@@ -914,6 +945,12 @@ _ZERO_BYTES = bytes(1 << 21)  # (= 2 MiB, the largest cluster) zeros for the che
 
 def _zeros(length: int) -> memoryview:
     return memoryview(_ZERO_BYTES)[:length]
+
+
+@functools.cache
+def _zeros_crc(length: int) -> int:
+    """crc32c of `length` zero bytes: the constant term of CRC32C's linearity."""
+    return crc32c(_zeros(length))
 
 
 def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Image | RawBase | None", int]:

@@ -260,3 +260,22 @@ def test_checksums_of_whole_cluster_writes_are_those_read_back(tmp_path_factory,
         image.close()
     report = check_image(OsStorage().open(path, writable=False))
     assert report.exit_code == 0, report.findings
+
+
+def test_a_cluster_changed_without_a_known_checksum_is_read_back(tmp_path):
+    """A discard leaves the cluster's checksum unknown until the flush: a later write into it must not start from the
+    working map's checksum, which the discard made stale."""
+    from lamina.spec.check import check_image
+    from lamina.impl.osfile import OsStorage
+
+    path = str(tmp_path / "img.lam")
+    with Image.create(path, 1 << 20, 4096) as image:
+        image.write(0, pattern(1, 4096))
+        image.flush()
+        image.discard(SECTOR_SIZE, SECTOR_SIZE)  # sector 1 absent: the cluster is dirty, its checksum not known
+        image.write(3 * SECTOR_SIZE, pattern(2, SECTOR_SIZE))  # sectors 0, 2, 4-7 present outside this write
+        image.flush()
+        assert image.read(0, 4096) == pattern(1, 4096)[:512] + bytes(512) + pattern(1, 4096)[1024:1536] + \
+            pattern(2, 512) + pattern(1, 4096)[2048:]
+    report = check_image(OsStorage().open(path, writable=False))
+    assert report.exit_code == 0, report.findings
