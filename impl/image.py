@@ -878,8 +878,7 @@ class Image:
         When this write leaves nothing present outside it in a cluster (whole
         clusters, or a first write into an empty one), that is these bytes with
         zeros around them.  When sectors outside it are present and the
-        cluster's current checksum is known (it was not changed since it was
-        last checksummed, or its last change left a known checksum), the new
+        cluster was not changed since it was last checksummed, the new
         one follows from the old by CRC32C's linearity over GF(2) (for messages
         of one length, crc(a ^ b) = crc(a) ^ crc(b) ^ crc(zeros)), from the
         bytes this write replaces (read before it, absent sectors as zero) and
@@ -897,7 +896,7 @@ class Image:
         assert m is not None
         dirty = self._dirty.get(region, ())
         known = self._known_crcs
-        plans = []  # (cluster, lo, hi, the cluster's checksum before, the replaced bytes as seen) or None to read back
+        plans: list = []  # (cluster, lo, hi, the cluster's checksum before, the replaced bytes as seen) or None to read back
         for c in range(first, last + 1):
             start = base + c * size
             lo, hi = max(pos, start) - start, min(end, start + size) - start
@@ -906,12 +905,10 @@ class Image:
             if not old_mask & ~(((1 << sectors) - 1) << (lo // SECTOR_SIZE)):
                 plans.append((c, lo, hi, None, None))
                 continue
-            current = known.get((region, c))
-            if current is None and c not in dirty:
-                current = m.data_crcs[c]
-            if current is None:
+            if c in dirty:  # changed since its last checksum: one read-back at the flush costs less than a CRC per write
                 plans.append(None)
                 continue
+            current = m.data_crcs[c]
             replaced = self.file.pread(self._geometry.guest_to_file(start + lo), hi - lo).ljust(hi - lo, b"\0")
             plans.append((c, lo, hi, current, zero_absent(replaced, old_mask >> (lo // SECTOR_SIZE) & ((1 << sectors) - 1), sectors)))
         self.file.pwrite(self._geometry.guest_to_file(pos), data)
