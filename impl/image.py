@@ -921,13 +921,11 @@ class Image:
             c, lo, hi, current, replaced = plan
             new = view[base + c * size + lo - pos : base + c * size + hi - pos]
             if current is None:  # nothing present outside: these bytes with zeros around them
-                crc = crc32c(new, crc32c(_zeros(lo)) if lo else 0)
-                known[(region, c)] = crc32c(_zeros(size - hi), crc) if hi < size else crc
+                known[(region, c)] = _embedded_crc(new, lo, size)
                 continue
-            delta = (int.from_bytes(replaced, "little") ^ int.from_bytes(new, "little")).to_bytes(hi - lo, "little")
-            crc = crc32c(delta, crc32c(_zeros(lo)) if lo else 0)
-            crc = crc32c(_zeros(size - hi), crc) if hi < size else crc
-            known[(region, c)] = current ^ crc ^ _zeros_crc(size)
+            # Three messages of the cluster's length: the old cluster, and the replaced and the new bytes each with
+            # zeros around them; an odd number of terms, so crc's constant term stays once.
+            known[(region, c)] = current ^ _embedded_crc(replaced, lo, size) ^ _embedded_crc(new, lo, size)
 
     @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:
@@ -946,8 +944,38 @@ def _zeros(length: int) -> memoryview:
 
 @functools.cache
 def _zeros_crc(length: int) -> int:
-    """crc32c of `length` zero bytes: the constant term of CRC32C's linearity."""
+    """crc32c of `length` zero bytes."""
     return crc32c(_zeros(length))
+
+
+@functools.cache
+def _zero_extension(length: int) -> tuple[list[int], ...]:
+    """Tables that give crc32c(zeros(length), value) from `value` by four look-ups.
+
+    Appending zeros is affine over GF(2) in the value carried in: g(v) = M v ^ g(0); M is
+    found from the 32 unit values, and tabulated per byte of v.
+    """
+    constant = crc32c(_zeros(length), 0)
+    columns = [crc32c(_zeros(length), 1 << k) ^ constant for k in range(32)]
+    tables = []
+    for byte in range(4):
+        table = [0] * 256
+        for b in range(1, 256):
+            low = b & -b  # the table of b is that of b without its lowest bit, plus that bit's column
+            table[b] = table[b ^ low] ^ columns[8 * byte + low.bit_length() - 1]
+        tables.append(table)
+    tables[0] = [t ^ constant for t in tables[0]]  # the constant, once
+    return tuple(tables)
+
+
+def _embedded_crc(data: bytes | memoryview, lo: int, size: int) -> int:
+    """crc32c of `size` bytes: zeros, `data` at `lo`, zeros; only `data` itself is run through the CRC."""
+    crc = crc32c(data, _zeros_crc(lo)) if lo else crc32c(data)
+    tail = size - lo - len(data)
+    if not tail:
+        return crc
+    t0, t1, t2, t3 = _zero_extension(tail)
+    return t0[crc & 0xFF] ^ t1[crc >> 8 & 0xFF] ^ t2[crc >> 16 & 0xFF] ^ t3[crc >> 24]
 
 
 def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Image | RawBase | None", int]:
