@@ -126,6 +126,10 @@ def io_lines(kind: str, size: int, ops: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     if kind == "seq-write-64k":
         return [f"write -P {i % 255 + 1:#04x} {i * 64 * KiB} 64k" for i in range(size // (64 * KiB))] + ["flush"]
+    if kind == "seq-write-4k":
+        return [f"write -P {i % 255 + 1:#04x} {i * 4 * KiB} 4k" for i in range(min(ops, size // (4 * KiB)))] + ["flush"]
+    if kind == "seq-read-4k":
+        return [f"read {i * 4 * KiB} 4k" for i in range(min(ops, size // (4 * KiB)))]
     blocks = rng.sample(range(size // (4 * KiB)), min(ops, size // (4 * KiB)))
     lines = []
     for i, block in enumerate(blocks):
@@ -196,7 +200,8 @@ class Bench:
         a = self.args
         print(f"guest I/O: {human(a.size)} disks, {a.ops} random ops", file=sys.stderr)
         # Writes into a fresh image every run: sequential 64 KiB, then random 4 KiB allocating writes.
-        for kind, what in (("seq-write-64k", "64 KiB writes over the whole disk, one flush at the end, fresh image"),
+        for kind, what in (("seq-write-4k", "--ops 4 KiB writes in order from offset 0, one flush at the end, fresh image"),
+                           ("seq-write-64k", "64 KiB writes over the whole disk, one flush at the end, fresh image"),
                            ("rand-alloc-4k", "random 4 KiB writes into holes, flush every 64, fresh image")):
             lines = io_lines(kind, a.size, a.ops, a.seed)
             images = self.images(kind)
@@ -213,6 +218,8 @@ class Bench:
                   guest_bytes=4 * KiB * sum(ln.startswith("write") for ln in lines))
         self.add(row)
         self.strace_row(row, full)
+        self.add(Row("seq-read-4k", "--ops 4 KiB reads in order from offset 0 of written data, read-only open",
+                     self.io_commands(full, True), stdin=write_file(self.j("seq-read.txt"), io_lines("seq-read-4k", a.size, a.ops, a.seed))))
         lines = io_lines("rand-read-4k", a.size, a.ops, a.seed + 2)
         self.add(Row("rand-read-4k", "random 4 KiB reads of written data, read-only open", self.io_commands(full, True),
                      stdin=write_file(self.j("read.txt"), lines)))
@@ -227,7 +234,10 @@ class Bench:
             row.prepare.get(side, NOTHING)()
             stem = os.path.realpath(os.path.splitext(images[side])[0])  # strace -y names files by their real path
             counts = host_io(row.commands[side], row.stdin or os.devnull, stem, self.work)
-            counts.update(name=row.name, side=side, guest_bytes=row.guest_bytes,
+            with open(row.stdin or os.devnull) as script:
+                flushes = sum(line.split() == ["flush"] for line in script)
+            counts.update(name=row.name, side=side, guest_bytes=row.guest_bytes, flushes=flushes,
+                          fsyncs_per_flush=counts["fsyncs"] / flushes if flushes else None,
                           host_per_guest_byte=counts["host_bytes"] / row.guest_bytes,
                           fsyncs_per_guest_mib=counts["fsyncs"] / (row.guest_bytes / MiB))
             self.host.append(counts)
@@ -320,10 +330,16 @@ def render(result: dict) -> str:
     lines = table(head, body)
     if result["host_io"]:
         lines += [""] + table(("write workload", "tool", "guest MiB", "host MiB", "host/guest bytes", "write calls",
-                               "fsyncs", "fsyncs/guest MiB"),
+                               "fsyncs", "fsyncs/guest MiB", "flushes", "fsyncs/flush"),
                               [(h["name"], h["side"], f"{h['guest_bytes'] / MiB:.1f}", f"{h['host_bytes'] / MiB:.1f}",
                                 f"{h['host_per_guest_byte']:.3f}", str(h["write_calls"]), str(h["fsyncs"]),
-                                f"{h['fsyncs_per_guest_mib']:.2f}") for h in result["host_io"]])
+                                f"{h['fsyncs_per_guest_mib']:.2f}", str(h["flushes"]),
+                                f"{h['fsyncs_per_flush']:.2f}" if h["fsyncs_per_flush"] is not None else "-")
+                               for h in result["host_io"]])
+    if result.get("targets"):
+        lines += ["", "issue 10's targets (lamina/qcow2 medians; whole processes):"]
+        lines += [f"  {'met    ' if t['met'] else 'NOT met'}  {t['what']}: {t['value']:.2f} (at most {t['limit']:g})"
+                  for t in result["targets"]]
     m = result["machine"]
     lines.append(f"wall-time medians of {result['runs']} interleaved runs after a warm-up, min-max in brackets; ratios are "
                  f"medians of the pairwise ratios (above 1 Lamina is slower); cpu l/q: median CPU time (user + system) of lamina over qcow2's, steadier on a busy machine; {human(result['size'])} disks; Python "
@@ -341,6 +357,26 @@ def table(head: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
 
 
 PARTS = ("io", "chain", "check-map", "convert", "startup")
+
+# The whole-process targets of issue 10 this script measures: (row, limit of lamina/qcow2).
+RATIO_TARGETS = [("seq-write-4k", 1.5), ("seq-read-4k", 1.5), ("rand-alloc-4k", 1.5), ("rand-read-4k", 1.5),
+                 ("rand-overwrite-4k", 1.5), ("start-up: info", 5.0)]
+
+
+def targets(result: dict) -> list[dict]:
+    """Each target whose row ran: its measured value, its limit, whether it is met."""
+    out = []
+    rows = {r["name"]: r for r in result["rows"]}
+    for name, limit in RATIO_TARGETS:
+        ratio = rows.get(name, {}).get("lamina/qcow2")
+        if ratio:
+            out.append({"what": f"{name} wall time, lamina/qcow2", "value": ratio["median"], "limit": limit,
+                        "met": ratio["median"] <= limit})
+    for h in result["host_io"]:
+        if h["side"] == "lamina" and h["name"] == "rand-overwrite-4k" and h["fsyncs_per_flush"] is not None:
+            out.append({"what": "rand-overwrite-4k fsyncs per flush (open and close included)", "value": h["fsyncs_per_flush"],
+                        "limit": 2, "met": h["fsyncs_per_flush"] <= 2})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                           "load_before": load},
               "lamina": " ".join(LAMINA), "size": args.size, "ops": args.ops, "depth": args.depth, "runs": args.runs,
               "seconds": time.perf_counter() - started, "notes": bench.notes, "rows": bench.rows, "host_io": bench.host}
+    result["targets"] = targets(result)
     print(json.dumps(result, indent=2) if args.output == "json" else render(result))
     return 0
 

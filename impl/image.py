@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import attrs
 
+from lamina.spec.crc import crc32c
 from lamina.spec.errors import ImageClosed, InvalidArgument, LaminaError, OutOfBounds, ReadOnlyImage
 from lamina.spec.layout import (
     DEFAULT_CLUSTER_BITS,
@@ -149,6 +150,9 @@ class Image:
         # region -> (base it was found through, first layer below that may hold it, the limit on the way there)
         self._skips: dict[int, tuple[Image | RawBase, Image | RawBase | None, int]] = {}
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
+        # (region, cluster) -> the checksum of a dirty cluster whose last write covered all of it, made from the
+        # bytes in hand: the flush records it without reading the cluster back (any other write of it drops it)
+        self._known_crcs: dict[tuple[int, int], int] = {}
         self._fresh: set[int] = set()  # regions whose presence changed since their map's last commit
         self._deferred: set[int] = set()  # listed regions whose working checksums are newer than their durable map
         self._flushes = 0  # flushes since open: the clock of idle eviction
@@ -385,12 +389,14 @@ class Image:
         """This layer's bytes over [pos, stop) within one region, and the runs it lacks (no bytes: it lacks all)."""
         region = pos // self._geometry.region_span
         m = self._map(region)
-        if m is None or not m.any_present():
+        if m is None:
             self._empty.add(region)  # until a write here (`_map` for writing clears it)
             return b"", [(pos, stop)]
         runs = self._absent_runs(m, pos, stop)
-        if runs == [(pos, stop)]:
-            return b"", runs  # none of these sectors here: nothing to read from this file
+        if runs == [(pos, stop)]:  # none of these sectors here: nothing to read from this file
+            if not m.any_present():
+                self._empty.add(region)  # nor anywhere in the region (asked only now: a read of present sectors never scans the bitmap)
+            return b"", runs
         data = self.file.pread(self._geometry.guest_to_file(pos), stop - pos)
         if len(data) < stop - pos:
             data = data.ljust(stop - pos, b"\0")
@@ -473,6 +479,10 @@ class Image:
             buf[-SECTOR_SIZE:] = self.read(end - SECTOR_SIZE, SECTOR_SIZE)
             buf[head : head + len(data)] = data
             offset, data = start, bytes(buf)
+        region = offset // self._span
+        if region in self._intents and (offset + len(data) - 1) // self._span == region:
+            self._write_segment(offset, data)  # the common case: one region, already listed (rule 1 holds)
+            return
         self._for_each_region(offset, len(data), lambda pos, stop: self._write_segment(pos, data[pos - offset : stop - offset]))
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -567,14 +577,18 @@ class Image:
         """Checksum every cluster written since the last flush into the working maps (their maps become deferred)."""
         g = self.geometry
         spc, size = g.sectors_per_cluster, g.cluster_size
+        known = self._known_crcs
         for region, clusters in sorted(self._dirty.items()):
             m = self._maps[region]
             data_offset = g.region_data_offset(region)
             for c in clusters:
                 mask = m.cluster_mask(c)
+                crc = known.get((region, c)) if known else None
                 if mask and m.shared[c] and self._store is not None:  # its bytes are the store's (F-SHARE-003)
                     data = self._store.cluster(m.shared[c] - 1, f"{self.path}: ")
                     m.data_crcs[c] = cluster_crc(zero_absent(data, mask, spc), mask)
+                elif crc is not None:  # made by the cluster's last change, a write that left nothing present outside it
+                    m.data_crcs[c] = crc
                 elif mask:
                     data = self.file.pread(data_offset + c * size, size)
                     m.data_crcs[c] = cluster_crc(zero_absent(data.ljust(size, b"\0"), mask, spc), mask)
@@ -582,6 +596,7 @@ class Image:
                     m.data_crcs[c] = 0
             self._deferred.add(region)
         self._dirty.clear()
+        known.clear()
 
     def _commit_maps(self, regions: set[int]) -> None:
         """Commit the working maps of `regions` (rule 2): their presence and checksums become durable."""
@@ -943,30 +958,90 @@ class Image:
         self._unsynced = True
 
     def _mark(self, pos: int, stop: int, present: bool) -> None:
-        g = self.geometry
-        region = g.region_of(pos)
+        span = self._span
+        region = pos // span
         m = self._map(region, for_write=True)
         assert m is not None
-        base = region * g.region_span
+        base = region * span
         if m.set_sectors((pos - base) // SECTOR_SIZE, (stop - pos) // SECTOR_SIZE, present):
             self._fresh.add(region)  # its map must be committed at the next flush
         self._last_written[region] = self._flushes
-        clusters = self._dirty.setdefault(region, set())
-        touched = range((pos - base) // g.cluster_size, (stop - 1 - base) // g.cluster_size + 1)
-        clusters.update(touched)
+        clusters = self._dirty.get(region)
+        if clusters is None:
+            clusters = self._dirty[region] = set()
+        bits = self._geometry.cluster_bits
+        first, last = (pos - base) >> bits, (stop - 1 - base) >> bits
+        if first == last:
+            clusters.add(first)
+        else:
+            clusters.update(range(first, last + 1))
+        if self._known_crcs:  # these clusters' bytes change here: a checksum made before no longer holds
+            for c in range(first, last + 1):
+                self._known_crcs.pop((region, c), None)
         if not present and m.shared_clusters():
-            for c in touched:  # a shared cluster left with no present sector references nothing (F-SHARE-002)
+            for c in range(first, last + 1):  # a shared cluster left with no present sector references nothing (F-SHARE-002)
                 if m.shared[c] and not m.cluster_mask(c):
                     m.shared[c] = 0
                     self._fresh.add(region)
 
     @_marks_failure
     def _write_segment(self, pos: int, data: bytes) -> None:
+        """Write sector-aligned bytes within one region, and the checksums of the clusters they touch.
+
+        A cluster's checksum is that of its bytes with absent sectors as zero.
+        When this write leaves nothing present outside it in a cluster (whole
+        clusters, or a first write into an empty one), that is these bytes with
+        zeros around them.  When sectors outside it are present and the
+        cluster was not changed since it was last checksummed, the new
+        one follows from the old by CRC32C's linearity over GF(2) (for messages
+        of one length, crc(a ^ b) = crc(a) ^ crc(b) ^ crc(zeros)), from the
+        bytes this write replaces (read before it, absent sectors as zero) and
+        the new ones.  Either way the flush records it without reading the
+        cluster back; bytes that rotted outside the write before it are not
+        blessed into the new checksum, as a read-back would, so `check` still
+        finds them.
+        """
         if self._store is not None:
-            self._unshare(pos, pos + len(data))
-        self.file.pwrite(self.geometry.guest_to_file(pos), data)
+            self._unshare(pos, pos + len(data))  # its checksum stays; the cluster is then dirty and read back
+        size, span = self._geometry.cluster_size, self._span
+        region = pos // span
+        base = region * span
+        end = pos + len(data)
+        first, last = (pos - base) // size, (end - 1 - base) // size
+        m = self._map(region, for_write=True)  # loaded before the write (`_mark` would load it after)
+        assert m is not None
+        dirty = self._dirty.get(region, ())
+        known = self._known_crcs
+        plans: list = []  # (cluster, lo, hi, the cluster's checksum before, the replaced bytes as seen) or None to read back
+        for c in range(first, last + 1):
+            start = base + c * size
+            lo, hi = max(pos, start) - start, min(end, start + size) - start
+            sectors = (hi - lo) // SECTOR_SIZE
+            old_mask = m.cluster_mask(c)
+            if not old_mask & ~(((1 << sectors) - 1) << (lo // SECTOR_SIZE)):
+                plans.append((c, lo, hi, None, None))
+                continue
+            if c in dirty:  # changed since its last checksum: one read-back at the flush costs less than a CRC per write
+                plans.append(None)
+                continue
+            current = m.data_crcs[c]
+            replaced = self.file.pread(self._geometry.guest_to_file(start + lo), hi - lo).ljust(hi - lo, b"\0")
+            plans.append((c, lo, hi, current, zero_absent(replaced, old_mask >> (lo // SECTOR_SIZE) & ((1 << sectors) - 1), sectors)))
+        self.file.pwrite(self._geometry.guest_to_file(pos), data)
         self._unsynced = True
-        self._mark(pos, pos + len(data), True)
+        self._mark(pos, end, True)
+        view = memoryview(data)
+        for plan in plans:
+            if plan is None:
+                continue  # the flush reads the cluster back
+            c, lo, hi, current, replaced = plan
+            new = view[base + c * size + lo - pos : base + c * size + hi - pos]
+            if current is None:  # nothing present outside: these bytes with zeros around them
+                known[(region, c)] = _embedded_crc(new, lo, size)
+                continue
+            # Three messages of the cluster's length: the old cluster, and the replaced and the new bytes each with
+            # zeros around them; an odd number of terms, so crc's constant term stays once.
+            known[(region, c)] = current ^ _embedded_crc(replaced, lo, size) ^ _embedded_crc(new, lo, size)
 
     @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:
@@ -976,6 +1051,49 @@ class Image:
         self.file.punch_hole(self.geometry.guest_to_file(pos), stop - pos)
         self._unsynced = True
         self._mark(pos, stop, self.base is not None)
+
+
+_ZERO_BYTES = bytes(1 << 21)  # (= 2 MiB, the largest cluster) zeros for the checksums of partly written clusters
+
+
+def _zeros(length: int) -> memoryview:
+    return memoryview(_ZERO_BYTES)[:length]
+
+
+@functools.cache
+def _zeros_crc(length: int) -> int:
+    """crc32c of `length` zero bytes."""
+    return crc32c(_zeros(length))
+
+
+@functools.cache
+def _zero_extension(length: int) -> tuple[list[int], ...]:
+    """Tables that give crc32c(zeros(length), value) from `value` by four look-ups.
+
+    Appending zeros is affine over GF(2) in the value carried in: g(v) = M v ^ g(0); M is
+    found from the 32 unit values, and tabulated per byte of v.
+    """
+    constant = crc32c(_zeros(length), 0)
+    columns = [crc32c(_zeros(length), 1 << k) ^ constant for k in range(32)]
+    tables = []
+    for byte in range(4):
+        table = [0] * 256
+        for b in range(1, 256):
+            low = b & -b  # the table of b is that of b without its lowest bit, plus that bit's column
+            table[b] = table[b ^ low] ^ columns[8 * byte + low.bit_length() - 1]
+        tables.append(table)
+    tables[0] = [t ^ constant for t in tables[0]]  # the constant, once
+    return tuple(tables)
+
+
+def _embedded_crc(data: bytes | memoryview, lo: int, size: int) -> int:
+    """crc32c of `size` bytes: zeros, `data` at `lo`, zeros; only `data` itself is run through the CRC."""
+    crc = crc32c(data, _zeros_crc(lo)) if lo else crc32c(data)
+    tail = size - lo - len(data)
+    if not tail:
+        return crc
+    t0, t1, t2, t3 = _zero_extension(tail)
+    return t0[crc & 0xFF] ^ t1[crc >> 8 & 0xFF] ^ t2[crc >> 16 & 0xFF] ^ t3[crc >> 24]
 
 
 def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Image | RawBase | None", int]:

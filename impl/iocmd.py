@@ -17,7 +17,6 @@ against the virtual size before the first byte moves.
 from __future__ import annotations
 
 import re
-import shlex
 import time
 from typing import TextIO
 
@@ -42,6 +41,10 @@ def _parse_pattern(text: str) -> int:
 
 def _split(args: list[str], flags: str, valued: str) -> tuple[dict[str, str | bool], list[str]]:
     """Single-letter options as qemu-io takes them: `-P 0xab`, `-z`."""
+    if len(args) == 2 and not args[0].startswith("-") and not args[1].startswith("-"):
+        return {}, args  # the common `OFFSET LENGTH`
+    if len(args) == 4 and args[0] == "-P" and "P" in valued and not args[2].startswith("-") and not args[3].startswith("-"):
+        return {"P": args[1]}, args[2:]  # and `-P PATTERN OFFSET LENGTH`
     opts: dict[str, str | bool] = {}
     rest = []
     it = iter(args)
@@ -65,10 +68,15 @@ def _range(rest: list[str], command: str) -> tuple[int, int]:
     return parse_size(rest[0], "offset"), parse_size(rest[1], "length")
 
 
+_SIZE_TEXT: dict[int, str] = {}  # format_size of the lengths seen: a script repeats a few lengths many times
+
+
 def _done(out: TextIO, verb: str, length: int, offset: int, started: float) -> None:
     elapsed = max(time.perf_counter() - started, 1e-9)
-    out.write(f"{verb} {length}/{length} bytes at offset {offset}\n")
-    out.write(f"{format_size(length)}, 1 ops; {elapsed:.4f} sec "
+    size = _SIZE_TEXT.get(length)
+    if size is None:
+        size = _SIZE_TEXT[length] = format_size(length)
+    out.write(f"{verb} {length}/{length} bytes at offset {offset}\n{size}, 1 ops; {elapsed:.4f} sec "
               f"({format_size(int(length / elapsed))}/sec and {1 / elapsed:.2f} ops/sec)\n")
 
 
@@ -85,11 +93,25 @@ def _chunks(image: Image, offset: int, length: int) -> range:
     return range(offset, offset + length, IO_CHUNK)
 
 
+_FILLED: dict[tuple[int, int], bytes] = {}  # (pattern, length) -> that many bytes of the pattern, for the shapes seen
+_FILLED_BUDGET = 1 << 25  # (= 32 MiB) held at most: every pattern byte at 64 KiB, or a few whole IO_CHUNKs
+
+
+def _filled(pattern: int, length: int) -> bytes:
+    """`length` bytes of `pattern`, kept for the next command of the same shape."""
+    data = _FILLED.get((pattern, length))
+    if data is None:
+        if sum(n for _, n in _FILLED) + length > _FILLED_BUDGET:
+            _FILLED.clear()
+        data = _FILLED[(pattern, length)] = bytes([pattern]) * length
+    return data
+
+
 def _read(image: Image, offset: int, length: int, pattern: int | None, out: TextIO | None) -> None:
-    """Read in chunks: verify each against `pattern`, hex-dump each to `out`."""
+    """Read in chunks: verify each against `pattern` (one memory compare), hex-dump each to `out`."""
     for pos in _chunks(image, offset, length):
         data = image.read(pos, min(IO_CHUNK, offset + length - pos))
-        if pattern is not None:
+        if pattern is not None and data != _filled(pattern, len(data)):
             differing = data.lstrip(bytes([pattern]))
             if differing:
                 bad = len(data) - len(differing)
@@ -101,7 +123,7 @@ def _read(image: Image, offset: int, length: int, pattern: int | None, out: Text
 
 
 def _write_pattern(image: Image, offset: int, length: int, pattern: int) -> None:
-    chunk = bytes([pattern]) * min(IO_CHUNK, length)
+    chunk = _filled(pattern, min(IO_CHUNK, length))
     for pos in _chunks(image, offset, length):
         image.write(pos, chunk[: offset + length - pos])
 
@@ -114,6 +136,8 @@ def split_words(line: str) -> list[str]:
     """The words of a command line as `shlex.split` makes them; a line without quoting takes `str.split` (ten times faster)."""
     if _PLAIN_LINE.fullmatch(line):
         return line.split()
+    import shlex  # only for a line with quotes or backslashes
+
     return shlex.split(line)
 
 

@@ -114,11 +114,13 @@ def _holding_lock(exclusive: bool, collect: bool = False) -> Callable[[Operation
     """
 
     def wrap(operation: Operation) -> Operation:
-        signature = inspect.signature(operation)
+        signatures: list[inspect.Signature] = []  # made at the first call, not at import: each costs a walk of the function
 
         @functools.wraps(operation)
         def run(*args: object, **kwargs: object) -> object:
-            bound = signature.bind(*args, **kwargs)
+            if not signatures:
+                signatures.append(inspect.signature(operation))
+            bound = signatures[0].bind(*args, **kwargs)
             path = bound.arguments["path"]
             storage = bound.arguments["storage"] = _storage(bound.arguments.get("storage"))
             with image_lock(path, exclusive, storage):

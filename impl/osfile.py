@@ -107,6 +107,12 @@ class OsFile:
     def punch_hole(self, offset: int, length: int) -> None:
         if length <= 0:
             return
+        try:  # a range that is a hole already needs no punch (recovery and every root write punch the root's tails)
+            if os.lseek(self._fd, offset, os.SEEK_DATA) >= offset + length:
+                return
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # no data at or after `offset`
         if self._punch_supported:
             mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
             libc, ctypes = _libc()

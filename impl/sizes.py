@@ -11,6 +11,11 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtpb]?)(i?b)?\s*$", re.IGNORECASE)
 
 def parse_size(text: str, what: str = "size") -> int:
     """`4096`, `64k`, `1M`, `2GiB`: binary units, as qemu-img and qemu-io read them."""
+    if text.isdigit() and text.isascii():
+        return int(text)  # the common forms without the pattern: plain digits, and digits with one unit letter
+    unit = _UNITS.get(text[-1:].lower()) if text[:-1].isdigit() and text.isascii() else None
+    if unit is not None:
+        return int(text[:-1]) * unit
     match = _SIZE.match(text)
     if not match:
         raise InvalidArgument(f"invalid {what} {text!r}: expected a number with an optional k/M/G/T/P suffix")

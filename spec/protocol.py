@@ -169,7 +169,7 @@ def recover(file: File) -> Recovered:
     for slot in (0, 1):  # a crash between a shorter root and its punch left bytes past it
         file.punch_hole(root_copy_offset(slot) + used, ROOT_SLOT_SIZE - used)
     maps = []
-    extents = sorted(file.data_extents())
+    extents = sorted(file.data_extents()) if root.intents else []  # only reconciliation reads them
     for region in root.intents:
         chosen = select_map(read_map_copies(file, geometry, region), geometry, region, root.image_uuid)
         m = RegionMap.from_copy(chosen.value, geometry, region, chosen.slot)

@@ -24,6 +24,28 @@ def test_sizes():
         parse_size("12Q")
 
 
+@pytest.mark.parametrize("text,value", [("007", 7), ("4K", 4096), ("5b", 5), (" 4k ", 4096), ("2GiB", 2 << 30), ("3kb", 3072),
+                                        ("0", 0), ("1p", 1 << 50)])
+def test_sizes_with_and_without_the_pattern_agree(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "k", "-1", "-1k", "1x", "1.5k", "1 k k", "k1"])
+def test_sizes_refused(text):
+    with pytest.raises(InvalidArgument, match="invalid size"):
+        parse_size(text)
+
+
+def test_io_pattern_mismatch_names_the_first_differing_byte(image_path):
+    with Image.create(image_path, 1 << 20) as image:
+        image.write(0, b"\xab" * 8192)
+        image.write(5000, b"\x01")
+    done = lamina("io", "-r", image_path, "-c", "read -P 0xab 0 4k", "-c", "read -P 0xab 4k 4k")
+    assert 1 == done.returncode
+    assert "read 4096/4096 bytes at offset 0" in done.stdout
+    assert "Pattern verification failed at offset 5000, 3192 bytes (expected 0xab, found 0x01)" in done.stderr
+
+
 def test_io_write_flush_read_and_pattern_mismatch(image_path):
     assert 0 == main(["create", image_path, "1M"])
     done = lamina("io", image_path, "-c", "write -P 0xab 0 64k", "-c", "flush", "-c", "read -P 0xab 0 64k")

@@ -19,7 +19,12 @@ _DUMP = ("import sys\nfrom lamina.impl.cli import main\nrc = main(sys.argv[2:])\
 # Never needed to inspect an image: the simulator, the conformance kit, the test and proof tools,
 # progress bars, JSON (unless asked for), child processes, shutil and its compression modules.
 NOT_ON_THE_PATH = ("lamina.crashsim", "lamina.conform", "hypothesis", "z3", "tqdm", "rich", "json", "subprocess",
-                   "shutil", "bz2", "lzma", "dask", "concurrent", "multiprocessing", "tempfile")
+                   "shutil", "bz2", "lzma", "dask", "concurrent", "multiprocessing", "tempfile",
+                   # nor what the standard library loads for uuids, hashes, paths, sockets, logging or libraries
+                   # looked up by name (`ctypes.util.find_library` forks `ldconfig`)
+                   "ctypes", "uuid", "hashlib", "pathlib", "importlib.metadata", "zipfile", "socket", "selectors",
+                   "signal", "email", "urllib", "pickle", "datetime", "decimal", "logging", "asyncio", "textwrap",
+                   "random", "shlex", "numpy")
 
 
 def modules_of(tmp_path, *argv: str) -> set[str]:
@@ -62,6 +67,16 @@ def test_convert_between_native_formats_starts_no_qemu_machinery(tmp_path, direc
         modules = modules_of(tmp_path, "convert", "-f", "raw", raw, str(tmp_path / "new.lam"))
     assert "lamina.impl.convert" in modules
     assert "lamina.impl.qemu" not in modules and unwanted(modules) == []
+
+
+@pytest.mark.parametrize("commands", [["read -P 0xab 0 4k", "read 4k 4k"], ["write -P 0x11 8k 4k", "flush", "write 0 512"]])
+def test_io_of_plain_commands_imports_only_what_it_needs(tmp_path, commands):
+    path = str(tmp_path / "disk.lam")
+    with Image.create(path, 1 << 20) as image:
+        image.write(0, b"\xab" * 4096)
+    modules = modules_of(tmp_path, "io", *(a for c in commands for a in ("-c", c)), path)
+    assert "lamina.impl.iocmd" in modules  # the commands ran
+    assert unwanted(modules) == []  # no shlex for lines without quotes either
 
 
 def test_json_is_imported_for_json_output_only(tmp_path):
