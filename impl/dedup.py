@@ -23,7 +23,6 @@ recovery finishes (it punches the local bytes of shared clusters).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Callable, Iterator
@@ -80,7 +79,9 @@ class DedupReport:
 
 def _key(data: bytes) -> int:
     """A 64-bit BLAKE2b digest: only a candidate key, since every match is confirmed by comparing bytes."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    from hashlib import blake2b  # here, not at import: `info` imports this module for `shared_bytes` alone
+
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
 
 
 def _directory_of(path: str) -> str:

@@ -66,7 +66,8 @@ def test_convert_between_native_formats_starts_no_qemu_machinery(tmp_path, direc
             f.write(b"\xcd" * 8192)
         modules = modules_of(tmp_path, "convert", "-f", "raw", raw, str(tmp_path / "new.lam"))
     assert "lamina.impl.convert" in modules
-    assert "lamina.impl.qemu" not in modules and unwanted(modules) == []
+    # ctypes is convert's own: sync_file_range starts the write-back of what it copied (impl/osfile.py)
+    assert "lamina.impl.qemu" not in modules and unwanted(modules, allowed=("ctypes",)) == []
 
 
 @pytest.mark.parametrize("commands", [["read -P 0xab 0 4k", "read 4k 4k"], ["write -P 0x11 8k 4k", "flush", "write 0 512"]])
