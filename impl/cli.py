@@ -325,7 +325,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             report = check_tree(args.image, storage, allowed, tick)
         else:
             with image_lock(args.image, False, storage):
-                report = check_tree(args.image, storage, allowed, tick)
+                report = check_tree(args.image, storage, allowed, tick, lock=True)
     _emit(args, report.to_json(), _describe(report))
     return report.exit_code
 

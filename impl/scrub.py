@@ -84,10 +84,10 @@ def scrub(path: str, rate: float | None = None, replica: str | None = None, stor
     storage = storage or OsStorage()
     paced = _PacedStorage(storage, _Paced(rate, progress))
     with image_lock(path, False, storage):
-        report = check_tree(path, paced)  # type: ignore[arg-type]
+        report = check_tree(path, paced, lock=True)  # type: ignore[arg-type]
     fixes: list[DataRepair] = []
     if replica is not None and any(f.kind == "data-checksum" for f in report.findings):
         fixes = repair_data_from(path, replica, storage)
         with image_lock(path, False, storage):
-            report = check_tree(path, storage)
+            report = check_tree(path, storage, lock=True)
     return report, fixes

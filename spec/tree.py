@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import attrs
 from .crc import crc32c
 
-from .errors import FormatError, LaminaError
+from .errors import FormatError, ImageLocked, LaminaError
 from .protocol import read_root_copies
 from .references import (
     LAYER_DIR_ENTRY,
@@ -54,6 +54,7 @@ from .storage import File, Storage
 
 if TYPE_CHECKING:  # the check functions import it when they run: opening an image (the tools' start-up) needs none of it
     from .check import CheckReport, Finding
+    from .store import StoreView
 from .structures import BASE_LAMINA, BASE_RAW, FLAG_COMMITTING, Root, SnapshotEntry
 
 
@@ -286,18 +287,31 @@ def _is_top(path: str) -> bool:
 
 
 def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
-               progress: Callable[[float], None] | None = None) -> CheckReport:
+               progress: Callable[[float], None] | None = None, lock: bool = False) -> CheckReport:
     """Check every layer of an image and the references between them; one report for the tree.
 
-    `progress`, if given, is told the fraction of the layer files checked so far.
+    `progress`, if given, is told the fraction of the layer files checked so far.  With `lock`, every
+    file read (each layer, each shared store) is shared-locked first, as any reader's (F-LOCK-001):
+    a file a writer holds (a merge, a `dedup`) raises ImageLocked rather than being judged mid-update.
     """
     from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
 
     context = ImageContext.for_layer(top_path, allowed)
+
+    def opened(path: str, own: ImageContext) -> File:
+        file = open_tree_file(storage, path, False, own)
+        if lock:
+            try:
+                file.lock(exclusive=False)
+            except BaseException:
+                file.close()
+                raise
+        return file
+
     try:
         files, findings = layer_files(top_path, storage, allowed)
     except FormatError as exc:
-        file = open_tree_file(storage, top_path, False, context)
+        file = opened(top_path, context)
         try:
             report = check_image(file)
         finally:
@@ -311,12 +325,22 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
     completed = True
     root = None
     stores: list[str] = []
+    def store_of(root: Root, path: str, own: ImageContext) -> StoreView:
+        view = open_store(root, own, storage, path)
+        if lock:
+            try:
+                view.file.lock(exclusive=False)
+            except BaseException:
+                view.close()
+                raise
+        return view
+
     for index, path in enumerate(files):
-        file = open_tree_file(storage, path, False, context)
+        file = opened(path, context)
         own = ImageContext.for_layer(path, allowed)
         try:
             report = check_image(file, (lambda f, i=index: progress((i + f) / len(files))) if progress else None,
-                                 lambda r, p=path, c=own: open_store(r, c, storage, p))
+                                 lambda r, p=path, c=own: store_of(r, p, c))
         finally:
             file.close()
         if report.root is not None and uses_store(report.root) and store_path(own) not in stores \
@@ -328,7 +352,9 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
         completed = completed and report.completed
     for path in stores:  # F-SHARE-004: the store is checked like any layer, once
         try:
-            file = open_tree_file(storage, path, False, ImageContext.for_layer(path, allowed))
+            file = opened(path, ImageContext.for_layer(path, allowed))
+        except ImageLocked:
+            raise
         except (OSError, LaminaError) as exc:
             findings.append(Finding(CORRUPTION, "shared-reference", f"the shared store {path} cannot be opened: {exc}"))
             continue

@@ -342,3 +342,18 @@ def test_a_store_that_is_a_symbolic_link_is_refused(two_clones):
     with pytest.raises(Exception, match="not a regular file|symbolic link"):
         dedup(["a.lam", "b.lam"])
     assert not os.path.exists("elsewhere.lam")
+
+
+def test_check_of_a_tree_whose_store_a_dedup_holds_is_refused_not_judged(two_clones, capsys):
+    """A reader holds a shared lock on the store (section 13, F-LOCK-001): `check` too, so it never reads
+    the store in the middle of a `dedup` or a collection, which hold it exclusively."""
+    dedup(["a.lam", "b.lam"])
+    writer = OsStorage().open(STORE_NAME, True)
+    try:
+        writer.lock(exclusive=True)
+        assert 1 == main(["check", "a.lam"])
+        assert "lamina-store.lam: is locked by another process" in capsys.readouterr().err
+        assert 0 == main(["check", "-U", "a.lam"])
+    finally:
+        writer.close()
+    assert 0 == main(["check", "a.lam"])

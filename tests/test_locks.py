@@ -141,3 +141,23 @@ def test_two_processes_readers_share_and_keep_a_writer_out(image_path, holder):
     assert 0 == main(["check", image_path])
     done = lamina("io", image_path, "-c", "write 0 4k")
     assert 1 == done.returncode and "is locked" in done.stderr
+
+
+def test_check_locks_every_layer_it_reads_and_is_kept_out_by_their_writer(workdir, capsys):
+    """F-LOCK-001 for `check`: a frozen layer held by a writer (a merge, a dedup) is not judged mid-update."""
+    with Image.create("top.lam", MiB) as image:
+        image.write(0, pattern(4, 65536))
+    layers.create_snapshot("top.lam", "s")
+    with layers.open_target("top.lam@s") as snap:
+        frozen = snap.path
+    writer = OsStorage().open(frozen, True)
+    try:
+        writer.lock(exclusive=True)
+        assert 1 == main(["check", "top.lam"])
+        assert "is locked by another process" in capsys.readouterr().err
+        assert 0 == main(["check", "-U", "top.lam"])  # force-share reads without a lock, as qemu-img -U
+        assert 1 == main(["scrub", "top.lam"])
+    finally:
+        writer.close()
+    capsys.readouterr()
+    assert 0 == main(["check", "top.lam"])
