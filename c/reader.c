@@ -35,13 +35,14 @@ static int is_present(const lc_layer *l, uint64_t region_sector)
     return map_present(l->cached.copy[l->cached.current].buf, region_sector);
 }
 
-/* F-SHARE-003: store cluster s exists (it lies wholly below the store's
- * virtual size) and is allocated (has a present sector); else the reference
- * is SharedReferenceError, never a read of something else. */
+/* F-SHARE-003 and F-SHARE-007: store cluster s exists (s < ceil(virtual_size
+ * / cluster_size) of the store: a partial last cluster counts, its bytes past
+ * the virtual size read as zero) and is allocated (has a present sector);
+ * else the reference is SharedReferenceError, never a read of something else. */
 int store_cluster_usable(lc_layer *store, uint64_t s)
 {
     const lc_geometry *g = &store->geo;
-    uint64_t clusters = store->root->virtual_size / g->cluster_size;
+    uint64_t clusters = (store->root->virtual_size + g->cluster_size - 1) / g->cluster_size;
     if (s >= clusters)
         return lc_fail(LC_CORRUPT, "%s: store cluster %llu is past the store's end (%llu clusters) (SharedReferenceError)",
                        store->path, (unsigned long long)s, (unsigned long long)clusters);

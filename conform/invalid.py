@@ -195,6 +195,60 @@ def base_escapes() -> None:
     forge_root("disk.lam", base_kind=1, base_path="../outside.raw", base_size=1 * MiB, base_visible=1 * MiB)
 
 
+def _deduplicated() -> str:
+    """Two clones with the same 48 KiB, snapshotted and deduplicated; the frozen layer of a.lam@s that shares."""
+    from lamina.impl.dedup import dedup
+    from lamina.impl.layers import clone
+
+    write_image("disk.lam", 1 * MiB, 4 * KiB, [(0, pattern(1, 64 * KiB))])
+    create_snapshot("disk.lam", "base")
+    for k, name in enumerate(("a.lam", "b.lam")):
+        clone("disk.lam", "base", name)
+        with Image.open(name) as image:
+            image.write(256 * KiB, pattern(2, 48 * KiB))
+            image.write(600 * KiB + 512 * k, pattern(3 + k, 512))
+        create_snapshot(name, "s")
+    dedup(["a.lam", "b.lam"])
+    return _layer_of("a.lam", "s")
+
+
+def store_missing() -> None:
+    _deduplicated()
+    os.unlink("lamina-store.lam")
+
+
+def _forge_shared(layer: str, value: int) -> None:
+    """Both map copies of region 0 of `layer` with their first reference replaced by `value` (CRC valid)."""
+    from lamina.impl.osfile import OsStorage
+    from lamina.spec.protocol import read_map_copies
+    from lamina.spec.structures import decode_map_copy, encode_map_copy
+
+    root = current_root(layer)
+    g = root.geometry
+    file = OsStorage().open(layer, True)
+    try:
+        for slot, raw in enumerate(read_map_copies(file, g, 0)):
+            copy = decode_map_copy(raw, g, 0, slot, root.image_uuid)
+            shared = list(copy.shared)
+            shared[next(i for i, s in enumerate(shared) if s)] = value
+            file.pwrite(g.map_copy_offset(0, slot), encode_map_copy(attrs.evolve(copy, shared=tuple(shared)), g))
+        file.fsync()
+    finally:
+        file.close()
+
+
+def shared_past_store_end() -> None:
+    layer = _deduplicated()
+    store = current_root("lamina-store.lam")
+    _forge_shared(layer, 1 + store.geometry.num_clusters)  # index num_clusters: one past the last
+
+
+def store_data_flipped() -> None:
+    _deduplicated()
+    store = current_root("lamina-store.lam")
+    flip("lamina-store.lam", store.geometry.cluster_file_offset(0) + 100)
+
+
 @attrs.frozen
 class Case:
     name: str
@@ -206,6 +260,7 @@ class Case:
     refused: tuple[str, ...] = ("disk.lam",)  # targets whose dump must exit 2
     readable: tuple[str, ...] = ()  # targets a reader must still dump (their views are expected)
     image: str = "disk.lam"
+    needs: tuple[str, ...] = ()  # format features beyond the commands (PROTOCOL.md `capabilities`)
 
 
 CASES = (
@@ -258,6 +313,18 @@ CASES = (
          ("base-reference",), refused=("a.lam", "b.lam"), image="a.lam"),
     Case("base-escapes-directory", ("F-REF-001", "F-REF-005"), "the base path ../outside.raw leaves the image's "
          "directory: it must not be followed (the file does not exist either)", base_escapes, 2, ("base-reference",)),
+    Case("shared-store-missing", ("F-SHARE-001", "F-SHARE-004", "F-SHARE-007"), "a.lam's snapshot layer shares "
+         "clusters through lamina-store.lam, which is gone: a reader opening that layer must refuse (whatever it "
+         "reads), check reports shared-reference", store_missing, 2, ("shared-reference",),
+         refused=("a.lam", "a.lam@s"), image="a.lam", needs=("shared-clusters",)),
+    Case("shared-ref-past-the-store-end", ("F-SHARE-003", "F-SHARE-004", "F-SHARE-007"), "both map copies (CRC "
+         "valid) of the snapshot layer reference the store cluster one past the store's last", shared_past_store_end,
+         2, ("shared-reference",), refused=("a.lam@s",), image="a.lam", needs=("shared-clusters",)),
+    Case("shared-store-data-flipped", ("F-SHARE-004", "F-MEAN-003"), "one byte of store cluster 0 flipped: check "
+         "of an image referencing it reports data-checksum (the store's own I5 and the referencing cluster's); a "
+         "reader does not verify data checksums and reads the store's bytes", store_data_flipped, 2,
+         ("data-checksum",), refused=(), readable=("a.lam", "a.lam@s", "b.lam@s"), image="a.lam",
+         needs=("shared-clusters",)),
 )
 
 
@@ -272,7 +339,8 @@ def refuse(targets: tuple[str, ...]) -> None:
 
 def generate(root: str) -> None:
     for case in CASES:
-        with new_vector(root, "invalid", case.name, case.description, ["dump", "check"], list(case.rules)) as v:
+        with new_vector(root, "invalid", case.name, case.description, ["dump", "check", *case.needs],
+                        list(case.rules)) as v:
             case.build()
             expect_check(v, case.image, case.check_exit, list(case.kinds))
             if case.refused:

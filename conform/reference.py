@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-CAPABILITIES = ("dump", "check", "apply")
+CAPABILITIES = ("dump", "check", "apply", "shared-clusters")  # the commands, then the format features read
 USAGE = "usage: reference capabilities | dump IMAGE[@SNAP] OUT | check IMAGE | apply IMAGE SCRIPT"
 COPY_CHUNK = 1 << 20
 

@@ -25,6 +25,7 @@ from .errors import BadManifest, ConformError
 from .vectors import CATEGORIES, generate, load_manifest, tree_hashes
 from .views import dump_mismatch
 
+FEATURES = frozenset({"shared-clusters"})  # the optional format features a vector may need (FORMAT.md §13)
 EXIT_PASSED = 0  # every vector passed (or was skipped: the driver does not offer a command it needs)
 EXIT_FAILED = 4  # at least one vector failed
 DEFAULT_TIMEOUT = 60.0
@@ -89,10 +90,11 @@ class Driver:
         if done.exit != 0:
             state = "timed out" if done.exit is None else f"exited {done.exit}"
             raise DriverFailed(f"{shlex.join(self.argv)} capabilities {state}: {done.stderr.strip()[:200]}")
-        offered = frozenset(done.stdout.split()) & {"dump", "check", "apply"}
+        words = frozenset(done.stdout.split())
+        offered = words & {"dump", "check", "apply"}
         if not offered:
             raise DriverFailed(f"{shlex.join(self.argv)} capabilities printed none of dump, check, apply")
-        return offered
+        return offered | (words & FEATURES)  # format features a vector may need; unknown words are ignored
 
 
 def _text(data: bytes | str | None) -> str:

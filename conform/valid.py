@@ -186,9 +186,32 @@ def damaged_map_copy(root: str) -> None:
         expect_views(v, ["disk.lam"])
 
 
+def shared_clusters(root: str) -> None:
+    """Two clones of one snapshot that wrote the same bytes, deduplicated: their snapshots read through the store."""
+    from lamina.impl.dedup import dedup
+
+    with new_vector(root, "valid", "shared-clusters", "two clones wrote the same 48 KiB and took a snapshot each; "
+                    "dedup moved the equal clusters of both snapshots' layers into lamina-store.lam and punched "
+                    "them: every branch and snapshot reads as before", NEEDS + ["shared-clusters"],
+                    ["F-SHARE-001", "F-SHARE-002", "F-SHARE-003", "F-SHARE-004", "F-SHARE-007"]) as v:
+        write_image("disk.lam", 1 * MiB, 4 * KiB, [(0, pattern(1, 64 * KiB))])
+        create_snapshot("disk.lam", "base")
+        for k, name in enumerate(("a.lam", "b.lam")):
+            clone("disk.lam", "base", name)
+            with Image.open(name) as image:
+                image.write(256 * KiB, pattern(2, 48 * KiB))  # the same bytes in both
+                image.write(600 * KiB + 512 * k, pattern(3 + k, 512))  # and a little of their own
+            create_snapshot(name, "s")
+        report = dedup(["a.lam", "b.lam"])
+        assert report.duplicates, "the vector must hold shared clusters"
+        expect_check(v, "a.lam", 0, [])
+        v.expect["also_check"] = [{"image": "b.lam", "exit": 0, "kinds": []}]
+        expect_views(v, ["a.lam", "a.lam@s", "b.lam", "b.lam@s", "disk.lam@base"])
+
+
 def generate(root: str) -> None:
     for bits in range(MIN_CLUSTER_BITS, MAX_CLUSTER_BITS + 1):
         cluster_vector(root, bits)
     for make in (large_sparse, raw_base, raw_base_odd_length, lamina_base, chain_of_three, snapshots, clones, pending_intents,
-                 damaged_root_copy, damaged_map_copy):
+                 damaged_root_copy, damaged_map_copy, shared_clusters):
         make(root)
