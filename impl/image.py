@@ -147,8 +147,8 @@ class Image:
         self._maps: dict[int, RegionMap] = {}
         self._empty = RegionFlags()  # regions known to hold no sector here: a chain walk skips them unread
         self._span = self._geometry.region_span  # fixed: the cluster size of a layer never changes
-        # region -> (base it was found through, first layer below that may hold it, the limit on the way there)
-        self._skips: dict[int, tuple[Image | RawBase, Image | RawBase | None, int]] = {}
+        # region -> the holders of each cluster in the read-only run from here down (`_holders`)
+        self._tables: dict[int, HoldersTable] = {}
         self._dirty: dict[int, set[int]] = {}  # region -> clusters (within the region) to checksum at flush
         # (region, cluster) -> the checksum of a dirty cluster whose last write covered all of it, made from the
         # bytes in hand: the flush records it without reading the cluster back (any other write of it drops it)
@@ -359,31 +359,91 @@ class Image:
                     return bytes(length)  # nothing here and nothing below
                 first = None  # none of it here: the walk below passes this layer by (or asks it again)
         out = bytearray(length)
-        work: list[tuple[Image | RawBase, int, int]] = [(self, offset, end)]
+        work: list[tuple[Image | RawBase | None, int, int]] = [(self, offset, end)]
         while work:
             layer, lo, hi = work.pop()
-            layer, hi = _skip_empty(layer, lo, hi)
             if layer is None:
                 continue  # nothing below holds these bytes: they stay zero
             if isinstance(layer, RawBase):
                 out[lo - offset : hi - offset] = layer.read(lo, hi - lo)
                 continue
-            span = layer._geometry.region_span
-            limit = layer._base_limit()
+            span = layer._span
             pos = lo
             while pos < hi:
                 stop = min(hi, (pos // span + 1) * span)
-                data, runs = first if first is not None else layer._own_piece(pos, stop)
-                first = None  # it was the top's only piece
-                if data:
-                    out[pos - offset : stop - offset] = data
-                for a, b in runs:
-                    if data:
-                        out[a - offset : b - offset] = bytes(b - a)  # the file's bytes there mean nothing
-                    if a < min(b, limit):
-                        work.append((layer.base, a, min(b, limit)))
+                if layer._writable:  # its maps change with every write: asked directly
+                    data, runs = first if first is not None else layer._own_piece(pos, stop)
+                    first = None  # it was the top's only piece
+                    _place(out, offset, pos, stop, data, runs)
+                    limit = layer._base_limit()
+                    work.extend((layer.base, a, min(b, limit)) for a, b in runs if a < min(b, limit))
+                else:
+                    first = None
+                    layer._read_frozen(out, offset, pos, stop, work)
                 pos = stop
         return bytes(out)
+
+    def _read_frozen(self, out: bytearray, offset: int, pos: int, stop: int,
+                     work: list[tuple["Image | RawBase | None", int, int]]) -> None:
+        """Fill `out` for [pos, stop) (one region) from this read-only layer and the layers below it.
+
+        The holders table of the region says, per cluster, which layers of the
+        run below hold a sector of it, so a read asks only those, never the
+        layers between that hold nothing there; what the last holder lacks goes
+        to what ends the run (a raw base, a layer of another region size).
+        """
+        region = pos // self._span
+        holders, end, end_limit = self._holders(region)
+        bits = self._geometry.cluster_bits
+        base = region * self._span
+        c = (pos - base) >> bits
+        last = (stop - 1 - base) >> bits
+        while c <= last:
+            chain = holders[c]
+            d = c + 1
+            while d <= last and holders[d] is chain:  # clusters with the same holders: one piece
+                d += 1
+            lo, hi = max(pos, base + (c << bits)), min(stop, base + (d << bits))
+            pending = [(lo, hi)]
+            for layer, limit in chain:
+                pending = [(a, min(b, limit)) for a, b in pending if a < min(b, limit)]
+                if not pending:
+                    break
+                lacking = []
+                for a, b in pending:
+                    data, runs = layer._own_piece(a, b)
+                    _place(out, offset, a, b, data, runs)
+                    lacking += runs
+                pending = lacking
+            work.extend((end, a, min(b, end_limit)) for a, b in pending if a < min(b, end_limit))
+            c = d
+
+    def _holders(self, region: int) -> "HoldersTable":
+        """Per cluster of `region`, the layers from this one down that hold a sector of it, each with the
+        limit the layers above it put on what is seen of it; then what ends the run, and its limit.
+
+        The run is the read-only layers of this region size below (and with) this one: bases and
+        frozen layers, which never change while open, so the table is built once per region, from
+        maps the walk would load anyway.  Clusters with the same holders share one tuple.
+        """
+        table = self._tables.get(region)
+        if table is None:
+            if len(self._tables) >= 4096:  # bounded memory over a disk of any size (R10)
+                self._tables.clear()
+            lists: list[list[tuple[Image, int]]] = [[] for _ in range(CLUSTERS_PER_REGION)]
+            layer: Image | RawBase | None = self
+            limit = NO_LIMIT
+            while isinstance(layer, Image) and layer._span == self._span and not layer._writable:
+                m = layer._map(region)
+                if m is not None:
+                    for c in m.present_clusters():
+                        lists[c].append((layer, limit))
+                limit = min(limit, layer._base_limit())
+                layer = layer.base
+            shared: dict[tuple[tuple[int, int], ...], tuple[tuple[Image, int], ...]] = {}
+            holders = tuple(shared.setdefault(tuple((id(h), lim) for h, lim in entry), tuple(entry)) for entry in lists)
+            table = self._tables[region] = (holders, layer, limit)
+        return table
 
     def _own_piece(self, pos: int, stop: int) -> tuple[bytes, list[tuple[int, int]]]:
         """This layer's bytes over [pos, stop) within one region, and the runs it lacks (no bytes: it lacks all)."""
@@ -446,18 +506,6 @@ class Image:
             self._unsynced = True
             self._fresh.add(region)
             self._dirty.setdefault(region, set()).add(c)
-
-    def _lacks(self, lo: int, hi: int, region: int) -> bool:
-        """Whether the loaded map of `region` has no sector in any cluster [lo, hi) meets (False when not loaded).
-
-        Reads the working map itself, so the top's writes show at once.
-        """
-        m = self._maps.get(region)
-        if m is None:
-            return False
-        bits = self._geometry.cluster_bits
-        base = region * self._span
-        return all(not m.cluster_mask(c) for c in range((lo - base) >> bits, ((hi - 1 - base) >> bits) + 1))
 
     def _base_limit(self) -> int:
         """Guest bytes below which this layer sees its base; zero without one."""
@@ -842,6 +890,7 @@ class Image:
         g = self.geometry
         chosen = select_map(read_map_copies(self.file, g, region), g, region, self._root.image_uuid)
         if chosen.value is None and not for_write:
+            self._empty.add(region)  # no map here: not asked again until a write (above) makes one
             return None
         m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
         self._maps[region] = m
@@ -1096,50 +1145,16 @@ def _embedded_crc(data: bytes | memoryview, lo: int, size: int) -> int:
     return t0[crc & 0xFF] ^ t1[crc >> 8 & 0xFF] ^ t2[crc >> 16 & 0xFF] ^ t3[crc >> 24]
 
 
-def _skip_empty(layer: "Image | RawBase | None", lo: int, hi: int) -> tuple["Image | RawBase | None", int]:
-    """The first layer from `layer` down that may hold bytes of [lo, hi), and how far up it is seen.
+# Per cluster of a region, the (layer, limit) pairs that hold it; then what ends the run and its limit.
+HoldersTable = tuple[tuple[tuple[tuple["Image", int], ...], ...], "Image | RawBase | None", int]
 
-    A layer known to hold nothing in the piece's region is passed without a
-    map lookup or a read; each one passed narrows the piece to what it sees
-    of its base.  A run of such layers (of one region size) is remembered by
-    the first of them, so the next read of the region jumps over it in one
-    step: the layers below the first are bases, opened read-only, and never
-    change while open; the first's own limit and base are looked up anew.
-    A layer with a map for the region but no sector in the piece's clusters
-    is passed too, by a look at its loaded map (not remembered: the top's
-    map changes with every write).  `None` when nothing below holds the piece.
-    """
-    while isinstance(layer, Image):
-        span = layer._span
-        region = lo // span
-        if (hi - 1) // span != region:
-            return layer, hi
-        if region not in layer._empty:
-            if not layer._lacks(lo, hi, region):
-                return layer, hi
-            hi = min(hi, layer._base_limit())  # a map here, but none of the piece's clusters: pass it by
-            if hi <= lo:
-                return None, hi
-            layer = layer.base
-            continue
-        hi = min(hi, layer._base_limit())
-        below = layer.base
-        known = layer._skips.get(region)
-        if known is not None and known[0] is below:
-            below, limit = known[1], known[2]
-        else:
-            limit = NO_LIMIT
-        # Extend the run from where it was known to end: layers below may have been found empty since.
-        while isinstance(below, Image) and below._span == span and region in below._empty:
-            limit = min(limit, below._base_limit())
-            below = below.base
-        if layer.base is not None:
-            layer._skips[region] = (layer.base, below, limit)
-        hi = min(hi, limit)
-        if below is None or hi <= lo:
-            return None, hi
-        layer = below  # a layer of another region size goes round again, with its own regions
-    return layer, hi
+
+def _place(out: bytearray, offset: int, pos: int, stop: int, data: bytes, runs: list[tuple[int, int]]) -> None:
+    """A layer's bytes of [pos, stop) into `out` (which starts at guest `offset`), zero where it lacks sectors."""
+    if data:
+        out[pos - offset : stop - offset] = data
+        for a, b in runs:
+            out[a - offset : b - offset] = bytes(b - a)  # the file's bytes there mean nothing
 
 
 class RegionFlags:

@@ -245,3 +245,56 @@ def test_safe_rebase_onto_nothing_copies_every_chunk_that_differs(workdir):
     with Image.open("top.lam", readonly=True) as top:
         assert top.base is None
         assert top.read(0, top.virtual_size) == before
+
+
+class _CountingReads(OsStorage):
+    """The OS backend, counting the preads of every file it opened."""
+
+    def __init__(self) -> None:
+        self.preads = 0
+
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> OsFile:
+        file = super().open(path, writable, follow_symlinks)
+        plain = file.pread
+
+        def pread(offset: int, length: int) -> bytes:
+            self.preads += 1
+            return plain(offset, length)
+
+        file.pread = pread  # type: ignore[method-assign]
+        return file
+
+
+def test_a_read_through_a_deep_chain_asks_only_the_layers_that_hold_its_clusters(workdir, no_sync, monkeypatch):
+    """Issue 10, chains: a layer that holds nothing of a cluster is not asked on every read (`_holders`)."""
+    from lamina.spec.regionmap import RegionMap
+
+    KiB = 1024
+    looks = collections.Counter()  # per read: layers asked for their bytes, and cluster masks looked at
+    own_piece, cluster_mask = Image._own_piece, RegionMap.cluster_mask
+    monkeypatch.setattr(Image, "_own_piece", lambda self, *a: looks.update(["piece"]) or own_piece(self, *a))
+    monkeypatch.setattr(RegionMap, "cluster_mask", lambda self, *a: looks.update(["mask"]) or cluster_mask(self, *a))
+    with Image.create("raw-ish.lam", 2 * MiB, cluster_size=16 * KiB) as below:  # another region size under it all
+        below.write(1 * MiB, pattern(3, 8 * KiB))
+    with Image.create("disk.lam", 2 * MiB, cluster_size=4 * KiB, base="raw-ish.lam", base_format="lamina") as image:
+        image.write(0, pattern(1, 64 * KiB))
+    for i in range(1, 31):  # each frozen layer holds one sector of a cluster of its own, all in region 0
+        with Image.open("disk.lam") as image:
+            image.write(64 * KiB + i * 4 * KiB, pattern(10 + i, 512))
+        layers.create_snapshot("disk.lam", f"s{i}")
+    storage = _CountingReads()
+    with Image.open("disk.lam", readonly=True, storage=storage) as image:
+        image.read(0, 2 * MiB)  # every map loaded once
+        cases = [(8 * KiB, pattern(1, 64 * KiB)[8 * KiB : 12 * KiB], 1),  # the bottom's data: one read
+                 (64 * KiB + 5 * 4 * KiB, pattern(15, 512) + bytes(3584), 1),  # one sector in s5's layer, zero below
+                 (1 * MiB, pattern(3, 4 * KiB), 1),  # below the run: the base of another region size
+                 (600 * KiB, bytes(4 * KiB), 0)]  # nothing anywhere: no read at all
+        for offset, expected, preads in cases:
+            storage.preads = 0
+            looks.clear()
+            assert expected == image.read(offset, 4 * KiB), offset
+            assert preads == storage.preads, (offset, storage.preads)
+            assert looks["piece"] <= 3 and looks["mask"] == 0, (offset, looks)  # the top, a holder, the base
+        whole = image.read(0, 2 * MiB)
+    disk = abstract_layer("disk.lam", OsStorage(), ImageContext.for_layer("disk.lam"))  # the spec's meaning agrees
+    assert disk.read(0, 2 * MiB) == whole
