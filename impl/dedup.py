@@ -449,13 +449,8 @@ def layer_sharing(path: str, storage: Storage) -> tuple[int, int]:
             chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
             if chosen.value is None:
                 continue
-            m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
-            for c in m.present_clusters():
-                n = bin(m.cluster_mask(c)).count("1") * SECTOR_SIZE
-                if m.shared[c]:
-                    shared += n
-                else:
-                    exclusive += n
+            here, rest = _sharing(RegionMap.from_copy(chosen.value, g, region, chosen.slot))
+            shared, exclusive = shared + here, exclusive + rest
         return shared, exclusive
     finally:
         file.close()
@@ -467,12 +462,15 @@ def shared_bytes(layer: Image) -> tuple[int, int]:
     shared = exclusive = 0
     for region in allocated_regions(sorted(layer.file.data_extents()), g):
         m = layer._map(region)
-        if m is None:
-            continue
-        for c in m.present_clusters():
-            n = bin(m.cluster_mask(c)).count("1") * SECTOR_SIZE
-            if m.shared[c]:
-                shared += n
-            else:
-                exclusive += n
+        if m is not None:
+            here, rest = _sharing(m)
+            shared, exclusive = shared + here, exclusive + rest
     return shared, exclusive
+
+
+def _sharing(m: RegionMap) -> tuple[int, int]:
+    """(shared, exclusive) bytes of one region's present sectors: one count over the bitmap, and one per
+    shared cluster (a region that shares nothing, the usual one, costs no step per cluster)."""
+    present = int.from_bytes(m.present, "little").bit_count()
+    shared = sum(m.cluster_mask(c).bit_count() for c in m.shared_clusters())
+    return shared * SECTOR_SIZE, (present - shared) * SECTOR_SIZE
