@@ -383,10 +383,12 @@ def cmd_map(args: argparse.Namespace) -> int:
             with open(args.svg, "x", encoding="utf-8") as out:
                 out.write(picture)
         extents = [{"start": e.start, "length": e.length, "depth": 0, "present": e.data, "zero": not e.data,
-                    "data": e.data, **({"offset": e.offset} if e.data else {})} for e in image.extents()]
+                    "data": e.data, **({"offset": e.offset} if e.data else {}),
+                    **({"filename": e.file} if e.file is not None else {})} for e in image.extents()]
         data: object = extents
         rows = ["Offset          Length          Mapped to       File"]
-        rows += [f"{hex(e['start']):<16}{hex(e['length']):<16}{hex(e['offset']):<16}{args.image}" for e in extents if e["data"]]
+        rows += [f"{hex(e['start']):<16}{hex(e['length']):<16}{hex(e['offset']):<16}{e.get('filename', args.image)}"
+                 for e in extents if e["data"]]
         if args.metadata:
             meta = [{"offset": m.offset, "length": m.length, "kind": m.kind, "copy": "AB"[m.copy],
                      **({"region": m.region} if m.region is not None else {})} for m in image.metadata_regions()]

@@ -66,8 +66,9 @@ class Extent:
 
     start: int
     length: int
-    data: bool  # present in this image's file
+    data: bool  # present in this layer (its own file, or the shared store for a shared cluster)
     offset: int | None  # file offset of the bytes when present
+    file: str | None = None  # the file holding them when not the layer's own: the shared store (F-SHARE-003)
 
 
 @attrs.frozen
@@ -786,15 +787,16 @@ class Image:
         """
         g = self.geometry
         region_span, virtual_size = g.region_span, g.virtual_size
-        run: list = []  # [start, length, data, file offset or None]: the extent being merged
+        run: list = []  # [start, length, data, file offset or None, file or None]: the extent being merged
 
-        def emit(start: int, length: int, data: bool, offset: int | None) -> Extent | None:
+        def emit(start: int, length: int, data: bool, offset: int | None, file: str | None = None) -> Extent | None:
             """Merge into the open extent, or return it closed and open a new one."""
-            if run and run[2] == data and run[0] + run[1] == start and (not data or run[3] + run[1] == offset):
+            if run and run[2] == data and run[0] + run[1] == start and (not data or (run[3] + run[1] == offset
+                                                                                     and run[4] == file)):
                 run[1] += length
                 return None
             done = Extent(*run) if run else None
-            run[:] = [start, length, data, offset]
+            run[:] = [start, length, data, offset, file]
             return done
 
         end = 0
@@ -808,15 +810,35 @@ class Image:
                 yield done
             end = base + span
             data_offset = g.region_data_offset(region)
+            shared = m.shared_clusters()
             for first, count, present in bit_runs(m.region_mask(), span // SECTOR_SIZE):
-                done = emit(base + first * SECTOR_SIZE, count * SECTOR_SIZE, present,
-                            data_offset + first * SECTOR_SIZE if present else None)
-                if done:
-                    yield done
+                for lo, n, offset, file in (self._placed(m, first, count, data_offset) if present and shared
+                                            else [(first, count, data_offset + first * SECTOR_SIZE, None)]):
+                    done = emit(base + lo * SECTOR_SIZE, n * SECTOR_SIZE, present, offset if present else None, file)
+                    if done:
+                        yield done
         if virtual_size > end and (done := emit(end, virtual_size - end, False, None)):
             yield done
         if run:
             yield Extent(*run)
+
+    def _placed(self, m: RegionMap, first: int, count: int, data_offset: int) -> list[tuple[int, int, int, str | None]]:
+        """A run of present sectors of a region with shared clusters, cut where the bytes change file:
+        (first sector, sectors, file offset, the store's path or None for this layer's file)."""
+        spc = self._geometry.sectors_per_cluster
+        out = []
+        end = first + count
+        while first < end:
+            c = first // spc
+            stop = min(end, (c + 1) * spc)
+            if m.shared[c] and self._store is not None:
+                within = (first - c * spc) * SECTOR_SIZE
+                place = self._store.geometry.guest_to_file((m.shared[c] - 1) * self._geometry.cluster_size + within)
+                out.append((first, stop - first, place, self._store.path))
+            else:
+                out.append((first, stop - first, data_offset + first * SECTOR_SIZE, None))
+            first = stop
+        return out
 
     def guest_data_ranges(self) -> list[tuple[int, int]]:
         """Guest ranges [start, end) that some layer of the chain holds, merged; everything else reads zero.

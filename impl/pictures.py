@@ -149,7 +149,7 @@ def map_svg(image: Image) -> str:
             heading = f"layer {depth}: {names[depth]} (raw base, {format_size(layer.virtual_size)})"
         else:
             length = max(layer.geometry.file_length, 1)
-            rows = [("data", e.offset, e.length, e.start) for e in layer.extents() if e.data]
+            rows = [("data", e.offset, e.length, e.start) for e in layer.extents() if e.data and e.file is None]
             rows += [(m.kind, m.offset, m.length, m) for m in _metadata(layer)]
             kind = "top" if depth == 0 else "frozen layer"
             heading = f"layer {depth}: {names[depth]} ({kind}, file of {format_size(length)})"

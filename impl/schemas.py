@@ -30,7 +30,7 @@ _CHECK = _object({"completed": BOOL, "corruptions": INT, "leaks": INT, "degraded
                   "findings": {"type": "array", "items": _FINDING}})
 _DATA_REPAIR = _object({"file": STR, "guest_offset": INT, "guest_length": INT, "repaired": BOOL}, {"reason": STR})
 _EXTENT = _object({"start": INT, "length": INT, "depth": INT, "present": BOOL, "zero": BOOL, "data": BOOL},
-                  {"offset": INT})
+                  {"offset": INT, "filename": STR})  # filename: the shared store, where a cluster's bytes live there
 _METADATA = _object({"offset": INT, "length": INT, "kind": {"enum": ["root", "map"]}, "copy": {"enum": ["A", "B"]}},
                     {"region": INT})
 _NODE = _object({"kind": {"enum": ["base", "layer", "snapshot", "current"]}, "name": STR,
@@ -57,8 +57,8 @@ SCHEMAS: dict[str, dict] = {
                                              {"data-repairs": {"type": "array", "items": _DATA_REPAIR}})),
     "lamina.scrub/1": _schema("lamina.scrub/1", "lamina scrub --output json", _object(
         _CHECK["properties"], {"data-repairs": {"type": "array", "items": _DATA_REPAIR}})),
-    "lamina.map/1": _schema("lamina.map/1", "lamina map --output json", {"type": "array", "items": _EXTENT}),
-    "lamina.map-metadata/1": _schema("lamina.map-metadata/1", "lamina map --metadata --output json", _object(
+    "lamina.map/2": _schema("lamina.map/2", "lamina map --output json", {"type": "array", "items": _EXTENT}),
+    "lamina.map-metadata/2": _schema("lamina.map-metadata/2", "lamina map --metadata --output json", _object(
         {"extents": {"type": "array", "items": _EXTENT}, "metadata": {"type": "array", "items": _METADATA}})),
     "lamina.snapshot-list/1": _schema("lamina.snapshot-list/1", "lamina snapshot list --output json", {
         "type": "array", "items": _object({"id": INT, "name": STR, "date-ns": INT, "vm-clock-nsec": INT,
@@ -77,7 +77,7 @@ SCHEMAS: dict[str, dict] = {
 #: Which schema each command's JSON follows (the README's table).
 COMMANDS = {
     "info": "lamina.info/2", "info --tree": "lamina.tree/2", "check": "lamina.check/1",
-    "check --repair": "lamina.check-repair/1", "scrub": "lamina.scrub/1", "map": "lamina.map/1", "map --metadata": "lamina.map-metadata/1",
+    "check --repair": "lamina.check-repair/1", "scrub": "lamina.scrub/1", "map": "lamina.map/2", "map --metadata": "lamina.map-metadata/2",
     "snapshot list": "lamina.snapshot-list/1", "compare": "lamina.compare/1", "diff": "lamina.diff/1",
     "dedup": "lamina.dedup/1",
 }

@@ -357,3 +357,26 @@ def test_check_of_a_tree_whose_store_a_dedup_holds_is_refused_not_judged(two_clo
     finally:
         writer.close()
     assert 0 == main(["check", "a.lam"])
+
+
+def test_map_of_a_deduplicated_snapshot_points_into_the_store(two_clones, capsys):
+    """A shared cluster's bytes are the store's (F-SHARE-003): map says which file and where, as `qemu-img map`
+    names the file of each extent, and the bytes found there are the guest's."""
+    import json
+
+    dedup(["a.lam", "b.lam"])
+    capsys.readouterr()
+    assert 0 == main(["map", "--output", "json", "a.lam@s1"])
+    extents = json.loads(capsys.readouterr().out)
+    stored = [e for e in extents if e.get("filename")]
+    assert stored and all(e["filename"].endswith(STORE_NAME) for e in stored)
+    assert sum(e["length"] for e in stored) == 8 * MiB
+    with layers.open_target("a.lam@s1") as image:
+        for e in extents:
+            if e["data"]:
+                with open(e.get("filename") or image.path, "rb") as fh:
+                    fh.seek(e["offset"])
+                    assert fh.read(e["length"]) == image.read(e["start"], e["length"]), e
+    assert 0 == main(["map", "a.lam@s1"])
+    assert STORE_NAME in capsys.readouterr().out
+    assert 0 == main(["map", "--svg", "-", "a.lam@s1"])
