@@ -149,6 +149,58 @@ def _layer_of(path: str, storage: Storage, writable: bool) -> Image:
                              store_lock=False)
 
 
+MAX_OPEN_LAYERS = 128  # frozen layers open at once (files and their maps), however many a dedup covers (R10)
+
+
+class _OpenLayers:
+    """The frozen layers of one dedup by number (1, 2, ...), at most MAX_OPEN_LAYERS of them open at once.
+
+    A dedup may cover thousands of snapshots; each open layer holds a file descriptor and its maps, so the
+    least recently used one is closed and reopened when needed again.  Nothing is lost by that: every
+    step re-reads what it judges (candidates are confirmed by their bytes, references written from the
+    layer's maps as they are then), and each reopen recovers the layer as any open does.
+    """
+
+    def __init__(self, storage: Storage, writable: bool) -> None:
+        self._storage, self._writable = storage, writable
+        self._paths: list[str] = []
+        self._open: dict[int, Image] = {}  # insertion order is use order: the first is the least recent
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def add(self, path: str) -> tuple[int, Image]:
+        """Open one more layer; its number and the open layer (closed again unless numbered)."""
+        layer = self._opened(path)
+        self._paths.append(path)
+        self._keep(len(self._paths), layer)
+        return len(self._paths), layer
+
+    def drop_last(self) -> None:
+        """Forget the layer `add` just opened (it is not deduplicated after all)."""
+        self._open.pop(len(self._paths)).close()
+        self._paths.pop()
+
+    def get(self, number: int) -> Image:
+        layer = self._open.pop(number, None)
+        if layer is None:
+            layer = self._opened(self._paths[number - 1])
+        self._keep(number, layer)
+        return layer
+
+    def _opened(self, path: str) -> Image:
+        return _layer_of(path, self._storage, self._writable)
+
+    def _keep(self, number: int, layer: Image) -> None:
+        while len(self._open) >= MAX_OPEN_LAYERS:
+            self._open.pop(next(iter(self._open))).close()
+        self._open[number] = layer
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
 def _held(layer: Image, m: RegionMap, c: int) -> bytes:
     """A cluster's bytes as the layer holds them: its present sectors, zero elsewhere (what `data_crcs` covers)."""
     g = layer.geometry
@@ -231,17 +283,16 @@ def _share(layers: list[str], store: Image | None, bits: int | None, report: Ded
     if store is not None:
         for s in _store_clusters(store):
             index.setdefault(_key(store.read(s * store.cluster_size, store.cluster_size)), s)
-    opened: list[Image] = []
+    opened = _OpenLayers(storage, not dry_run)
     try:
         for number, path in enumerate(layers):
-            layer = _layer_of(path, storage, not dry_run)
+            tag, layer = opened.add(path)
             if layer.root.cluster_bits != bits:
-                layer.close()
+                opened.drop_last()
                 report.layers_skipped += 1
                 continue
-            opened.append(layer)
             report.layers += 1
-            tag = len(opened) << 40
+            tag <<= 40
             for m, c in _present_clusters(layer):
                 data = _held(layer, m, c)
                 mask = m.cluster_mask(c)
@@ -260,18 +311,17 @@ def _share(layers: list[str], store: Image | None, bits: int | None, report: Ded
                 progress(0.5 * (number + 1) / len(layers))
         _apply(opened, store, index, duplicates, report, progress)
     finally:
-        for layer in opened:
-            layer.close()
+        opened.close()
 
 
-def _read_location(opened: list[Image], store: Image | None, location: int) -> tuple[bytes, int]:
+def _read_location(opened: _OpenLayers, store: Image | None, location: int) -> tuple[bytes, int]:
     """The held bytes at a location and the presence mask of its sectors (a store cluster: its own)."""
     number, cluster = location >> 40, location & ((1 << 40) - 1)
     if number == 0 and store is not None:  # locations of number 0 exist only when there is a store
         g = store.geometry
         m = store._map(cluster // CLUSTERS_PER_REGION)
         return store.read(cluster * g.cluster_size, g.cluster_size), m.cluster_mask(cluster % CLUSTERS_PER_REGION)
-    layer = opened[number - 1]
+    layer = opened.get(number)
     m = layer._map(cluster // CLUSTERS_PER_REGION)
     return _held(layer, m, cluster % CLUSTERS_PER_REGION), m.cluster_mask(cluster % CLUSTERS_PER_REGION)
 
@@ -286,13 +336,13 @@ def _free_store_clusters(store: Image) -> Iterator[int]:
         s += 1
 
 
-def _apply(opened: list[Image], store: Image | None, index: dict[int, int], duplicates: dict[int, list[int]],
+def _apply(opened: _OpenLayers, store: Image | None, index: dict[int, int], duplicates: dict[int, list[int]],
            report: DedupReport, progress: Progress | None) -> None:
     """Confirm each candidate group by bytes, write the new store clusters (step 2), then the references (step 3)."""
     refs: dict[int, dict[int, int]] = {}  # layer number -> {cluster -> store cluster}
     new: list[tuple[int, bytes, int]] = []  # (store cluster, bytes, mask) to write
     free = _free_store_clusters(store) if store is not None else iter(range(1 << 62))
-    size = opened[0].cluster_size if opened else 0
+    size = opened.get(1).cluster_size if len(opened) else 0
     for first, later in duplicates.items():
         reference, mask = _read_location(opened, store, first)
         same = [loc for loc in later if _read_location(opened, store, loc)[0] == reference]  # confirmed by bytes
@@ -309,7 +359,7 @@ def _apply(opened: list[Image], store: Image | None, index: dict[int, int], dupl
         for loc in same:
             number, cluster = loc >> 40, loc & ((1 << 40) - 1)
             refs.setdefault(number, {})[cluster] = target
-            layer = opened[number - 1]
+            layer = opened.get(number)
             report.duplicates += 1
             report.bytes_saved += bin(layer._map(cluster // CLUSTERS_PER_REGION).cluster_mask(
                 cluster % CLUSTERS_PER_REGION)).count("1") * SECTOR_SIZE
@@ -328,7 +378,7 @@ def _apply(opened: list[Image], store: Image | None, index: dict[int, int], dupl
     store.flush()
     # Step 3, per layer.
     for i, (number, clusters) in enumerate(sorted(refs.items())):
-        reference_clusters(opened[number - 1], store.root.image_uuid, clusters, store)
+        reference_clusters(opened.get(number), store.root.image_uuid, clusters, store)
         if progress:
             progress(0.5 + 0.5 * (i + 1) / len(refs))
 

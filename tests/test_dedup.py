@@ -380,3 +380,32 @@ def test_map_of_a_deduplicated_snapshot_points_into_the_store(two_clones, capsys
     assert 0 == main(["map", "a.lam@s1"])
     assert STORE_NAME in capsys.readouterr().out
     assert 0 == main(["map", "--svg", "-", "a.lam@s1"])
+
+
+def test_dedup_of_more_layers_than_it_keeps_open_shares_them_all(tmp_path, monkeypatch):
+    """R10: a dedup over many snapshots holds at most MAX_OPEN_LAYERS layers open; the rest are reopened."""
+    from lamina.impl import dedup as module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module, "MAX_OPEN_LAYERS", 2)
+    most = []
+    keep = module._OpenLayers._keep
+    monkeypatch.setattr(module._OpenLayers, "_keep", lambda self, n, layer: keep(self, n, layer) or
+                        most.append(len(self._open)))
+    same = noise(5, 256 * KiB)
+    names = [f"i{k}.lam" for k in range(3)]
+    for k, name in enumerate(names):
+        with Image.create(name, 4 * MiB) as image:
+            image.write(0, same)
+            image.write(1 * MiB, noise(20 + k, 64 * KiB))
+        layers.create_snapshot(name, "s")
+        with Image.open(name) as image:
+            image.write(2 * MiB, same)
+        layers.create_snapshot(name, "t")
+    targets = [t for name in names for t in (name, f"{name}@s", f"{name}@t")]
+    before = contents(targets)
+    report = dedup(names)
+    assert max(most) <= 2
+    assert report.layers == 6 and report.bytes_saved == 5 * 256 * KiB, report
+    assert contents(targets) == before
+    assert all(clean(name) for name in names)
