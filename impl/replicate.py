@@ -368,16 +368,29 @@ def repair_data_from(top: str, replica: str, storage: Storage | None = None) -> 
     cluster then matches the checksum its own map recorded are they written,
     so a wrong or damaged replica can never make things worse.  Each rewrite
     is followed by an fsync; a crash in between leaves the cluster failing as
-    before, and running the repair again finishes it.
+    before, and running the repair again finishes it.  The shared store the
+    tree references is a layer too (F-SHARE-001): a store cluster is repaired
+    from the replica's store of its identity or, failing that (a replica made
+    by `send`, which carries shared data in its layers), from the replica's
+    layer of any cluster of the tree that references it.
     """
+    from lamina.spec.store import store_path, uses_store
+
     storage = storage or OsStorage()
     sources: dict[tuple[bytes, int], str] = {}
-    for path in layer_files(replica, storage)[0]:
+    for path in _with_stores(layer_files(replica, storage)[0], storage):
         root = root_of(storage, path, ImageContext.for_layer(path))
         sources.setdefault((root.image_uuid, root.data_generation), path)
     results: list[DataRepair] = []
     with image_lock(top, True, storage):
-        for path in layer_files(top, storage)[0]:
+        files = layer_files(top, storage)[0]
+        referrers: dict[str, dict[int, list[tuple[str, int]]]] = {}  # store -> store cluster -> (layer, guest)
+        for path in files:
+            context = ImageContext.for_layer(path)
+            root = root_of(storage, path, context)
+            if uses_store(root):
+                _note_references(storage, path, root, referrers.setdefault(store_path(context), {}))
+        for path in _with_stores(files, storage):
             context = ImageContext.for_layer(path)
             root = root_of(storage, path, context)
             source = sources.get((root.image_uuid, root.data_generation))
@@ -387,27 +400,73 @@ def repair_data_from(top: str, replica: str, storage: Storage | None = None) -> 
                 extents = sorted(file.data_extents())
                 for region in set(allocated_regions(extents, g)) - set(root.intents):  # listed regions: not judged (F-CHECK-002)
                     findings: list = []
-                    check_region(file, g, root, region, extents, findings)
+                    check_region(file, g, root, region, extents, findings)  # no store: shared clusters are the store's
                     bad = [f for f in findings if f.kind == "data-checksum"]
                     if bad:
                         chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
                         m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
-                        results += [_repair_cluster(storage, file, path, g, m, f.guest_range, source) for f in bad]
+                        for f in bad:
+                            guest = f.guest_range[0]
+                            places = [(source, guest)] if source is not None else []
+                            places += referrers.get(path, {}).get(guest // g.cluster_size, [])
+                            results.append(_repair_cluster(storage, file, path, g, m, f.guest_range, places, sources))
             finally:
                 file.close()
     return results
 
 
+def _with_stores(files: list[str], storage: Storage) -> list[str]:
+    """The layer files of a tree and, after them, the shared store of each directory they lie in, once."""
+    from lamina.spec.store import store_path
+
+    stores = {store_path(ImageContext.for_layer(path)) for path in files}
+    return files + sorted(p for p in stores if storage.exists(p) and p not in files)
+
+
+def _note_references(storage: Storage, path: str, root: Root, into: dict[int, list[tuple[str, int]]]) -> None:
+    """Record, per store cluster, the layer and guest offset of every cluster of `path` that references it."""
+    file = open_tree_file(storage, path, False, ImageContext.for_layer(path))
+    try:
+        g = root.geometry
+        for region in allocated_regions(sorted(file.data_extents()), g):
+            chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
+            if chosen.value is None:
+                continue
+            m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
+            for c in m.shared_clusters():
+                into.setdefault(m.shared[c] - 1, []).append((path, (region * CLUSTERS_PER_REGION + c) * g.cluster_size))
+    finally:
+        file.close()
+
+
 def _repair_cluster(storage: Storage, file: File, path: str, g: Geometry, m: RegionMap, where: tuple[int, int],
-                    source: str | None) -> DataRepair:
+                    places: list[tuple[str, int]], sources: dict[tuple[bytes, int], str]) -> DataRepair:
+    """Rewrite one failing cluster from the first place that gives bytes matching its recorded checksum.
+
+    `places` are (replica layer, guest offset) pairs, or (a layer of this tree referencing the cluster, its
+    guest offset), the latter read from the replica's layer of that layer's identity.
+    """
     guest, length = where
-    if source is None:
-        return DataRepair(path, guest, length, False, "the replica holds no layer of this identity")
     c = guest // g.cluster_size % CLUSTERS_PER_REGION
     mask = m.cluster_mask(c)
-    with Image.open(source, readonly=True, storage=storage, context=ImageContext.for_layer(source)) as layer:
-        candidate = zero_absent(layer.read_padded(guest, g.cluster_size), mask, g.sectors_per_cluster)
-    if cluster_crc(candidate, mask) != m.data_crcs[c]:
+    candidate = None
+    tried = False
+    for place, at in places:
+        if place not in sources.values():  # a referencing layer of this tree: its replica of that identity
+            root = root_of(storage, place, ImageContext.for_layer(place))
+            replica_layer = sources.get((root.image_uuid, root.data_generation))
+            if replica_layer is None:
+                continue
+            place = replica_layer
+        tried = True
+        with Image.open(place, readonly=True, storage=storage, context=ImageContext.for_layer(place)) as layer:
+            bytes_there = zero_absent(layer.read_padded(at, g.cluster_size), mask, g.sectors_per_cluster)
+        if cluster_crc(bytes_there, mask) == m.data_crcs[c]:
+            candidate = bytes_there
+            break
+    if not tried:
+        return DataRepair(path, guest, length, False, "the replica holds no layer of this identity")
+    if candidate is None:
         return DataRepair(path, guest, length, False, "the replica's bytes do not match the recorded CRC32C either")
     offset = g.cluster_file_offset(guest // g.cluster_size)
     for first, count, present in bit_runs(mask, g.sectors_per_cluster):

@@ -409,3 +409,39 @@ def test_dedup_of_more_layers_than_it_keeps_open_shares_them_all(tmp_path, monke
     assert report.layers == 6 and report.bytes_saved == 5 * 256 * KiB, report
     assert contents(targets) == before
     assert all(clean(name) for name in names)
+
+
+@pytest.mark.parametrize("kind", ["copied-directory", "sent"])
+def test_a_rotten_store_cluster_is_repaired_from_a_replica(two_clones, capsys, kind):
+    """F-SEND-007 over F-SHARE-001: the store is a layer of the tree, repaired from the replica's store of its
+    identity (a copied directory) or from the replica's layer of a cluster that references it (`send`, which
+    carries shared data in its layers)."""
+    import io
+    import shutil
+
+    from lamina.impl.replicate import receive, send
+
+    dedup(["a.lam", "b.lam"])
+    if kind == "copied-directory":
+        shutil.copytree(two_clones, two_clones.parent / "replica")
+        replica = str(two_clones.parent / "replica" / "a.lam")
+    else:
+        stream = io.BytesIO()
+        send("a.lam@s1", stream)
+        receive("r.lam", io.BytesIO(stream.getvalue()))
+        replica = "r.lam"
+    before = contents(["a.lam@s1", "b.lam@s1"])
+    store = OsStorage().open(STORE_NAME, True)
+    try:
+        root = select_root(read_root_copies(store)).current()
+        offset = root.geometry.cluster_file_offset(3) + 10
+        byte = store.pread(offset, 1)
+        store.pwrite(offset, bytes([byte[0] ^ 0x20]))
+    finally:
+        store.close()
+    assert check_tree("a.lam", OsStorage()).exit_code == 2
+    capsys.readouterr()
+    assert 0 == main(["check", "--repair", "--from", replica, "a.lam"])
+    assert STORE_NAME in capsys.readouterr().out
+    assert contents(["a.lam@s1", "b.lam@s1"]) == before
+    assert clean("a.lam") and clean("b.lam")
