@@ -487,7 +487,30 @@ class Image:
             else:
                 self._write_segment(offset, data)  # the common case: one region, already listed (rule 1 holds)
             return
-        self._for_each_region(offset, len(data), lambda pos, stop: self._write_segment(pos, data[pos - offset : stop - offset]))
+        view = memoryview(data)
+        size = self._geometry.cluster_size
+        if self._store is None and not (offset | len(data)) & (size - 1):
+            self._for_each_region(offset, len(data), lambda pos, stop: self._write_whole_clusters(
+                pos // self._span, pos, view[pos - offset : stop - offset]))
+        else:
+            self._for_each_region(offset, len(data), lambda pos, stop: self._write_segment(pos, view[pos - offset : stop - offset]))
+
+    def own_file_range(self, offset: int, length: int) -> int | None:
+        """The file offset that holds guest [offset, offset+length) when this layer holds all of it itself.
+
+        That is: the range lies in one region, every sector of it is present
+        here, and none of its clusters is shared (F-SHARE-003: those bytes are
+        the store's).  Otherwise None, and `read` is the way to its bytes.
+        """
+        self._check_range(offset, length)
+        span = self._span
+        region = offset // span
+        if not length or (offset + length - 1) // span != region:
+            return None
+        m = self._map(region)
+        if m is None or m.shared_clusters() or self._absent_runs(m, offset, offset + length):
+            return None
+        return self._geometry.guest_to_file(offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zero, freeing whole sectors of the file (format v1: same as discard)."""
