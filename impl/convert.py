@@ -166,7 +166,7 @@ class LaminaSource:
             at = self._image.own_file_range(offset, length)
             if at is not None and at + length <= len(self._map):
                 return memoryview(self._map)[at : at + length]
-        return self._image.read(offset, length)
+        return self.read(offset, length)
 
     def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes | memoryview]]:
         return ((pos, n, self._view(pos, n)) for pos, n in pieces)
