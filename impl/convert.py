@@ -47,12 +47,20 @@ def detect_format(path: str) -> str:
 
 
 def _map_readonly(fd: int, size: int):
-    """A read-only shared mapping of the first `size` bytes of a file, or None for an empty one (which cannot be mapped)."""
+    """A read-only shared mapping of the first `size` bytes of a file, or None where there is none to be had.
+
+    None for an empty file (a length 0 cannot be mapped) and for one larger
+    than the address space takes (a sparse file of a petabyte-sized disk):
+    the caller then reads with `pread`.
+    """
     if size <= 0:
         return None
     import mmap  # only for a copy: the other commands' start-up never loads it
 
-    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    try:
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError):
+        return None
     if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
         mapping.madvise(mmap.MADV_SEQUENTIAL)  # a copy reads in order: the host may read ahead and drop behind
     return mapping

@@ -161,3 +161,22 @@ def test_a_lamina_source_maps_what_its_top_holds_and_reads_the_rest_through_the_
     assert 0 == main(["convert", "-O", "raw", top, out]) and 0 == main(["convert", "-U", "-O", "raw", top, out + "2"])
     with Image.open(top, readonly=True) as image:
         assert _read(out) == _read(out + "2") == image.read(0, 16 * MiB)
+
+
+def test_a_source_too_large_to_map_is_read_plainly(tmp_path, monkeypatch):
+    """A file the address space cannot take (mmap refuses it) is copied through pread, with the same bytes."""
+    import mmap
+
+    src = _source(tmp_path / "src.raw", 2 * MiB)
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    source = RawSource(src, mapped=True)
+    try:
+        assert source._map is None
+    finally:
+        source.close()
+    lam, back = str(tmp_path / "a.lam"), str(tmp_path / "a.raw")
+    assert 0 == main(["convert", "-f", "raw", src, lam]) and 0 == main(["convert", "-O", "raw", lam, back])
+    assert _read(back) == _read(src)
