@@ -201,21 +201,37 @@ def bench(args: argparse.Namespace, work: str) -> dict:
         def fresh_lamina() -> None:
             remove(lam)()
             shutil.rmtree(lam + ".layers", ignore_errors=True)
+        unsafe_lam = lam + ".unsafe"
+
+        def fresh_unsafe() -> None:
+            remove(unsafe_lam)()
+            shutil.rmtree(unsafe_lam + ".layers", ignore_errors=True)
+        # lamina (durable) over qemu-img's default (no flush): the target; lamina -t unsafe over the same default:
+        # like for like; lamina over qemu-img -t writeback (durable too): like for like.
+        pairs = [("lamina", "qemu", 1.0), ("lamina-unsafe", "qemu", None), ("lamina", "qemu-wb", None)]
         rows.append(time_row(f"convert raw->format {human(size)}",
                              {"lamina": LAMINA + ["convert", "-f", "raw", "-O", "lamina", "--cluster-size", cs, src, lam],
+                              "lamina-unsafe": LAMINA + ["convert", "-t", "unsafe", "-f", "raw", "-O", "lamina",
+                                                         "--cluster-size", cs, src, unsafe_lam],
                               "qemu": ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={args.cluster_size}", src, qcow],
                               "qemu-wb": ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", "-o",
                                           f"cluster_size={args.cluster_size}", src, qcow + ".wb"]},
-                             [("lamina", "qemu", 1.0), ("lamina", "qemu-wb", None)], args.runs,
-                             {"lamina": fresh_lamina, "qemu": remove(qcow), "qemu-wb": remove(qcow + ".wb")}, {lam: lam + ".before"}))
+                             pairs, args.runs,
+                             {"lamina": fresh_lamina, "lamina-unsafe": fresh_unsafe, "qemu": remove(qcow),
+                              "qemu-wb": remove(qcow + ".wb")}, {lam: lam + ".before"}))
+        fresh_unsafe()
         rows.append(time_row(f"convert format->raw {human(size)}",
                              {"lamina": LAMINA + ["convert", "-O", "raw", lam, back_l],
+                              "lamina-unsafe": LAMINA + ["convert", "-t", "unsafe", "-O", "raw", lam, back_l + ".unsafe"],
                               "qemu": ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back_q],
                               "qemu-wb": ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw", qcow, back_q + ".wb"]},
-                             [("lamina", "qemu", 1.0), ("lamina", "qemu-wb", None)], args.runs,
-                             {"lamina": remove(back_l), "qemu": remove(back_q), "qemu-wb": remove(back_q + ".wb")},
+                             pairs, args.runs,
+                             {"lamina": remove(back_l), "lamina-unsafe": remove(back_l + ".unsafe"), "qemu": remove(back_q),
+                              "qemu-wb": remove(back_q + ".wb")},
                              {back_l: back_l + ".before"}))
-        same = filecmp.cmp(src, back_l, shallow=False) and filecmp.cmp(back_l, back_q, shallow=False)
+        same_unsafe = filecmp.cmp(back_l, back_l + ".unsafe", shallow=False)
+        remove(back_l + ".unsafe")()
+        same = same_unsafe and filecmp.cmp(src, back_l, shallow=False) and filecmp.cmp(back_l, back_q, shallow=False)
         fresh_lamina()
         prof(f"convert raw->format {human(size)}", ["convert", "-f", "raw", "-O", "lamina", "--cluster-size", cs, src, lam])
         remove(back_l)()

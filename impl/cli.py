@@ -409,9 +409,10 @@ def cmd_map(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import contextlib
 
-    from .convert import NATIVE, convert, detect_format
+    from .convert import NATIVE, check_cache, convert, detect_format
     from .progress import Progress
 
+    check_cache(args.t)  # before anything is opened
     src_format = args.f or detect_format(args.src)
     if src_format in NATIVE and args.O in NATIVE:
         guard = contextlib.nullcontext()  # no server to stop: the qemu module and its imports are not needed
@@ -422,7 +423,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     notes: list[str] = []
     with guard, Progress(args.progress and not args.quiet, "convert") as bar:
         convert(args.src, args.dst, args.O, src_format, parse_size(args.cluster_size, "cluster size"), bar,
-                tuple(args.allow_base or ()), force_share=_force_share(args), options=args.o, notes=notes)
+                tuple(args.allow_base or ()), force_share=_force_share(args), options=args.o, notes=notes,
+                cache=args.t)
     for note in notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     return EXIT_OK
@@ -774,6 +776,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-O", metavar="FMT", default="lamina", help="target format: lamina (default), raw, or a qemu-img "
                                                             "format such as qcow2, vmdk, vhdx, vdi (needs qemu-utils)")
     p.add_argument("-o", metavar="OPTIONS", help="qemu-img create options of a foreign target (e.g. subformat=...)")
+    p.add_argument("-t", metavar="CACHE", default="writeback",
+                   help="the target's cache mode, as with qemu-img: writeback (default) makes the copy durable before "
+                        "exit; unsafe (qemu-img convert's default) makes no fsync: faster, but until the host has "
+                        "written the file back a power loss or host crash can keep any part of the copy, the commit "
+                        "protocol's ordering is not kept, and check may then find nothing wrong with an incomplete "
+                        "copy (a lamina or raw target; an exit of this process alone loses nothing)")
     p.add_argument("--cluster-size", default="64k")
     progress_options(p)
     share(p)

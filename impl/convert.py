@@ -11,14 +11,14 @@ import os
 from collections import deque
 from typing import Iterable, Iterator
 
-from lamina.spec.errors import InvalidArgument
+from lamina.spec.errors import InvalidArgument, LaminaError
 from lamina.spec.layout import SECTOR_SIZE
 from lamina.spec.structures import ROOT_MAGIC
 from lamina.spec.zeros import is_zero
 
 from .image import Image
 from .layers import open_target, parse_target
-from .osfile import OsStorage, start_writeback
+from .osfile import OsFile, OsStorage, start_writeback
 from .progress import QUIET, Progress
 
 CHUNK = 1 << 20  # bytes a piece: small enough to stay in the cache from its read to its write and checksum
@@ -46,12 +46,66 @@ def detect_format(path: str) -> str:
     return probe_format(path) or "raw"
 
 
-class RawSource:
-    """A raw file read through the storage interface, so its holes are seen as holes."""
+def _map_readonly(fd: int, size: int):
+    """A read-only shared mapping of the first `size` bytes of a file, or None where there is none to be had.
 
-    def __init__(self, path: str) -> None:
+    None for an empty file (a length 0 cannot be mapped) and for one larger
+    than the address space takes (a sparse file of a petabyte-sized disk):
+    the caller then reads with `pread`.
+    """
+    if size <= 0:
+        return None
+    import mmap  # only for a copy: the other commands' start-up never loads it
+
+    try:
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError):
+        return None
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+        mapping.madvise(mmap.MADV_SEQUENTIAL)  # a copy reads in order: the host may read ahead and drop behind
+    return mapping
+
+
+def _unmap(mapping) -> None:
+    """Unmap, unless a caller still holds a view of it: the mapping then goes with the last view."""
+    if mapping is not None:
+        try:
+            mapping.close()
+        except BufferError:
+            pass
+
+
+class RawSource:
+    """A raw file read through the storage interface, so its holes are seen as holes.
+
+    With `mapped`, a copy reads it through a read-only mapping: each piece is
+    a view of the mapping (no copy into the process; checksums and zero tests
+    run on the mapped pages, and the target's `pwrite` copies from them once).
+    A mapped file that shrinks under the mapping makes a read of the lost
+    pages raise SIGBUS, which kills the process, so the file is mapped only
+    when both hold: it is a regular file (the guarded open refuses anything
+    else), and this process holds a shared lock on it (the OFD lock readers
+    of images take, R11), which keeps out every writer that locks, as Lamina
+    and QEMU do; and only the size it had at open is mapped.  When the lock
+    is refused (a writer has the file open), or with `force_share`, or for an
+    empty file (a length 0 cannot be mapped), it is read with `pread`, which
+    sees a shrunk file as a short read, padded with zeros, not a signal.
+    """
+
+    def __init__(self, path: str, mapped: bool = False, force_share: bool = False) -> None:
         self._file = OsStorage().open(path, writable=False, follow_symlinks=True)  # a file the user named
         self.virtual_size = self._file.size()
+        self._map = None
+        if mapped and not force_share and self.virtual_size > 0:
+            try:
+                self._file.lock(exclusive=False)
+            except LaminaError:
+                return  # another process may write it (or the host has no such lock): plain reads
+            try:
+                self._map = _map_readonly(self._file.fileno(), self.virtual_size)
+            except BaseException:
+                self._file.close()
+                raise
 
     def data_ranges(self) -> Iterator[tuple[int, int]]:
         yield from self._file.data_extents()
@@ -59,20 +113,54 @@ class RawSource:
     def read(self, offset: int, length: int) -> bytes:
         return self._file.pread(offset, length).ljust(length, b"\0")
 
-    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
-        return ((pos, n, self.read(pos, n)) for pos, n in pieces)
+    def _view(self, offset: int, length: int) -> bytes | memoryview:
+        """The bytes at [offset, offset+length), a view of the mapping where it covers them, past the end zero."""
+        mapping, size = self._map, self.virtual_size
+        if mapping is None:
+            return self.read(offset, length)
+        if offset + length <= size:
+            return memoryview(mapping)[offset : offset + length]
+        inside = max(0, size - offset)
+        return bytes(memoryview(mapping)[offset : offset + inside]) + bytes(length - inside)
+
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes | memoryview]]:
+        return ((pos, n, self._view(pos, n)) for pos, n in pieces)
 
     def close(self) -> None:
+        _unmap(self._map)
+        self._map = None
         self._file.close()
 
 
 class LaminaSource:
-    """`IMAGE` or `IMAGE@SNAPSHOT` as the guest sees it: through its whole chain of snapshots and bases."""
+    """`IMAGE` or `IMAGE@SNAPSHOT` as the guest sees it: through its whole chain of snapshots and bases.
 
-    def __init__(self, path: str, allow_bases: tuple[str, ...] = (), force_share: bool = False) -> None:
+    With `mapped`, a copy reads the top layer's file through a read-only
+    mapping: a piece this layer holds whole itself, in one region, with its
+    bytes local (`Image.own_file_range`), is a view of the mapping; any other
+    piece is read by `Image.read` as before.  The file is mapped only when
+    it was opened with its shared lock (not `force_share`): every writer of a
+    Lamina image holds the exclusive lock, so the file cannot shrink under
+    the mapping, whose lost pages would raise SIGBUS (see `RawSource`).
+    The bytes are what `Image.read` returns: the maps chosen at open were
+    verified (their CRC32C and generation); data clusters are read as
+    `Image.read` reads them, without their data checksums (`check` and
+    `scrub` verify those).
+    """
+
+    def __init__(self, path: str, allow_bases: tuple[str, ...] = (), force_share: bool = False,
+                 mapped: bool = False) -> None:
         self._image = open_target(path, allow_bases=allow_bases, force_share=force_share)
         self.virtual_size = self._image.virtual_size
         self.image = self._image
+        self._map = None
+        file = self._image.file
+        if mapped and not force_share and hasattr(file, "fileno"):
+            try:
+                self._map = _map_readonly(file.fileno(), file.size())
+            except BaseException:
+                self._image.close()
+                raise
 
     def data_ranges(self) -> Iterator[tuple[int, int]]:
         for start, end in self._image.guest_data_ranges():
@@ -81,10 +169,19 @@ class LaminaSource:
     def read(self, offset: int, length: int) -> bytes:
         return self._image.read(offset, length)
 
-    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes]]:
-        return ((pos, n, self.read(pos, n)) for pos, n in pieces)
+    def _view(self, offset: int, length: int) -> bytes | memoryview:
+        if self._map is not None:
+            at = self._image.own_file_range(offset, length)
+            if at is not None and at + length <= len(self._map):
+                return memoryview(self._map)[at : at + length]
+        return self.read(offset, length)
+
+    def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes | memoryview]]:
+        return ((pos, n, self._view(pos, n)) for pos, n in pieces)
 
     def close(self) -> None:
+        _unmap(self._map)
+        self._map = None
         self._image.close()
 
 
@@ -136,13 +233,18 @@ class ForeignSource:
         self._export.abort()
 
 
-def open_source(path: str, fmt: str | None = None, allow_bases: tuple[str, ...] = (), force_share: bool = False):
-    """A reader of any format: `virtual_size`, `data_ranges()`, `read(offset, length)`, `close()`."""
+def open_source(path: str, fmt: str | None = None, allow_bases: tuple[str, ...] = (), force_share: bool = False,
+                mapped: bool = False):
+    """A reader of any format: `virtual_size`, `data_ranges()`, `read(offset, length)`, `read_pieces`, `close()`.
+
+    `mapped`: a raw or Lamina source's `read_pieces` may yield views of a
+    read-only mapping of its file (see `RawSource`), valid until `close`.
+    """
     fmt = fmt or detect_format(path)
     if fmt == "raw":
-        return RawSource(path)
+        return RawSource(path, mapped, force_share)
     if fmt == "lamina":
-        return LaminaSource(path, allow_bases, force_share)
+        return LaminaSource(path, allow_bases, force_share, mapped)
     return ForeignSource(path, fmt)
 
 
@@ -175,10 +277,44 @@ def _nonzero_runs(data: bytes, pos: int, grain: int) -> list[tuple[int, int]]:
     return runs
 
 
+CACHE_MODES = ("writeback", "unsafe")  # `-t`: as qemu-img's cache modes of the target, the two that apply here
+
+
+class UnsafeStorage(OsStorage):
+    """The host's storage with every fsync of a file or directory left out (`convert -t unsafe`).
+
+    The writes, and their order as the program makes them, are those of the
+    durable copy; only the points where the commit protocol waits for the
+    device (F-PROTO-*) are gone, so across a power loss the host may keep
+    any subset of them.
+    """
+
+    def open(self, path: str, writable: bool, follow_symlinks: bool = False) -> OsFile:
+        return _no_sync(super().open(path, writable, follow_symlinks))
+
+    def create(self, path: str) -> OsFile:
+        return _no_sync(super().create(path))
+
+    def fsync_dir(self, path: str) -> None:
+        pass
+
+
+def _no_sync(file: OsFile) -> OsFile:
+    file.fsync = lambda: None  # type: ignore[method-assign]
+    file.start_writeback = lambda offset, length: None  # type: ignore[method-assign]  # nothing waits for the device
+    return file
+
+
+def check_cache(cache: str) -> str:
+    if cache not in CACHE_MODES:
+        raise InvalidArgument(f"invalid cache mode {cache!r} for the target (-t): expected one of {', '.join(CACHE_MODES)}")
+    return cache
+
+
 def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | None = None,
             cluster_size: int = 1 << 16, progress: Progress | None = None,
             allow_bases: tuple[str, ...] = (), force_share: bool = False, options: str | None = None,
-            notes: list[str] | None = None) -> int:
+            notes: list[str] | None = None, cache: str = "writeback") -> int:
     """Copy the guest contents of `src` into a new `dst`; return the bytes of data written.
 
     Only ranges the source may hold (its chain's extents, a raw file's data,
@@ -186,22 +322,34 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
     (`cluster_size`) that are all zero are not written, so holes and zeroes
     stay holes.  A foreign source with internal snapshots and a Lamina
     target: see `import_snapshots`.
+
+    `cache` is the target's: `writeback` (the default) makes the copy
+    durable before returning; `unsafe` makes no fsync at all (qemu-img
+    convert's default), for a raw or Lamina target: the bytes are the same,
+    but until the host writes them back a power loss can keep any part of
+    them (see `UnsafeStorage`).
     """
+    check_cache(cache)
     progress = progress or QUIET
     src_format = src_format or detect_format(src)
+    if cache == "unsafe" and dst_format not in NATIVE:
+        raise InvalidArgument(f"-t unsafe applies to a lamina or raw target, not {dst_format} (written through qemu-nbd)")
     if os.path.lexists(dst):
         raise InvalidArgument(f"{dst}: already exists")
     if src_format not in NATIVE and dst_format == "lamina" and parse_target(src)[1] is None:
         from .qemu import image_info, snapshots
 
         if snapshots(image_info(src, src_format)):
+            if cache == "unsafe":
+                raise InvalidArgument(f"{src}: a source with internal snapshots is imported durably; -t unsafe does "
+                                      "not apply")
             return import_snapshots(src, src_format, dst, cluster_size, progress, notes)
-    source = open_source(src, src_format, allow_bases, force_share)
+    source = open_source(src, src_format, allow_bases, force_share, mapped=True)
     written = 0
     try:
         size = source.virtual_size
         progress.set_total(size)
-        write, finish, prepare, settle = _target(dst, dst_format, size, cluster_size, options)
+        write, finish, prepare, settle = _target(dst, dst_format, size, cluster_size, options, cache)
         done = 0
         ok = False
         try:
@@ -210,8 +358,9 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
             for pos, step, data in source.read_pieces(_pieces(iter(ranges), size)):
                 progress.update(pos - done)  # the hole skipped before this piece
                 for lo, hi in _nonzero_runs(data, pos, cluster_size):
-                    write(pos + lo, data if hi - lo == len(data) else data[lo:hi])
+                    write(pos + lo, data if hi - lo == len(data) else memoryview(data)[lo:hi])
                     written += hi - lo
+                del data  # a view of the source's mapping: none may outlive it
                 settle(pos, step)
                 progress.update(step)
                 done = pos + step
@@ -224,7 +373,7 @@ def convert(src: str, dst: str, dst_format: str = "lamina", src_format: str | No
     return written
 
 
-def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | None):
+def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | None, cache: str = "writeback"):
     """(write(offset, data), finish(ok), prepare(ranges), settle(offset, length)) for a new image of `fmt` at `dst`.
 
     `prepare` is told the (offset, length) ranges that the writes will fall
@@ -234,7 +383,8 @@ def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | Non
     """
     if fmt == "lamina":
         # A raw file's last partial sector reads as zero-padded, as qemu-img rounds it.
-        target = Image.create(dst, -(-size // SECTOR_SIZE) * SECTOR_SIZE, cluster_size)
+        target = Image.create(dst, -(-size // SECTOR_SIZE) * SECTOR_SIZE, cluster_size,
+                              storage=UnsafeStorage() if cache == "unsafe" else None)
         virtual = target.virtual_size
         window = max(1, target.max_intents // 2) * target.geometry.region_span  # regions listed per root write
         ahead: dict[int, list[tuple[int, int]]] = {}  # window -> the ranges the copy will write in it
@@ -256,7 +406,7 @@ def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | Non
             view = memoryview(data)
             if lo > offset:
                 target.write(offset, bytes(view[: lo - offset]))
-            target.write_clusters(lo, data if (lo, hi) == (offset, end) else bytes(view[lo - offset : hi - offset]))
+            target.write_clusters(lo, view if (lo, hi) == (offset, end) else view[lo - offset : hi - offset])
             if end > hi:
                 target.write(hi, bytes(view[hi - offset :]))
         geometry = target.geometry
@@ -277,14 +427,21 @@ def _target(dst: str, fmt: str, size: int, cluster_size: int, options: str | Non
                 done = os.pwrite(raw.fileno(), view, offset)
                 view, offset = view[done:], offset + done
 
+        durable = cache != "unsafe"
+
         def finish(ok: bool) -> None:
             try:
                 if ok:
                     raw.flush()
-                    os.fsync(raw.fileno())
+                    if durable:
+                        os.fsync(raw.fileno())
             finally:
                 raw.close()
-        return write, finish, lambda ranges: None, lambda offset, length: start_writeback(raw.fileno(), offset, length)
+
+        def settle_raw(offset: int, length: int) -> None:
+            if durable:
+                start_writeback(raw.fileno(), offset, length)
+        return write, finish, lambda ranges: None, settle_raw
     from .qemu import Export, create_image
 
     create_image(dst, fmt, size, options)

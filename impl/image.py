@@ -530,9 +530,36 @@ class Image:
             offset, data = start, bytes(buf)
         region = offset // self._span
         if region in self._intents and (offset + len(data) - 1) // self._span == region:
-            self._write_segment(offset, data)  # the common case: one region, already listed (rule 1 holds)
+            size = self._geometry.cluster_size
+            if not (offset | len(data)) & (size - 1) and self._store is None:
+                self._write_whole_clusters(region, offset, data)  # a bulk write: no per-cluster plan
+            else:
+                self._write_segment(offset, data)  # the common case: one region, already listed (rule 1 holds)
             return
-        self._for_each_region(offset, len(data), lambda pos, stop: self._write_segment(pos, data[pos - offset : stop - offset]))
+        view = memoryview(data)
+        size = self._geometry.cluster_size
+        if self._store is None and not (offset | len(data)) & (size - 1):
+            self._for_each_region(offset, len(data), lambda pos, stop: self._write_whole_clusters(
+                pos // self._span, pos, view[pos - offset : stop - offset]))
+        else:
+            self._for_each_region(offset, len(data), lambda pos, stop: self._write_segment(pos, view[pos - offset : stop - offset]))
+
+    def own_file_range(self, offset: int, length: int) -> int | None:
+        """The file offset that holds guest [offset, offset+length) when this layer holds all of it itself.
+
+        That is: the range lies in one region, every sector of it is present
+        here, and none of its clusters is shared (F-SHARE-003: those bytes are
+        the store's).  Otherwise None, and `read` is the way to its bytes.
+        """
+        self._check_range(offset, length)
+        span = self._span
+        region = offset // span
+        if not length or (offset + length - 1) // span != region:
+            return None
+        m = self._map(region)
+        if m is None or m.shared_clusters() or self._absent_runs(m, offset, offset + length):
+            return None
+        return self._geometry.guest_to_file(offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zero, freeing whole sectors of the file (format v1: same as discard)."""
@@ -1113,6 +1140,53 @@ class Image:
             # Three messages of the cluster's length: the old cluster, and the replaced and the new bytes each with
             # zeros around them; an odd number of terms, so crc's constant term stays once.
             known[(region, c)] = current ^ _embedded_crc(replaced, lo, size) ^ _embedded_crc(new, lo, size)
+
+    @_marks_failure
+    def _write_whole_clusters(self, region: int, pos: int, data: bytes) -> None:
+        """`_write_segment` for whole clusters of one listed region of a layer without a store, in one pass.
+
+        Every sector of these clusters becomes present, so each cluster's
+        checksum is the CRC32C of its new bytes, taken from the bytes in hand:
+        it goes into the working map at once, as `write_clusters`
+        puts it, and the region's map is deferred like any other checksummed
+        region; the flush reads nothing back and the commit ordering is
+        unchanged (the map still reaches the file only in `_commit_maps`).
+        """
+        g = self._geometry
+        size = g.cluster_size
+        m = self._maps.get(region)
+        if m is None:
+            m = self._map(region, for_write=True)
+            assert m is not None
+        else:
+            self._empty.discard(region)
+        base = region * self._span
+        first = (pos - base) // size
+        count = len(data) // size
+        self.file.pwrite(g.guest_to_file(pos), data)
+        self._unsynced = True
+        width = m.sectors_per_cluster // 8
+        lo, hi = first * width, (first + count) * width
+        if m.present[lo:hi].count(0xFF) != hi - lo:
+            m.present[lo:hi] = b"\xff" * (hi - lo)
+            self._fresh.add(region)  # its map must be committed at the next flush
+        self._last_written[region] = self._flushes
+        crcs = m.data_crcs
+        if count == 1:
+            crcs[first] = crc32c(data)
+        else:
+            view = memoryview(data)
+            for i in range(count):
+                crcs[first + i] = crc32c(view[i * size : (i + 1) * size])
+        dirty = self._dirty.get(region)
+        if dirty:  # an earlier write left these clusters to be checksummed: this one did it
+            dirty.difference_update(range(first, first + count))
+            if not dirty:
+                del self._dirty[region]
+        if self._known_crcs:
+            for c in range(first, first + count):
+                self._known_crcs.pop((region, c), None)
+        self._deferred.add(region)
 
     @_marks_failure
     def _zero_segment(self, pos: int, stop: int) -> None:

@@ -130,6 +130,10 @@ class OsFile:
     def fsync(self) -> None:
         os.fsync(self._fd)
 
+    def fileno(self) -> int:
+        """The descriptor, for a caller that maps the file (`convert`); not part of the storage interface."""
+        return self._fd
+
     def start_writeback(self, offset: int, length: int) -> None:
         """A hint to the host (`start_writeback`); not part of the storage interface, which has no need of it."""
         start_writeback(self._fd, offset, length)

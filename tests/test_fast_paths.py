@@ -473,3 +473,25 @@ def test_a_cluster_changed_without_a_known_checksum_is_read_back(tmp_path):
             pattern(2, 512) + pattern(1, 4096)[2048:]
     report = check_image(OsStorage().open(path, writable=False))
     assert report.exit_code == 0, report.findings
+
+
+def test_whole_cluster_writes_into_a_listed_region_are_never_read_back(tmp_path, monkeypatch):
+    """Aligned whole-cluster writes (the bulk path of `Image.write`) record their checksums from the bytes in hand:
+    the flush and the close read no data cluster, and the checksums are those of the bytes, as check finds them."""
+    from lamina.impl.osfile import OsFile, OsStorage
+    from lamina.spec.check import check_image
+
+    path = str(tmp_path / "img.lam")
+    cs = 64 << 10
+    with Image.create(path, 32 << 20, cs) as image:
+        for i in range(0, 32 << 20, 2 * cs):
+            image.write(i, pattern(i // cs, 2 * cs if i % (6 * cs) else cs))
+        reads: list[tuple[int, int]] = []
+        real = OsFile.pread
+        monkeypatch.setattr(OsFile, "pread", lambda self, o, n: reads.append((o, n)) or real(self, o, n))
+        image.flush()
+        data_reads = [r for r in reads if r[1] >= cs]
+        assert not data_reads, data_reads
+    monkeypatch.undo()
+    report = check_image(OsStorage().open(path, writable=False))
+    assert report.exit_code == 0 and not report.findings, report.findings
