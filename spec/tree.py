@@ -285,11 +285,27 @@ def _is_top(path: str) -> bool:
     return image_of(path) == os.path.abspath(path)
 
 
+def _read_lock(file: File, force_share: bool) -> File:
+    """A shared lock on a file `check` reads, as every reader takes one (F-LOCK-001), unless `force_share`
+    (F-LOCK-003).  A file whose lock cannot be taken (a writer holds it: this process's own, under `check
+    --repair`) is read all the same, but never through a mapping (`OsFile.view` says why)."""
+    if not force_share:
+        try:
+            file.lock(False)
+        except LaminaError:
+            pass
+        except BaseException:
+            file.close()
+            raise
+    return file
+
+
 def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
-               progress: Callable[[float], None] | None = None) -> CheckReport:
+               progress: Callable[[float], None] | None = None, force_share: bool = False) -> CheckReport:
     """Check every layer of an image and the references between them; one report for the tree.
 
-    `progress`, if given, is told the fraction of the layer files checked so far.
+    `progress`, if given, is told the fraction of the layer files checked so far.  Each file read is
+    shared-locked while it is checked (`_read_lock`), unless `force_share`.
     """
     from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
 
@@ -297,7 +313,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
     try:
         files, findings = layer_files(top_path, storage, allowed)
     except FormatError as exc:
-        file = open_tree_file(storage, top_path, False, context)
+        file = _read_lock(open_tree_file(storage, top_path, False, context), force_share)
         try:
             report = check_image(file)
         finally:
@@ -312,7 +328,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
     root = None
     stores: list[str] = []
     for index, path in enumerate(files):
-        file = open_tree_file(storage, path, False, context)
+        file = _read_lock(open_tree_file(storage, path, False, context), force_share)
         own = ImageContext.for_layer(path, allowed)
         try:
             report = check_image(file, (lambda f, i=index: progress((i + f) / len(files))) if progress else None,
@@ -328,7 +344,7 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
         completed = completed and report.completed
     for path in stores:  # F-SHARE-004: the store is checked like any layer, once
         try:
-            file = open_tree_file(storage, path, False, ImageContext.for_layer(path, allowed))
+            file = _read_lock(open_tree_file(storage, path, False, ImageContext.for_layer(path, allowed)), force_share)
         except (OSError, LaminaError) as exc:
             findings.append(Finding(CORRUPTION, "shared-reference", f"the shared store {path} cannot be opened: {exc}"))
             continue
