@@ -229,9 +229,11 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
                  buffer: memoryview | None = None) -> int:
     """I3-I6 for one region; returns the number of data clusters verified.
 
-    A shared cluster (F-SHARE-004) is judged by the store's bytes (I5), and its local place must be a hole (I6).
-    `buffer` (`read_buffer`) is where the data is read when the backend can read into one; else each read
-    is a new object."""
+    A shared cluster (F-SHARE-004) is judged by the store's bytes (I5), and its local place must be a hole (I6):
+    one cluster at a time in no order, by `pread` (a window per cluster would cost more than the read).
+    The region's own data is read through windows (`Viewable.view`) where the backend offers them, with
+    no copy; else into `buffer` (`read_buffer`) when the backend can read into one; else each read is a
+    new object.  The three give the same bytes and so the same findings (tests/test_fast_paths.py)."""
     pending = region in root.intents
     span = (region * geometry.region_span, min(geometry.region_span, geometry.virtual_size - region * geometry.region_span))
     try:

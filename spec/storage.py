@@ -3,6 +3,10 @@
 `impl/` and the spec's `check` only ever touch an image through these
 methods, so the crash simulator can put a recording backend in place of the
 operating system's and replay any prefix, subset or tear of the operations.
+One capability is optional (`Viewable`): read-only windows onto a file's
+bytes, which `check` reads its data through where a backend offers them
+(the OS backend maps the file, the memory backend hands out its bytes), and
+by `pread` otherwise.
 
 Hostile names (R10, F-OPEN-001..003 in the format document).  The interface
 itself is the one guard every opened or removed file goes through, so no
