@@ -125,6 +125,7 @@ def in_process_check(path: str) -> Callable[[], object]:
     def call() -> object:
         file = OsStorage().open(path, writable=False)
         try:
+            file.lock(False)  # as `lamina check` locks each file it reads (a lock of its own lets it map the file)
             report = check_image(file)
         finally:
             file.close()

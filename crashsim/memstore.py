@@ -9,7 +9,7 @@ prefix, subset or tear of the operations can be materialised again later.
 from __future__ import annotations
 
 from lamina.spec.errors import UnsafeFile
-from lamina.spec.storage import FileStat
+from lamina.spec.storage import BytesView, FileStat
 
 import os
 from typing import NamedTuple
@@ -234,6 +234,12 @@ class MemFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         return self._data.pread(offset, length)
+
+    def view(self, offset: int, length: int) -> BytesView:
+        """A window onto the bytes (`Viewable`), as the OS backend maps its files, so that a walk over a
+        simulated image takes the same path as over a real one.  Always offered: a truncate replaces the
+        blocks it drops, never pulls bytes from under a view (the OS backend's hazard)."""
+        return BytesView(self._data.pread(offset, length))
 
     def pwrite(self, offset: int, data: bytes) -> None:
         self._check_writable()

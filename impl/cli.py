@@ -322,7 +322,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     with _bar(args, "check") as bar:
         tick = bar.to if bar.active else None
         if args.force_share:
-            report = check_tree(args.image, storage, allowed, tick)
+            report = check_tree(args.image, storage, allowed, tick, force_share=True)
         else:
             with image_lock(args.image, False, storage):
                 report = check_tree(args.image, storage, allowed, tick, lock=True)

@@ -9,7 +9,7 @@ import stat
 import struct
 
 from lamina.spec.errors import ImageLocked, ImageTooLarge, LaminaError, UnsafeFile
-from lamina.spec.storage import FileStat
+from lamina.spec.storage import BytesView, FileStat, FileView
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -67,6 +67,32 @@ def _kind(mode: int) -> str:
     return "of another kind"
 
 
+class _Mapping:
+    """A `FileView` over a read-only shared mapping of part of a file: unmapped when the `with` block ends."""
+
+    __slots__ = ("_map", "_view")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        import mmap  # only a walk that maps pays for the import
+
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # read the pages in at once, not a fault each
+        self._map = mmap.mmap(fd, offset + length - start, flags, mmap.PROT_READ, offset=start)
+        self._view = memoryview(self._map)[offset - start :]
+
+    def __enter__(self) -> memoryview:
+        return self._view
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            if kind is None:
+                raise  # a slice of the view outlived the block: a bug of the reader
+            # An exception's traceback holds the reader's frames, and their slices: the mapping is unmapped with them.
+
+
 class OsFile:
     """A file on the host, through positional system calls."""
 
@@ -74,6 +100,7 @@ class OsFile:
         self.path = path
         self._fd = fd
         self._punch_supported = True
+        self._locked = False  # this open file holds a lock (`lock`), which keeps other writers from truncating it
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
@@ -88,6 +115,29 @@ class OsFile:
                 break
             done += n
         return done
+
+    def view(self, offset: int, length: int) -> FileView | None:
+        """The bytes at [offset, offset+length) read in place through a read-only mapping (`Viewable`), short
+        only at end of file; None unless this open file holds a lock of its own.
+
+        Why the lock: reading a page of a mapping past the end of its file
+        raises SIGBUS, which kills the process.  The window is cut to the
+        file's size when it is made, and a file shrinks under it only if
+        someone truncates it meanwhile.  Every writer of the format holds an
+        exclusive lock on each file it changes (R11, F-LOCK-001), which a
+        lock held here, shared or exclusive, excludes for as long as the file
+        is open; and this process truncates no file while it reads one
+        through a window.  Without a lock of its own (`--force-share`, or
+        the file a caller locks through another open, which may be
+        released first) the file is read by `pread`, which a truncation
+        only cuts short.
+        """
+        if not self._locked:
+            return None
+        length = max(0, min(length, self.size() - offset))
+        if length == 0:
+            return BytesView(b"")  # an empty mapping is refused (EINVAL): nothing to map
+        return _Mapping(self._fd, offset, length)
 
     def pwrite(self, offset: int, data: bytes) -> None:
         try:
@@ -171,6 +221,7 @@ class OsFile:
         request = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)  # struct flock; l_pid must be 0
         try:
             fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, request)
+            self._locked = True
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 raise ImageLocked(f"{self.path}: is locked by another process "
@@ -181,6 +232,7 @@ class OsFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self._locked = False
 
 
 class OsStorage:

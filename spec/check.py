@@ -195,6 +195,9 @@ def check_root(file: File, findings: list[Finding]) -> Root:
 
 # Bytes a walk over a region's data reads with one pread: runs of clusters it must judge, not one read per cluster.
 READ_CHUNK = 1 << 20  # (= 1 MiB: the bytes are still in the cache when their checksum reads them)
+# Bytes a walk reads through one window where the file offers windows (`Viewable`): runs of READ_CHUNK
+# judged in turn, one mapping for several (a mapping costs system calls a read does not).
+VIEW_CHUNK = 8 << 20  # (= 8 MiB)
 
 
 def _allocated_nonzero(file: File, extents: list[tuple[int, int]], lo: int, length: int) -> bool:
@@ -226,9 +229,11 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
                  buffer: memoryview | None = None) -> int:
     """I3-I6 for one region; returns the number of data clusters verified.
 
-    A shared cluster (F-SHARE-004) is judged by the store's bytes (I5), and its local place must be a hole (I6).
-    `buffer` (`read_buffer`) is where the data is read when the backend can read into one; else each read
-    is a new object."""
+    A shared cluster (F-SHARE-004) is judged by the store's bytes (I5), and its local place must be a hole (I6):
+    one cluster at a time in no order, by `pread` (a window per cluster would cost more than the read).
+    The region's own data is read through windows (`Viewable.view`) where the backend offers them, with
+    no copy; else into `buffer` (`read_buffer`) when the backend can read into one; else each read is a
+    new object.  The three give the same bytes and so the same findings (tests/test_fast_paths.py)."""
     pending = region in root.intents
     span = (region * geometry.region_span, min(geometry.region_span, geometry.virtual_size - region * geometry.region_span))
     try:
@@ -264,11 +269,11 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
     # its own class's method counts: a wrapper that forwards what it does not define (one that paces or
     # counts reads) would otherwise be passed by.
     read_into = file.pread_into if hasattr(type(file), "pread_into") else None  # type: ignore[attr-defined]
+    viewer = file.view if hasattr(type(file), "view") else None  # type: ignore[attr-defined]
     if read_into is None:
         buffer = None
     elif buffer is None or len(buffer) < longest * size:
         buffer = read_buffer(geometry)
-    # The clusters not visited are absent, checksum 0 and a hole.  The others are read a run at a time.
     visit = m.clusters_to_visit(extents, data_offset, size)
     if any(m.shared):  # shared clusters are judged by the store's bytes, one by one
         local = []
@@ -278,24 +283,19 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
             else:
                 local.append(c)
         visit = local
-    for a, b in _runs(visit, longest):
-        if buffer is not None:
-            view = buffer[: (b - a) * size]
-            got = read_into(data_offset + a * size, view)
-            if got < len(view):
-                view[got:] = bytes(len(view) - got)  # past the end of the file: read as zero
-        else:
-            data = file.pread(data_offset + a * size, (b - a) * size)
-            view = memoryview(data.ljust((b - a) * size, b"\0"))
+
+    def judge(a: int, b: int, view: memoryview) -> int:
+        """I5 and I6 for clusters [a, b) of the region, whose bytes are `view`; the clusters verified."""
+        judged = 0
         if not pending and b <= inside_clusters and present[a * width : b * width] == all_present * (b - a):
             # Every sector of the run present (a written run): no absent bytes to judge, the checksums alone.
             got = [crc32c(view[i : i + size]) for i in range(0, (b - a) * size, size)]
-            verified += b - a
+            judged = b - a
             if got != crcs[a:b].tolist():
                 for c in range(a, b):
                     if got[c - a] != crcs[c]:
                         findings.append(_checksum_finding(geometry, first_cluster + c, data_offset + c * size))
-            continue
+            return judged
         for c in range(a, b):
             cluster = first_cluster + c
             guest = cluster * size
@@ -325,9 +325,35 @@ def check_region(file: File, geometry: Geometry, root: Root, region: int, extent
                                         f"non-zero bytes in absent sectors of cluster {cluster} (guest offset {guest + s * SECTOR_SIZE}, {n * SECTOR_SIZE} bytes, file offset {offset + s * SECTOR_SIZE})",
                                         ("punch", offset + s * SECTOR_SIZE, n * SECTOR_SIZE), (guest + s * SECTOR_SIZE, n * SECTOR_SIZE)))
             expected = crc32c(cdata) if mask == full else cluster_crc(zero_absent(bytes(cdata), mask, spc), mask)
-            verified += 1
+            judged += 1
             if expected != crcs[c]:
                 findings.append(_checksum_finding(geometry, cluster, offset))
+        return judged
+
+    # The clusters not visited are absent, checksum 0 and a hole.  The others are read a run at a time: by a
+    # window onto the file where it offers one (`Viewable`: no copy, several runs at once), else by a read.
+    windows = longest * max(1, VIEW_CHUNK // (longest * size)) if viewer is not None else longest
+    for wa, wb in _runs(visit, windows):
+        window = viewer(data_offset + wa * size, (wb - wa) * size) if viewer is not None else None
+        if window is not None:
+            with window as mapped:
+                if len(mapped) == (wb - wa) * size:
+                    for a in range(wa, wb, longest):
+                        b = min(wb, a + longest)
+                        verified += judge(a, b, mapped[(a - wa) * size : (b - wa) * size])  # a slice gone with the call
+                    continue
+            # The file ends inside the window (a short file, I2): read as below, zeros past its end.
+        for a in range(wa, wb, longest):
+            b = min(wb, a + longest)
+            if buffer is not None:
+                view = buffer[: (b - a) * size]
+                got = read_into(data_offset + a * size, view)
+                if got < len(view):
+                    view[got:] = bytes(len(view) - got)  # past the end of the file: read as zero
+            else:
+                data = file.pread(data_offset + a * size, (b - a) * size)
+                view = memoryview(data.ljust((b - a) * size, b"\0"))
+            verified += judge(a, b, view)
     return verified
 
 

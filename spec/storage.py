@@ -3,6 +3,10 @@
 `impl/` and the spec's `check` only ever touch an image through these
 methods, so the crash simulator can put a recording backend in place of the
 operating system's and replay any prefix, subset or tear of the operations.
+One capability is optional (`Viewable`): read-only windows onto a file's
+bytes, which `check` reads its data through where a backend offers them
+(the OS backend maps the file, the memory backend hands out its bytes), and
+by `pread` otherwise.
 
 Hostile names (R10, F-OPEN-001..003 in the format document).  The interface
 itself is the one guard every opened or removed file goes through, so no
@@ -25,6 +29,7 @@ directory, a real directory) is the spec's rule, in `references.py`.
 """
 from __future__ import annotations
 
+from types import TracebackType
 from typing import Protocol
 
 import attrs
@@ -73,6 +78,47 @@ class File(Protocol):
         """
 
     def close(self) -> None: ...
+
+
+class FileView(Protocol):
+    """A read-only window onto bytes of a file, held for a `with` block: `with view as data:` gives a
+    memoryview, released (with its mapping, if any) when the block ends.  No slice of `data` may outlive
+    the block: a mapping cannot be closed while a view of it is exported."""
+
+    def __enter__(self) -> memoryview: ...
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None: ...
+
+
+class Viewable(Protocol):
+    """An optional capability of a `File`: its bytes read in place, without a copy into a buffer.
+
+    A reader that walks many megabytes (`check`) takes a window where the
+    backend offers one and reads by `pread` otherwise; both give the same
+    bytes.  The OS backend maps the file (read-only); the memory backend
+    hands out a view of the bytes it holds.
+    """
+
+    def view(self, offset: int, length: int) -> FileView | None:
+        """The bytes at [offset, offset+length), short only at end of file (holes read as zero), as `pread`
+        gives them; None when this file cannot offer a window now (the caller reads by `pread`)."""
+
+
+class BytesView:
+    """A `FileView` of bytes already in hand (the memory backend's)."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+
+    def __enter__(self) -> memoryview:
+        return self._view
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._view.release()
 
 
 class Storage(Protocol):

@@ -286,13 +286,31 @@ def _is_top(path: str) -> bool:
     return image_of(path) == os.path.abspath(path)
 
 
+def _read_lock(file: File, force_share: bool) -> File:
+    """A shared lock on a file `check` reads, as every reader takes one (F-LOCK-001), unless `force_share`
+    (F-LOCK-003).  A file whose lock cannot be taken (a writer holds it: this process's own, under `check
+    --repair`) is read all the same, but never through a mapping (`OsFile.view` says why)."""
+    if not force_share:
+        try:
+            file.lock(False)
+        except LaminaError:
+            pass
+        except BaseException:
+            file.close()
+            raise
+    return file
+
+
 def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
-               progress: Callable[[float], None] | None = None, lock: bool = False) -> CheckReport:
+               progress: Callable[[float], None] | None = None, lock: bool = False,
+               force_share: bool = False) -> CheckReport:
     """Check every layer of an image and the references between them; one report for the tree.
 
-    `progress`, if given, is told the fraction of the layer files checked so far.  With `lock`, every
-    file read (each layer, each shared store) is shared-locked first, as any reader's (F-LOCK-001):
-    a file a writer holds (a merge, a `dedup`) raises ImageLocked rather than being judged mid-update.
+    `progress`, if given, is told the fraction of the layer files checked so far.  Every file read (each
+    layer, each shared store) is shared-locked while it is checked, as any reader's (F-LOCK-001): with
+    `lock`, a file a writer holds (a merge, a `dedup`) raises ImageLocked rather than being judged
+    mid-update; without it such a file is read all the same, never through a mapping (`_read_lock`);
+    with `force_share` nothing is locked (F-LOCK-003).
     """
     from .check import CORRUPTION, LEAK, PENDING, CheckReport, Finding, check_image
 
@@ -300,12 +318,13 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
 
     def opened(path: str, own: ImageContext) -> File:
         file = open_tree_file(storage, path, False, own)
-        if lock:
-            try:
-                file.lock(exclusive=False)
-            except BaseException:
-                file.close()
-                raise
+        if not lock:
+            return _read_lock(file, force_share)
+        try:
+            file.lock(exclusive=False)
+        except BaseException:
+            file.close()
+            raise
         return file
 
     try:
@@ -327,12 +346,14 @@ def check_tree(top_path: str, storage: Storage, allowed: tuple[str, ...] = (),
     stores: list[str] = []
     def store_of(root: Root, path: str, own: ImageContext) -> StoreView:
         view = open_store(root, own, storage, path)
-        if lock:
-            try:
-                view.file.lock(exclusive=False)
-            except BaseException:
-                view.close()
-                raise
+        if not lock:
+            _read_lock(view.file, force_share)
+            return view
+        try:
+            view.file.lock(exclusive=False)
+        except BaseException:
+            view.close()
+            raise
         return view
 
     for index, path in enumerate(files):

@@ -314,8 +314,21 @@ def _damaged_image(path: str, rng: random.Random) -> None:
         for _ in range(rng.randrange(0, 6)):
             os.pwrite(fd, bytes([rng.randrange(1, 256)]) * rng.choice([1, 16, SECTOR_SIZE]),
                       rng.randrange(1 << 20, end + cluster))
+        if rng.random() < 0.2:  # cut short, at any byte (not a whole cluster or page): its last region runs off the end
+            os.ftruncate(fd, rng.randrange(1 << 20, end))
     finally:
         os.close(fd)
+
+
+def _in_memory(file):
+    """The crash simulator's backend holding the bytes of an OS file, its holes left holes."""
+    from lamina.crashsim.memstore import MemStorage
+
+    copy = MemStorage().create("copy.lam")
+    for offset, length in file.data_extents():
+        copy.pwrite(offset, file.pread(offset, length))
+    copy.truncate(file.size())
+    return copy
 
 
 class _PreadOnly:
@@ -330,18 +343,32 @@ class _PreadOnly:
 
 def test_check_by_runs_finds_what_the_cluster_by_cluster_definition_finds(tmp_path, monkeypatch):
     """spec.check.check_region (whole runs read at once, full runs judged by their checksums alone, padding read
-    only where allocated) against the plain per-cluster walk, finding for finding, on damaged images."""
+    only where allocated) against the plain per-cluster walk, finding for finding, on damaged images, through
+    each way a backend offers its bytes: windows onto a locked OS file (a mapping), an OS file without a lock of
+    its own (`pread_into`), a backend with `pread` alone, and the crash simulator's memory (its windows)."""
     from lamina.impl.osfile import OsStorage
     from lamina.spec import check
     from lamina.spec.layout import allocated_regions
 
     rng = random.Random(11)
     kinds = set()
-    for case in range(60):
+    windows = {"os": 0, "memory": 0}
+    for case in range(80):
         path = str(tmp_path / f"{case}.lam")
         _damaged_image(path, rng)
         monkeypatch.setattr(check, "READ_CHUNK", rng.choice([1 << 20, 3 * 4096, 1]))  # runs cut short, or not
+        monkeypatch.setattr(check, "VIEW_CHUNK", rng.choice([8 << 20, 5 * 4096, 1]))  # windows of one run, or several
         file = OsStorage().open(path, writable=False)
+        how = ("mapped", "read-into", "pread", "memory")[case % 4]
+        if how == "mapped":
+            judged = OsStorage().open(path, writable=False)
+            judged.lock(False)  # a lock of its own: the OS backend then maps it
+        elif how == "read-into":
+            judged = file
+        elif how == "pread":
+            judged = _PreadOnly(file)
+        else:
+            judged = _in_memory(file)
         try:
             findings: list = []
             root = check.check_root(file, findings)
@@ -349,14 +376,156 @@ def test_check_by_runs_finds_what_the_cluster_by_cluster_definition_finds(tmp_pa
             for region in sorted(set(allocated_regions(extents, root.geometry)) | set(root.intents)):
                 fast: list = []
                 slow: list = []
-                judged = file if case % 2 else _PreadOnly(file)  # the OS backend reads into a buffer; others cannot
                 assert (check.check_region(judged, root.geometry, root, region, extents, fast)
                         == _check_region_by_cluster(file, root.geometry, root, region, extents, slow))
                 assert fast == slow
                 kinds |= {f.kind for f in fast}
+            if how in ("mapped", "memory"):
+                with judged.view(1 << 20, 4096) as window:
+                    windows["os" if how == "mapped" else "memory"] += len(window) == 4096
         finally:
+            if how == "mapped":
+                judged.close()
             file.close()
     assert {"data-checksum", "leaked-bytes", "unflushed-bytes"} <= kinds  # the damage reached every judgement
+    assert windows["os"] and windows["memory"]
+
+
+def test_a_window_holds_the_bytes_pread_reads(tmp_path):
+    """Viewable.view against pread on the OS backend (a mapping) and the memory one: holes, ranges past the end,
+    a size that is no multiple of a page or a cluster, offsets off a page, empty ranges and an empty file."""
+    import os
+
+    from lamina.impl.osfile import OsStorage
+
+    rng = random.Random(3)
+    for size in (0, 1, 4095, 3 * 65536 + 777, 5 << 20):
+        path = str(tmp_path / f"{size}.bin")
+        with open(path, "wb") as out:
+            out.truncate(size)
+            for _ in range(6 if size else 0):  # data here and there, holes between
+                at = rng.randrange(size)
+                out.seek(at)
+                out.write(rng.randbytes(min(size - at, rng.choice([1, 4096, 70000]))))
+        file = OsStorage().open(path, writable=False)
+        try:
+            assert file.view(0, 4096) is None  # no lock of its own: a truncation could pull the pages away
+            file.lock(False)
+            memory = _in_memory(file)
+            ranges = [(0, size), (0, 0), (size, 4096), (size + 8192, 10), (max(0, size - 5), 4096)]
+            ranges += [(rng.randrange(size + 2), rng.randrange(3 * 65536)) for _ in range(40)]
+            for offset, length in ranges:
+                expected = file.pread(offset, length)
+                for backend in (file, memory):
+                    with backend.view(offset, length) as window:
+                        assert bytes(window) == expected, (size, offset, length)
+        finally:
+            file.close()
+        assert file.view(0, 1) is None  # closed: its lock went with it
+        os.unlink(path)
+
+
+def test_a_slice_kept_past_its_window_is_refused_but_an_error_inside_it_passes(tmp_path):
+    """A mapping cannot be unmapped while a slice of it lives: keeping one is the reader's bug, said at once;
+    when the block already fails, that error is the one that propagates."""
+    from lamina.impl.osfile import OsStorage
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(pattern(1, 3 * 4096))
+    file = OsStorage().open(str(path), writable=False)
+    try:
+        file.lock(False)
+        with pytest.raises(BufferError):
+            with file.view(100, 8192) as window:
+                kept = window[:10]
+        assert bytes(kept) == pattern(1, 3 * 4096)[100:110]
+        del kept
+        with pytest.raises(KeyError):
+            with file.view(0, 4096) as window:
+                kept = window[:10]
+                raise KeyError("inside")
+    finally:
+        file.close()
+
+
+def test_check_of_every_image_is_the_same_through_windows_reads_and_memory(tmp_path, monkeypatch):
+    """check_image of damaged images on disk (short, zero-length, holes, a size inside a cluster) gives one report
+    whether the file is mapped, read, or held by the crash simulator, which takes its windows."""
+    import os
+
+    from lamina.crashsim.memstore import MemFile
+    from lamina.impl.osfile import OsStorage
+    from lamina.spec.check import check_image
+
+    calls = []
+    plain = MemFile.view
+    monkeypatch.setattr(MemFile, "view", lambda self, offset, length: calls.append(length) or plain(self, offset, length))
+    rng = random.Random(23)
+    for case in range(24):
+        path = str(tmp_path / f"{case}.lam")
+        _damaged_image(path, rng)
+        if case % 8 == 7:
+            os.truncate(path, rng.choice([0, 100, 4096 + 3]))  # no root left, or no region
+        reports = []
+        for how in ("mapped", "read", "memory"):
+            file = OsStorage().open(path, writable=False)
+            if how == "mapped":
+                file.lock(False)
+            try:
+                reports.append(check_image(_in_memory(file) if how == "memory" else file).to_json())
+            finally:
+                file.close()
+        assert reports[0] == reports[1] == reports[2]
+    assert calls  # the simulator read through windows
+
+
+def test_check_of_a_chain_and_its_store_reads_every_file_through_windows(tmp_path, monkeypatch):
+    """check_tree locks each file it reads (F-LOCK-001), so every layer of a chain and the shared store are
+    mapped; with force_share (no lock) none is."""
+    import os
+
+    from lamina.impl import layers
+    from lamina.impl.dedup import dedup
+    from lamina.impl.osfile import OsFile, OsStorage
+    from lamina.spec.store import STORE_NAME
+    from lamina.spec.tree import check_tree, layer_files
+
+    monkeypatch.chdir(tmp_path)
+    mib = 1 << 20
+
+    def noise(seed: int, length: int) -> bytes:  # no two clusters equal (a pattern repeats: the dedup would share it)
+        return random.Random(seed).randbytes(length)
+
+    with Image.create("img.lam", 16 * mib) as image:
+        image.write(0, noise(1, 2 * mib))
+    layers.create_snapshot("img.lam", "s0")
+    for i, name in enumerate(("a.lam", "b.lam")):
+        layers.clone("img.lam", "s0", name)
+        with Image.open(name) as image:
+            image.write(4 * mib, noise(2, 2 * mib))  # the same in both: shared by the dedup
+            image.write(10 * mib, noise(3 + i, mib))  # its own: kept in the layer
+        layers.create_snapshot(name, "s1")
+    dedup(["a.lam"], ["b.lam"])
+    with Image.open("a.lam") as image:  # and the top holds data of its own
+        image.write(12 * mib, noise(5, mib))
+    mapped = []
+    plain = OsFile.view
+
+    def view(self, offset, length):
+        window = plain(self, offset, length)
+        if window is not None:
+            mapped.append(os.path.realpath(self.path))
+        return window
+
+    monkeypatch.setattr(OsFile, "view", view)
+    report = check_tree("a.lam", OsStorage())
+    assert report.exit_code == 0 and not report.findings, report.findings
+    files, _ = layer_files("a.lam", OsStorage())
+    assert len(files) >= 3 and os.path.exists(STORE_NAME)
+    assert {os.path.realpath(f) for f in files} | {os.path.realpath(STORE_NAME)} == set(mapped)
+    mapped.clear()
+    assert check_tree("a.lam", OsStorage(), force_share=True).exit_code == 0
+    assert not mapped
 
 
 def test_write_clusters_records_what_write_and_flush_record(tmp_path):

@@ -51,6 +51,7 @@ def test_inspecting_commands_import_only_what_they_need(tmp_path, command):
     assert "lamina.impl.cli" in modules and "lamina.impl.image" in modules  # the dump saw the command's imports
     assert unwanted(modules) == []
     assert ("lamina.spec.check" in modules) == (command == ["check"])  # the checker is check's alone
+    assert ("mmap" in modules) == (command == ["check"])  # so is the mapping it reads data through, loaded when it maps
 
 
 @pytest.mark.parametrize("direction", ["to raw", "from raw"])
