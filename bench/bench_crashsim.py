@@ -6,8 +6,8 @@ models (`layers`: every `layer-*` workload), run in this process: the states
 judged, the distinct crash images among them (each opened, recovered and
 checked once), the wall seconds and states per wall second, and per CPU
 second of this process (what the states per second are on an idle core).  With `--jobs N`
-the same row runs again on a pool of N processes (the run is cut into
-slices, `crashsim/spreadrun.py`) and the table adds its seconds and the
+the same row runs again on N forked lanes (`crashsim/lanes.py`, what
+`crashsim run --jobs N` uses) and the table adds its seconds and the
 speed-up; the results must equal the one-job run's (else exit 1).  See
 bench/README.md.
 
