@@ -6,8 +6,8 @@ models (`layers`: every `layer-*` workload), run in this process: the states
 judged, the distinct crash images among them (each opened, recovered and
 checked once), the wall seconds and states per wall second, and per CPU
 second of this process (what the states per second are on an idle core).  With `--jobs N`
-the same row runs again on a pool of N processes (the run is cut into
-slices, `crashsim/spreadrun.py`) and the table adds its seconds and the
+the same row runs again on N forked lanes (`crashsim/lanes.py`, what
+`crashsim run --jobs N` uses) and the table adds its seconds and the
 speed-up; the results must equal the one-job run's (else exit 1).  See
 bench/README.md.
 
@@ -26,7 +26,6 @@ import time
 import attrs
 
 from lamina.crashsim.explore import DEFAULT_MODELS, Budget, Model
-from lamina.crashsim.executors import open_executor
 from lamina.crashsim.runner import run_all
 from lamina.crashsim.trees import TREE_LIBRARY
 from lamina.crashsim.workloads import LIBRARY
@@ -40,8 +39,7 @@ def _run(row: str, models: list[str], jobs: int) -> tuple[float, float, list]:
     """Wall seconds, this process's CPU seconds (all of the work with one job) and the results."""
     tasks = [(w, m) for w in _names(row) for m in models]
     started, cpu = time.perf_counter(), time.process_time()
-    with open_executor("local", jobs) as executor:
-        results = run_all(tasks, Budget(), 0, jobs=jobs, executor=executor)
+    results = run_all(tasks, Budget(), 0, jobs=jobs)
     return time.perf_counter() - started, time.process_time() - cpu, results
 
 

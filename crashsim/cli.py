@@ -190,8 +190,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{result.workload}/{result.model}: {result.states} states")
             bar.update(1)
 
-    with open_executor(args.executor, args.jobs) as executor:
-        results = run_all(tasks, budget, args.seed, args.control, args.jobs, executor=executor, on_done=done)
+    if args.executor == LOCAL:  # --jobs N: forked lanes (`lanes.py`), no pool
+        results = run_all(tasks, budget, args.seed, args.control, args.jobs, on_done=done)
+    else:
+        with open_executor(args.executor, args.jobs) as executor:
+            results = run_all(tasks, budget, args.seed, args.control, args.jobs, executor=executor, on_done=done)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started

@@ -212,9 +212,36 @@ class Trace:
         return len(self.ops)
 
 
+ABSOLUTE_MAX = 4096
+_absolute: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _spelled(path: str) -> tuple[str, str]:
+    """(absolute path, its directory) of a name: made once per (working directory, name).
+
+    Recovery and check ask for the same few names hundreds of thousands of
+    times in a run (`abspath` and `dirname` were a tenth of a tree workload's
+    time); a relative name depends on the working directory, so that is part
+    of the key.
+    """
+    key = ("", path) if path.startswith("/") else (os.getcwd(), path)
+    spelled = _absolute.get(key)
+    if spelled is None:
+        where = os.path.abspath(path)
+        spelled = (where, os.path.dirname(where))
+        if len(_absolute) >= ABSOLUTE_MAX:
+            _absolute.clear()
+        _absolute[key] = spelled
+    return spelled
+
+
 def _directory_of(path: str) -> str:
     """The directory a name lives in, spelled one way ("vm" and its absolute form are one directory)."""
-    return os.path.dirname(os.path.abspath(path))
+    return _spelled(path)[1]
+
+
+def _abspath(path: str) -> str:
+    return _spelled(path)[0]
 
 
 class MemFile:
@@ -342,7 +369,7 @@ class MemStorage:
         self.state.apply(op)
 
     def listdir(self, path: str) -> list[str]:
-        where = os.path.abspath(path)
+        where = _abspath(path)
         names = {os.path.basename(p) for p in self.state.names if _directory_of(p) == where}
         names |= {os.path.basename(d) for d in self.state.dirs if os.path.dirname(d) == where}
         return sorted(names)
@@ -355,7 +382,7 @@ class MemStorage:
         self.state.apply(op)
 
     def exists(self, path: str) -> bool:
-        return path in self.state.names or os.path.abspath(path) in self.state.dirs
+        return path in self.state.names or _abspath(path) in self.state.dirs
 
     def stat(self, path: str) -> FileStat:
         inode = self.state.names.get(path)
@@ -367,11 +394,11 @@ class MemStorage:
 
     def _is_dir(self, path: str) -> bool:
         """A directory made by mkdir, or one that holds a name (directories exist implicitly)."""
-        where = os.path.abspath(path)
+        where = _abspath(path)
         return where in self.state.dirs or any(_directory_of(p) == where for p in self.state.names)
 
     def fsync_dir(self, path: str) -> None:
-        self.record(Op(FSYNC_DIR, os.path.abspath(path or ".")))
+        self.record(Op(FSYNC_DIR, _abspath(path or ".")))
 
 
 class ReadOnlyStorage:

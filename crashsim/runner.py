@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from typing import Callable, Iterable, TypeVar
 
 import attrs
@@ -102,12 +102,20 @@ class Explorer:
 
     def opened(self, state: DiskState) -> tuple[tuple, Opened]:
         key = state.key()
+        return key, self.opened_as(key, state)
+
+    def opened_as(self, key: tuple, state: DiskState) -> Opened:
+        """What recovery and check make of a state whose `key()` is known (the state is consumed on a memo miss).
+
+        A lane (`lanes.py`) keys every state of its walk once to group them,
+        then opens one state per group through this.
+        """
         if self.touched is not None:
             self.touched.add(key)
         result = self._opened.get(key)
         if result is None:
             result = self._opened[key] = open_any(state, self.rec, recovered=self._recovered)
-        return key, result
+        return result
 
     def legal(self, crash: int) -> Legal:
         legal = self._legal.get(crash)
@@ -120,12 +128,16 @@ class Explorer:
         """(image key, failure message or None) of one crash state."""
         key, opened = self.opened(self.state(crash, outcomes))
         self._count_precheck(opened)
+        return key, self.verdict(crash, outcomes, key, opened)
+
+    def verdict(self, crash: int, outcomes: dict[int, str], key: tuple, opened: Opened) -> str | None:
+        """The failure message (None: legal) of one crash state whose image `key` opened as `opened`."""
         extra = self.garbage_sectors(outcomes)
         memo = (crash, key, extra)
         if memo not in self._judged:
             judge_ = judge_tree if isinstance(self.rec, TreeRecording) else judge
             self._judged[memo] = judge_(opened, self.legal(crash), dict(extra))
-        return key, self._judged[memo]
+        return self._judged[memo]
 
     def garbage_sectors(self, outcomes: dict[int, str]) -> tuple[tuple[int, bytes], ...]:
         """Guest sectors that a torn write filled with garbage, and the garbage.
@@ -265,7 +277,7 @@ def run_task(workload: str, model_name: str, budget: Budget = Budget(), seed: in
     ok_keys: dict[tuple, tuple[int, dict[int, str]]] = {}
     ops_t, guest_t = _timeline(rec)
 
-    def note(tier: str, plan: Plan, message: str | None) -> bool:
+    def note(tier: str, plan: Plan | None, message: str | None) -> bool:  # plan: built only for a failing state
         nonlocal failing
         counts[tier] = counts.get(tier, 0) + 1
         if progress and counts[tier] % 256 == 0:
@@ -274,6 +286,7 @@ def run_task(workload: str, model_name: str, budget: Budget = Budget(), seed: in
             return False
         failing += 1
         if len(failures) < MAX_REPORTED_FAILURES:
+            assert plan is not None
             failures.append(Failure(plan.to_string(), message, tier, ops_t, guest_t))
         return True
 
@@ -285,7 +298,7 @@ def run_task(workload: str, model_name: str, budget: Budget = Budget(), seed: in
             orphans += 1
         if message is None and opened.exists and key not in ok_keys:
             ok_keys[key] = (crash, outcomes)
-        if note(tier, ex.plan(crash, outcomes), message) and stop_at_first:
+        if note(tier, None if message is None else ex.plan(crash, outcomes), message) and stop_at_first:
             break
     if not (stop_at_first and failures):
         rng = random.Random(seed)
@@ -442,8 +455,9 @@ def run_all(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: st
             executor: Executor | None = None, on_done: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
     """Run (workload, model) tasks, in this process or on an executor; results in task order.
 
-    On an executor (or a pool of `jobs` processes) each task is cut into
-    slices of crash states (`spreadrun.py`), with the same results.
+    With `jobs` > 1 the tasks run on that many forked lanes (`lanes.py`); on
+    an executor each task is cut into slices of crash states (`spreadrun.py`);
+    the results are the same.
     """
     if executor is None and jobs <= 1:
         results = []
@@ -453,12 +467,10 @@ def run_all(tasks: list[tuple[str, str]], budget: Budget, seed: int, variant: st
                 on_done(result)
             results.append(result)
         return results
-    own = executor is None
-    executor = executor or ProcessPoolExecutor(max_workers=jobs)
-    try:
-        from .spreadrun import run_sliced
+    if executor is None:
+        from .lanes import run_lanes
 
-        return run_sliced(tasks, budget, seed, variant, executor, on_done)
-    finally:
-        if own:
-            executor.shutdown()
+        return run_lanes(tasks, budget, seed, variant, jobs, on_done)
+    from .spreadrun import run_sliced
+
+    return run_sliced(tasks, budget, seed, variant, executor, on_done)

@@ -147,6 +147,7 @@ class _Task:
     prechecks: dict[str, int] = attrs.field(factory=dict)
     digests: set[bytes] = attrs.field(factory=set)
     candidates: list[tuple[int, dict[int, str]]] = attrs.field(factory=list)
+    candidate_keys: list[int] = attrs.field(factory=list)  # the group of each candidate
 
     def note(self, tier: str, plan: str, message: str | None) -> None:
         self.counts[tier] = self.counts.get(tier, 0) + 1
@@ -251,5 +252,6 @@ def _merge_walk(t: _Task) -> None:
             t.orphans += 1
         if v.message is None and v.exists and key not in ok:
             ok[key] = (crash, outcomes)
-        t.note(tier, t.ex.plan(crash, outcomes).to_string(), v.message)
+        t.note(tier, "" if v.message is None else t.ex.plan(crash, outcomes).to_string(), v.message)
     t.candidates = list(ok.values())
+    t.candidate_keys = list(ok)

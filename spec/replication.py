@@ -90,12 +90,34 @@ def _select(copies: list[bytes], decode: Callable[[bytes, int], T], generation: 
     return Selection(best, best_slot, tuple(sorted(problems, key=lambda p: p.slot)))
 
 
+SELECTED_ROOTS_MAX = 1024
+_selected_roots: dict[tuple, Selection[Root]] = {}
+
+
 def select_root(copies: list[bytes], rule: SelectionRule = slot_1_is_current, table: bool = True) -> Selection[Root]:
     """The current root.  A copy that verifies but needs a newer reader is fatal, never skipped.
 
     `rule` is the selection rule (only negative controls pass another one);
     `table=False` leaves the snapshot table undecoded (see `decode_root`).
+    The selection is a pure function of the copies' bytes, the rule and
+    `table`, and of frozen values: it is made once per distinct arguments (a
+    small cache; every open, check and reading of a layer selects its root
+    again, usually from unchanged bytes), and errors are not cached.
     """
+    key = (*copies, rule, table)
+    try:
+        selected = _selected_roots.get(key)
+    except TypeError:  # a bytearray copy: nothing to key by
+        return _select_root(copies, rule, table)
+    if selected is None:
+        selected = _select_root(copies, rule, table)
+        if len(_selected_roots) >= SELECTED_ROOTS_MAX:
+            _selected_roots.clear()
+        _selected_roots[key] = selected
+    return selected
+
+
+def _select_root(copies: list[bytes], rule: SelectionRule, table: bool) -> Selection[Root]:
     decoded: dict[int, Root] = {}  # each copy decoded once: `_select` takes these
 
     def decode(raw: bytes, slot: int) -> Root:

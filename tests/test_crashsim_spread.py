@@ -68,3 +68,18 @@ def test_a_worker_that_records_other_operations_is_refused():
     rec = load_recording("allocate")
     with pytest.raises(spreadrun.CrashsimError, match="recorded other operations"):
         spreadrun.check_states("allocate", "strict", 0, None, spreadrun.ops_digest(rec.ops[:-1]), [(0, ())])
+
+
+@pytest.mark.parametrize("variant", [None, "skip-intent"], ids=["passing", "failing-control"])
+def test_lanes_merge_into_the_result_of_one_task(variant):
+    """Three forked lanes (more lanes than some tasks have images to share out): each judges its piece of every
+    task's images and the recoveries of those it opened, and the merge is `run_task`'s result."""
+    from lamina.crashsim.lanes import run_lanes
+
+    tasks = [("allocate", "reorder"), ("overwrite", "torn"), ("layer-write-raw", "strict"), ("create", "namespace")]
+    plain = [run_task(w, m, BUDGET, 3, variant) for w, m in tasks]
+    done: list = []
+    lanes = run_lanes(tasks, BUDGET, 3, variant, 3, done.append)
+    assert [_without_seconds(r) for r in lanes] == [_without_seconds(r) for r in plain]
+    assert sorted((r.workload, r.model) for r in done) == sorted(tasks)
+    assert any(r.failures for r in plain) == (variant is not None)
