@@ -32,10 +32,10 @@ import attrs
 from lamina.spec.crc import crc32c
 from lamina.spec.errors import FormatError, InvalidArgument, LaminaError, UnsafeFile
 from lamina.spec.layout import CLUSTERS_PER_REGION, MAX_VIRTUAL_SIZE, SECTOR_SIZE, allocated_regions
-from lamina.spec.protocol import cluster_crc, read_map_copies, read_root_copies
+from lamina.spec.protocol import cluster_crc, current_maps, read_map_copies, read_root_copies
 from lamina.spec.references import LAYER_DIR_SUFFIX, LAYER_NAME, ChainWalk, ImageContext, image_of, open_tree_file
 from lamina.spec.regionmap import RegionMap, bit_runs, zero_absent
-from lamina.spec.replication import select_map, select_root
+from lamina.spec.replication import select_root
 from lamina.spec.storage import Storage
 from lamina.spec.store import STORE_NAME, StoreView, open_store, uses_store
 from lamina.spec.structures import FEATURE_SHARED_CLUSTERS, Root, decode_map_copy
@@ -493,13 +493,9 @@ def layer_sharing(path: str, storage: Storage) -> tuple[int, int]:
     file = open_tree_file(storage, path, False, ImageContext.for_layer(path))
     try:
         root = select_root(read_root_copies(file), table=False).current()
-        g = root.geometry
         shared = exclusive = 0
-        for region in allocated_regions(sorted(file.data_extents()), g):
-            chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
-            if chosen.value is None:
-                continue
-            here, rest = _sharing(RegionMap.from_copy(chosen.value, g, region, chosen.slot))
+        for m in current_maps(file, root):
+            here, rest = _sharing(m)
             shared, exclusive = shared + here, exclusive + rest
         return shared, exclusive
     finally:

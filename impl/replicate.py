@@ -40,7 +40,7 @@ from lamina.spec.stream import (
 from lamina.spec.structures import BASE_LAMINA, Root, next_counter
 from lamina.spec.check import check_region
 from lamina.spec.layout import CLUSTERS_PER_REGION, Geometry, allocated_regions
-from lamina.spec.protocol import cluster_crc, read_map_copies
+from lamina.spec.protocol import cluster_crc, current_maps, read_map_copies
 from lamina.spec.regionmap import RegionMap, bit_runs, zero_absent
 from lamina.spec.replication import select_map
 from lamina.spec.tree import layer_files, root_of, sparse_crc32c
@@ -427,14 +427,10 @@ def _note_references(storage: Storage, path: str, root: Root, into: dict[int, li
     """Record, per store cluster, the layer and guest offset of every cluster of `path` that references it."""
     file = open_tree_file(storage, path, False, ImageContext.for_layer(path))
     try:
-        g = root.geometry
-        for region in allocated_regions(sorted(file.data_extents()), g):
-            chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
-            if chosen.value is None:
-                continue
-            m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
+        for m in current_maps(file, root):
             for c in m.shared_clusters():
-                into.setdefault(m.shared[c] - 1, []).append((path, (region * CLUSTERS_PER_REGION + c) * g.cluster_size))
+                cluster = m.region * CLUSTERS_PER_REGION + c
+                into.setdefault(m.shared[c] - 1, []).append((path, cluster * root.geometry.cluster_size))
     finally:
         file.close()
 

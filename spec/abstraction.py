@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 from types import MappingProxyType
 
-from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, ZERO_SECTOR, allocated_regions
+from .layout import CLUSTERS_PER_REGION, SECTOR_SIZE, ZERO_SECTOR
 from .model import Disk, empty_disk, write
 from .references import ChainWalk, ImageContext, open_tree_file, resolve_base
 from .storage import Storage
 from .structures import BASE_RAW
-from .protocol import read_map_copies, read_root_copies
-from .regionmap import RegionMap
-from .replication import select_map, select_root
+from .protocol import current_maps, read_root_copies
+from .replication import select_root
 from .storage import File
 from .store import SharedReferenceError, StoreView, open_store, uses_store
 
@@ -37,11 +36,8 @@ def abstract_image(file: File, base: Disk | None = None, store: StoreView | None
         sectors = {s: d for s, d in base.sectors.items() if s < limit}
         if partial and base.sectors.get(limit, ZERO_SECTOR)[:partial].count(0) != partial:
             sectors[limit] = base.sectors[limit][:partial].ljust(SECTOR_SIZE, b"\0")
-    for region in allocated_regions(sorted(file.data_extents()), g):
-        chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
-        if chosen.value is None:
-            continue
-        m = RegionMap.from_copy(chosen.value, g, region, chosen.slot)
+    for m in current_maps(file, root):
+        region = m.region
         for c in m.present_clusters():
             mask = m.cluster_mask(c)
             if not mask:

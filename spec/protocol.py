@@ -31,10 +31,13 @@ bounds).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import attrs
 from .crc import crc32c
 
-from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, overlaps, root_copy_offset
+from .layout import CLUSTERS_PER_REGION, ROOT_SIZE, ROOT_SLOT_SIZE, SECTOR_SIZE, Geometry, allocated_regions, overlaps, \
+    root_copy_offset
 from .regionmap import RegionMap, absent_runs, zero_absent
 from .replication import select_map, select_root
 from .storage import File
@@ -59,6 +62,16 @@ def read_root_copies(file: File) -> list[bytes]:
 
 def read_map_copies(file: File, geometry: Geometry, region: int) -> list[bytes]:
     return [file.pread(geometry.map_copy_offset(region, slot), geometry.map_read_length) for slot in (0, 1)]
+
+
+def current_maps(file: File, root: Root) -> "Iterator[RegionMap]":
+    """The current map of every region of a layer file that holds one, ascending (F-MAP-002's selection);
+    regions the file has no bytes for are never read."""
+    g = root.geometry
+    for region in allocated_regions(sorted(file.data_extents()), g):
+        chosen = select_map(read_map_copies(file, g, region), g, region, root.image_uuid)
+        if chosen.value is not None:
+            yield RegionMap.from_copy(chosen.value, g, region, chosen.slot)
 
 
 def write_root(file: File, root: Root, best_slot: int, unsynced: bool) -> int:

@@ -206,17 +206,20 @@ def _shared_layer(top: str) -> tuple[str, int]:
     raise AssertionError("no shared region")
 
 
-def test_a_bit_flip_in_a_store_cluster_is_found_by_check_of_every_referencing_image(two_clones):
-    dedup(["a.lam", "b.lam"])
+def _flip_store_byte(cluster: int, within: int, bits: int) -> None:
+    """Rot: flip `bits` of one byte of store cluster `cluster`, its checksum left as it was."""
     store = OsStorage().open(STORE_NAME, True)
     try:
-        root = select_root(read_root_copies(store)).current()
-        offset = root.geometry.cluster_file_offset(5) + 100
-        byte = store.pread(offset, 1)
-        store.pwrite(offset, bytes([byte[0] ^ 0x10]))
+        offset = select_root(read_root_copies(store)).current().geometry.cluster_file_offset(cluster) + within
+        store.pwrite(offset, bytes([store.pread(offset, 1)[0] ^ bits]))
         store.fsync()
     finally:
         store.close()
+
+
+def test_a_bit_flip_in_a_store_cluster_is_found_by_check_of_every_referencing_image(two_clones):
+    dedup(["a.lam", "b.lam"])
+    _flip_store_byte(5, 100, 0x10)
     for top in ("a.lam", "b.lam"):
         report = check_tree(top, OsStorage())
         assert report.exit_code == 2
@@ -431,14 +434,7 @@ def test_a_rotten_store_cluster_is_repaired_from_a_replica(two_clones, capsys, k
         receive("r.lam", io.BytesIO(stream.getvalue()))
         replica = "r.lam"
     before = contents(["a.lam@s1", "b.lam@s1"])
-    store = OsStorage().open(STORE_NAME, True)
-    try:
-        root = select_root(read_root_copies(store)).current()
-        offset = root.geometry.cluster_file_offset(3) + 10
-        byte = store.pread(offset, 1)
-        store.pwrite(offset, bytes([byte[0] ^ 0x20]))
-    finally:
-        store.close()
+    _flip_store_byte(3, 10, 0x20)
     assert check_tree("a.lam", OsStorage()).exit_code == 2
     capsys.readouterr()
     assert 0 == main(["check", "--repair", "--from", replica, "a.lam"])
