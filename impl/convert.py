@@ -46,31 +46,30 @@ def detect_format(path: str) -> str:
     return probe_format(path) or "raw"
 
 
-def _map_readonly(fd: int, size: int):
-    """A read-only shared mapping of the first `size` bytes of a file, or None where there is none to be had.
+def _map_readonly(file: object) -> "tuple[object, memoryview] | None":
+    """A read-only mapping of the whole file held across a copy, through the OS backend's window
+    (`OsFile.view`, which maps a file only while this open file holds a lock: its docstring says why);
+    the window and its view, or None where there is none to be had.
 
-    None for an empty file (a length 0 cannot be mapped) and for one larger
-    than the address space takes (a sparse file of a petabyte-sized disk):
-    the caller then reads with `pread`.
+    None for a backend without windows, an unlocked file, an empty file, and one larger than the address
+    space takes (a sparse file of a petabyte-sized disk): the caller then reads with `pread`.
     """
+    view = getattr(file, "view", None)
+    size = file.size() if view is not None else 0  # type: ignore[attr-defined]
     if size <= 0:
         return None
-    import mmap  # only for a copy: the other commands' start-up never loads it
-
     try:
-        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        window = view(0, size, sequential=True)
+        return None if window is None else (window, window.__enter__())
     except (OSError, ValueError, OverflowError):
         return None
-    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
-        mapping.madvise(mmap.MADV_SEQUENTIAL)  # a copy reads in order: the host may read ahead and drop behind
-    return mapping
 
 
-def _unmap(mapping) -> None:
-    """Unmap, unless a caller still holds a view of it: the mapping then goes with the last view."""
-    if mapping is not None:
+def _unmap(held: "tuple[object, memoryview] | None") -> None:
+    """Unmap, unless a caller still holds a view of it (the last piece of a copy): it then goes with that view."""
+    if held is not None:
         try:
-            mapping.close()
+            held[0].__exit__(None, None, None)  # type: ignore[attr-defined]
         except BufferError:
             pass
 
@@ -95,14 +94,14 @@ class RawSource:
     def __init__(self, path: str, mapped: bool = False, force_share: bool = False) -> None:
         self._file = OsStorage().open(path, writable=False, follow_symlinks=True)  # a file the user named
         self.virtual_size = self._file.size()
-        self._map = None
+        self._held: tuple[object, memoryview] | None = None
         if mapped and not force_share and self.virtual_size > 0:
             try:
                 self._file.lock(exclusive=False)
             except LaminaError:
                 return  # another process may write it (or the host has no such lock): plain reads
             try:
-                self._map = _map_readonly(self._file.fileno(), self.virtual_size)
+                self._held = _map_readonly(self._file)
             except BaseException:
                 self._file.close()
                 raise
@@ -115,20 +114,20 @@ class RawSource:
 
     def _view(self, offset: int, length: int) -> bytes | memoryview:
         """The bytes at [offset, offset+length), a view of the mapping where it covers them, past the end zero."""
-        mapping, size = self._map, self.virtual_size
-        if mapping is None:
+        if self._held is None:
             return self.read(offset, length)
+        mapping, size = self._held[1], self.virtual_size
         if offset + length <= size:
-            return memoryview(mapping)[offset : offset + length]
+            return mapping[offset : offset + length]
         inside = max(0, size - offset)
-        return bytes(memoryview(mapping)[offset : offset + inside]) + bytes(length - inside)
+        return bytes(mapping[offset : offset + inside]) + bytes(length - inside)
 
     def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes | memoryview]]:
         return ((pos, n, self._view(pos, n)) for pos, n in pieces)
 
     def close(self) -> None:
-        _unmap(self._map)
-        self._map = None
+        _unmap(self._held)
+        self._held = None
         self._file.close()
 
 
@@ -153,11 +152,11 @@ class LaminaSource:
         self._image = open_target(path, allow_bases=allow_bases, force_share=force_share)
         self.virtual_size = self._image.virtual_size
         self.image = self._image
-        self._map = None
+        self._held: tuple[object, memoryview] | None = None
         file = self._image.file
-        if mapped and not force_share and hasattr(file, "fileno"):
+        if mapped and not force_share:
             try:
-                self._map = _map_readonly(file.fileno(), file.size())
+                self._held = _map_readonly(file)
             except BaseException:
                 self._image.close()
                 raise
@@ -170,18 +169,18 @@ class LaminaSource:
         return self._image.read(offset, length)
 
     def _view(self, offset: int, length: int) -> bytes | memoryview:
-        if self._map is not None:
+        if self._held is not None:
             at = self._image.own_file_range(offset, length)
-            if at is not None and at + length <= len(self._map):
-                return memoryview(self._map)[at : at + length]
+            if at is not None and at + length <= len(self._held[1]):
+                return self._held[1][at : at + length]
         return self.read(offset, length)
 
     def read_pieces(self, pieces: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, bytes | memoryview]]:
         return ((pos, n, self._view(pos, n)) for pos, n in pieces)
 
     def close(self) -> None:
-        _unmap(self._map)
-        self._map = None
+        _unmap(self._held)
+        self._held = None
         self._image.close()
 
 

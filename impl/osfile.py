@@ -68,16 +68,23 @@ def _kind(mode: int) -> str:
 
 
 class _Mapping:
-    """A `FileView` over a read-only shared mapping of part of a file: unmapped when the `with` block ends."""
+    """A `FileView` over a read-only shared mapping of part of a file: unmapped when the `with` block ends.
+
+    A window that is read whole at once (`check`'s) has its pages read in when it is made; one held
+    across a long copy (`convert`'s, `sequential`) is faulted in as it is read, the host told the
+    order, so that a sparse file's holes are never populated.
+    """
 
     __slots__ = ("_map", "_view")
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    def __init__(self, fd: int, offset: int, length: int, sequential: bool = False) -> None:
         import mmap  # only a walk that maps pays for the import
 
         start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # read the pages in at once, not a fault each
+        flags = mmap.MAP_SHARED | (0 if sequential else getattr(mmap, "MAP_POPULATE", 0))
         self._map = mmap.mmap(fd, offset + length - start, flags, mmap.PROT_READ, offset=start)
+        if sequential and hasattr(mmap, "MADV_SEQUENTIAL"):
+            self._map.madvise(mmap.MADV_SEQUENTIAL)  # read ahead, drop behind
         self._view = memoryview(self._map)[offset - start :]
 
     def __enter__(self) -> memoryview:
@@ -116,7 +123,7 @@ class OsFile:
             done += n
         return done
 
-    def view(self, offset: int, length: int) -> FileView | None:
+    def view(self, offset: int, length: int, sequential: bool = False) -> FileView | None:
         """The bytes at [offset, offset+length) read in place through a read-only mapping (`Viewable`), short
         only at end of file; None unless this open file holds a lock of its own.
 
@@ -137,7 +144,7 @@ class OsFile:
         length = max(0, min(length, self.size() - offset))
         if length == 0:
             return BytesView(b"")  # an empty mapping is refused (EINVAL): nothing to map
-        return _Mapping(self._fd, offset, length)
+        return _Mapping(self._fd, offset, length, sequential)
 
     def pwrite(self, offset: int, data: bytes) -> None:
         try:
@@ -179,10 +186,6 @@ class OsFile:
 
     def fsync(self) -> None:
         os.fsync(self._fd)
-
-    def fileno(self) -> int:
-        """The descriptor, for a caller that maps the file (`convert`); not part of the storage interface."""
-        return self._fd
 
     def start_writeback(self, offset: int, length: int) -> None:
         """A hint to the host (`start_writeback`); not part of the storage interface, which has no need of it."""

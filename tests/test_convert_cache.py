@@ -111,7 +111,7 @@ def test_a_raw_source_is_read_through_a_mapping_and_plainly_when_a_writer_holds_
 
     source = RawSource(src, mapped=True)
     try:
-        assert source._map is not None
+        assert source._held is not None
         got = [bytes(data) for _, _, data in source.read_pieces(pieces)]
     finally:
         source.close()
@@ -123,7 +123,7 @@ def test_a_raw_source_is_read_through_a_mapping_and_plainly_when_a_writer_holds_
         for kwargs in ({"mapped": True}, {"mapped": True, "force_share": True}):
             source = RawSource(src, **kwargs)
             try:
-                assert source._map is None
+                assert source._held is None
                 assert [bytes(d) for _, _, d in source.read_pieces(pieces)] == expected
             finally:
                 source.close()
@@ -132,7 +132,7 @@ def test_a_raw_source_is_read_through_a_mapping_and_plainly_when_a_writer_holds_
     empty = tmp_path / "empty.raw"
     empty.write_bytes(b"")
     source = RawSource(str(empty), mapped=True)
-    assert source._map is None and source.virtual_size == 0 and list(source.data_ranges()) == []
+    assert source._held is None and source.virtual_size == 0 and list(source.data_ranges()) == []
     source.close()
 
 
@@ -153,7 +153,7 @@ def test_a_lamina_source_maps_what_its_top_holds_and_reads_the_rest_through_the_
         assert image.own_file_range(8 * MiB - 4096, 8192) is None  # two regions
     source = LaminaSource(top, mapped=True)
     try:
-        assert source._map is not None
+        assert source._held is not None
         got = [(type(d), bytes(d)) for _, _, d in source.read_pieces(pieces)]
     finally:
         source.close()
@@ -176,7 +176,7 @@ def test_a_source_too_large_to_map_is_read_plainly(tmp_path, monkeypatch):
     monkeypatch.setattr(mmap, "mmap", refuse)
     source = RawSource(src, mapped=True)
     try:
-        assert source._map is None
+        assert source._held is None
     finally:
         source.close()
     lam, back = str(tmp_path / "a.lam"), str(tmp_path / "a.raw")
